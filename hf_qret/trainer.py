@@ -1,0 +1,272 @@
+"""``QRetTrainer``: a ``transformers.Trainer`` that trains a query encoder together with a TargetBank of corpus
+embeddings, scoring each query against candidates mined from the quantized index built over that bank."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .artifact import save_retrieval_files
+from .bank import RowAdam, TargetBank
+from .callbacks import IndexRefreshCallback
+from .collator import QRetDataCollator
+from .config import QRetTrainingArguments
+from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
+from .evaluation import RetrievalEvaluator
+from .index import QuantizedIndex
+from .loss import CandidateCrossEntropyLoss
+from .mining import IndexMiner
+
+__all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME"]
+
+logger = logging.getLogger(__name__)
+
+BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
+
+
+class _BankStepCallback(TrainerCallback):
+    """Steps the bank's row-wise optimizer right after the encoder's optimizer step."""
+
+    def __init__(self, trainer: QRetTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._step_bank()
+
+
+class QRetTrainer(Trainer):
+    """A ``Trainer`` whose ``compute_loss`` scores queries against index-mined candidates from a trainable bank.
+
+    Per batch: the model encodes the queries; the miner retrieves each query's top-k rows from the *quantized* index;
+    the union over the batch plus the positives is the candidate set; the candidates' bank rows are gathered with a
+    sparse gradient; the loss is the cross-entropy of the scaled dot products (other known positives masked). After
+    the encoder's optimizer step the bank's :class:`~hf_qret.bank.RowAdam` updates only the candidate rows, at
+    ``args.bank_learning_rate`` following the encoder's schedule. :class:`~hf_qret.callbacks.IndexRefreshCallback`
+    rebuilds the index from the bank (added automatically from ``args.refresh_*``).
+
+    Saving (checkpoints and ``save_model``) writes the encoder as a sentence-transformers (or transformers) folder
+    plus ``index.faiss``, ``doc_ids.json``, ``bank.safetensors`` and ``qret_config.json``; checkpoints also hold the
+    bank's optimizer state.
+
+    Args:
+        model: A ``SentenceTransformer`` or a transformers encoder (``AutoModel``; mean pooling).
+        args: :class:`~hf_qret.config.QRetTrainingArguments`.
+        train_dataset: Rows with ``query``, ``positive_id`` and optionally ``positive_ids``
+            (see :func:`hf_qret.data.build_pairs_dataset`).
+        bank: The :class:`~hf_qret.bank.TargetBank` over the corpus.
+        index: The quantized index; built from ``args.index_factory`` over the bank when omitted.
+        loss: The loss module (default :class:`~hf_qret.loss.CandidateCrossEntropyLoss` with ``args.scale``).
+        evaluator: A :class:`~hf_qret.evaluation.RetrievalEvaluator`, run by :meth:`evaluate`.
+        **kwargs: Everything else a ``Trainer`` takes (``eval_dataset``, ``data_collator``, ``processing_class``,
+            ``callbacks``, ``optimizers``...).
+
+    Example:
+        >>> from sentence_transformers import SentenceTransformer
+        >>> from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, load_beir, build_pairs_dataset
+        >>> data = load_beir("recipes/data/scifact", split="train")  # doctest: +SKIP
+        >>> model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")  # doctest: +SKIP
+        >>> bank = TargetBank.from_encoder(lambda t: model.encode(t), data.doc_texts(), data.doc_ids)  # doctest: +SKIP
+        >>> args = QRetTrainingArguments("out", index_factory="OPQ16,PQ16", num_train_epochs=4)  # doctest: +SKIP
+        >>> trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)  # doctest: +SKIP
+        >>> trainer.train(); trainer.save_model()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: QRetTrainingArguments,
+        train_dataset: Any = None,
+        *,
+        bank: TargetBank,
+        index: QuantizedIndex | None = None,
+        loss: nn.Module | None = None,
+        evaluator: RetrievalEvaluator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, QRetTrainingArguments):
+            raise TypeError("QRetTrainer needs QRetTrainingArguments (a TrainingArguments subclass) as `args`.")
+        if bank is None:
+            raise ValueError("QRetTrainer needs a TargetBank: `bank=TargetBank.from_encoder(...)`.")
+        bank.check_dim(embedding_dim(model), "the model")
+        if index is None:
+            index = QuantizedIndex(bank.dim, args.index_factory, args.index_search_params)
+        if index.ntotal == 0:
+            index.build(bank.numpy())
+        elif index.ntotal != len(bank):
+            raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
+        self.bank = bank
+        self.index = index
+        self.miner = IndexMiner(index, args.num_negatives)
+        self.loss = loss if loss is not None else CandidateCrossEntropyLoss(scale=args.scale)
+        self.evaluator = evaluator
+        self._qret_stats: dict[str, list[float]] = defaultdict(list)
+
+        processing_class = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None:
+            tokenizer = None if is_sentence_transformer(model) else processing_class
+            kwargs["data_collator"] = QRetDataCollator(make_tokenize_fn(model, tokenizer), bank)
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(cb, IndexRefreshCallback) for cb in callbacks):
+            callbacks.append(
+                IndexRefreshCallback(
+                    bank, index, args.refresh_steps, on_epoch_end=args.refresh_on_epoch_end, mode=args.refresh_mode
+                )
+            )
+        self.refresh_callback = next(cb for cb in callbacks if isinstance(cb, IndexRefreshCallback))
+
+        # The Trainer refuses an eval strategy without eval_dataset; an evaluator is enough for us.
+        restore_strategy = None
+        if evaluator is not None and kwargs.get("eval_dataset") is None and str(args.eval_strategy) != "no":
+            restore_strategy, args.eval_strategy = args.eval_strategy, "no"
+        try:
+            super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
+        finally:
+            if restore_strategy is not None:
+                args.eval_strategy = restore_strategy
+        self.add_callback(_BankStepCallback(self))
+        self.bank.to(self.args.device)
+        self.bank_optimizer = RowAdam(bank, lr=args.bank_learning_rate, weight_decay=args.bank_weight_decay)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """Encode queries, mine candidates from the quantized index, cross-entropy over candidate bank rows."""
+        inputs = dict(inputs)
+        positive_rows = inputs.pop("positive_rows")
+        positive_sets = inputs.pop("positive_sets", None)
+        query_embeddings = embed(model, inputs)
+        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets)
+        candidates = self.bank.gather(mined.candidates)
+        if not model.training or self.args.bank_learning_rate == 0:
+            candidates = candidates.detach()
+        loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
+        if model.training:
+            for key, value in stats.items():
+                self._qret_stats[key].append(value)
+        if return_outputs:
+            return loss, {"query_embeddings": query_embeddings}
+        return loss
+
+    def _step_bank(self) -> None:
+        """One RowAdam step on the bank at the encoder's current schedule ratio."""
+        ratio = 1.0
+        if self.lr_scheduler is not None and self.args.learning_rate > 0:
+            ratio = float(self.lr_scheduler.get_last_lr()[0]) / self.args.learning_rate
+        self.bank_optimizer.lr = self.args.bank_learning_rate * ratio
+        if self.args.bank_learning_rate > 0:
+            self.bank_optimizer.step()
+        self.bank_optimizer.zero_grad()
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean positive rank, the candidate count and the bank learning rate to training logs."""
+        if "loss" in logs and self._qret_stats:
+            for key, values in self._qret_stats.items():
+                logs[key] = sum(values) / len(values)
+            logs["bank_learning_rate"] = self.bank_optimizer.lr
+            self._qret_stats.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Runs the loss evaluation (when an ``eval_dataset`` is set) and the retrieval evaluator (when set).
+
+        Retrieval metrics are logged as ``{prefix}_flat_ndcg@10``, ``{prefix}_quantized_ndcg@10``, ...
+        """
+        metrics: dict[str, float] = {}
+        if eval_dataset is not None or self.eval_dataset is not None:
+            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
+        if self.evaluator is not None:
+            tokenizer = None if is_sentence_transformer(self.model) else self.processing_class
+            scores = self.evaluator(self.model, self.bank, self.index, tokenizer=tokenizer)
+            retrieval = {f"{metric_key_prefix}_{key}": value for key, value in scores.items()}
+            self.log(dict(retrieval))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, retrieval)
+            metrics.update(retrieval)
+        return metrics
+
+    # ------------------------------------------------------------------ saving
+    def artifact_config(self) -> dict[str, Any]:
+        """What ``qret_config.json`` records about the training run."""
+        base = getattr(self.model, "model_card_data", None)
+        return {
+            "base_model": getattr(base, "base_model", None) or getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            "scale": getattr(self.loss, "scale", None),
+            "num_negatives": self.args.num_negatives,
+            "bank_learning_rate": self.args.bank_learning_rate,
+            "learning_rate": self.args.learning_rate,
+            "refresh_mode": self.args.refresh_mode,
+            "global_step": self.state.global_step,
+        }
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if is_sentence_transformer(model):
+            model.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        else:
+            super()._save(output_dir, state_dict)
+        save_retrieval_files(output_dir, self.bank, self.index, self.artifact_config())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            from safetensors.torch import save_file
+
+            path = os.path.join(output_dir, BANK_OPTIMIZER_NAME)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.bank_optimizer.state_dict().items()}
+            save_file(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, BANK_OPTIMIZER_NAME)
+        if os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            state = {k: v.to(self.bank.weight.device) for k, v in load_file(path).items()}
+            self.bank_optimizer.load_state_dict(state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        from .artifact import load_retrieval_files
+
+        target = model if model is not None else self.model
+        if is_sentence_transformer(target):
+            from sentence_transformers import SentenceTransformer
+
+            loaded = SentenceTransformer(resume_from_checkpoint, device="cpu")
+            self.accelerator.unwrap_model(target).load_state_dict(loaded.state_dict())
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        files = load_retrieval_files(resume_from_checkpoint, load_bank=True)
+        if files.doc_ids != self.bank.doc_ids or files.bank is None:
+            raise ValueError(f"{resume_from_checkpoint}: its bank belongs to another corpus; resume with the same data.")
+        with torch.no_grad():
+            self.bank.weight.copy_(files.bank.weight.to(self.bank.weight.device))
+        self.bank.version += 1
+        self.index.index = files.index.index
+        self.index._drop_gpu()
+        self.refresh_callback.bank_version_at_refresh = self.bank.version
