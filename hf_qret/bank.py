@@ -132,12 +132,16 @@ class TargetBank(nn.Module):
         return cls(torch.from_numpy(np.asarray(array, dtype=np.float32)), doc_ids)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the embeddings as safetensors (key ``embeddings``), atomically."""
-        from safetensors.torch import save_file
-
+        """Writes the embeddings atomically: ``.npy`` for a ``.npy`` path, else safetensors (key ``embeddings``)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({BANK_KEY: self.weight.detach().to("cpu").contiguous()}, str(tmp))
+        if path.suffix == ".npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, self.numpy(), allow_pickle=False)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({BANK_KEY: self.weight.detach().to("cpu").contiguous()}, str(tmp))
         os.replace(tmp, path)
 
     def check_dim(self, dim: int, what: str = "the encoder") -> None:

@@ -19,8 +19,7 @@ __all__ = ["RetrievalEvaluator", "search_run"]
 def _run_from(scores: np.ndarray, rows: np.ndarray, query_ids: list[str], doc_ids: list[str]) -> dict:
     run: dict[str, dict[str, float]] = {}
     for i, query_id in enumerate(query_ids):
-        # Scores rounded as the TREC run file writes them, so metrics on a run file match these exactly.
-        run[query_id] = {doc_ids[r]: round(float(s), 6) for s, r in zip(scores[i], rows[i]) if r >= 0}
+        run[query_id] = {doc_ids[r]: float(s) for s, r in zip(scores[i], rows[i]) if r >= 0}
     return run
 
 

@@ -35,6 +35,18 @@ def import_faiss() -> Any:
     return faiss
 
 
+def _disable_polysemous_training(faiss: Any, index: Any) -> None:
+    # index_factory turns on polysemous training for PQ codes: an expensive extra optimisation of the code
+    # assignment that only Hamming-filtered search uses, which hf-qret never does.
+    seen = 0
+    while index is not None and seen < 4:
+        index = faiss.downcast_index(index)
+        if hasattr(index, "do_polysemous_training"):
+            index.do_polysemous_training = False
+        index = getattr(index, "index", None) or getattr(index, "storage", None)
+        seen += 1
+
+
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
 
@@ -81,6 +93,12 @@ class QuantizedIndex:
                 "faiss.index_factory string such as 'PQ16', 'OPQ16,PQ16', 'IVF64,PQ16' or 'HNSW32,PQ16' whose "
                 "sub-quantizer count divides the dimension."
             ) from None
+        if index.metric_type != self.faiss.METRIC_INNER_PRODUCT:
+            raise ConfigError(
+                f"--index_factory {self.factory!r} builds an L2 index in this FAISS version (inner product is not "
+                "supported for it); use e.g. 'HNSW32,SQ8', 'PQ16', 'OPQ16,PQ16' or 'IVF64,PQ16'."
+            )
+        _disable_polysemous_training(self.faiss, index)
         return index
 
     @classmethod
@@ -114,11 +132,21 @@ class QuantizedIndex:
 
     @property
     def bytes_per_vector(self) -> int:
-        """Bytes one vector's code takes in the index (``sa_code_size``); graph/list overhead not included."""
-        try:
-            return int(self.index.sa_code_size())
-        except RuntimeError:
-            return int(self.faiss.downcast_index(self.index).code_size)
+        """Bytes one vector's code takes in the index (``sa_code_size``; for IVF it includes the list id).
+
+        Graph links (HNSW) and inverted-list bookkeeping are not counted.
+        """
+        index = self.index
+        for _ in range(4):
+            try:
+                return int(index.sa_code_size())
+            except RuntimeError:
+                inner = self.faiss.downcast_index(index)
+                storage = getattr(inner, "storage", None)
+                if storage is None:
+                    return int(getattr(inner, "code_size", 4 * self.dim))
+                index = self.faiss.downcast_index(storage)
+        return 4 * self.dim
 
     # ------------------------------------------------------------------ build / refresh
     def train(self, vectors: np.ndarray) -> None:

@@ -95,12 +95,15 @@ def compute_metrics(
 
 
 def write_trec_run(run: Run, path: str | os.PathLike, tag: str = "hf-qret") -> None:
-    """Writes a run in TREC format (``qid Q0 docid rank score tag``), atomically."""
+    """Writes a run in TREC format (``qid Q0 docid rank score tag``), atomically.
+
+    Scores are written with full (round-trip) precision, so evaluating the file gives exactly the in-memory metrics.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         for query_id, docs in run.items():
             for rank, (doc_id, score) in enumerate(_ranked(docs), start=1):
-                handle.write(f"{query_id} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+                handle.write(f"{query_id} Q0 {doc_id} {rank} {float(score)!r} {tag}\n")
     os.replace(tmp, path)
