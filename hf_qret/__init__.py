@@ -13,9 +13,11 @@ from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_
 from .data import BeirData, build_pairs_dataset, carve_dev_split, load_beir, load_qrels
 from .errors import ArtifactError, ConfigError, DataError, QRetError
 from .evaluation import RetrievalEvaluator
+from .hub import PushToHubCallback, push_artifact
 from .index import QuantizedIndex
 from .loss import CandidateCrossEntropyLoss
 from .metrics import compute_metrics, write_trec_run
+from .model_card import render_model_card, write_model_card
 from .mining import IndexMiner, MinedBatch
 from .retriever import QuantizedRetriever
 from .trainer import QRetTrainer
@@ -31,6 +33,7 @@ __all__ = [
     "IndexMiner",
     "IndexRefreshCallback",
     "MinedBatch",
+    "PushToHubCallback",
     "ModelArguments",
     "QRetDataCollator",
     "QRetError",
@@ -48,5 +51,8 @@ __all__ = [
     "load_beir",
     "load_qrels",
     "parse_config",
+    "push_artifact",
+    "render_model_card",
+    "write_model_card",
     "write_trec_run",
 ]

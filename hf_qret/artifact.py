@@ -123,6 +123,8 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
     doc_ids = _read_json(folder / config.get("doc_ids_file", DOC_IDS_NAME), "doc-id map")
     if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
         raise ArtifactError(f"{folder / DOC_IDS_NAME}: the doc-id map must be a JSON list of strings.")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ArtifactError(f"{folder / DOC_IDS_NAME}: the doc-id map has duplicate ids; re-create the artifact.")
     index = QuantizedIndex.load(
         folder / config.get("index_file", INDEX_NAME), config.get("index_factory"), config.get("index_search_params")
     )

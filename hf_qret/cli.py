@@ -114,11 +114,22 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
     trainer.train(resume_from_checkpoint=resume or None)
-    trainer.save_model()
+    # With --push_to_hub the one upload happens below, once the evaluation is in the model card.
+    trainer.save_model(_internal_call=bool(training_args.push_to_hub))
+    from .model_card import dataset_id_from_path, hub_base_model
+
+    card = {
+        "finetuned_from": hub_base_model(model_args.model_name_or_path),
+        "dataset": dataset_id_from_path(data_args.data_dir),
+    }
     if evaluator is not None:
         results["trained"] = trainer.evaluate(metric_key_prefix="trained")
+        results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=data_args.eval_split)
         if trainer.is_world_process_zero():
             write_json(results, Path(training_args.output_dir) / "eval_results.json")
+    trainer.create_model_card(**card)  # README.md: hf-qret's model card with the numbers above
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training", **card)
     return results
 
 
@@ -196,12 +207,16 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hf-qret`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main, "evaluate": evaluate_main}
+    from .hub import card_main, push_main
+
+    commands = {"train": train_main, "evaluate": evaluate_main, "push": push_main, "card": card_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
-            "usage: hf-qret {train,evaluate} ...\n\n"
+            "usage: hf-qret {train,evaluate,push,card} ...\n\n"
             "  train     CONFIG.yaml [--option value ...]   train an encoder + bank for a quantized index\n"
-            "  evaluate  OUT --data DIR --split SPLIT [--run-file FILE]   flat vs quantized metrics (JSON)",
+            "  evaluate  OUT --data DIR --split SPLIT [--run-file FILE]   flat vs quantized metrics (JSON)\n"
+            "  push      OUT --repo-id USER/NAME [--private] [--revision R]   upload the artifact to the Hub\n"
+            "  card      OUT [--repo-id USER/NAME]   (re)write the model card README.md",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2

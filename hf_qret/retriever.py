@@ -1,8 +1,11 @@
-"""Search with a trained artifact: the query encoder plus the quantized index, loaded in one call."""
+"""Search with a trained artifact: the query encoder plus the quantized index, loaded in one call from a local
+folder or a Hub repository."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +15,105 @@ from .artifact import CONFIG_NAME, RetrievalFiles, load_retrieval_files
 from .encoder import embedding_dim, encode_texts
 from .errors import ArtifactError
 
-__all__ = ["QuantizedRetriever"]
+__all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
+
+#: Where an artifact may ship its document texts (BEIR ``{"_id", "title", "text"}`` lines).
+CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
+#: Files a download skips: pickled weights and training state are never needed (nor ever unpickled).
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "checkpoint-*", "last-checkpoint/*")
+_ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any) -> Path:
+    folder = Path(repo_id_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    text = str(repo_id_or_path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                text, revision=revision, token=token, cache_dir=cache_dir, ignore_patterns=list(PICKLE_PATTERNS)
+            )
+        )
+    except HFValidationError:
+        raise ArtifactError(
+            f"{text}: no such artifact folder, and not a Hub model id (USER/NAME); pass the --output_dir of a "
+            "training run or a Hub repository id."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ArtifactError(
+            f"{text}: not a local folder and not in the Hub cache, and the Hub cannot be reached (or HF_HUB_OFFLINE "
+            "is set); download it once online or pass a local artifact folder."
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ArtifactError(
+            f"{text}: cannot download it from the Hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check the repository id, revision and token, or pass a local artifact folder."
+        ) from None
+
+
+def _check_encoder_files(folder: Path) -> None:
+    if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+        raise ArtifactError(f"{folder}: no encoder (modules.json / config.json); the artifact is incomplete.")
+    has_safetensors = any((folder / name).is_file() for name in _ENCODER_WEIGHTS) or any(folder.glob("*/model.safetensors"))
+    if not has_safetensors:
+        raise ArtifactError(
+            f"{folder}: the encoder has no safetensors weights; hf-qret never loads pickled weights "
+            "(pytorch_model.bin). Re-save the model with safe_serialization=True."
+        )
+
+
+def _load_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] | None:
+    from .data import _read_jsonl, doc_text
+
+    path = next((folder / name for name in CORPUS_NAMES if (folder / name).is_file()), None)
+    if path is None:
+        return None
+    known = set(doc_ids)
+    corpus: dict[str, str] = {}
+    try:
+        for line_no, record in _read_jsonl(path):
+            doc_id = str(record["_id"])
+            if doc_id not in known:
+                raise ArtifactError(
+                    f"{path}:{line_no}: document {doc_id!r} is not in doc_ids.json; the shipped corpus belongs to "
+                    "another index, re-create the artifact."
+                )
+            corpus[doc_id] = doc_text(record)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # DataError from a malformed line
+        raise ArtifactError(f"{path}: unreadable corpus ({exc}); delete it or re-create the artifact.") from None
+    return corpus
+
+
+def _search_string(nprobe: int | None, ef_search: int | None, params: str | None) -> str | None:
+    parts = [params] if params else []
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+        if value is not None:
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            parts.append(f"{name}={int(value)}")
+    return ",".join(parts) or None
 
 
 class QuantizedRetriever:
     """A query encoder and the quantized index of its corpus.
+
+    Args:
+        model: The query encoder (a ``SentenceTransformer`` or a transformers encoder).
+        files: The artifact's index, doc-id map and config (:func:`hf_qret.artifact.load_retrieval_files`).
+        batch_size: Query encoding batch size.
+        corpus: Document id to text, when the artifact ships ``corpus.jsonl``.
+        nprobe: IVF lists to visit per query (IVF indexes only).
+        ef_search: HNSW search depth (HNSW indexes only).
+        folder: The artifact folder it was loaded from.
+
+    Raises:
+        ArtifactError: The encoder's dimension differs from the index's.
 
     Example:
         >>> retriever = QuantizedRetriever.from_pretrained("out/scifact")  # doctest: +SKIP
@@ -24,18 +121,32 @@ class QuantizedRetriever:
         [[('4983', 0.61), ('1130', 0.58), ('77', 0.55)]]
     """
 
-    def __init__(self, model: Any, files: RetrievalFiles, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: Any,
+        files: RetrievalFiles,
+        batch_size: int = 64,
+        *,
+        corpus: dict[str, str] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        folder: str | os.PathLike | None = None,
+    ) -> None:
         self.model = model
         self.files = files
         self.index = files.index
         self.config = files.config
         self.batch_size = batch_size
+        self.folder = Path(folder) if folder is not None else None
+        self._corpus = corpus
         dim = embedding_dim(model)
         if dim != self.index.dim:
             raise ArtifactError(
                 f"the query encoder produces {dim}-d embeddings but the index holds {self.index.dim}-d vectors; "
                 "the artifact is inconsistent, re-create it."
             )
+        if nprobe is not None or ef_search is not None:
+            self.set_search_params(nprobe=nprobe, ef_search=ef_search)
 
     @classmethod
     def from_pretrained(
@@ -44,47 +155,121 @@ class QuantizedRetriever:
         revision: str | None = None,
         device: str | None = None,
         load_bank: bool = False,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        use_gpu: bool | None = None,
+        load_corpus: bool = True,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 64,
     ) -> QuantizedRetriever:
-        """Loads an artifact folder (or downloads a Hub repository with ``snapshot_download``).
+        """Loads an artifact folder, or downloads a Hub repository with ``snapshot_download`` first.
+
+        Everything is checked before it is used: the index size against the doc-id map, the index dimension
+        against the config and the encoder, the shipped corpus against the doc ids. Nothing is unpickled: the
+        encoder and the bank load from safetensors, the index with ``faiss.read_index``, the rest is JSON; pickled
+        files are not even downloaded.
 
         Args:
-            repo_id_or_path: A local artifact folder or a Hub model id.
-            revision: Hub revision.
-            device: Torch device of the query encoder.
+            repo_id_or_path: A local artifact folder (works with ``HF_HUB_OFFLINE=1``) or a Hub model id.
+            revision: Hub revision (branch, tag or commit).
+            device: Torch device of the query encoder (default: CUDA when available).
             load_bank: Also load the full-precision bank (``retriever.files.bank``).
-        """
-        folder = Path(repo_id_or_path).expanduser()
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
+            nprobe: IVF lists visited per query (IVF indexes).
+            ef_search: HNSW search depth (HNSW indexes).
+            use_gpu: ``None`` searches on a GPU copy of the index when FAISS has GPUs and the index type runs
+                there; ``False`` never.
+            load_corpus: Read ``corpus.jsonl`` when the artifact ships it (``retriever.corpus``).
+            token: Hub token for private repositories.
+            cache_dir: Hub cache folder.
+            batch_size: Query encoding batch size.
 
-            folder = Path(snapshot_download(str(repo_id_or_path), revision=revision))
+        Raises:
+            ArtifactError: Not an hf-qret artifact, a file is missing or corrupt, or the parts disagree.
+
+        Example:
+            >>> retriever = QuantizedRetriever.from_pretrained("me/minilm-scifact-opq16", nprobe=16)  # doctest: +SKIP
+        """
+        folder = _resolve(repo_id_or_path, revision, token, cache_dir)
         if not (folder / CONFIG_NAME).is_file():
             raise ArtifactError(f"{folder}: no {CONFIG_NAME}; this is not an hf-qret artifact folder.")
+        _check_encoder_files(folder)
         files = load_retrieval_files(folder, load_bank=load_bank)
+        if use_gpu is not None:
+            files.index.use_gpu = use_gpu
+        corpus = _load_corpus(folder, files.doc_ids) if load_corpus else None
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(folder), device=device or "cpu")
-        return cls(model, files)
+        try:
+            model = SentenceTransformer(
+                str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True}
+            )
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            raise ArtifactError(
+                f"{folder}: the query encoder cannot be loaded ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); re-create the artifact."
+            ) from None
+        return cls(model, files, batch_size=batch_size, corpus=corpus, nprobe=nprobe, ef_search=ef_search, folder=folder)
 
+    # ------------------------------------------------------------------ properties
     @property
     def doc_ids(self) -> list[str]:
         """Document id of each index row."""
         return self.files.doc_ids
 
     @property
+    def corpus(self) -> dict[str, str] | None:
+        """Document id to text (title and text joined) when the artifact ships ``corpus.jsonl``, else ``None``."""
+        return self._corpus
+
+    @property
     def bytes_per_vector(self) -> int:
+        """Bytes one document takes in the index."""
         return self.index.bytes_per_vector
 
-    def encode_queries(self, queries: list[str]) -> np.ndarray:
+    @property
+    def search_params(self) -> str | None:
+        """The FAISS runtime parameters in effect (e.g. ``"nprobe=16"``)."""
+        return self.index.search_params
+
+    def set_search_params(
+        self, nprobe: int | None = None, ef_search: int | None = None, params: str | None = None
+    ) -> None:
+        """Sets FAISS runtime parameters: ``nprobe`` (IVF), ``ef_search`` (HNSW) or a raw ``params`` string.
+
+        Raises:
+            ConfigError: The parameter does not apply to this index type.
+
+        Example:
+            >>> retriever.set_search_params(nprobe=32)  # doctest: +SKIP
+        """
+        self.index.set_search_params(_search_string(nprobe, ef_search, params))
+
+    # ------------------------------------------------------------------ search
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         """``(len(queries), dim)`` float32 query embeddings."""
-        return encode_texts(self.model, queries, batch_size=self.batch_size)
+        if isinstance(queries, str):
+            raise TypeError("encode_queries takes a list of strings; wrap a single query as [query].")
+        return encode_texts(self.model, list(queries), batch_size=self.batch_size)
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search: ``(scores, rows)``."""
         return self.index.search(embeddings, k)
 
-    def search(self, queries: list[str], k: int = 10) -> list[list[tuple[str, float]]]:
-        """The top-``k`` ``(doc_id, score)`` of each query, best first."""
+    def search(self, queries: Sequence[str], k: int = 10) -> list[list[tuple[str, float]]]:
+        """The top-``k`` ``(doc_id, score)`` of each query, best first (fewer only if the corpus is smaller).
+
+        Example:
+            >>> retriever.search(["does aspirin prevent stroke?"], k=2)  # doctest: +SKIP
+            [[('1234', 0.71), ('98', 0.66)]]
+        """
+        if isinstance(queries, str):
+            raise TypeError("search takes a list of strings; wrap a single query as [query].")
+        if int(k) < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        if not queries:
+            return []
         scores, rows = self.search_embeddings(self.encode_queries(queries), k)
         return [
             [(self.doc_ids[r], float(s)) for s, r in zip(score_row, row) if r >= 0]

@@ -130,6 +130,7 @@ class QRetTrainer(Trainer):
             if restore_strategy is not None:
                 args.eval_strategy = restore_strategy
         self.add_callback(_BankStepCallback(self))
+        self._bind_callbacks()
         self.bank.to(self.args.device)
         self.bank_optimizer = RowAdam(bank, lr=args.bank_learning_rate, weight_decay=args.bank_weight_decay)
 
@@ -270,3 +271,71 @@ class QRetTrainer(Trainer):
         self.index.index = files.index.index
         self.index._drop_gpu()
         self.refresh_callback.bank_version_at_refresh = self.bank.version
+
+    # ------------------------------------------------------------------ Hub
+    def _bind_callbacks(self) -> None:
+        """Attaches this trainer to callbacks that need it (``bind_trainer``, e.g. ``hf_qret.hub.PushToHubCallback``)."""
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "bind_trainer") and getattr(callback, "trainer", None) is None:
+                callback.bind_trainer(self)
+
+    def add_callback(self, callback: Any) -> None:
+        super().add_callback(callback)
+        if hasattr(self, "callback_handler"):
+            self._bind_callbacks()
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:  # fmt: skip
+        """Writes hf-qret's model card (``README.md`` + ``quality_vs_bytes.png``) into ``args.output_dir``.
+
+        ``push_to_hub`` calls it after saving. Metrics come from ``output_dir/eval_results.json`` when the recipe
+        wrote one, else from the latest retrieval evaluation in the log history.
+        """
+        if not self.is_world_process_zero():
+            return
+        from pathlib import Path
+
+        from .model_card import EVAL_RESULTS_NAME, metrics_from_log_history, write_model_card
+
+        folder = Path(self.args.output_dir)
+        metrics = None if (folder / EVAL_RESULTS_NAME).is_file() else metrics_from_log_history(self.state.log_history)
+        datasets = dataset_tags or dataset
+        write_model_card(
+            folder,
+            metrics,
+            repo_id=self.hub_model_id or self.args.hub_model_id,
+            base_model=finetuned_from,
+            datasets=[datasets] if isinstance(datasets, str) else datasets,
+            tags=[tags] if isinstance(tags, str) else (tags or ()),
+            license=license,
+            language=language,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Mid-training push (``push_to_hub=True``): the base ``Trainer`` copies only transformers weight files
+        from the checkpoint into ``output_dir`` before uploading it, so copy the rest of the artifact first (the
+        sentence-transformers modules, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``,
+        ``qret_config.json``) and render the model card; training state stays out."""
+        import shutil
+        from fnmatch import fnmatch
+
+        from .hub import ARTIFACT_IGNORE_PATTERNS
+
+        strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
+        pushing = self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()
+        if self.is_world_process_zero() and strategy != "end" and pushing:
+            output_dir = self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            for name in sorted(os.listdir(checkpoint_folder)):
+                if any(fnmatch(name, pattern) for pattern in ARTIFACT_IGNORE_PATTERNS):
+                    continue
+                source, target = os.path.join(checkpoint_folder, name), os.path.join(output_dir, name)
+                if os.path.isdir(source):
+                    shutil.copytree(source, target, dirs_exist_ok=True)
+                else:
+                    shutil.copyfile(source, target + ".tmp")
+                    os.replace(target + ".tmp", target)
+            from .model_card import metrics_from_log_history, write_model_card
+
+            write_model_card(output_dir, metrics_from_log_history(self.state.log_history), repo_id=self.hub_model_id)
+        super()._push_from_checkpoint(checkpoint_folder)
