@@ -45,6 +45,13 @@ class QRetTrainingArguments(TrainingArguments):
     refresh_steps: int = field(
         default=0, metadata={"help": "Rebuild the quantized index from the bank every N optimizer steps (0: never)."}
     )
+    quantized_score_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Quantization-aware scoring: weight in [0, 1] of the candidates' quantized (decoded) vectors in "
+            "the scores; the rest is the full-precision bank row. Gradients reach the bank rows straight-through."
+        },
+    )
     refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
     refresh_mode: str = field(
         default="reencode",
@@ -60,6 +67,8 @@ class QRetTrainingArguments(TrainingArguments):
             raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}.")
         if self.refresh_mode not in ("reencode", "retrain"):
             raise ConfigError(f"refresh_mode must be 'reencode' or 'retrain', got {self.refresh_mode!r}.")
+        if not 0.0 <= self.quantized_score_weight <= 1.0:
+            raise ConfigError(f"quantized_score_weight must lie in [0, 1], got {self.quantized_score_weight}.")
         if self.bank_learning_rate < 0:
             raise ConfigError(f"bank_learning_rate must be >= 0, got {self.bank_learning_rate}.")
 

@@ -20,3 +20,7 @@ class ConfigError(QRetError, ValueError):
 
 class ArtifactError(QRetError, ValueError):
     """A saved artifact (bank, index, doc-id map) is missing, corrupt or inconsistent."""
+
+
+class TrainingDivergedError(QRetError, RuntimeError):
+    """The loss became NaN or infinite; training stopped before the bad step changed anything."""

@@ -130,23 +130,30 @@ class QuantizedIndex:
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
 
+    def _codec(self) -> Any:
+        # The index that implements the standalone codec (sa_encode/sa_decode): HNSW delegates to its storage.
+        index = self.index
+        for _ in range(4):
+            try:
+                index.sa_code_size()
+                return index
+            except RuntimeError:
+                storage = getattr(self.faiss.downcast_index(index), "storage", None)
+                if storage is None:
+                    break
+                index = self.faiss.downcast_index(storage)
+        raise ConfigError(f"the {self.factory!r} index has no standalone codec in FAISS; use a PQ/OPQ/SQ/IVF index.")
+
     @property
     def bytes_per_vector(self) -> int:
         """Bytes one vector's code takes in the index (``sa_code_size``; for IVF it includes the list id).
 
         Graph links (HNSW) and inverted-list bookkeeping are not counted.
         """
-        index = self.index
-        for _ in range(4):
-            try:
-                return int(index.sa_code_size())
-            except RuntimeError:
-                inner = self.faiss.downcast_index(index)
-                storage = getattr(inner, "storage", None)
-                if storage is None:
-                    return int(getattr(inner, "code_size", 4 * self.dim))
-                index = self.faiss.downcast_index(storage)
-        return 4 * self.dim
+        try:
+            return int(self._codec().sa_code_size())
+        except ConfigError:
+            return int(getattr(self.faiss.downcast_index(self.index), "code_size", 4 * self.dim))
 
     # ------------------------------------------------------------------ build / refresh
     def train(self, vectors: np.ndarray) -> None:
@@ -233,6 +240,11 @@ class QuantizedIndex:
             raise ArtifactError("the index is empty; build it from the bank before searching.")
         k = min(int(k), self.ntotal)
         return self._searcher().search(_as_float32(queries), k)
+
+    def quantize(self, vectors: np.ndarray) -> np.ndarray:
+        """Encodes ``vectors`` with the current codebooks and decodes them: what the index would store."""
+        codec = self._codec()
+        return codec.sa_decode(codec.sa_encode(_as_float32(vectors)))
 
     def reconstruct_all(self) -> np.ndarray:
         """The decoded (quantized) vector of every row, ``(ntotal, dim)``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 from typing import Any
 
@@ -18,6 +19,7 @@ from .callbacks import IndexRefreshCallback
 from .collator import QRetDataCollator
 from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
+from .errors import TrainingDivergedError
 from .evaluation import RetrievalEvaluator
 from .index import QuantizedIndex
 from .loss import CandidateCrossEntropyLoss
@@ -151,13 +153,35 @@ class QRetTrainer(Trainer):
         candidates = self.bank.gather(mined.candidates)
         if not model.training or self.args.bank_learning_rate == 0:
             candidates = candidates.detach()
+        weight = self.args.quantized_score_weight
+        if weight > 0:
+            # Score (partly) against what the index stores; straight-through: the gradient reaches the bank rows.
+            decoded = torch.from_numpy(self.index.quantize(candidates.detach().float().cpu().numpy()))
+            decoded = decoded.to(candidates.device, candidates.dtype)
+            candidates = candidates + weight * (decoded - candidates).detach()
         loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
+        if model.training and not torch.isfinite(loss.detach()).all():
+            self._diverged(float(loss.detach()))
         if model.training:
             for key, value in stats.items():
                 self._qret_stats[key].append(value)
         if return_outputs:
             return loss, {"query_embeddings": query_embeddings}
         return loss
+
+    def _diverged(self, value: float) -> None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        step = self.state.global_step + 1
+        last = None
+        if os.path.isdir(self.args.output_dir):
+            last = get_last_checkpoint(self.args.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet (set --save_steps)"
+        raise TrainingDivergedError(
+            f"the loss became {value} at step {step} (epoch {self.state.epoch or 0:.2f}); training stopped before "
+            f"that step changed the encoder or the bank, and {kept}. Lower --learning_rate/--bank_learning_rate "
+            "or --scale, then resume with --resume_from_checkpoint."
+        )
 
     def _step_bank(self) -> None:
         """One RowAdam step on the bank at the encoder's current schedule ratio."""
@@ -229,6 +253,35 @@ class QRetTrainer(Trainer):
         else:
             super()._save(output_dir, state_dict)
         save_retrieval_files(output_dir, self.bank, self.index, self.artifact_config())
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Writes the checkpoint into a staging folder and renames it into place: never half-written."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, f"_staging-{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_global_step:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if os.path.isdir(best):
+                    self.state.best_model_checkpoint = best
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

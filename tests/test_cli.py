@@ -122,7 +122,9 @@ def test_cli_overrides_beat_the_yaml_and_yaml_paths_are_relative_to_the_file(tmp
         parse_config([str(config), "--no_such_option", "1"])
 
 
-@pytest.mark.parametrize("breakage", ["no_folder", "bad_json", "missing_doc", "bad_factory"])
+@pytest.mark.parametrize(
+    "breakage", ["no_folder", "bad_json", "missing_doc", "duplicate_ids", "empty_queries", "no_qrels", "bad_factory"]
+)
 def test_recipe_user_errors_exit_2_with_one_line_and_no_artifact(tiny_model_dir, two_split_dir, tmp_path, breakage):
     data_dir = two_split_dir
     extra: list[str] = []
@@ -134,6 +136,15 @@ def test_recipe_user_errors_exit_2_with_one_line_and_no_artifact(tiny_model_dir,
     elif breakage == "missing_doc":
         with open(data_dir / "qrels" / "train.tsv", "a") as handle:
             handle.write("q0\tghost-doc\t1\n")
+    elif breakage == "duplicate_ids":
+        first = (data_dir / "corpus.jsonl").read_text().splitlines()[0]
+        with open(data_dir / "corpus.jsonl", "a") as handle:
+            handle.write(first + "\n")
+    elif breakage == "empty_queries":
+        (data_dir / "queries.jsonl").write_text("")
+    elif breakage == "no_qrels":
+        for path in (data_dir / "qrels").iterdir():
+            path.unlink()
     else:
         extra = ["--index_factory", "IVF0,PQ3"]
     out = tmp_path / "out"
