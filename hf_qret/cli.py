@@ -28,6 +28,28 @@ def _report(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 # ---------------------------------------------------------------------------------------------------------- train
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown table of the recipe's before/after metrics (flat bank vs quantized index)."""
+    bytes_per_vector = results.get("bytes_per_vector")
+    lines = [
+        "| model | index | bytes/vector | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 seen | nDCG@10 unseen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for stage in ("untrained", "trained"):
+        metrics = results.get(stage) or {}
+        flat_size = results.get("flat_bytes_per_vector", "fp32")
+        for kind, label, size in (("flat", "Flat (fp32)", flat_size), ("quantized", results.get("index_factory"), bytes_per_vector)):
+            def value(name: str) -> str:
+                found = metrics.get(f"{stage}_{kind}_{name}")
+                return "–" if found is None else f"{found:.3f}"
+
+            lines.append(
+                f"| {stage} | {label} | {size} | {value('ndcg@10')} | {value('recall@100')} | {value('mrr@10')} "
+                f"| {value('ndcg@10_seen')} | {value('ndcg@10_unseen')} |"
+            )
+    return "\n".join(lines)
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -107,7 +129,11 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         index=index,
         evaluator=evaluator,
     )
-    results: dict[str, Any] = {"bytes_per_vector": index.bytes_per_vector, "index_factory": index.factory}
+    results: dict[str, Any] = {
+        "bytes_per_vector": index.bytes_per_vector,
+        "index_factory": index.factory,
+        "flat_bytes_per_vector": 4 * dim,
+    }
     if evaluator is not None:
         results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
     resume = training_args.resume_from_checkpoint
@@ -127,6 +153,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=data_args.eval_split)
         if trainer.is_world_process_zero():
             write_json(results, Path(training_args.output_dir) / "eval_results.json")
+            print(results_table(results))
     trainer.create_model_card(**card)  # README.md: hf-qret's model card with the numbers above
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", **card)

@@ -54,7 +54,7 @@ class QRetTrainingArguments(TrainingArguments):
     )
     refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
     refresh_mode: str = field(
-        default="reencode",
+        default="retrain",
         metadata={"help": "'reencode': re-encode rows with the current codebooks; 'retrain': retrain codebooks too."},
     )
     remove_unused_columns: bool = field(

@@ -127,7 +127,9 @@ def test_training_logs_rank_and_candidates(tiny_model, beir_dir, tmp_path):
 def test_refresh_callback_reencodes_bank_with_current_codebooks(tiny_model, beir_dir, tmp_path):
     import faiss
 
-    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, refresh_steps=2, refresh_on_epoch_end=False)
+    trainer, _ = make_trainer(
+        tiny_model, beir_dir, tmp_path, refresh_mode="reencode", refresh_steps=2, refresh_on_epoch_end=False
+    )
     pq_before = faiss.vector_to_array(faiss.downcast_index(trainer.index.index).pq.centroids).copy()
     trainer.train()
     assert trainer.refresh_callback.refreshes == 3
