@@ -21,7 +21,7 @@ __all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
 CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
 #: Files a download skips: pickled weights and training state are never needed (nor ever unpickled).
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "checkpoint-*", "last-checkpoint/*")
-_ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
 def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any) -> Path:
@@ -56,7 +56,7 @@ def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None, token: st
 
 
 def _check_encoder_files(folder: Path) -> None:
-    if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+    if not any((folder / name).is_file() for name in ("modules.json", "config.json", "adapter_config.json")):
         raise ArtifactError(f"{folder}: no encoder (modules.json / config.json); the artifact is incomplete.")
     has_safetensors = any((folder / name).is_file() for name in _ENCODER_WEIGHTS) or any(folder.glob("*/model.safetensors"))
     if not has_safetensors:
@@ -163,6 +163,7 @@ class QuantizedRetriever:
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         batch_size: int = 64,
+        merge_adapter: bool = False,
     ) -> QuantizedRetriever:
         """Loads an artifact folder, or downloads a Hub repository with ``snapshot_download`` first.
 
@@ -184,6 +185,8 @@ class QuantizedRetriever:
             token: Hub token for private repositories.
             cache_dir: Hub cache folder.
             batch_size: Query encoding batch size.
+            merge_adapter: When the artifact holds a peft adapter (``adapter_config.json``; loaded attached, on
+                the base model its config names), merge it into the base weights for faster queries.
 
         Raises:
             ArtifactError: Not an hf-qret artifact, a file is missing or corrupt, or the parts disagree.
@@ -206,10 +209,18 @@ class QuantizedRetriever:
                 str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True}
             )
         except (OSError, ValueError, json.JSONDecodeError) as exc:
+            from .peft_utils import adapter_base_model
+
+            base = adapter_base_model(folder)
+            hint = f" (its adapter needs the base model {base!r})" if base else ""
             raise ArtifactError(
-                f"{folder}: the query encoder cannot be loaded ({exc.__class__.__name__}: "
+                f"{folder}: the query encoder cannot be loaded{hint} ({exc.__class__.__name__}: "
                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); re-create the artifact."
             ) from None
+        if merge_adapter:
+            from .peft_utils import merge_adapter as merge
+
+            model = merge(model)
         return cls(model, files, batch_size=batch_size, corpus=corpus, nprobe=nprobe, ef_search=ef_search, folder=folder)
 
     # ------------------------------------------------------------------ properties

@@ -24,6 +24,7 @@ from .evaluation import RetrievalEvaluator
 from .index import QuantizedIndex
 from .loss import CandidateCrossEntropyLoss
 from .mining import IndexMiner
+from .peft_utils import adapter_info, has_adapter
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME"]
 
@@ -78,6 +79,11 @@ class QRetTrainer(Trainer):
         >>> trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)  # doctest: +SKIP
         >>> trainer.train(); trainer.save_model()  # doctest: +SKIP
     """
+
+    # compute_loss returns the mean over the micro-batch (never normalised by ``num_items_in_batch``), so the Trainer
+    # divides it by the number of accumulated micro-batches: with gradient accumulation the encoder and the bank get
+    # the gradient of the mean over the whole accumulated batch (see README, "Gradient accumulation").
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -190,6 +196,10 @@ class QRetTrainer(Trainer):
             ratio = float(self.lr_scheduler.get_last_lr()[0]) / self.args.learning_rate
         self.bank_optimizer.lr = self.args.bank_learning_rate * ratio
         if self.args.bank_learning_rate > 0:
+            if self.accelerator.num_processes > 1:
+                from .distributed import all_reduce_row_grad
+
+                all_reduce_row_grad(self.bank.weight)  # DDP averages the encoder's gradients, we average the bank's
             self.bank_optimizer.step()
         self.bank_optimizer.zero_grad()
 
@@ -226,6 +236,25 @@ class QRetTrainer(Trainer):
             metrics.update(retrieval)
         return metrics
 
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Eval loss of a batch of ``eval_dataset`` through :meth:`compute_loss` (mined candidates, bank detached).
+
+        Returns ``(loss, None, None)``, or ``(loss, query_embeddings, positive_rows)`` when predictions are asked for.
+        """
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, outputs["query_embeddings"].detach(), inputs["positive_rows"]
+
     # ------------------------------------------------------------------ saving
     def artifact_config(self) -> dict[str, Any]:
         """What ``qret_config.json`` records about the training run."""
@@ -238,7 +267,15 @@ class QRetTrainer(Trainer):
             "learning_rate": self.args.learning_rate,
             "refresh_mode": self.args.refresh_mode,
             "global_step": self.state.global_step,
+            "adapter": adapter_info(self.accelerator.unwrap_model(self.model)),
         }
+
+    def save_merged_model(self, output_dir: str | None = None) -> str:
+        """Saves the artifact with the encoder's peft adapter merged into a copy of the base weights (a plain,
+        self-contained model); see :func:`hf_qret.peft_utils.save_merged`. ``save_model`` keeps the adapter."""
+        from .peft_utils import save_merged
+
+        return save_merged(self, output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -308,7 +345,11 @@ class QRetTrainer(Trainer):
         from .artifact import load_retrieval_files
 
         target = model if model is not None else self.model
-        if is_sentence_transformer(target):
+        if is_sentence_transformer(target) and has_adapter(target):
+            from .peft_utils import load_adapter_weights
+
+            load_adapter_weights(self.accelerator.unwrap_model(target), resume_from_checkpoint)
+        elif is_sentence_transformer(target):
             from sentence_transformers import SentenceTransformer
 
             loaded = SentenceTransformer(resume_from_checkpoint, device="cpu")

@@ -1,0 +1,86 @@
+"""Multi-process (DDP / ``accelerate launch``) support for the TargetBank.
+
+The encoder is wrapped in ``DistributedDataParallel``, which averages its gradients across processes; the bank is not
+a parameter of the wrapped model, so its sparse row gradients are averaged here, before every process applies the
+same :class:`~hf_qret.bank.RowAdam` step. Every process thus keeps an identical bank (and rebuilds an identical
+index from it), as it keeps identical encoder weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["world_size", "all_reduce_row_grad"]
+
+
+def world_size() -> int:
+    """The number of processes of the initialised ``torch.distributed`` group (1 when not distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _rows_and_values(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = weight.grad
+    if grad is None:
+        return (
+            torch.zeros(0, dtype=torch.long, device=weight.device),
+            torch.zeros(0, weight.shape[1], dtype=weight.dtype, device=weight.device),
+        )
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()
+    rows = grad.abs().sum(dim=1).nonzero().squeeze(1)
+    return rows, grad[rows]
+
+
+@torch.no_grad()
+def all_reduce_row_grad(weight: torch.Tensor, average: bool = True) -> int:
+    """Replaces ``weight.grad`` (sparse rows, possibly ``None``) by its mean (or sum) over all processes.
+
+    Processes touch different rows, so the rows and their gradients are gathered from every process (padded to the
+    largest count) and summed into one coalesced sparse gradient; a row touched by one process only gets that
+    process's gradient divided by the world size, exactly as DDP averages a dense gradient.
+
+    Must be called by every process at the same point (it is a collective). A no-op outside ``torch.distributed``.
+
+    Returns:
+        How many rows carry a gradient after the reduction.
+    """
+    import torch.distributed as dist
+
+    world = world_size()
+    if world == 1:
+        grad = weight.grad
+        if grad is None:
+            return 0
+        return int(grad.coalesce().indices().shape[1]) if grad.is_sparse else int(grad.abs().sum(dim=1).gt(0).sum())
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors. The bank lives on the process's device either way.
+    rows, values = _rows_and_values(weight)
+    count = torch.tensor([rows.numel()], dtype=torch.long, device=weight.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    width = max(int(c.item()) for c in counts)
+    if width == 0:
+        weight.grad = None
+        return 0
+    padded_rows = torch.full((width,), -1, dtype=torch.long, device=weight.device)
+    padded_rows[: rows.numel()] = rows
+    padded_values = torch.zeros(width, weight.shape[1], dtype=values.dtype, device=weight.device)
+    padded_values[: rows.numel()] = values
+    all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
+    all_values = [torch.empty_like(padded_values) for _ in range(world)]
+    dist.all_gather(all_rows, padded_rows)
+    dist.all_gather(all_values, padded_values)
+    rows = torch.cat(all_rows)
+    values = torch.cat(all_values)
+    keep = rows >= 0
+    grad = torch.sparse_coo_tensor(
+        rows[keep].unsqueeze(0), values[keep], tuple(weight.shape), check_invariants=False
+    ).coalesce()
+    if average:
+        grad = grad / world
+    weight.grad = grad
+    return int(grad.indices().shape[1])

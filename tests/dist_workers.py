@@ -1,0 +1,85 @@
+"""Entry points of the multi-process tests in test_dropin.py (run in spawned / torchrun processes, not collected)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def reduce_rows_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Two gloo processes with different sparse bank gradients call all_reduce_row_grad; each saves what it got."""
+    import importlib.util
+
+    import torch
+    import torch.distributed as dist
+
+    # hf_qret/distributed.py needs only torch: load it alone, not the package (transformers & co. take seconds)
+    package = importlib.util.find_spec("hf_qret").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("_hf_qret_distributed", os.path.join(package, "distributed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    all_reduce_row_grad = module.all_reduce_row_grad
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        weight = torch.nn.Parameter(torch.zeros(6, 3))
+        results = {}
+        # 1. both processes have rows; rank 0's gradient is uncoalesced (row 2 twice)
+        if rank == 0:
+            rows, values = [0, 2, 2], [[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]
+        else:
+            rows, values = [2, 5], [[4.0, 4.0, 4.0], [6.0, 0.0, -6.0]]
+        weight.grad = torch.sparse_coo_tensor(torch.tensor([rows]), torch.tensor(values), (6, 3))
+        results["count"] = all_reduce_row_grad(weight)
+        results["grad"] = weight.grad.to_dense()
+        # 2. one process has no gradient at all
+        weight.grad = None if rank == 0 else torch.sparse_coo_tensor(torch.tensor([[4]]), torch.ones(1, 3), (6, 3))
+        results["count_one_side"] = all_reduce_row_grad(weight)
+        results["grad_one_side"] = weight.grad.to_dense()
+        # 3. no process has a gradient
+        weight.grad = None
+        results["count_none"] = all_reduce_row_grad(weight)
+        results["grad_none"] = weight.grad
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_train_main() -> None:
+    """``torchrun --nproc_per_node 2 dist_workers.py MODEL BEIR OUT``: 3 DDP steps on the CPU (gloo)."""
+    from functools import partial
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
+    from hf_qret.encoder import encode_texts
+
+    model_dir, beir_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    model = SentenceTransformer(model_dir, device="cpu")
+    data = load_beir(beir_dir, split="train")
+    bank = TargetBank.from_encoder(partial(encode_texts, model), data.doc_texts(), data.doc_ids)
+    args = QRetTrainingArguments(
+        output_dir=str(out / "run"), index_factory="PQ4", num_negatives=8, per_device_train_batch_size=4,
+        max_steps=3, learning_rate=1e-3, bank_learning_rate=1e-2, report_to="none", save_strategy="no", seed=0,
+        use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)
+    trainer.train()
+    rank = int(os.environ["RANK"])
+    torch.save(
+        {
+            "world": trainer.accelerator.num_processes,
+            "bank": trainer.bank.weight.detach().clone(),
+            "row_steps": trainer.bank_optimizer.row_steps.clone(),
+            "encoder": {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()},
+        },
+        out / f"rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    ddp_train_main()
