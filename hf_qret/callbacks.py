@@ -96,13 +96,17 @@ class RetrievalEvaluationCallback(TrainerCallback):
     def __init__(self, every_n_steps: int = 0, on_epoch_end: bool = True) -> None:
         self.every_n_steps = int(every_n_steps)
         self.evaluate_at_epoch_end = on_epoch_end
+        self._last_scheduled_step = -1
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_n_steps > 0 and state.global_step % self.every_n_steps == 0:
             control.should_evaluate = True
+            self._last_scheduled_step = state.global_step
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.evaluate_at_epoch_end:
+        # A step evaluation at the epoch's last step already covers it: never evaluate the same step twice.
+        if self.evaluate_at_epoch_end and self._last_scheduled_step != state.global_step:
             control.should_evaluate = True
+            self._last_scheduled_step = state.global_step
         return control

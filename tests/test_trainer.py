@@ -251,3 +251,19 @@ def test_trainer_rejects_bank_of_wrong_dimension(tiny_model, beir_dir, tmp_path)
     bank = TargetBank(torch.randn(len(data.doc_ids), 16), data.doc_ids)
     with pytest.raises(ArtifactError, match="dimension 16"):
         QRetTrainer(tiny_model, make_args(tmp_path), train_dataset=build_pairs_dataset(data), bank=bank)
+
+
+def test_evaluation_callback_schedules_each_step_once(tiny_model, beir_dir, tmp_path):
+    from hf_qret import RetrievalEvaluationCallback
+
+    data = load_beir(beir_dir, split="train")
+    trainer, _ = make_trainer(
+        tiny_model,
+        beir_dir,
+        tmp_path,
+        evaluator=RetrievalEvaluator(data.queries, data.qrels),
+        callbacks=[RetrievalEvaluationCallback(every_n_steps=3, on_epoch_end=True)],
+    )
+    trainer.train()  # 6 steps end part-way through the first epoch: step 6 is a step *and* the epoch's end
+    steps = [entry["step"] for entry in trainer.state.log_history if "eval_quantized_ndcg@10" in entry]
+    assert steps == [3, 6]
