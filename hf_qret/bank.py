@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import row_gradients
 from .errors import ArtifactError
 
 __all__ = ["TargetBank", "RowAdam"]
@@ -196,23 +197,10 @@ class RowAdam:
         self.exp_avg_sq = torch.zeros_like(weight)
         self.row_steps = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
 
-    def _rows_and_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        grad = self.bank.weight.grad
-        if grad is None:
-            return None
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            return grad.indices()[0], grad.values()
-        rows = grad.abs().sum(dim=1).nonzero().squeeze(1)
-        return rows, grad[rows]
-
     @torch.no_grad()
     def step(self) -> int:
         """Updates the rows that have a gradient; returns how many rows were updated."""
-        found = self._rows_and_grads()
-        if found is None:
-            return 0
-        rows, grads = found
+        rows, grads = row_gradients(self.bank.weight)
         if rows.numel() == 0:
             return 0
         beta1, beta2 = self.betas

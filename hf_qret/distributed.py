@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["world_size", "all_reduce_row_grad"]
+__all__ = ["world_size", "row_gradients", "all_reduce_row_grad"]
 
 
 def world_size() -> int:
@@ -22,7 +22,11 @@ def world_size() -> int:
     return 1
 
 
-def _rows_and_values(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_gradients(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``weight`` that have a gradient and those gradients (sparse or dense ``weight.grad``).
+
+    Returns empty tensors when there is no gradient.
+    """
     grad = weight.grad
     if grad is None:
         return (
@@ -58,7 +62,7 @@ def all_reduce_row_grad(weight: torch.Tensor, average: bool = True) -> int:
             return 0
         return int(grad.coalesce().indices().shape[1]) if grad.is_sparse else int(grad.abs().sum(dim=1).gt(0).sum())
     # NCCL only moves CUDA tensors; gloo moves CPU tensors. The bank lives on the process's device either way.
-    rows, values = _rows_and_values(weight)
+    rows, values = row_gradients(weight)
     count = torch.tensor([rows.numel()], dtype=torch.long, device=weight.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)

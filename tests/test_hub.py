@@ -27,6 +27,8 @@ from hf_qret.encoder import encode_texts
 from hf_qret.hub import artifact_upload_files, push_artifact, push_main
 from hf_qret.model_card import front_matter, is_qret_model_card, render_model_card, write_model_card
 
+from test_trainer import make_args as trainer_test_args
+
 # The encoder (tiny BERT as sentence-transformers) + the retrieval files: what every push must contain.
 ARTIFACT_FILES = {
     "1_Pooling/config.json",
@@ -56,23 +58,7 @@ METRICS = {
 
 
 def make_args(tmp_path, **overrides) -> QRetTrainingArguments:
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        index_factory="PQ4",
-        num_negatives=8,
-        per_device_train_batch_size=8,
-        max_steps=4,
-        learning_rate=1e-3,
-        bank_learning_rate=1e-2,
-        logging_steps=2,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        use_cpu=True,
-        dataloader_pin_memory=False,
-    )
-    options.update(overrides)
-    return QRetTrainingArguments(**options)
+    return trainer_test_args(tmp_path, **{"max_steps": 4, **overrides})
 
 
 def make_trainer(model, beir_dir, tmp_path, callbacks=None, **overrides) -> QRetTrainer:
