@@ -71,6 +71,10 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from .index import QuantizedIndex
     from .trainer import QRetTrainer
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # `torchrun --nproc_per_node N` on CPUs: without this the Trainer sees N independent single-process runs
+        # (accelerate forms a MULTI_CPU/gloo world only when told it runs on the CPU).
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     model_args, data_args, training_args = parse_config(argv)
     if not data_args.data_dir:
         raise ConfigError("no --data_dir given; pass a BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")

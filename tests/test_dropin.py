@@ -270,3 +270,28 @@ def test_ddp_processes_keep_identical_banks(tiny_model_dir, beir_dir, tmp_path):
     assert torch.equal(first["bank"], second["bank"])
     assert torch.equal(first["row_steps"], second["row_steps"]) and int(first["row_steps"].gt(0).sum()) > 8
     assert all(torch.equal(first["encoder"][k], second["encoder"][k]) for k in first["encoder"])
+
+
+@pytest.mark.integration
+def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 recipes/train.py ...` forms one gloo world: one writer, one artifact, exit 0."""
+    from conftest import synthetic_beir, write_beir
+
+    corpus, queries, qrels = synthetic_beir()
+    data = write_beir(tmp_path / "data", corpus, queries, {q: qrels[q] for q in list(qrels)[:40]}, split="train")
+    write_beir(data, corpus, queries, {q: qrels[q] for q in list(qrels)[40:]}, split="dev")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "recipes" / "train.py"), str(REPO / "recipes" / "scifact.yaml"),
+               "--model_name_or_path", tiny_model_dir, "--data_dir", str(data), "--eval_split", "dev",
+               "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8",
+               "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
+               "--dataloader_pin_memory", "false", "--disable_tqdm", "true"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(out.glob("_staging*"))
+    assert (out / "index.faiss").is_file() and (out / "eval_results.json").is_file()
