@@ -100,3 +100,12 @@ def synthetic_beir(num_docs: int = 300, num_queries: int = 60, seed: int = 0) ->
 def beir_dir(tmp_path) -> Path:
     corpus, queries, qrels = synthetic_beir()
     return write_beir(tmp_path / "beir", corpus, queries, qrels)
+
+
+@pytest.fixture()
+def two_split_dir(tmp_path) -> Path:
+    """The synthetic folder with two disjoint qrels splits: train (40 queries) and dev (20)."""
+    corpus, queries, qrels = synthetic_beir()
+    folder = write_beir(tmp_path / "data", corpus, queries, {q: qrels[q] for q in list(qrels)[:40]}, split="train")
+    write_beir(folder, corpus, queries, {q: qrels[q] for q in list(qrels)[40:]}, split="dev")
+    return folder

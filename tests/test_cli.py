@@ -36,14 +36,6 @@ def recipe_argv(model_dir: str, data_dir: Path, out: Path, *extra: str) -> list[
 
 
 @pytest.fixture()
-def two_split_dir(tmp_path) -> Path:
-    corpus, queries, qrels = synthetic_beir()
-    folder = write_beir(tmp_path / "data", corpus, queries, {q: qrels[q] for q in list(qrels)[:40]}, split="train")
-    write_beir(folder, corpus, queries, {q: qrels[q] for q in list(qrels)[40:]}, split="dev")
-    return folder
-
-
-@pytest.fixture()
 def trained(tiny_model_dir, two_split_dir, tmp_path):
     out = tmp_path / "out"
     results = train_main(recipe_argv(tiny_model_dir, two_split_dir, out))

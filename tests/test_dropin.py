@@ -273,13 +273,9 @@ def test_ddp_processes_keep_identical_banks(tiny_model_dir, beir_dir, tmp_path):
 
 
 @pytest.mark.integration
-def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tmp_path):
+def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, two_split_dir, tmp_path):
     """`torchrun --nproc_per_node 2 recipes/train.py ...` forms one gloo world: one writer, one artifact, exit 0."""
-    from conftest import synthetic_beir, write_beir
-
-    corpus, queries, qrels = synthetic_beir()
-    data = write_beir(tmp_path / "data", corpus, queries, {q: qrels[q] for q in list(qrels)[:40]}, split="train")
-    write_beir(data, corpus, queries, {q: qrels[q] for q in list(qrels)[40:]}, split="dev")
+    data = two_split_dir
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("ACCELERATE_USE_CPU", None)

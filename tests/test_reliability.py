@@ -13,17 +13,13 @@ import torch
 from hf_qret.cli import evaluate_main, main, train_main
 from hf_qret.errors import ArtifactError, TrainingDivergedError
 
-from conftest import synthetic_beir, write_beir
 from test_cli import recipe_argv
 from test_trainer import make_trainer
 
 
 @pytest.fixture()
-def data_dir(tmp_path) -> Path:
-    corpus, queries, qrels = synthetic_beir()
-    folder = write_beir(tmp_path / "data", corpus, queries, {q: qrels[q] for q in list(qrels)[:40]}, split="train")
-    write_beir(folder, corpus, queries, {q: qrels[q] for q in list(qrels)[40:]}, split="dev")
-    return folder
+def data_dir(two_split_dir) -> Path:
+    return two_split_dir
 
 
 def test_checkpoints_hold_everything_and_no_staging_is_left(tiny_model, beir_dir, tmp_path):
