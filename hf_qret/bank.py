@@ -188,7 +188,6 @@ class RowAdam:
     ) -> None:
         self.bank = bank
         self.lr = lr
-        self.base_lr = lr
         self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay

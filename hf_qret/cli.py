@@ -94,13 +94,6 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         model.max_seq_length = model_args.max_seq_length
     dim = embedding_dim(model)
     QuantizedIndex.validate_factory(dim, training_args.index_factory)
-    if training_args.num_negatives > len(train_data.corpus):
-        logger.warning(
-            "--num_negatives %d is larger than the corpus (%d documents); clamping it to the corpus size.",
-            training_args.num_negatives,
-            len(train_data.corpus),
-        )
-        training_args.num_negatives = len(train_data.corpus)
 
     # 2. The bank: encoded once (or read from --bank_init_file).
     encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")

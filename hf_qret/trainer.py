@@ -110,7 +110,15 @@ class QRetTrainer(Trainer):
             raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
         self.bank = bank
         self.index = index
-        self.miner = IndexMiner(index, args.num_negatives)
+        num_negatives = args.num_negatives
+        if num_negatives > len(bank):
+            logger.warning(
+                "--num_negatives %d is larger than the corpus (%d documents); clamping it to the corpus size.",
+                num_negatives,
+                len(bank),
+            )
+            num_negatives = len(bank)
+        self.miner = IndexMiner(index, num_negatives)
         self.loss = loss if loss is not None else CandidateCrossEntropyLoss(scale=args.scale)
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
@@ -166,9 +174,9 @@ class QRetTrainer(Trainer):
             decoded = decoded.to(candidates.device, candidates.dtype)
             candidates = candidates + weight * (decoded - candidates).detach()
         loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
-        if model.training and not torch.isfinite(loss.detach()).all():
-            self._diverged(float(loss.detach()))
         if model.training:
+            if not torch.isfinite(loss.detach()).all():
+                self._diverged(float(loss.detach()))
             for key, value in stats.items():
                 self._qret_stats[key].append(value)
         if return_outputs:
@@ -262,7 +270,7 @@ class QRetTrainer(Trainer):
         return {
             "base_model": getattr(base, "base_model", None) or getattr(getattr(self.model, "config", None), "_name_or_path", None),
             "scale": getattr(self.loss, "scale", None),
-            "num_negatives": self.args.num_negatives,
+            "num_negatives": self.miner.num_negatives,
             "bank_learning_rate": self.args.bank_learning_rate,
             "learning_rate": self.args.learning_rate,
             "refresh_mode": self.args.refresh_mode,
