@@ -16,6 +16,9 @@ __all__ = ["QRetTrainingArguments", "ModelArguments", "DataArguments", "parse_co
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
+#: Which candidate rows the bank optimizer moves.
+BANK_UPDATES = ("all", "positives")
+
 
 @dataclass
 class QRetTrainingArguments(TrainingArguments):
@@ -52,6 +55,37 @@ class QRetTrainingArguments(TrainingArguments):
             "the scores; the rest is the full-precision bank row. Gradients reach the bank rows straight-through."
         },
     )
+    learn_codebooks: bool = field(
+        default=False,
+        metadata={
+            "help": "Codebook learning (JPQ-style): train the PQ centroids of a 'PQ<M>'/'OPQ<M>,PQ<M>' index with the "
+            "loss, through the candidates' decoded vectors (needs quantized_score_weight > 0); they are written back "
+            "into the FAISS index after every step, so every document benefits, trained or not. Index refreshes then "
+            "re-encode the bank with the learned codebooks (refresh_mode is treated as 'reencode')."
+        },
+    )
+    codebook_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Adam learning rate of the PQ centroids when --learn_codebooks is on."}
+    )
+    bank_update: str = field(
+        default="all",
+        metadata={
+            "help": "Which candidate rows the bank optimizer moves: 'all' (positives and mined negatives) or "
+            "'positives' (negatives are scored but never pushed away, so documents that are never a training "
+            "positive keep their pretrained embedding)."
+        },
+    )
+    bank_anchor_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Drift control: pull of every updated bank row back toward its initial (pretrained) embedding, "
+            "decoupled from Adam: row = initial + (1 - bank_lr * weight) * (row - initial) after each step."
+        },
+    )
+    bank_keep_norm: bool = field(
+        default=False,
+        metadata={"help": "Drift control: after every bank step, rescale the updated rows to their initial norm."},
+    )
     refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
     refresh_mode: str = field(
         default="retrain",
@@ -69,6 +103,15 @@ class QRetTrainingArguments(TrainingArguments):
             raise ConfigError(f"refresh_mode must be 'reencode' or 'retrain', got {self.refresh_mode!r}.")
         if not 0.0 <= self.quantized_score_weight <= 1.0:
             raise ConfigError(f"quantized_score_weight must lie in [0, 1], got {self.quantized_score_weight}.")
+        if self.bank_update not in BANK_UPDATES:
+            raise ConfigError(f"bank_update must be one of {', '.join(BANK_UPDATES)}, got {self.bank_update!r}.")
+        if self.bank_anchor_weight < 0:
+            raise ConfigError(f"bank_anchor_weight must be >= 0, got {self.bank_anchor_weight}.")
+        if self.learn_codebooks and self.quantized_score_weight == 0:
+            raise ConfigError(
+                "learn_codebooks trains the centroids through the decoded candidates: set quantized_score_weight "
+                "> 0 (for example 1.0)."
+            )
         if self.bank_learning_rate < 0:
             raise ConfigError(f"bank_learning_rate must be >= 0, got {self.bank_learning_rate}.")
 

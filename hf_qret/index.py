@@ -81,6 +81,7 @@ class QuantizedIndex:
         self.index = self._new_index()
         self._gpu_index = None
         self._gpu_failed = False
+        self.version = 0
 
     # ------------------------------------------------------------------ construction
     def _new_index(self) -> Any:
@@ -118,6 +119,7 @@ class QuantizedIndex:
         self.index = index
         self._gpu_index = None
         self._gpu_failed = False
+        self.version = 0
         return self
 
     # ------------------------------------------------------------------ properties
@@ -162,13 +164,13 @@ class QuantizedIndex:
         fresh = self._new_index()
         fresh.train(vectors)
         self.index = fresh
-        self._drop_gpu()
+        self._changed()
         self._apply_search_params(self.index)
 
     def add(self, vectors: np.ndarray) -> None:
         """Encodes and appends ``vectors``; their ids are their row numbers."""
         self.index.add(_as_float32(vectors))
-        self._drop_gpu()
+        self._changed()
 
     def build(self, vectors: np.ndarray) -> None:
         """Trains on ``vectors`` and indexes them (row ``i`` gets id ``i``)."""
@@ -210,6 +212,15 @@ class QuantizedIndex:
 
     def _drop_gpu(self) -> None:
         self._gpu_index = None
+
+    def _changed(self) -> None:
+        # Codes or codebooks changed: the GPU copy is stale and holders of decoded codes must resync.
+        self.version += 1
+        self._drop_gpu()
+
+    def codebooks_changed(self) -> None:
+        """Call after editing the FAISS codebooks in place (see :class:`~hf_qret.codebook.TrainableCodebooks`)."""
+        self._drop_gpu()
 
     def _searcher(self) -> Any:
         if self.use_gpu is False or self._gpu_failed or not hasattr(self.faiss, "get_num_gpus"):

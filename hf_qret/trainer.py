@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from .artifact import save_retrieval_files
 from .bank import RowAdam, TargetBank
 from .callbacks import IndexRefreshCallback
+from .codebook import TrainableCodebooks
 from .collator import QRetDataCollator
 from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
@@ -31,6 +32,7 @@ __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME"]
 logger = logging.getLogger(__name__)
 
 BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
+CODEBOOK_OPTIMIZER_NAME = "codebook_optimizer.safetensors"
 
 
 class _BankStepCallback(TrainerCallback):
@@ -129,10 +131,10 @@ class QRetTrainer(Trainer):
             kwargs["data_collator"] = QRetDataCollator(make_tokenize_fn(model, tokenizer), bank)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(cb, IndexRefreshCallback) for cb in callbacks):
+            # Learned codebooks are the codebooks: refreshes re-encode the bank with them instead of retraining.
+            mode = "reencode" if args.learn_codebooks else args.refresh_mode
             callbacks.append(
-                IndexRefreshCallback(
-                    bank, index, args.refresh_steps, on_epoch_end=args.refresh_on_epoch_end, mode=args.refresh_mode
-                )
+                IndexRefreshCallback(bank, index, args.refresh_steps, on_epoch_end=args.refresh_on_epoch_end, mode=mode)
             )
         self.refresh_callback = next(cb for cb in callbacks if isinstance(cb, IndexRefreshCallback))
 
@@ -149,6 +151,18 @@ class QRetTrainer(Trainer):
         self._bind_callbacks()
         self.bank.to(self.args.device)
         self.bank_optimizer = RowAdam(bank, lr=args.bank_learning_rate, weight_decay=args.bank_weight_decay)
+        # Drift control: the initial rows (anchor) or only their norms are kept when asked for.
+        weight = self.bank.weight.detach()
+        self._initial_rows = weight.clone() if args.bank_anchor_weight > 0 else None
+        self._initial_norms = weight.norm(dim=1) if args.bank_keep_norm else None
+        self.codebooks: TrainableCodebooks | None = None
+        self.codebook_optimizer: torch.optim.Optimizer | None = None
+        if args.learn_codebooks:
+            self.codebooks = TrainableCodebooks(index).to(self.args.device)
+            self.codebook_optimizer = self._new_codebook_optimizer()
+
+    def _new_codebook_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.codebooks.centroids], lr=self.args.codebook_learning_rate)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -165,14 +179,28 @@ class QRetTrainer(Trainer):
         query_embeddings = embed(model, inputs)
         mined = self.miner.mine(query_embeddings, positive_rows, positive_sets)
         candidates = self.bank.gather(mined.candidates)
-        if not model.training or self.args.bank_learning_rate == 0:
+        training = model.training and self.args.bank_learning_rate > 0
+        if not training:
             candidates = candidates.detach()
+        elif self.args.bank_update == "positives":
+            # Only the batch's positives move; mined negatives are scored but keep their embedding.
+            moving = torch.zeros(len(mined.candidates), dtype=torch.bool, device=candidates.device)
+            moving[mined.targets.to(candidates.device)] = True
+            candidates = torch.where(moving.unsqueeze(1), candidates, candidates.detach())
         weight = self.args.quantized_score_weight
         if weight > 0:
-            # Score (partly) against what the index stores; straight-through: the gradient reaches the bank rows.
-            decoded = torch.from_numpy(self.index.quantize(candidates.detach().float().cpu().numpy()))
+            # Score (partly) against what the index stores. Straight-through: the bank rows get the full gradient;
+            # with --learn_codebooks the decoded vectors are differentiable in the PQ centroids as well.
+            if self.codebooks is not None:
+                if self.codebooks.maybe_sync():
+                    self.codebook_optimizer = self._new_codebook_optimizer()  # retrained codebooks: fresh state
+                decoded = self.codebooks.reconstruct(mined.candidates)
+                if not model.training:
+                    decoded = decoded.detach()
+            else:
+                decoded = torch.from_numpy(self.index.quantize(candidates.detach().float().cpu().numpy()))
             decoded = decoded.to(candidates.device, candidates.dtype)
-            candidates = candidates + weight * (decoded - candidates).detach()
+            candidates = candidates + weight * (decoded - candidates.detach())
         loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
         if model.training:
             if not torch.isfinite(loss.detach()).all():
@@ -203,13 +231,51 @@ class QRetTrainer(Trainer):
         if self.lr_scheduler is not None and self.args.learning_rate > 0:
             ratio = float(self.lr_scheduler.get_last_lr()[0]) / self.args.learning_rate
         self.bank_optimizer.lr = self.args.bank_learning_rate * ratio
+        distributed = self.accelerator.num_processes > 1
         if self.args.bank_learning_rate > 0:
-            if self.accelerator.num_processes > 1:
+            if distributed:
                 from .distributed import all_reduce_row_grad
 
                 all_reduce_row_grad(self.bank.weight)  # DDP averages the encoder's gradients, we average the bank's
+            rows = None
+            if self._initial_norms is not None or self._initial_rows is not None:
+                from .distributed import row_gradients
+
+                rows = row_gradients(self.bank.weight)[0]
             self.bank_optimizer.step()
+            if rows is not None and rows.numel():
+                self._control_drift(rows)
         self.bank_optimizer.zero_grad()
+        if self.codebooks is not None:
+            centroids = self.codebooks.centroids
+            if centroids.grad is not None:
+                if distributed:
+                    torch.distributed.all_reduce(centroids.grad)
+                    centroids.grad /= self.accelerator.num_processes
+                for group in self.codebook_optimizer.param_groups:
+                    group["lr"] = self.args.codebook_learning_rate * ratio
+                self.codebook_optimizer.step()
+                self.codebooks.write_back()  # mining and the next refresh use the learned centroids
+            self.codebook_optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _control_drift(self, rows: torch.Tensor) -> None:
+        """Drift control on the rows the bank optimizer just moved.
+
+        ``bank_anchor_weight`` pulls each row back toward its initial embedding, decoupled from Adam (as AdamW
+        decouples weight decay): ``row = initial + (1 - lr * weight) * (row - initial)``. ``bank_keep_norm`` then
+        rescales each row to its initial norm.
+        """
+        weight = self.bank.weight
+        current = weight[rows]
+        if self._initial_rows is not None:
+            initial = self._initial_rows[rows.to(self._initial_rows.device)].to(current.device, current.dtype)
+            shrink = max(0.0, 1.0 - self.bank_optimizer.lr * self.args.bank_anchor_weight)
+            current = initial + shrink * (current - initial)
+        if self._initial_norms is not None:
+            norms = self._initial_norms[rows.to(self._initial_norms.device)].to(current.device, current.dtype)
+            current = current * (norms.unsqueeze(1) / current.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        weight[rows] = current
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -337,6 +403,13 @@ class QRetTrainer(Trainer):
             state = {k: v.detach().cpu().contiguous() for k, v in self.bank_optimizer.state_dict().items()}
             save_file(state, path + ".tmp")
             os.replace(path + ".tmp", path)
+            if self.codebook_optimizer is not None:
+                state = self.codebook_optimizer.state.get(self.codebooks.centroids)
+                if state:
+                    path = os.path.join(output_dir, CODEBOOK_OPTIMIZER_NAME)
+                    tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
+                    save_file(tensors, path + ".tmp")
+                    os.replace(path + ".tmp", path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -348,6 +421,16 @@ class QRetTrainer(Trainer):
 
             state = {k: v.to(self.bank.weight.device) for k, v in load_file(path).items()}
             self.bank_optimizer.load_state_dict(state)
+        path = os.path.join(checkpoint, CODEBOOK_OPTIMIZER_NAME)
+        if self.codebooks is not None and os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            self.codebooks.maybe_sync()  # the checkpoint's index (and learned centroids) replaced ours
+            self.codebook_optimizer = self._new_codebook_optimizer()
+            device = self.codebooks.centroids.device
+            self.codebook_optimizer.state[self.codebooks.centroids] = {
+                k: (v if k == "step" else v.to(device)) for k, v in load_file(path).items()
+            }
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         from .artifact import load_retrieval_files
@@ -371,7 +454,7 @@ class QRetTrainer(Trainer):
             self.bank.weight.copy_(files.bank.weight.to(self.bank.weight.device))
         self.bank.version += 1
         self.index.index = files.index.index
-        self.index._drop_gpu()
+        self.index._changed()
         self.refresh_callback.bank_version_at_refresh = self.bank.version
 
     # ------------------------------------------------------------------ Hub
