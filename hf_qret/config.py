@@ -18,6 +18,8 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 #: Which candidate rows the bank optimizer moves.
 BANK_UPDATES = ("all", "positives")
+#: What the query encoder is trained against.
+ENCODER_TARGETS = ("bank", "initial")
 
 
 @dataclass
@@ -82,6 +84,14 @@ class QRetTrainingArguments(TrainingArguments):
             "decoupled from Adam: row = initial + (1 - bank_lr * weight) * (row - initial) after each step."
         },
     )
+    encoder_targets: str = field(
+        default="bank",
+        metadata={
+            "help": "What the query encoder is scored against: 'bank' (the trained bank rows, the seed method) or "
+            "'initial' (the frozen pretrained rows: the encoder stays compatible with documents that never train, "
+            "while the bank rows learn against the detached queries)."
+        },
+    )
     bank_keep_norm: bool = field(
         default=False,
         metadata={"help": "Drift control: after every bank step, rescale the updated rows to their initial norm."},
@@ -105,6 +115,10 @@ class QRetTrainingArguments(TrainingArguments):
             raise ConfigError(f"quantized_score_weight must lie in [0, 1], got {self.quantized_score_weight}.")
         if self.bank_update not in BANK_UPDATES:
             raise ConfigError(f"bank_update must be one of {', '.join(BANK_UPDATES)}, got {self.bank_update!r}.")
+        if self.encoder_targets not in ENCODER_TARGETS:
+            raise ConfigError(
+                f"encoder_targets must be one of {', '.join(ENCODER_TARGETS)}, got {self.encoder_targets!r}."
+            )
         if self.bank_anchor_weight < 0:
             raise ConfigError(f"bank_anchor_weight must be >= 0, got {self.bank_anchor_weight}.")
         if self.learn_codebooks and self.quantized_score_weight == 0:

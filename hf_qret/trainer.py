@@ -153,7 +153,8 @@ class QRetTrainer(Trainer):
         self.bank_optimizer = RowAdam(bank, lr=args.bank_learning_rate, weight_decay=args.bank_weight_decay)
         # Drift control: the initial rows (anchor) or only their norms are kept when asked for.
         weight = self.bank.weight.detach()
-        self._initial_rows = weight.clone() if args.bank_anchor_weight > 0 else None
+        keep_rows = args.bank_anchor_weight > 0 or args.encoder_targets == "initial"
+        self._initial_rows = weight.clone() if keep_rows else None
         self._initial_norms = weight.norm(dim=1) if args.bank_keep_norm else None
         self.codebooks: TrainableCodebooks | None = None
         self.codebook_optimizer: torch.optim.Optimizer | None = None
@@ -201,7 +202,18 @@ class QRetTrainer(Trainer):
                 decoded = torch.from_numpy(self.index.quantize(candidates.detach().float().cpu().numpy()))
             decoded = decoded.to(candidates.device, candidates.dtype)
             candidates = candidates + weight * (decoded - candidates.detach())
-        loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
+        if training and self.args.encoder_targets == "initial":
+            # Decoupled: the query encoder learns against the pretrained targets (what documents that never train
+            # look like), the bank rows learn against the (detached) queries.
+            initial = self._initial_rows[mined.candidates.to(self._initial_rows.device)].to(candidates.device)
+            if weight > 0:
+                decoded = torch.from_numpy(self.index.quantize(initial.float().cpu().numpy()))
+                initial = initial + weight * (decoded.to(initial.device, initial.dtype) - initial)
+            loss, stats = self.loss(query_embeddings, initial, mined.targets, mined.mask)
+            bank_loss, _ = self.loss(query_embeddings.detach(), candidates, mined.targets, mined.mask)
+            loss = loss + bank_loss
+        else:
+            loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
         if model.training:
             if not torch.isfinite(loss.detach()).all():
                 self._diverged(float(loss.detach()))

@@ -119,3 +119,23 @@ def test_drift_control_keeps_norms_and_pulls_rows_back(tiny_model_dir, beir_dir,
     assert ((norm - start).abs().sum(dim=1) > 0).any()
     torch.testing.assert_close(norm.norm(dim=1), start.norm(dim=1), rtol=1e-5, atol=1e-5)
     assert (anchored - start).norm(dim=1).sum() < 0.75 * (free - start).norm(dim=1).sum()
+
+
+def test_initial_encoder_targets_decouple_the_encoder_from_the_bank(tiny_model_dir, beir_dir, tmp_path):
+    """With encoder_targets='initial' the encoder trains exactly as with a frozen bank, while the bank still moves."""
+    from sentence_transformers import SentenceTransformer
+
+    def run(name, **options):
+        model = SentenceTransformer(tiny_model_dir, device="cpu")
+        trainer, _ = make_trainer(model, beir_dir, tmp_path / name, max_steps=3, refresh_on_epoch_end=False, **options)
+        start = trainer.bank.weight.detach().clone()
+        trainer.train()
+        return model, (trainer.bank.weight.detach() - start).abs().sum()
+
+    frozen, frozen_moved = run("frozen", bank_learning_rate=0.0)
+    decoupled, decoupled_moved = run("decoupled", encoder_targets="initial")
+    coupled, _ = run("coupled")
+    assert frozen_moved == 0 and decoupled_moved > 0
+    for a, b in zip(frozen.parameters(), decoupled.parameters()):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(frozen.parameters(), coupled.parameters()))

@@ -1,0 +1,157 @@
+"""Ablation of hf-qret's accuracy options on the SciFact dev split: nDCG@10 over all / seen / unseen-target claims.
+
+For each index (default: the recipe's 16-byte ``OPQ16,PQ16`` and the 8-byte ``OPQ8,PQ8``) it trains the recipe
+(``recipes/scifact.yaml``: all-MiniLM-L6-v2, 4 epochs) once per variant and reads the dev evaluation the recipe
+writes (``eval_results.json``). Rows:
+
+- ``untrained``: the pretrained encoder and bank, index built over the bank;
+- ``query-only``: the query encoder trains, the bank is frozen (``bank_learning_rate 0``);
+- ``seed``: the seed method (bank rows trained by backprop, negatives mined from the quantized index, codebooks
+  retrained at every epoch end, no other option);
+- one row per option added to the seed method alone;
+- ``default``: the recipe as shipped (every option it turns on).
+
+"Seen" claims have a relevant document that was a training positive; "unseen" claims have none. Prints a markdown
+table, then one JSON object as the last line. Results are cached per run folder (``--out``), so an interrupted
+ablation resumes where it stopped; ``--fresh`` retrains everything.
+
+    python benchmarks/ablation.py --out runs/ablation [--factories OPQ16,PQ16 OPQ8,PQ8] [--variants seed default]
+        [--markdown benchmarks/results/ablation.md] [--json]
+
+Takes about 4 minutes per run on 2 idle CPU cores (the corpus is encoded once, into ``--out/bank.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "scifact.yaml"
+
+#: The seed method: only the bank and the query encoder train; codebooks retrained at every epoch end.
+SEED = [
+    "--bank_learning_rate", "0.001", "--refresh_mode", "retrain", "--quantized_score_weight", "0",
+    "--learn_codebooks", "false", "--bank_update", "all", "--bank_anchor_weight", "0", "--bank_keep_norm", "false",
+]  # fmt: skip
+
+
+def _with(base: list[str], **options: str) -> list[str]:
+    argv = list(base)
+    for key, value in options.items():
+        flag = f"--{key}"
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
+#: name -> (description, recipe overrides). ``untrained`` is read from the seed run's before-training evaluation.
+VARIANTS: dict[str, tuple[str, list[str] | None]] = {
+    "untrained": ("pretrained encoder and bank", None),
+    "query-only": ("query encoder trained, bank frozen", _with(SEED, bank_learning_rate="0")),
+    "seed": ("seed method: bank + query encoder, codebooks retrained per epoch", SEED),
+    "+quantized-scores": ("seed + scores against decoded codes (weight 1)", _with(SEED, quantized_score_weight="1")),
+    "+codebooks": (
+        "seed + learned PQ centroids (JPQ; implies quantized scores)",
+        _with(SEED, quantized_score_weight="1", learn_codebooks="true"),
+    ),
+    "+positives-only": ("seed + only positives' rows move", _with(SEED, bank_update="positives")),
+    "+anchor": ("seed + pull toward the initial embedding (weight 100)", _with(SEED, bank_anchor_weight="100")),
+    "+keep-norm": ("seed + rows keep their initial norm", _with(SEED, bank_keep_norm="true")),
+    "default": ("the recipe as shipped (recipes/scifact.yaml)", []),
+}
+
+FACTORIES = ("OPQ16,PQ16", "OPQ8,PQ8")
+
+
+def run_variant(out: Path, factory: str, name: str, overrides: list[str], bank_file: Path, fresh: bool) -> dict:
+    """Trains one variant (unless its results are cached) and returns its ``eval_results.json``."""
+    folder = out / factory.replace(",", "_") / name.lstrip("+")
+    results_file = folder / "eval_results.json"
+    if results_file.is_file() and not fresh:
+        return json.loads(results_file.read_text())
+    command = [
+        sys.executable, str(REPO / "recipes" / "train.py"), str(RECIPE), "--output_dir", str(folder),
+        "--index_factory", factory, "--bank_init_file", str(bank_file), "--save_strategy", "no",
+        "--disable_tqdm", "true", *overrides,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    log = folder.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
+    if done.returncode != 0:
+        raise SystemExit(f"{factory} {name}: the recipe failed (exit {done.returncode}); see {log}")
+    print(f"{factory} {name}: trained in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return json.loads(results_file.read_text())
+
+
+def row(results: dict, stage: str) -> dict[str, float]:
+    metrics = results[stage]
+    key = f"{stage}_quantized_ndcg@10"
+    return {
+        "all": round(metrics[key], 4),
+        "seen": round(metrics[f"{key}_seen"], 4),
+        "unseen": round(metrics[f"{key}_unseen"], 4),
+        "flat_all": round(metrics[f"{stage}_flat_ndcg@10"], 4),
+    }
+
+
+def markdown(table: dict[str, dict[str, dict[str, float]]], descriptions: dict[str, str]) -> str:
+    factories = list(table)
+    header = "| variant | " + " | ".join(f"{f} all | {f} seen | {f} unseen" for f in factories) + " |"
+    lines = [header, "|---" * (1 + 3 * len(factories)) + "|"]
+    names = [n for n in VARIANTS if any(n in table[f] for f in factories)]
+    for name in names:
+        cells = []
+        for factory in factories:
+            values = table[factory].get(name)
+            cells += [f"{values[s]:.3f}" if values else "–" for s in ("all", "seen", "unseen")] if values else ["–"] * 3
+        lines.append(f"| {name} ({descriptions[name]}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/ablation", help="Folder of the runs (cached results).")
+    parser.add_argument("--factories", nargs="+", default=list(FACTORIES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--fresh", action="store_true", help="Retrain runs whose results are cached.")
+    parser.add_argument("--markdown", help="Also write the markdown table to this file.")
+    parser.add_argument("--json", action="store_true", help="(The JSON line is always printed last.)")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bank_file = out / "bank.safetensors"
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for factory in args.factories:
+        table[factory] = {}
+        for name in args.variants:
+            overrides = VARIANTS[name][1]
+            if overrides is None:  # untrained: the seed run's before-training evaluation
+                results = run_variant(out, factory, "seed", SEED, bank_file, fresh=False)
+                table[factory][name] = row(results, "untrained")
+            else:
+                table[factory][name] = row(run_variant(out, factory, name, overrides, bank_file, args.fresh), "trained")
+    text = markdown(table, {name: description for name, (description, _) in VARIANTS.items()})
+    print(text)
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    print(json.dumps(table))
+    return table
+
+
+if __name__ == "__main__":
+    main()
