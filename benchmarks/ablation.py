@@ -37,7 +37,8 @@ RECIPE = REPO / "recipes" / "scifact.yaml"
 #: The seed method: only the bank and the query encoder train; codebooks retrained at every epoch end.
 SEED = [
     "--bank_learning_rate", "0.001", "--refresh_mode", "retrain", "--quantized_score_weight", "0",
-    "--learn_codebooks", "false", "--bank_update", "all", "--bank_anchor_weight", "0", "--bank_keep_norm", "false",
+    "--learn_codebooks", "false", "--bank_update", "all", "--encoder_targets", "bank", "--bank_anchor_weight", "0",
+    "--bank_keep_norm", "false",
 ]  # fmt: skip
 
 
@@ -57,12 +58,17 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "untrained": ("pretrained encoder and bank", None),
     "query-only": ("query encoder trained, bank frozen", _with(SEED, bank_learning_rate="0")),
     "seed": ("seed method: bank + query encoder, codebooks retrained per epoch", SEED),
-    "+quantized-scores": ("seed + scores against decoded codes (weight 1)", _with(SEED, quantized_score_weight="1")),
+    "+quantized-scores": (
+        "seed + scores half against decoded codes (weight 0.5)", _with(SEED, quantized_score_weight="0.5")
+    ),
     "+codebooks": (
         "seed + learned PQ centroids (JPQ; implies quantized scores)",
         _with(SEED, quantized_score_weight="1", learn_codebooks="true"),
     ),
     "+positives-only": ("seed + only positives' rows move", _with(SEED, bank_update="positives")),
+    "+decoupled": (
+        "seed + query encoder scored against the pretrained targets", _with(SEED, encoder_targets="initial")
+    ),
     "+anchor": ("seed + pull toward the initial embedding (weight 100)", _with(SEED, bank_anchor_weight="100")),
     "+keep-norm": ("seed + rows keep their initial norm", _with(SEED, bank_keep_norm="true")),
     "default": ("the recipe as shipped (recipes/scifact.yaml)", []),

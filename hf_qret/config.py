@@ -70,11 +70,11 @@ class QRetTrainingArguments(TrainingArguments):
         default=1e-4, metadata={"help": "Adam learning rate of the PQ centroids when --learn_codebooks is on."}
     )
     bank_update: str = field(
-        default="all",
+        default="positives",
         metadata={
             "help": "Which candidate rows the bank optimizer moves: 'all' (positives and mined negatives) or "
-            "'positives' (negatives are scored but never pushed away, so documents that are never a training "
-            "positive keep their pretrained embedding)."
+            "'positives' (a row moves only toward the queries it is the positive of; negatives are scored but never "
+            "pushed away, so documents that are never a training positive keep their pretrained embedding)."
         },
     )
     bank_anchor_weight: float = field(
@@ -85,7 +85,7 @@ class QRetTrainingArguments(TrainingArguments):
         },
     )
     encoder_targets: str = field(
-        default="bank",
+        default="initial",
         metadata={
             "help": "What the query encoder is scored against: 'bank' (the trained bank rows, the seed method) or "
             "'initial' (the frozen pretrained rows: the encoder stays compatible with documents that never train, "

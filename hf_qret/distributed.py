@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["world_size", "row_gradients", "all_reduce_row_grad"]
+__all__ = ["world_size", "row_gradients", "all_reduce_row_grad", "all_gather_rows"]
 
 
 def world_size() -> int:
@@ -20,6 +20,46 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def _collective_device() -> torch.device:
+    """Where this process's collective tensors must live: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The concatenation, in rank order, of every process's 1-D tensor of bank rows (lengths may differ).
+
+    This is how the trainer mines candidates for the *global* batch under DDP: every process contributes its queries'
+    positives and top-k rows, and every process builds the same candidate set from the union. Must be called by every
+    process at the same point (it is a collective). Outside ``torch.distributed`` it returns ``rows`` unchanged.
+
+    Example:
+        >>> import torch
+        >>> all_gather_rows(torch.tensor([3, 1])).tolist()  # one process: nothing to gather
+        [3, 1]
+    """
+    import torch.distributed as dist
+
+    world = world_size()
+    if world == 1:
+        return rows
+    device = _collective_device()
+    local = rows.detach().reshape(-1).to(device=device, dtype=torch.long)
+    count = torch.tensor([local.numel()], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.full((max(sizes),), -1, dtype=torch.long, device=device)
+    padded[: local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).to(rows.device)
 
 
 def row_gradients(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

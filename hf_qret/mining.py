@@ -9,6 +9,7 @@ set are masked out: they are never used as its negatives.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,7 @@ class IndexMiner:
         query_embeddings: np.ndarray | torch.Tensor,
         positive_rows: torch.Tensor,
         positive_sets: torch.Tensor | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> MinedBatch:
         """Builds the candidate set of a batch.
 
@@ -98,19 +100,34 @@ class IndexMiner:
             positive_rows: ``(B,)`` bank row of each example's positive.
             positive_sets: ``(B, M)`` every known positive row of each example's query, ``-1``-padded. ``None``
                 means each example knows only its own positive.
+            gather: Under DDP, :func:`hf_qret.distributed.all_gather_rows`: the candidate set is then the union over
+                the *global* batch (every process's positives and top-k rows), the same on every process; the
+                targets and the mask stay this process's.
         """
         if torch.is_tensor(query_embeddings):
             query_embeddings = query_embeddings.detach().float().cpu().numpy()
         retrieved = self.retrieve(query_embeddings)
-        return self.candidates_from(retrieved, positive_rows, positive_sets)
+        pool = None
+        if gather is not None:
+            local = np.concatenate([positive_rows.detach().cpu().long().numpy(), retrieved.reshape(-1)])
+            pool = gather(torch.from_numpy(local)).cpu().numpy()
+        return self.candidates_from(retrieved, positive_rows, positive_sets, pool=pool)
 
     @staticmethod
     def candidates_from(
-        retrieved: np.ndarray, positive_rows: torch.Tensor, positive_sets: torch.Tensor | None = None
+        retrieved: np.ndarray,
+        positive_rows: torch.Tensor,
+        positive_sets: torch.Tensor | None = None,
+        pool: np.ndarray | None = None,
     ) -> MinedBatch:
-        """The candidate set, targets and mask from already retrieved rows (see :meth:`mine`)."""
+        """The candidate set, targets and mask from already retrieved rows (see :meth:`mine`).
+
+        ``pool`` (rows, ``-1`` ignored) replaces the batch's own positives + retrieved rows as the candidate pool; it
+        must contain this batch's positives.
+        """
         positive_rows = positive_rows.detach().cpu().long()
-        pool = np.concatenate([positive_rows.numpy(), retrieved.reshape(-1)])
+        if pool is None:
+            pool = np.concatenate([positive_rows.numpy(), retrieved.reshape(-1)])
         candidates = torch.from_numpy(np.unique(pool[pool >= 0]))
         position = {int(row): i for i, row in enumerate(candidates.tolist())}
         targets = torch.tensor([position[int(r)] for r in positive_rows.tolist()], dtype=torch.long)

@@ -3,6 +3,7 @@ embeddings, scoring each query against candidates mined from the quantized index
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from .codebook import TrainableCodebooks
 from .collator import QRetDataCollator
 from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
-from .errors import TrainingDivergedError
+from .errors import ConfigError, TrainingDivergedError
 from .evaluation import RetrievalEvaluator
 from .index import QuantizedIndex
 from .loss import CandidateCrossEntropyLoss
@@ -49,7 +50,7 @@ class QRetTrainer(Trainer):
     """A ``Trainer`` whose ``compute_loss`` scores queries against index-mined candidates from a trainable bank.
 
     Per batch: the model encodes the queries; the miner retrieves each query's top-k rows from the *quantized* index;
-    the union over the batch plus the positives is the candidate set; the candidates' bank rows are gathered with a
+    the union over the batch (the *global* batch under DDP) plus the positives is the candidate set; the candidates' bank rows are gathered with a
     sparse gradient; the loss is the cross-entropy of the scaled dot products (other known positives masked). After
     the encoder's optimizer step the bank's :class:`~hf_qret.bank.RowAdam` updates only the candidate rows, at
     ``args.bank_learning_rate`` following the encoder's schedule. :class:`~hf_qret.callbacks.IndexRefreshCallback`
@@ -122,6 +123,11 @@ class QRetTrainer(Trainer):
             num_negatives = len(bank)
         self.miner = IndexMiner(index, num_negatives)
         self.loss = loss if loss is not None else CandidateCrossEntropyLoss(scale=args.scale)
+        if args.bank_update == "positives" and "targets_only" not in inspect.signature(self.loss.forward).parameters:
+            raise ConfigError(
+                f"bank_update='positives' calls the loss with targets_only=True, which {type(self.loss).__name__} "
+                "does not accept; add that argument (see CandidateCrossEntropyLoss) or pass --bank_update all."
+            )
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
 
@@ -178,16 +184,25 @@ class QRetTrainer(Trainer):
         positive_rows = inputs.pop("positive_rows")
         positive_sets = inputs.pop("positive_sets", None)
         query_embeddings = embed(model, inputs)
-        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets)
-        candidates = self.bank.gather(mined.candidates)
+        gather = None
+        if model.training and self.accelerator.num_processes > 1:
+            from .distributed import all_gather_rows
+
+            gather = all_gather_rows  # candidates mined for the global batch, identical on every process
+        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, gather=gather)
         training = model.training and self.args.bank_learning_rate > 0
-        if not training:
-            candidates = candidates.detach()
-        elif self.args.bank_update == "positives":
-            # Only the batch's positives move; mined negatives are scored but keep their embedding.
-            moving = torch.zeros(len(mined.candidates), dtype=torch.bool, device=candidates.device)
-            moving[mined.targets.to(candidates.device)] = True
-            candidates = torch.where(moving.unsqueeze(1), candidates, candidates.detach())
+        # Positives-only: a row moves only toward the queries it answers; mined negatives are scored but never pushed
+        # (they get no gradient at all, so the row optimizer neither steps them nor decays their moments).
+        targets_only = training and self.args.bank_update == "positives"
+        if targets_only:
+            with torch.no_grad():
+                candidates = self.bank.gather(mined.candidates)
+            moving = mined.targets.unique().to(candidates.device)
+            candidates = candidates.index_copy(0, moving, self.bank.gather(mined.candidates[moving.cpu()]))
+        else:
+            candidates = self.bank.gather(mined.candidates)
+            if not training:
+                candidates = candidates.detach()
         weight = self.args.quantized_score_weight
         if weight > 0:
             # Score (partly) against what the index stores. Straight-through: the bank rows get the full gradient;
@@ -210,8 +225,12 @@ class QRetTrainer(Trainer):
                 decoded = torch.from_numpy(self.index.quantize(initial.float().cpu().numpy()))
                 initial = initial + weight * (decoded.to(initial.device, initial.dtype) - initial)
             loss, stats = self.loss(query_embeddings, initial, mined.targets, mined.mask)
-            bank_loss, _ = self.loss(query_embeddings.detach(), candidates, mined.targets, mined.mask)
+            bank_loss, _ = self.loss(
+                query_embeddings.detach(), candidates, mined.targets, mined.mask, targets_only=targets_only
+            )
             loss = loss + bank_loss
+        elif targets_only:
+            loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask, targets_only=True)
         else:
             loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
         if model.training:

@@ -68,6 +68,15 @@ def ddp_train_main() -> None:
         use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
     )  # fmt: skip
     trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)
+    mined_batches = []
+    mine = trainer.miner.mine
+
+    def recording_mine(query_embeddings, positive_rows, *args, **kwargs):
+        mined = mine(query_embeddings, positive_rows, *args, **kwargs)
+        mined_batches.append({"candidates": mined.candidates.clone(), "positives": positive_rows.clone()})
+        return mined
+
+    trainer.miner.mine = recording_mine
     trainer.train()
     rank = int(os.environ["RANK"])
     torch.save(
@@ -75,6 +84,7 @@ def ddp_train_main() -> None:
             "world": trainer.accelerator.num_processes,
             "bank": trainer.bank.weight.detach().clone(),
             "row_steps": trainer.bank_optimizer.row_steps.clone(),
+            "mined": mined_batches,
             "encoder": {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()},
         },
         out / f"rank{rank}.pt",

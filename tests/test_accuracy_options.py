@@ -92,12 +92,26 @@ def test_learned_centroids_move_and_reach_the_index(tiny_model, beir_dir, tmp_pa
 
 def test_positives_only_update_leaves_negatives_untouched(tiny_model, beir_dir, tmp_path):
     trainer, data = make_trainer(tiny_model, beir_dir, tmp_path, bank_update="positives", max_steps=4)
+    batch_positives = []
+    mine = trainer.miner.mine
+
+    def recording_mine(*args, **kwargs):
+        mined = mine(*args, **kwargs)
+        batch_positives.append(mined.candidates[mined.targets].unique())
+        return mined
+
+    trainer.miner.mine = recording_mine
     before = trainer.bank.weight.detach().clone()
     trainer.train()
     moved = (trainer.bank.weight.detach() - before).abs().sum(dim=1) > 0
     positives = {trainer.bank.row_of(d) for q in data.qrels for d, s in data.qrels[q].items() if s > 0}
     assert moved.any()
     assert set(moved.nonzero().squeeze(1).tolist()) <= positives
+    # a row's own Adam step count is how often it was a batch positive: negatives never take a (zero-gradient) step
+    counts = torch.zeros(len(before), dtype=torch.int64)
+    for rows in batch_positives:
+        counts[rows] += 1
+    assert len(batch_positives) == 4 and torch.equal(trainer.bank_optimizer.row_steps.cpu(), counts)
 
 
 def test_drift_control_keeps_norms_and_pulls_rows_back(tiny_model_dir, beir_dir, tmp_path):
@@ -134,7 +148,7 @@ def test_initial_encoder_targets_decouple_the_encoder_from_the_bank(tiny_model_d
 
     frozen, frozen_moved = run("frozen", bank_learning_rate=0.0)
     decoupled, decoupled_moved = run("decoupled", encoder_targets="initial")
-    coupled, _ = run("coupled")
+    coupled, _ = run("coupled", encoder_targets="bank")
     assert frozen_moved == 0 and decoupled_moved > 0
     for a, b in zip(frozen.parameters(), decoupled.parameters()):
         torch.testing.assert_close(a, b)

@@ -68,7 +68,8 @@ class GradientSnapshot(TrainerCallback):
         self.bank = self.trainer.bank.weight.grad.coalesce().to_dense().clone()
 
 
-def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir, tmp_path):
+@pytest.mark.parametrize("bank_update,encoder_targets", [("all", "bank"), ("positives", "initial")])
+def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir, tmp_path, bank_update, encoder_targets):
     """batch 8 x GA 1 and batch 4 x GA 2 give the same gradients and the same step, encoder and bank.
 
     num_negatives = corpus size, so every micro-batch's candidate set is the whole corpus: the accumulated loss is
@@ -83,7 +84,8 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir
         trainer, _ = build(
             model, beir_dir, tmp_path / f"b{batch_size}", train_rows=8, callbacks=[snapshot],
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
-            num_negatives=300, max_grad_norm=0.0, logging_steps=1,
+            num_negatives=300, max_grad_norm=0.0, logging_steps=1, bank_update=bank_update,
+            encoder_targets=encoder_targets,
         )  # fmt: skip
         snapshot.trainer = trainer
         sizes = []
@@ -98,7 +100,11 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir
     assert full_grads.encoder.keys() == acc_grads.encoder.keys() and len(full_grads.encoder) > 10
     for name, grad in full_grads.encoder.items():
         torch.testing.assert_close(acc_grads.encoder[name], grad, rtol=1e-4, atol=1e-7, msg=name)
-    assert full_grads.bank.abs().sum(dim=1).gt(0).all()  # every row is a candidate
+    moved = full_grads.bank.abs().sum(dim=1).gt(0)
+    if bank_update == "all":
+        assert moved.all()  # every row is a candidate
+    else:
+        assert 0 < int(moved.sum()) <= 8  # only the batch's positives
     torch.testing.assert_close(acc_grads.bank, full_grads.bank, rtol=1e-4, atol=1e-7)
     # after the step
     for (name, a), b in zip(full.model.named_parameters(), accumulated.model.parameters()):
@@ -270,6 +276,13 @@ def test_ddp_processes_keep_identical_banks(tiny_model_dir, beir_dir, tmp_path):
     assert torch.equal(first["bank"], second["bank"])
     assert torch.equal(first["row_steps"], second["row_steps"]) and int(first["row_steps"].gt(0).sum()) > 8
     assert all(torch.equal(first["encoder"][k], second["encoder"][k]) for k in first["encoder"])
+    # candidates are mined for the global batch: the same set on both processes, holding both processes' positives
+    assert len(first["mined"]) == len(second["mined"]) == 3
+    for mine_a, mine_b in zip(first["mined"], second["mined"]):
+        assert torch.equal(mine_a["candidates"], mine_b["candidates"])
+        assert not torch.equal(mine_a["positives"], mine_b["positives"])  # the processes saw different examples
+        candidates = set(mine_a["candidates"].tolist())
+        assert set(mine_a["positives"].tolist()) | set(mine_b["positives"].tolist()) <= candidates
 
 
 @pytest.mark.integration

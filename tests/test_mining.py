@@ -165,3 +165,24 @@ def test_num_negatives_within_index_does_not_warn(eye_index, caplog):
 def test_num_negatives_below_one_raises(eye_index, k):
     with pytest.raises(ValueError, match="num_negatives"):
         IndexMiner(eye_index, num_negatives=k)
+
+
+def test_global_batch_mining_takes_the_union_over_processes(eye_index):
+    """With a gather (DDP), the candidates are the union of every process's positives and top-k; targets stay local."""
+    other_process = torch.tensor([7, 8, 9, 10])  # another process's positives + retrieved rows
+    seen = []
+
+    def gather(local: torch.Tensor) -> torch.Tensor:
+        seen.append(local.tolist())
+        return torch.cat([local, other_process])
+
+    miner = IndexMiner(eye_index, num_negatives=2)
+    queries = np.stack([_query(0, 1), _query(2, 3)])
+    positive_rows = torch.tensor([0, 2])
+    mined = miner.mine(queries, positive_rows, torch.tensor([[0, 9], [2, -1]]), gather=gather)
+    assert sorted(seen[0]) == [0, 0, 1, 2, 2, 3]  # this process's positives and retrieved rows
+    assert mined.candidates.tolist() == [0, 1, 2, 3, 7, 8, 9, 10]
+    assert [mined.candidates.tolist()[t] for t in mined.targets.tolist()] == [0, 2]
+    assert mined.mask.tolist()[0] == [False] * 6 + [True, False]  # row 9: query 0's other positive, from elsewhere
+    local = miner.mine(queries, positive_rows)
+    assert local.candidates.tolist() == [0, 1, 2, 3]

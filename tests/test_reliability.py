@@ -52,12 +52,11 @@ def test_recipe_resume_continues_as_if_nothing_happened(tiny_model_dir, data_dir
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model, beir_dir, tmp_path):
     trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, save_strategy="steps", save_steps=2, max_steps=6)
     loss_fn = trainer.loss
-    calls = {"n": 0}
 
-    def poisoned(queries, candidates, targets, mask=None):
-        calls["n"] += 1
-        loss, stats = loss_fn(queries, candidates, targets, mask)
-        return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
+    def poisoned(queries, candidates, targets, mask=None, **kwargs):
+        loss, stats = loss_fn(queries, candidates, targets, mask, **kwargs)
+        third_step = trainer.state.global_step == 2  # two steps done
+        return (loss * float("nan"), stats) if third_step else (loss, stats)
 
     trainer.loss = poisoned
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3 .*checkpoint-2"):
