@@ -72,9 +72,10 @@ class QRetTrainingArguments(TrainingArguments):
     bank_update: str = field(
         default="positives",
         metadata={
-            "help": "Which candidate rows the bank optimizer moves: 'all' (positives and mined negatives) or "
-            "'positives' (a row moves only toward the queries it is the positive of; negatives are scored but never "
-            "pushed away, so documents that are never a training positive keep their pretrained embedding)."
+            "help": "Which candidate rows the bank optimizer moves: 'all' (positives and mined negatives, the seed "
+            "method) or 'positives' (only rows of documents that are a positive of some training query, as a "
+            "positive or as a negative; documents that are never a training positive keep their pretrained "
+            "embedding, so the encoder's view of the untrained corpus stays consistent)."
         },
     )
     bank_anchor_weight: float = field(

@@ -35,27 +35,12 @@ class CandidateCrossEntropyLoss(nn.Module):
         candidates: torch.Tensor,
         targets: torch.Tensor,
         mask: torch.Tensor | None = None,
-        targets_only: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns the mean loss and statistics (mean rank of the positive, 1 = first; candidate count).
-
-        With ``targets_only`` a candidate row gets a gradient only from the queries it is the target of (the pull
-        toward them), never from the queries it is a negative for; the loss value and the queries' gradient are
-        unchanged. A row's update then depends only on its own examples, however the batch is split (gradient
-        accumulation, processes).
-        """
-        targets = targets.to(queries.device)
-        if targets_only:
-            rows = candidates
-            candidates = candidates.detach()
+        """Returns the mean loss and statistics (mean rank of the positive, 1 = first; candidate count)."""
         logits = self.scale * queries @ candidates.to(queries.dtype).T
-        if targets_only:
-            # Same value as the target logits, but differentiable in the target rows alone (queries detached here:
-            # their gradient already flows through ``logits``).
-            own = self.scale * (queries.detach() * rows[targets].to(queries.dtype)).sum(dim=1, keepdim=True)
-            logits = logits.scatter_add(1, targets.unsqueeze(1), own - own.detach())
         if mask is not None:
             logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
+        targets = targets.to(logits.device)
         loss = nn.functional.cross_entropy(logits.float(), targets)
         with torch.no_grad():
             positive = logits.gather(1, targets.unsqueeze(1))

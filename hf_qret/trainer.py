@@ -3,7 +3,6 @@ embeddings, scoring each query against candidates mined from the quantized index
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
@@ -34,6 +33,29 @@ logger = logging.getLogger(__name__)
 
 BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
 CODEBOOK_OPTIMIZER_NAME = "codebook_optimizer.safetensors"
+
+
+def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
+    """``(num_docs,)`` mask of the bank rows that are a training positive (``positive_id`` / ``positive_ids``).
+
+    Raises:
+        ConfigError: the dataset has no ``positive_id`` column to read them from.
+    """
+    mask = torch.zeros(len(bank), dtype=torch.bool)
+    if dataset is None:
+        return mask
+    columns = getattr(dataset, "column_names", None) or []
+    if "positive_id" not in columns:
+        raise ConfigError(
+            "bank_update='positives' moves only the rows of training positives, read from the train_dataset's "
+            "'positive_id' (and 'positive_ids') columns, which it does not have; build it with build_pairs_dataset "
+            "or pass --bank_update all."
+        )
+    doc_ids = {str(d) for d in dataset["positive_id"]}
+    if "positive_ids" in columns:
+        doc_ids.update(str(d) for docs in dataset["positive_ids"] for d in (docs or []))
+    mask[bank.rows_of(sorted(doc_ids))] = True
+    return mask
 
 
 class _BankStepCallback(TrainerCallback):
@@ -123,11 +145,8 @@ class QRetTrainer(Trainer):
             num_negatives = len(bank)
         self.miner = IndexMiner(index, num_negatives)
         self.loss = loss if loss is not None else CandidateCrossEntropyLoss(scale=args.scale)
-        if args.bank_update == "positives" and "targets_only" not in inspect.signature(self.loss.forward).parameters:
-            raise ConfigError(
-                f"bank_update='positives' calls the loss with targets_only=True, which {type(self.loss).__name__} "
-                "does not accept; add that argument (see CandidateCrossEntropyLoss) or pass --bank_update all."
-            )
+        # bank_update='positives': only the rows of documents that are training positives ever move.
+        self.trainable_rows = training_positive_rows(train_dataset, bank) if args.bank_update == "positives" else None
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
 
@@ -191,14 +210,14 @@ class QRetTrainer(Trainer):
             gather = all_gather_rows  # candidates mined for the global batch, identical on every process
         mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, gather=gather)
         training = model.training and self.args.bank_learning_rate > 0
-        # Positives-only: a row moves only toward the queries it answers; mined negatives are scored but never pushed
-        # (they get no gradient at all, so the row optimizer neither steps them nor decays their moments).
-        targets_only = training and self.args.bank_update == "positives"
-        if targets_only:
+        if training and self.trainable_rows is not None:
+            # Positives-only: documents that are never a training positive are scored but get no gradient at all
+            # (the row optimizer neither steps them nor decays their moments): they keep their pretrained embedding.
             with torch.no_grad():
                 candidates = self.bank.gather(mined.candidates)
-            moving = mined.targets.unique().to(candidates.device)
-            candidates = candidates.index_copy(0, moving, self.bank.gather(mined.candidates[moving.cpu()]))
+            moving = self.trainable_rows[mined.candidates].nonzero().squeeze(1)
+            moving_rows = self.bank.gather(mined.candidates[moving])
+            candidates = candidates.index_copy(0, moving.to(candidates.device), moving_rows)
         else:
             candidates = self.bank.gather(mined.candidates)
             if not training:
@@ -225,12 +244,8 @@ class QRetTrainer(Trainer):
                 decoded = torch.from_numpy(self.index.quantize(initial.float().cpu().numpy()))
                 initial = initial + weight * (decoded.to(initial.device, initial.dtype) - initial)
             loss, stats = self.loss(query_embeddings, initial, mined.targets, mined.mask)
-            bank_loss, _ = self.loss(
-                query_embeddings.detach(), candidates, mined.targets, mined.mask, targets_only=targets_only
-            )
+            bank_loss, _ = self.loss(query_embeddings.detach(), candidates, mined.targets, mined.mask)
             loss = loss + bank_loss
-        elif targets_only:
-            loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask, targets_only=True)
         else:
             loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
         if model.training:

@@ -97,7 +97,7 @@ def test_positives_only_update_leaves_negatives_untouched(tiny_model, beir_dir, 
 
     def recording_mine(*args, **kwargs):
         mined = mine(*args, **kwargs)
-        batch_positives.append(mined.candidates[mined.targets].unique())
+        batch_positives.append(mined.candidates[trainer.trainable_rows[mined.candidates]])
         return mined
 
     trainer.miner.mine = recording_mine
@@ -107,11 +107,13 @@ def test_positives_only_update_leaves_negatives_untouched(tiny_model, beir_dir, 
     positives = {trainer.bank.row_of(d) for q in data.qrels for d, s in data.qrels[q].items() if s > 0}
     assert moved.any()
     assert set(moved.nonzero().squeeze(1).tolist()) <= positives
-    # a row's own Adam step count is how often it was a batch positive: negatives never take a (zero-gradient) step
+    assert trainer.trainable_rows.nonzero().squeeze(1).tolist() == sorted(positives)
+    # a row's own Adam step count is how often it was a candidate while being a training positive: other documents
+    # never take a (zero-gradient) step
     counts = torch.zeros(len(before), dtype=torch.int64)
     for rows in batch_positives:
         counts[rows] += 1
-    assert len(batch_positives) == 4 and torch.equal(trainer.bank_optimizer.row_steps.cpu(), counts)
+    assert len(batch_positives) == 4 and counts.sum() > 0 and torch.equal(trainer.bank_optimizer.row_steps.cpu(), counts)
 
 
 def test_drift_control_keeps_norms_and_pulls_rows_back(tiny_model_dir, beir_dir, tmp_path):
@@ -153,3 +155,16 @@ def test_initial_encoder_targets_decouple_the_encoder_from_the_bank(tiny_model_d
     for a, b in zip(frozen.parameters(), decoupled.parameters()):
         torch.testing.assert_close(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(frozen.parameters(), coupled.parameters()))
+
+
+def test_positives_only_needs_the_training_positives():
+    from datasets import Dataset
+
+    from hf_qret import TargetBank
+    from hf_qret.trainer import training_positive_rows
+
+    bank = TargetBank(torch.zeros(3, 4), ["a", "b", "c"])
+    rows = training_positive_rows(Dataset.from_dict({"positive_id": ["c"], "positive_ids": [["c", "a"]]}), bank)
+    assert rows.tolist() == [True, False, True]
+    with pytest.raises(ConfigError, match="'positive_id'.*--bank_update all"):
+        training_positive_rows(Dataset.from_dict({"query": ["q"], "doc": ["c"]}), bank)
