@@ -27,7 +27,7 @@ from .loss import CandidateCrossEntropyLoss
 from .mining import IndexMiner
 from .peft_utils import adapter_info, has_adapter
 
-__all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME"]
+__all__ = ["QRetTrainer", "InitialRows", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,53 @@ def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
         doc_ids.update(str(d) for docs in dataset["positive_ids"] for d in (docs or []))
     mask[bank.rows_of(sorted(doc_ids))] = True
     return mask
+
+
+class InitialRows:
+    """The pretrained (initial) embedding of the bank rows that can move, for drift control and decoupled scoring.
+
+    With ``movable`` (the rows of training positives under ``bank_update='positives'``) only those rows are copied:
+    every other row never moves, so the bank itself still holds its initial value. 10 M rows of which 100 k train
+    cost 100 k copied rows plus a 4-byte slot per row, not a second bank.
+
+    Args:
+        bank: The bank, before training.
+        movable: ``(num_docs,)`` mask of the rows that can move; ``None`` means all of them.
+
+    Example:
+        >>> import torch
+        >>> bank = TargetBank(torch.arange(6.0).reshape(3, 2), ["a", "b", "c"])
+        >>> initial = InitialRows(bank, torch.tensor([False, True, False]))
+        >>> with torch.no_grad():
+        ...     bank.weight[1] = 9.0  # row 1 trains
+        >>> initial.rows(torch.tensor([1, 2])).tolist()
+        [[2.0, 3.0], [4.0, 5.0]]
+    """
+
+    def __init__(self, bank: TargetBank, movable: torch.Tensor | None = None) -> None:
+        self.bank = bank
+        weight = bank.weight
+        if movable is None:
+            self.slot = None
+            self.values = weight.detach().to(torch.float32, copy=True)
+        else:
+            rows = movable.nonzero().squeeze(1)
+            self.slot = torch.full((len(movable),), -1, dtype=torch.int32)
+            self.slot[rows] = torch.arange(len(rows), dtype=torch.int32)
+            self.values = weight.detach()[rows.to(weight.device)].to(torch.float32, copy=True)
+
+    @torch.no_grad()
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The initial embeddings of ``rows`` as float32, on the bank's device."""
+        if self.slot is None:
+            return self.values[rows.to(self.values.device)]
+        weight = self.bank.weight.detach()
+        current = weight[rows.to(weight.device)].to(torch.float32, copy=True)
+        slots = self.slot[rows.cpu()]
+        kept = (slots >= 0).nonzero().squeeze(1)
+        if kept.numel():
+            current[kept.to(current.device)] = self.values[slots[kept].long().to(self.values.device)]
+        return current
 
 
 class _BankStepCallback(TrainerCallback):
@@ -179,7 +226,7 @@ class QRetTrainer(Trainer):
         # Drift control: the initial rows (anchor) or only their norms are kept when asked for.
         weight = self.bank.weight.detach()
         keep_rows = args.bank_anchor_weight > 0 or args.encoder_targets == "initial"
-        self._initial_rows = weight.clone() if keep_rows else None
+        self._initial_rows = InitialRows(self.bank, self.trainable_rows) if keep_rows else None
         self._initial_norms = weight.norm(dim=1) if args.bank_keep_norm else None
         self.codebooks: TrainableCodebooks | None = None
         self.codebook_optimizer: torch.optim.Optimizer | None = None
@@ -239,7 +286,7 @@ class QRetTrainer(Trainer):
         if training and self.args.encoder_targets == "initial":
             # Decoupled: the query encoder learns against the pretrained targets (what documents that never train
             # look like), the bank rows learn against the (detached) queries.
-            initial = self._initial_rows[mined.candidates.to(self._initial_rows.device)].to(candidates.device)
+            initial = self._initial_rows.rows(mined.candidates).to(candidates.device, candidates.dtype)
             if weight > 0:
                 decoded = torch.from_numpy(self.index.quantize(initial.float().cpu().numpy()))
                 initial = initial + weight * (decoded.to(initial.device, initial.dtype) - initial)
@@ -315,7 +362,7 @@ class QRetTrainer(Trainer):
         weight = self.bank.weight
         current = weight[rows]
         if self._initial_rows is not None:
-            initial = self._initial_rows[rows.to(self._initial_rows.device)].to(current.device, current.dtype)
+            initial = self._initial_rows.rows(rows).to(current.device, current.dtype)
             shrink = max(0.0, 1.0 - self.bank_optimizer.lr * self.args.bank_anchor_weight)
             current = initial + shrink * (current - initial)
         if self._initial_norms is not None:

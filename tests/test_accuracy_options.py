@@ -168,3 +168,17 @@ def test_positives_only_needs_the_training_positives():
     assert rows.tolist() == [True, False, True]
     with pytest.raises(ConfigError, match="'positive_id'.*--bank_update all"):
         training_positive_rows(Dataset.from_dict({"query": ["q"], "doc": ["c"]}), bank)
+
+
+def test_initial_rows_are_kept_only_for_rows_that_can_move(tiny_model, beir_dir, tmp_path):
+    """positives + initial targets: the pretrained copy holds the trainable rows only, yet returns every row."""
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, max_steps=3)  # the defaults
+    assert trainer.args.bank_update == "positives" and trainer.args.encoder_targets == "initial"
+    pretrained = trainer.bank.weight.detach().clone()
+    trainer.train()
+    movable = trainer.trainable_rows
+    assert trainer._initial_rows.values.shape[0] == int(movable.sum()) < len(pretrained)
+    moved = (trainer.bank.weight.detach() != pretrained).any(dim=1)
+    assert moved.any() and not moved[~movable].any()
+    everything = torch.arange(len(pretrained))
+    torch.testing.assert_close(trainer._initial_rows.rows(everything), pretrained, rtol=0, atol=0)
