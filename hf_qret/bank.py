@@ -574,6 +574,27 @@ class TargetBank(nn.Module):
         os.replace(tmp, target)
 
     @classmethod
+    def zeros(
+        cls,
+        num_docs: int,
+        dim: int,
+        doc_ids: Sequence[str] | None = None,
+        dtype: str | torch.dtype = torch.float32,
+        mmap_path: str | os.PathLike | None = None,
+    ) -> TargetBank:
+        """A zero bank to fill with :meth:`write_rows` chunk by chunk (in RAM, or in a new mmap file).
+
+        Example:
+            >>> bank = TargetBank.zeros(1000, 8, dtype="fp16")
+            >>> bank.write_rows(0, torch.ones(10, 8)); bank.dtype, int(bank.weight.float().sum())
+            (torch.float16, 80)
+        """
+        if mmap_path is not None:
+            return cls.create_mmap(mmap_path, num_docs, dim, doc_ids, dtype)
+        storage = torch.zeros(int(num_docs), int(dim), dtype=storage_dtype(dtype))
+        return cls._from_storage(storage, doc_ids)
+
+    @classmethod
     def create_mmap(
         cls,
         path: str | os.PathLike,
@@ -778,9 +799,11 @@ class RowAdam:
         >>> bank = TargetBank(torch.zeros(3, 2), ["a", "b", "c"])
         >>> opt = RowAdam(bank, lr=0.1)
         >>> bank.gather(torch.tensor([1])).sum().backward()
-        >>> opt.step(); opt.zero_grad()
-        >>> bank.weight[1].tolist(), bank.weight[0].tolist()
-        ([-0.10000000149011612, -0.10000000149011612], [0.0, 0.0])
+        >>> opt.step()  # rows updated
+        1
+        >>> opt.zero_grad()
+        >>> [round(v, 4) for v in bank.weight[1].tolist()], bank.weight[0].tolist()
+        ([-0.1, -0.1], [0.0, 0.0])
         >>> opt.num_touched_rows
         1
     """
