@@ -17,7 +17,8 @@ copy of the whole corpus never exists. Then, timing each part:
 
 Memory: ``bank_bytes`` (row storage), ``codes_bytes`` (index codes, plus ids and direct map for IVF),
 ``optimizer_bytes`` (RowAdam's touched-row state), ``peak_rss_bytes`` (``ru_maxrss``; includes the mapped pages of a
-memory-mapped bank) and ``rss_ratio = peak_rss_bytes / (bank_bytes + codes_bytes + optimizer_bytes)``.
+memory-mapped bank, and the ~0.5 GB of Python, torch and FAISS themselves), ``peak_rss_after`` (the peak after each
+phase) and ``rss_ratio = peak_rss_bytes / (bank_bytes + codes_bytes + optimizer_bytes)``.
 Prints one JSON object as its last line.
 
     python benchmarks/scale.py --rows 1000000 --dim 384 --index PQ16 --json
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_qret.bank import RowAdam, TargetBank  # noqa: E402
 from hf_qret.index import QuantizedIndex, set_faiss_threads  # noqa: E402
 
-CHUNK = 65536
+CHUNK = 16384  # rows generated at a time (a few MB of float32 temporaries)
 
 
 def log(message: str) -> None:
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     import faiss
 
     # 1. the bank, generated straight into its storage
+    start_rss = peak_rss()
     start = time.perf_counter()
     tmp = None
     if args.mmap:
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         bank = TargetBank.zeros(args.rows, args.dim, None, args.bank_dtype)
     generate(bank, args.clusters, args.seed)
     generate_s = time.perf_counter() - start
+    phases = {"start": start_rss, "generate": peak_rss()}
     log(f"bank {args.rows} x {args.dim} {args.bank_dtype}: {bank.nbytes / 1e9:.2f} GB in {generate_s:.1f}s")
 
     # 2. the index: trained on a sample, every row added in chunks
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_rows = min(args.train_rows, args.rows)
     index.build(bank.float32_rows(), max_train_rows=train_rows)
     index_build_s = time.perf_counter() - start
+    phases["index_build"] = peak_rss()
     log(f"index {args.index}: built in {index_build_s:.1f}s (trained on {train_rows} rows)")
 
     # 3. mining: training-shaped batches of queries near random documents
@@ -151,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     index.search(queries, args.k)
     one_batch_s = time.perf_counter() - start
+    phases["mine"] = peak_rss()
     recall_self = float(np.mean([(m == p[:, None]).any(axis=1).mean() for m, p in
                                  zip(mined, np.split(positives, range(args.batch, args.queries, args.batch)))]))  # fmt: skip
     log(f"mining: {args.queries / mine_s:.0f} queries/s in batches of {args.batch} (k={args.k}), "
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
             times.append(time.perf_counter() - begin)
         sizes.append(len(candidates))
     step_ms = 1000 * statistics.median(times)
+    phases["steps"] = peak_rss()
     log(f"bank step: {step_ms:.1f} ms median over {len(times)} steps, {statistics.mean(sizes):.0f} candidates/step")
 
     # 5. incremental refresh of the rows the steps changed
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     refreshed = index.refresh(bank.float32_rows(), mode="incremental", rows=changed)
     refresh_s = time.perf_counter() - start
     bank.clear_changed()
+    phases["refresh"] = peak_rss()
     log(f"incremental refresh: {refreshed} rows in {refresh_s:.2f}s")
     full_reencode_s = None
     if args.full_refresh:
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         "full_reencode_s": full_reencode_s,
         "peak_rss_bytes": peak,
         "rss_ratio": round(peak / total, 3),
+        "peak_rss_after": phases,
         **rss_parts(),
         "faiss_threads": faiss.omp_get_max_threads(),
         "torch_threads": torch.get_num_threads(),

@@ -62,6 +62,24 @@ def _as_float32(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
 
 
+def _encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
+    """Rows per encoding call that keep FAISS's temporary tables near ``budget`` bytes.
+
+    Product quantizers encode a batch through a ``(rows, M, ksub)`` float32 distance table (1 GB for 65,536 rows of
+    ``PQ16``), so PQ-based indexes are fed smaller chunks.
+    """
+    seen, node = 0, index
+    while node is not None and seen < 4:
+        node = faiss.downcast_index(node)
+        pq = getattr(node, "pq", None)
+        if pq is not None:
+            per_row = int(pq.M) * int(pq.ksub) * 4 + 4 * int(node.d)
+            return int(min(CHUNK_ROWS, max(1024, budget // per_row)))
+        node = getattr(node, "index", None) or getattr(node, "storage", None)
+        seen += 1
+    return CHUNK_ROWS
+
+
 def _chunks(vectors: Any, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
     """Float32 chunks of an array or array-like; a small ndarray is passed whole, as before."""
     count = len(vectors)
@@ -213,7 +231,7 @@ class QuantizedIndex:
 
     def add(self, vectors: Any) -> None:
         """Encodes and appends ``vectors`` (streamed in chunks); their ids are their row numbers."""
-        for chunk in _chunks(vectors):
+        for chunk in _chunks(vectors, _encode_chunk_rows(self.faiss, self.index)):
             self.index.add(chunk)
         self._changed()
 
@@ -259,9 +277,10 @@ class QuantizedIndex:
                 raise ValueError(f"rows to update must lie in [0, {self.ntotal}), got {rows[0]}..{rows[-1]}.")
             updater, reason = self._in_place_updater()
             if updater is not None:
+                chunk_rows = _encode_chunk_rows(self.faiss, self.index)
                 try:
-                    for start in range(0, rows.size, CHUNK_ROWS):
-                        part = rows[start : start + CHUNK_ROWS]
+                    for start in range(0, rows.size, chunk_rows):
+                        part = rows[start : start + chunk_rows]
                         updater(part, _as_float32(vectors[part]))
                     self._changed()
                     return int(rows.size)
