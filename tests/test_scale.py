@@ -567,3 +567,30 @@ def test_recipe_fp16_mmap_incremental(tiny_model_dir, two_split_dir, tmp_path):
     saved = load_file(str(out / "bank.safetensors"))["embeddings"]
     assert saved.dtype == torch.float16
     np.testing.assert_array_equal(saved.numpy(), np.asarray(working))  # the artifact holds the trained mmap bank
+
+
+def test_trainer_half_bank_with_codebook_learning_drift_control_and_incremental_refresh(tiny_model, beir_dir, tmp_path):
+    from test_trainer import make_trainer
+
+    trainer, _ = make_trainer(
+        tiny_model, beir_dir, tmp_path, bank_dtype="bf16", refresh_mode="incremental", refresh_steps=2,
+        refresh_on_epoch_end=False, learn_codebooks=True, quantized_score_weight=1.0, codebook_learning_rate=1e-2,
+        bank_keep_norm=True, encoder_targets="initial", bank_learning_rate=5e-2,
+    )  # fmt: skip
+    assert isinstance(trainer._initial_rows, FrozenRows) and trainer._initial_rows.storage.dtype == torch.bfloat16
+    norms = trainer.bank.row_norms().clone()
+    before = trainer.bank.weight.detach().clone()
+    trainer.train()
+    assert trainer.refresh_callback.mode == "incremental" and trainer.refresh_callback.refreshes == 3
+    moved = (trainer.bank.weight.detach() != before).any(dim=1)
+    assert moved.any() and trainer.bank.dtype == torch.bfloat16
+    torch.testing.assert_close(trainer.bank.row_norms()[moved], norms[moved], atol=2e-2, rtol=1e-2)
+    trainer.codebooks.maybe_sync()
+    inner = faiss.downcast_index(trainer.index.index)
+    codes = faiss.vector_to_array(inner.codes).reshape(trainer.index.ntotal, -1)
+    assert np.array_equal(trainer.codebooks.codes.numpy(), codes)  # the codebooks read the in-place codes
+    np.testing.assert_allclose(
+        trainer.codebooks.reconstruct(torch.arange(trainer.index.ntotal)).detach().numpy(),
+        trainer.index.reconstruct_all(),
+        atol=1e-5,
+    )
