@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     index.search(queries, args.k)
     one_batch_s = time.perf_counter() - start
     phases["mine"] = peak_rss()
-    recall_self = float(np.mean([(m == p[:, None]).any(axis=1).mean() for m, p in
-                                 zip(mined, np.split(positives, range(args.batch, args.queries, args.batch)))]))  # fmt: skip
+    batches = np.split(positives, range(args.batch, args.queries, args.batch))
+    recall_self = float(np.mean([(m == p[:, None]).any(axis=1).mean() for m, p in zip(mined, batches)]))
     log(f"mining: {args.queries / mine_s:.0f} queries/s in batches of {args.batch} (k={args.k}), "
         f"{args.queries / one_batch_s:.0f}/s in one batch; positive in top-{args.k}: {recall_self:.3f}")  # fmt: skip
 

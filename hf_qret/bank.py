@@ -305,7 +305,11 @@ class TargetBank(nn.Module):
 
     @classmethod
     def _from_storage(
-        cls, storage: torch.Tensor, doc_ids: Sequence[str] | None, mmap: np.memmap | None = None, path: Path | None = None
+        cls,
+        storage: torch.Tensor,
+        doc_ids: Sequence[str] | None,
+        mmap: np.memmap | None = None,
+        path: Path | None = None,
     ) -> TargetBank:
         """Wraps ``storage`` without copying it."""
         cls._check_shape(tuple(storage.shape), doc_ids)
@@ -413,7 +417,9 @@ class TargetBank(nn.Module):
         self._changed[torch.as_tensor(np.asarray(rows), dtype=torch.long)] = True
 
     # ------------------------------------------------------------------ storage
-    def to_storage(self, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> TargetBank:
+    def to_storage(
+        self, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> TargetBank:
         """Casts the rows to ``dtype`` and/or moves them to ``device``, in place (no-op when nothing changes).
 
         Raises:
@@ -493,7 +499,9 @@ class TargetBank(nn.Module):
                 and memory-map it. Training then updates the working file, never ``path``.
 
         Example:
-            >>> bank = TargetBank.from_file("bank.npy", doc_ids, dtype="fp16", mmap_path="out/bank_mmap.npy")  # doctest: +SKIP
+            >>> bank = TargetBank.from_file(
+            ...     "bank.npy", doc_ids, dtype="fp16", mmap_path="out/bank_mmap.npy"
+            ... )  # doctest: +SKIP
         """
         path = Path(path)
         if not path.is_file():
@@ -528,7 +536,9 @@ class TargetBank(nn.Module):
                 size = shape[0] * shape[1] * _NUMPY_STORAGE[dtype].itemsize
                 if file_dtype == _NUMPY_STORAGE[dtype] and dtype != torch.bfloat16:
                     chunks.close()
-                    logger.info("bank: copying %s to the memory-mapped working file %s (%.2f GB)", path, target, size / 1e9)
+                    logger.info(
+                        "bank: copying %s to the memory-mapped working file %s (%.2f GB)", path, target, size / 1e9
+                    )
                     shutil.copyfile(path, target.with_name(target.name + ".tmp"))
                     os.replace(target.with_name(target.name + ".tmp"), target)
                     return cls.open_mmap(target, doc_ids, dtype)
