@@ -65,7 +65,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
         "seed + learned PQ centroids (JPQ; implies quantized scores)",
         _with(SEED, quantized_score_weight="1", learn_codebooks="true"),
     ),
-    "+positives-only": ("seed + only positives' rows move", _with(SEED, bank_update="positives")),
+    "+positives-only": (
+        "seed + only rows of training-positive documents move", _with(SEED, bank_update="positives")
+    ),
     "+decoupled": (
         "seed + query encoder scored against the pretrained targets", _with(SEED, encoder_targets="initial")
     ),

@@ -93,7 +93,7 @@ def save_retrieval_files(
         "bank_file": BANK_NAME if save_bank else None,
     }
     config.update(extra_config or {})
-    write_json(bank.doc_ids, output_dir / DOC_IDS_NAME)
+    write_json(bank.doc_ids if isinstance(bank.doc_ids, list) else list(bank.doc_ids), output_dir / DOC_IDS_NAME)
     if save_bank:
         bank.save(output_dir / BANK_NAME)
     write_json(config, output_dir / CONFIG_NAME)

@@ -17,6 +17,9 @@ __all__ = ["main", "train_main", "evaluate_main"]
 
 logger = logging.getLogger("hf_qret")
 
+#: The memory-mapped working copy of the bank under --output_dir (--bank_mmap).
+MMAP_BANK_NAME = "bank_mmap.npy"
+
 
 def _flatten(metrics: dict[str, float], kind: str) -> dict[str, float]:
     prefix = f"{kind}_"
@@ -68,7 +71,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from .encoder import embedding_dim, encode_texts
     from .errors import ConfigError
     from .evaluation import RetrievalEvaluator
-    from .index import QuantizedIndex
+    from .index import QuantizedIndex, set_faiss_threads
     from .trainer import QRetTrainer
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
@@ -98,19 +101,31 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. The bank: encoded once (or read from --bank_init_file).
     encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")
     init_file = model_args.bank_init_file
+    # --bank_mmap: the bank lives in OUTPUT_DIR/bank_mmap.npy (in --bank_dtype), written once per run.
+    mmap_path = Path(training_args.output_dir) / MMAP_BANK_NAME if model_args.bank_mmap else None
+    if mmap_path is not None and training_args.bank_device == "cuda":
+        raise ConfigError("--bank_mmap keeps the bank in a file on the CPU; use --bank_device auto or cpu with it.")
+    bank_dtype = training_args.bank_dtype
     if init_file and os.path.isfile(init_file):
-        bank = TargetBank.from_file(init_file, train_data.doc_ids)
+        bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
     else:
-        bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids)
-        if init_file:
+        if not init_file:
+            bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids, bank_dtype, mmap_path)
+        else:  # the init file keeps the encoder's float32 rows, whatever --bank_dtype
+            bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids)
             Path(init_file).parent.mkdir(parents=True, exist_ok=True)
             bank.save(init_file)
+            if bank_dtype != "fp32" or mmap_path is not None:
+                del bank
+                bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
+    set_faiss_threads(training_args.faiss_threads)
     index = QuantizedIndex(dim, training_args.index_factory, training_args.index_search_params)
-    index.build(bank.numpy())
+    index.build(bank.float32_rows())
     logger.info(
-        "bank: %d x %d; index %r: %d bytes/vector (fp32: %d)",
-        len(bank), dim, training_args.index_factory, index.bytes_per_vector, 4 * dim,
+        "bank: %d x %d %s%s; index %r: %d bytes/vector (fp32: %d)",
+        len(bank), dim, bank_dtype, f" memory-mapped from {mmap_path}" if mmap_path else "",
+        training_args.index_factory, index.bytes_per_vector, 4 * dim,
     )
 
     evaluator = None

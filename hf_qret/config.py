@@ -11,6 +11,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ConfigError
+from .index import REFRESH_MODES
 
 __all__ = ["QRetTrainingArguments", "ModelArguments", "DataArguments", "parse_config", "resolve_model_path"]
 
@@ -20,6 +21,10 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BANK_UPDATES = ("all", "positives")
 #: What the query encoder is trained against.
 ENCODER_TARGETS = ("bank", "initial")
+#: Storage dtypes of the bank (see hf_qret.bank.BANK_DTYPES).
+BANK_DTYPES = ("fp32", "bf16", "fp16")
+#: Where the bank lives.
+BANK_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -63,7 +68,7 @@ class QRetTrainingArguments(TrainingArguments):
             "help": "Codebook learning (JPQ-style): train the PQ centroids of a 'PQ<M>'/'OPQ<M>,PQ<M>' index with the "
             "loss, through the candidates' decoded vectors (needs quantized_score_weight > 0); they are written back "
             "into the FAISS index after every step, so every document benefits, trained or not. Index refreshes then "
-            "re-encode the bank with the learned codebooks (refresh_mode is treated as 'reencode')."
+            "re-encode the bank with the learned codebooks (refresh_mode 'retrain' is treated as 'reencode')."
         },
     )
     codebook_learning_rate: float = field(
@@ -100,7 +105,35 @@ class QRetTrainingArguments(TrainingArguments):
     refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
     refresh_mode: str = field(
         default="retrain",
-        metadata={"help": "'reencode': re-encode rows with the current codebooks; 'retrain': retrain codebooks too."},
+        metadata={
+            "help": "'reencode': re-encode every row with the current codebooks; 'retrain': retrain codebooks too; "
+            "'incremental': re-encode, in place, only the rows changed since the last refresh (same codes as "
+            "'reencode'; IVF and flat-code indexes such as PQ, OPQ+PQ, SQ; others fall back to 'reencode')."
+        },
+    )
+    bank_dtype: str = field(
+        default="fp32",
+        metadata={
+            "help": "Storage dtype of the bank: 'fp32', 'bf16' or 'fp16' (half the memory). Gathered rows are "
+            "float32 for the loss; the row-wise Adam update is computed in float32 and written back in this dtype."
+        },
+    )
+    bank_device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the bank lives: 'auto' (the training device; the CPU for a memory-mapped bank), 'cpu' "
+            "(gathered rows are copied to the training device; saves GPU memory) or 'cuda'."
+        },
+    )
+    bank_pin_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "With a CPU bank and a CUDA training device, stage gathered rows in page-locked memory and copy "
+            "them to the GPU asynchronously (ignored without CUDA)."
+        },
+    )
+    faiss_threads: int = field(
+        default=0, metadata={"help": "FAISS OpenMP threads (faiss.omp_set_num_threads); 0 keeps FAISS's default."}
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the query and positive columns."}
@@ -110,8 +143,8 @@ class QRetTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.num_negatives < 1:
             raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}.")
-        if self.refresh_mode not in ("reencode", "retrain"):
-            raise ConfigError(f"refresh_mode must be 'reencode' or 'retrain', got {self.refresh_mode!r}.")
+        if self.refresh_mode not in REFRESH_MODES:
+            raise ConfigError(f"refresh_mode must be one of {', '.join(REFRESH_MODES)}, got {self.refresh_mode!r}.")
         if not 0.0 <= self.quantized_score_weight <= 1.0:
             raise ConfigError(f"quantized_score_weight must lie in [0, 1], got {self.quantized_score_weight}.")
         if self.bank_update not in BANK_UPDATES:
@@ -129,6 +162,24 @@ class QRetTrainingArguments(TrainingArguments):
             )
         if self.bank_learning_rate < 0:
             raise ConfigError(f"bank_learning_rate must be >= 0, got {self.bank_learning_rate}.")
+        self._check_scale_options()
+
+    def _check_scale_options(self) -> None:
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ConfigError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}.")
+        if self.bank_device not in BANK_DEVICES:
+            raise ConfigError(f"bank_device must be one of {', '.join(BANK_DEVICES)}, got {self.bank_device!r}.")
+        if self.bank_device == "cuda":
+            import torch
+
+            if self.use_cpu or not torch.cuda.is_available():
+                raise ConfigError(
+                    "bank_device='cuda' needs a CUDA device (and no --use_cpu); use bank_device 'auto' or 'cpu'."
+                )
+            if self.bank_pin_memory:
+                raise ConfigError("bank_pin_memory stages a CPU bank's rows for the GPU; it needs bank_device 'cpu'.")
+        if self.faiss_threads < 0:
+            raise ConfigError(f"faiss_threads must be >= 0 (0: FAISS's default), got {self.faiss_threads}.")
 
 
 @dataclass
@@ -149,6 +200,15 @@ class ModelArguments:
         metadata={
             "help": "Initial bank as .npy or .safetensors (rows in corpus order). Created by encoding the corpus "
             "when the file does not exist yet, and reused on the next run."
+        },
+    )
+    bank_mmap: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the bank in a memory-mapped file instead of RAM (corpora larger than RAM): "
+            "OUTPUT_DIR/bank_mmap.npy, in --bank_dtype, written once per run from --bank_init_file (a plain file "
+            "copy for a .npy of that dtype, else converted in chunks) or from the encoded corpus; training updates "
+            "it in place, never the init file. The bank then stays on the CPU."
         },
     )
 

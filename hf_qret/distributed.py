@@ -101,25 +101,27 @@ def all_reduce_row_grad(weight: torch.Tensor, average: bool = True) -> int:
         if grad is None:
             return 0
         return int(grad.coalesce().indices().shape[1]) if grad.is_sparse else int(grad.abs().sum(dim=1).gt(0).sum())
-    # NCCL only moves CUDA tensors; gloo moves CPU tensors. The bank lives on the process's device either way.
+    # NCCL only moves CUDA tensors, gloo CPU tensors; the bank may live elsewhere (a CPU bank feeding a GPU).
+    device = _collective_device()
     rows, values = row_gradients(weight)
-    count = torch.tensor([rows.numel()], dtype=torch.long, device=weight.device)
+    rows, values = rows.to(device), values.to(device)
+    count = torch.tensor([rows.numel()], dtype=torch.long, device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
     width = max(int(c.item()) for c in counts)
     if width == 0:
         weight.grad = None
         return 0
-    padded_rows = torch.full((width,), -1, dtype=torch.long, device=weight.device)
+    padded_rows = torch.full((width,), -1, dtype=torch.long, device=device)
     padded_rows[: rows.numel()] = rows
-    padded_values = torch.zeros(width, weight.shape[1], dtype=values.dtype, device=weight.device)
+    padded_values = torch.zeros(width, weight.shape[1], dtype=values.dtype, device=device)
     padded_values[: rows.numel()] = values
     all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
     all_values = [torch.empty_like(padded_values) for _ in range(world)]
     dist.all_gather(all_rows, padded_rows)
     dist.all_gather(all_values, padded_values)
-    rows = torch.cat(all_rows)
-    values = torch.cat(all_values)
+    rows = torch.cat(all_rows).to(weight.device)
+    values = torch.cat(all_values).to(weight.device)
     keep = rows >= 0
     grad = torch.sparse_coo_tensor(
         rows[keep].unsqueeze(0), values[keep], tuple(weight.shape), check_invariants=False

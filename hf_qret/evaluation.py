@@ -84,7 +84,7 @@ class RetrievalEvaluator:
         """The flat and quantized runs: ``{"flat": run, "quantized": run}``."""
         query_embeddings = encode_texts(model, self.queries, batch_size=self.batch_size, tokenizer=tokenizer)
         flat = QuantizedIndex(bank.dim, "Flat", use_gpu=index.use_gpu)
-        flat.add(bank.numpy())
+        flat.add(bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy())
         return {
             "flat": search_run(query_embeddings, self.query_ids, flat, bank.doc_ids, self.k),
             "quantized": search_run(query_embeddings, self.query_ids, index, bank.doc_ids, self.k),

@@ -3,6 +3,11 @@
 Any ``faiss.index_factory`` string with the inner-product metric works (``PQ16``, ``OPQ16,PQ16``,
 ``IVF64,PQ16``, ``HNSW32,PQ16``, ``SQ8``, ``Flat``...). FAISS is imported lazily; when FAISS has GPUs and the index
 type supports them, searches run on a GPU copy while the CPU index stays the one that is trained, saved and loaded.
+
+Vectors may be given as a float32 array or as any array-like with ``len()`` and row slicing that returns float32-
+convertible rows (for example :meth:`hf_qret.bank.TargetBank.float32_rows`): they are then read ``CHUNK_ROWS`` rows
+at a time, so a large float16 or memory-mapped bank is never copied to float32 as a whole. Training uses at most
+``max_train_rows`` rows (a fixed random sample).
 """
 
 from __future__ import annotations
@@ -10,18 +15,24 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
 
-__all__ = ["QuantizedIndex", "import_faiss", "REFRESH_MODES"]
+__all__ = ["QuantizedIndex", "import_faiss", "REFRESH_MODES", "set_faiss_threads"]
 
 logger = logging.getLogger(__name__)
 
-#: ``"reencode"`` keeps the trained codebooks and re-encodes every bank row; ``"retrain"`` also retrains them.
-REFRESH_MODES = ("reencode", "retrain")
+#: ``"reencode"`` keeps the trained codebooks and re-encodes every bank row; ``"retrain"`` also retrains them;
+#: ``"incremental"`` re-encodes, in place, only the rows changed since the last refresh.
+REFRESH_MODES = ("reencode", "retrain", "incremental")
+#: Rows encoded (added, updated) per FAISS call when vectors are streamed.
+CHUNK_ROWS = 65536
+#: Training sample size cap: PQ/OPQ training uses at most 65,536 points per codebook and IVF 256 per list anyway.
+MAX_TRAIN_ROWS = 262144
 
 
 def import_faiss() -> Any:
@@ -49,6 +60,55 @@ def _disable_polysemous_training(faiss: Any, index: Any) -> None:
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+
+
+def _encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
+    """Rows per encoding call that keep FAISS's temporary tables near ``budget`` bytes.
+
+    Product quantizers encode a batch through a ``(rows, M, ksub)`` float32 distance table (1 GB for 65,536 rows of
+    ``PQ16``), so PQ-based indexes are fed smaller chunks.
+    """
+    seen, node = 0, index
+    while node is not None and seen < 4:
+        node = faiss.downcast_index(node)
+        pq = getattr(node, "pq", None)
+        if pq is not None:
+            per_row = int(pq.M) * int(pq.ksub) * 4 + 4 * int(node.d)
+            return int(min(CHUNK_ROWS, max(1024, budget // per_row)))
+        node = getattr(node, "index", None) or getattr(node, "storage", None)
+        seen += 1
+    return CHUNK_ROWS
+
+
+def _chunks(vectors: Any, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """Float32 chunks of an array or array-like; a small ndarray is passed whole, as before."""
+    count = len(vectors)
+    if isinstance(vectors, np.ndarray) and count <= chunk_rows:
+        yield _as_float32(vectors)
+        return
+    for start in range(0, count, chunk_rows):
+        yield _as_float32(vectors[start : start + chunk_rows])
+
+
+def _train_sample(vectors: Any, max_rows: int | None, seed: int = 1234) -> np.ndarray:
+    """All rows (as before) when there are at most ``max_rows``, else a fixed random sample of ``max_rows`` rows."""
+    count = len(vectors)
+    if max_rows is None or count <= max_rows:
+        return _as_float32(vectors[:] if not isinstance(vectors, np.ndarray) else vectors)
+    rows = np.sort(np.random.default_rng(seed).choice(count, size=int(max_rows), replace=False))
+    logger.info("training the index on a random sample of %d of %d rows", max_rows, count)
+    parts = [_as_float32(vectors[rows[i : i + CHUNK_ROWS]]) for i in range(0, len(rows), CHUNK_ROWS)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def set_faiss_threads(threads: int) -> None:
+    """Sets FAISS's OpenMP thread count (``0`` or less: leave FAISS's default).
+
+    Example:
+        >>> set_faiss_threads(2)  # doctest: +SKIP
+    """
+    if threads and threads > 0:
+        import_faiss().omp_set_num_threads(int(threads))
 
 
 class QuantizedIndex:
@@ -158,46 +218,158 @@ class QuantizedIndex:
             return int(getattr(self.faiss.downcast_index(self.index), "code_size", 4 * self.dim))
 
     # ------------------------------------------------------------------ build / refresh
-    def train(self, vectors: np.ndarray) -> None:
-        """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors``."""
-        vectors = _as_float32(vectors)
+    def train(self, vectors: Any, max_train_rows: int | None = MAX_TRAIN_ROWS) -> None:
+        """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors`` (at most ``max_train_rows``
+        rows, a fixed random sample; ``None``: all)."""
+        sample = _train_sample(vectors, max_train_rows)
         fresh = self._new_index()
-        fresh.train(vectors)
+        fresh.train(sample)
+        del sample
         self.index = fresh
         self._changed()
         self._apply_search_params(self.index)
 
-    def add(self, vectors: np.ndarray) -> None:
-        """Encodes and appends ``vectors``; their ids are their row numbers."""
-        self.index.add(_as_float32(vectors))
+    def add(self, vectors: Any) -> None:
+        """Encodes and appends ``vectors`` (streamed in chunks); their ids are their row numbers."""
+        for chunk in _chunks(vectors, _encode_chunk_rows(self.faiss, self.index)):
+            self.index.add(chunk)
         self._changed()
 
-    def build(self, vectors: np.ndarray) -> None:
-        """Trains on ``vectors`` and indexes them (row ``i`` gets id ``i``)."""
-        self.train(vectors)
+    def build(self, vectors: Any, max_train_rows: int | None = MAX_TRAIN_ROWS) -> None:
+        """Trains on ``vectors`` (see :meth:`train`) and indexes them (row ``i`` gets id ``i``)."""
+        self.train(vectors, max_train_rows)
         self.add(vectors)
 
-    def refresh(self, vectors: np.ndarray, mode: str = "reencode") -> None:
-        """Rebuilds the index from the current bank.
+    def refresh(
+        self,
+        vectors: Any,
+        mode: str = "reencode",
+        rows: np.ndarray | None = None,
+        max_train_rows: int | None = MAX_TRAIN_ROWS,
+    ) -> int:
+        """Brings the index up to date with the current bank.
 
         Args:
-            vectors: The whole bank, ``(num_docs, dim)``.
+            vectors: The whole bank, ``(num_docs, dim)`` (an array or a chunk-sliceable array-like).
             mode: ``"reencode"`` keeps the codebooks and re-encodes every row with them; ``"retrain"`` retrains
-                the codebooks on the current bank first.
+                the codebooks on the current bank first; ``"incremental"`` keeps the codebooks and re-encodes only
+                ``rows``, in place (see :meth:`update`); it falls back to ``"reencode"`` (with a logged reason) when
+                the index type cannot be updated in place, and re-encodes everything when ``rows`` is ``None``.
+            rows: The rows changed since the last refresh (``"incremental"`` only).
+            max_train_rows: Training sample cap for ``"retrain"``.
+
+        Returns:
+            How many rows were encoded.
+
+        Example:
+            >>> index.refresh(bank.float32_rows(), mode="incremental", rows=bank.changed_rows())  # doctest: +SKIP
         """
         if mode not in REFRESH_MODES:
             raise ConfigError(f"unknown index refresh mode {mode!r}; use one of {', '.join(REFRESH_MODES)}.")
         if mode == "retrain" or not self.is_trained:
-            self.build(vectors)
-            return
+            self.build(vectors, max_train_rows)
+            return len(vectors)
+        if mode == "incremental" and rows is not None and self.ntotal == len(vectors):
+            rows = np.unique(np.asarray(rows, dtype=np.int64))
+            if rows.size == 0:
+                return 0
+            if rows[0] < 0 or rows[-1] >= self.ntotal:
+                raise ValueError(f"rows to update must lie in [0, {self.ntotal}), got {rows[0]}..{rows[-1]}.")
+            updater, reason = self._in_place_updater()
+            if updater is not None:
+                chunk_rows = _encode_chunk_rows(self.faiss, self.index)
+                try:
+                    for start in range(0, rows.size, chunk_rows):
+                        part = rows[start : start + chunk_rows]
+                        updater(part, _as_float32(vectors[part]))
+                    self._changed()
+                    return int(rows.size)
+                except RuntimeError as exc:
+                    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "FAISS refused the update"
+            logger.info("incremental refresh of %r falls back to a full re-encode: %s", self.factory, reason)
         self.index.reset()
         self.add(vectors)
+        return len(vectors)
+
+    def update(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Re-encodes ``rows`` from their new ``vectors`` with the current codebooks, in place.
+
+        The codes are exactly those a full re-encode would store. Flat-code indexes (``PQ``, ``OPQ..,PQ``, ``SQ``,
+        ``Flat``) get their codes overwritten at the rows' positions; IVF indexes move each row to its new list
+        (``IndexIVF.update_vectors``, with an array direct map made on first use: 8 bytes per row).
+
+        Raises:
+            ConfigError: The index type cannot be updated in place (e.g. HNSW); use a full refresh.
+        """
+        updater, reason = self._in_place_updater()
+        if updater is None:
+            raise ConfigError(f"the {self.factory!r} index cannot be updated in place ({reason}); refresh it fully.")
+        rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64))
+        vectors = _as_float32(vectors)
+        if len(rows) != len(vectors) or len(np.unique(rows)) != len(rows):
+            raise ValueError("update needs one vector per row and distinct rows.")
+        updater(rows, vectors)
+        self._changed()
+
+    def _in_place_updater(self) -> tuple[Callable[[np.ndarray, np.ndarray], None] | None, str]:
+        """A function writing new codes for (rows, float32 vectors) into the CPU index, or ``None`` and why not."""
+        faiss = self.faiss
+        top = faiss.downcast_index(self.index)
+        transforms = []
+        inner = top
+        if isinstance(top, faiss.IndexPreTransform):
+            transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
+            inner = faiss.downcast_index(top.index)
+        if isinstance(inner, faiss.IndexIVF):
+            ivf = inner
+            if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.make_direct_map(True)  # array direct map (8 bytes per row), kept up to date by later adds
+
+            def update_ivf(rows: np.ndarray, vectors: np.ndarray) -> None:
+                for transform in transforms:
+                    vectors = np.ascontiguousarray(transform.apply(vectors))
+                ivf.update_vectors(rows, vectors)
+
+            return update_ivf, ""
+        if isinstance(inner, faiss.IndexFlatCodes):
+            if not inner.codes.is_owned:
+                return None, "its codes are a read-only view (memory-mapped index file)"
+            code_size = int(inner.code_size)
+            if int(top.sa_code_size()) != code_size:
+                return None, f"its standalone code ({top.sa_code_size()} bytes) is not its stored code ({code_size})"
+
+            def update_codes(rows: np.ndarray, vectors: np.ndarray) -> None:
+                # A zero-copy numpy view on the index's code array: write the new codes at the rows' positions.
+                view = faiss.rev_swig_ptr(inner.codes.data(), int(inner.ntotal) * code_size)
+                view.reshape(int(inner.ntotal), code_size)[rows] = top.sa_encode(vectors)
+
+            return update_codes, ""
+        return None, f"FAISS cannot update the codes of a {type(inner).__name__} in place"
+
+    @property
+    def codes_nbytes(self) -> int:
+        """Approximate bytes of the stored codes: ``ntotal`` codes, plus 8-byte ids (and direct map) for IVF."""
+        faiss = self.faiss
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            ivf = None
+        if ivf is not None:
+            direct = 8 * self.ntotal if ivf.direct_map.type != faiss.DirectMap.NoMap else 0
+            return self.ntotal * (int(ivf.code_size) + 8) + direct
+        inner = faiss.downcast_index(self.index)
+        inner = faiss.downcast_index(inner.index) if isinstance(inner, faiss.IndexPreTransform) else inner
+        code_size = getattr(inner, "code_size", None)
+        if code_size is None:
+            code_size = self.bytes_per_vector
+        return self.ntotal * int(code_size)
 
     # ------------------------------------------------------------------ search
-    def _apply_search_params(self, index: Any) -> None:
+    def _apply_search_params(self, index: Any, gpu: bool = False) -> None:
         if self.search_params:
+            space = self.faiss.GpuParameterSpace() if gpu and hasattr(self.faiss, "GpuParameterSpace") else None
             try:
-                self.faiss.ParameterSpace().set_index_parameters(index, self.search_params)
+                (space or self.faiss.ParameterSpace()).set_index_parameters(index, self.search_params)
             except RuntimeError as exc:
                 raise ConfigError(
                     f"search parameters {self.search_params!r} do not apply to {self.factory!r} ({exc}); "
@@ -233,9 +405,10 @@ class QuantizedIndex:
                 self._gpu_resources = resources
                 options = self.faiss.GpuClonerOptions()
                 options.useFloat16LookupTables = True
-                self._gpu_index = self.faiss.index_cpu_to_gpu(resources, 0, self.index, options)
-                self._apply_search_params(self._gpu_index)
-            except (RuntimeError, AttributeError) as exc:
+                gpu_index = self.faiss.index_cpu_to_gpu(resources, 0, self.index, options)
+                self._apply_search_params(gpu_index, gpu=True)  # e.g. nprobe, through GpuParameterSpace
+                self._gpu_index = gpu_index
+            except (RuntimeError, AttributeError, ConfigError) as exc:
                 logger.info("FAISS index %r stays on the CPU (%s)", self.factory, exc)
                 self._gpu_failed = True
                 return self.index

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .artifact import save_retrieval_files
-from .bank import RowAdam, TargetBank
+from .bank import RowAdam, TargetBank, storage_dtype
 from .callbacks import IndexRefreshCallback
 from .codebook import TrainableCodebooks
 from .collator import QRetDataCollator
@@ -22,7 +22,7 @@ from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from .errors import ConfigError, TrainingDivergedError
 from .evaluation import RetrievalEvaluator
-from .index import QuantizedIndex
+from .index import QuantizedIndex, set_faiss_threads
 from .loss import CandidateCrossEntropyLoss
 from .mining import IndexMiner
 from .peft_utils import adapter_info, has_adapter
@@ -32,6 +32,8 @@ __all__ = ["QRetTrainer", "InitialRows", "BANK_OPTIMIZER_NAME", "training_positi
 logger = logging.getLogger(__name__)
 
 BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
+#: Key of the rows changed since the last index refresh, saved with the bank optimizer state.
+CHANGED_ROWS_KEY = "changed_rows"
 CODEBOOK_OPTIMIZER_NAME = "codebook_optimizer.safetensors"
 
 
@@ -61,13 +63,15 @@ def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
 class InitialRows:
     """The pretrained (initial) embedding of the bank rows that can move, for drift control and decoupled scoring.
 
-    With ``movable`` (the rows of training positives under ``bank_update='positives'``) only those rows are copied:
-    every other row never moves, so the bank itself still holds its initial value. 10 M rows of which 100 k train
-    cost 100 k copied rows plus a 4-byte slot per row, not a second bank.
+    With ``movable`` (the rows of training positives under ``bank_update='positives'``) only those rows are copied
+    (float32): every other row never moves, so the bank itself still holds its initial value. 10 M rows of which
+    100 k train cost 100 k copied rows plus a 4-byte slot per row, not a second bank. Without it the whole bank is
+    copied with :meth:`TargetBank.frozen_copy` (storage dtype; a memory-mapped bank into ``path``, copy-on-write).
 
     Args:
         bank: The bank, before training.
         movable: ``(num_docs,)`` mask of the rows that can move; ``None`` means all of them.
+        path: Where a memory-mapped bank's full copy goes (only used when ``movable`` is ``None``).
 
     Example:
         >>> import torch
@@ -79,23 +83,23 @@ class InitialRows:
         [[2.0, 3.0], [4.0, 5.0]]
     """
 
-    def __init__(self, bank: TargetBank, movable: torch.Tensor | None = None) -> None:
+    def __init__(self, bank: TargetBank, movable: torch.Tensor | None = None, path: str | None = None) -> None:
         self.bank = bank
-        weight = bank.weight
+        weight = bank.weight.detach()
         if movable is None:
             self.slot = None
-            self.values = weight.detach().to(torch.float32, copy=True)
+            self.values = bank.frozen_copy(path)
         else:
             rows = movable.nonzero().squeeze(1)
             self.slot = torch.full((len(movable),), -1, dtype=torch.int32)
             self.slot[rows] = torch.arange(len(rows), dtype=torch.int32)
-            self.values = weight.detach()[rows.to(weight.device)].to(torch.float32, copy=True)
+            self.values = weight[rows.to(weight.device)].to(torch.float32, copy=True)
 
     @torch.no_grad()
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The initial embeddings of ``rows`` as float32, on the bank's device."""
         if self.slot is None:
-            return self.values[rows.to(self.values.device)]
+            return self.values[rows.to(self.values.device)].float()
         weight = self.bank.weight.detach()
         current = weight[rows.to(weight.device)].to(torch.float32, copy=True)
         slots = self.slot[rows.cpu()]
@@ -174,10 +178,11 @@ class QRetTrainer(Trainer):
         if bank is None:
             raise ValueError("QRetTrainer needs a TargetBank: `bank=TargetBank.from_encoder(...)`.")
         bank.check_dim(embedding_dim(model), "the model")
+        set_faiss_threads(args.faiss_threads)
         if index is None:
             index = QuantizedIndex(bank.dim, args.index_factory, args.index_search_params)
         if index.ntotal == 0:
-            index.build(bank.numpy())
+            index.build(bank.float32_rows())
         elif index.ntotal != len(bank):
             raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
         self.bank = bank
@@ -204,7 +209,7 @@ class QRetTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(cb, IndexRefreshCallback) for cb in callbacks):
             # Learned codebooks are the codebooks: refreshes re-encode the bank with them instead of retraining.
-            mode = "reencode" if args.learn_codebooks else args.refresh_mode
+            mode = "reencode" if args.learn_codebooks and args.refresh_mode == "retrain" else args.refresh_mode
             callbacks.append(
                 IndexRefreshCallback(bank, index, args.refresh_steps, on_epoch_end=args.refresh_on_epoch_end, mode=mode)
             )
@@ -221,18 +226,36 @@ class QRetTrainer(Trainer):
                 args.eval_strategy = restore_strategy
         self.add_callback(_BankStepCallback(self))
         self._bind_callbacks()
-        self.bank.to(self.args.device)
+        self._place_bank()
         self.bank_optimizer = RowAdam(bank, lr=args.bank_learning_rate, weight_decay=args.bank_weight_decay)
-        # Drift control: the initial rows (anchor) or only their norms are kept when asked for.
-        weight = self.bank.weight.detach()
+        # Drift control: the initial rows (anchor) or only their norms are kept when asked for (in the bank's
+        # storage dtype; a memory-mapped bank's copy is a copy-on-write mapped file in the output folder).
         keep_rows = args.bank_anchor_weight > 0 or args.encoder_targets == "initial"
-        self._initial_rows = InitialRows(self.bank, self.trainable_rows) if keep_rows else None
-        self._initial_norms = weight.norm(dim=1) if args.bank_keep_norm else None
+        initial_file = None
+        if keep_rows and bank.is_mmap and self.trainable_rows is None:
+            os.makedirs(args.output_dir, exist_ok=True)
+            initial_file = os.path.join(args.output_dir, "bank_initial_mmap.npy")
+        self._initial_rows = InitialRows(self.bank, self.trainable_rows, initial_file) if keep_rows else None
+        self._initial_norms = self.bank.row_norms() if args.bank_keep_norm else None
         self.codebooks: TrainableCodebooks | None = None
         self.codebook_optimizer: torch.optim.Optimizer | None = None
         if args.learn_codebooks:
             self.codebooks = TrainableCodebooks(index).to(self.args.device)
             self.codebook_optimizer = self._new_codebook_optimizer()
+
+    def _place_bank(self) -> None:
+        """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale")."""
+        args, bank = self.args, self.bank
+        device = torch.device(args.device)
+        if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
+            target = torch.device("cpu")
+        else:
+            target = device
+        if bank.dtype != storage_dtype(args.bank_dtype) and not bank.is_mmap:
+            logger.info("bank: storing the rows as %s (bank_dtype)", args.bank_dtype)
+        bank.to_storage(args.bank_dtype, target)
+        bank.compute_device = None if target == device else device
+        bank.pin_memory = bool(args.bank_pin_memory)
 
     def _new_codebook_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.codebooks.centroids], lr=self.args.codebook_learning_rate)
@@ -360,7 +383,7 @@ class QRetTrainer(Trainer):
         rescales each row to its initial norm.
         """
         weight = self.bank.weight
-        current = weight[rows]
+        current = weight[rows].float()
         if self._initial_rows is not None:
             initial = self._initial_rows.rows(rows).to(current.device, current.dtype)
             shrink = max(0.0, 1.0 - self.bank_optimizer.lr * self.args.bank_anchor_weight)
@@ -368,7 +391,7 @@ class QRetTrainer(Trainer):
         if self._initial_norms is not None:
             norms = self._initial_norms[rows.to(self._initial_norms.device)].to(current.device, current.dtype)
             current = current * (norms.unsqueeze(1) / current.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        weight[rows] = current
+        weight[rows] = current.to(weight.dtype)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -449,6 +472,7 @@ class QRetTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
+        self.bank.flush()
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if is_sentence_transformer(model):
             model.save_pretrained(output_dir)
@@ -494,6 +518,7 @@ class QRetTrainer(Trainer):
 
             path = os.path.join(output_dir, BANK_OPTIMIZER_NAME)
             state = {k: v.detach().cpu().contiguous() for k, v in self.bank_optimizer.state_dict().items()}
+            state[CHANGED_ROWS_KEY] = torch.from_numpy(self.bank.changed_rows())  # for incremental refreshes
             save_file(state, path + ".tmp")
             os.replace(path + ".tmp", path)
             if self.codebook_optimizer is not None:
@@ -513,7 +538,10 @@ class QRetTrainer(Trainer):
             from safetensors.torch import load_file
 
             state = {k: v.to(self.bank.weight.device) for k, v in load_file(path).items()}
+            changed = state.pop(CHANGED_ROWS_KEY, None)
             self.bank_optimizer.load_state_dict(state)
+            if changed is not None:  # else every row counts as changed (set when the bank was loaded)
+                self.bank.set_changed(changed.cpu())
         path = os.path.join(checkpoint, CODEBOOK_OPTIMIZER_NAME)
         if self.codebooks is not None and os.path.isfile(path):
             from safetensors.torch import load_file
@@ -540,12 +568,12 @@ class QRetTrainer(Trainer):
             self.accelerator.unwrap_model(target).load_state_dict(loaded.state_dict())
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        files = load_retrieval_files(resume_from_checkpoint, load_bank=True)
-        if files.doc_ids != self.bank.doc_ids or files.bank is None:
+        files = load_retrieval_files(resume_from_checkpoint)
+        if self.bank.doc_ids != files.doc_ids or not files.config.get("bank_file"):
             raise ValueError(f"{resume_from_checkpoint}: its bank belongs to another corpus; resume with the same data.")
-        with torch.no_grad():
-            self.bank.weight.copy_(files.bank.weight.to(self.bank.weight.device))
-        self.bank.version += 1
+        # Streamed into the bank's own storage (dtype, device, memory map); every row counts as changed until the
+        # bank optimizer state says which rows changed since the checkpoint's index was refreshed.
+        self.bank.load_rows_from_file(os.path.join(resume_from_checkpoint, files.config["bank_file"]))
         self.index.index = files.index.index
         self.index._changed()
         self.refresh_callback.bank_version_at_refresh = self.bank.version
