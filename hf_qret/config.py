@@ -38,7 +38,7 @@ class QRetTrainingArguments(TrainingArguments):
     """
 
     bank_learning_rate: float = field(
-        default=1e-3, metadata={"help": "Learning rate of the target bank (row-wise Adam); separate from the encoder's."}
+        default=2e-3, metadata={"help": "Learning rate of the target bank (row-wise Adam); separate from the encoder's."}
     )
     bank_weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay on updated bank rows."})
     index_factory: str = field(
@@ -99,8 +99,11 @@ class QRetTrainingArguments(TrainingArguments):
         },
     )
     bank_keep_norm: bool = field(
-        default=False,
-        metadata={"help": "Drift control: after every bank step, rescale the updated rows to their initial norm."},
+        default=True,
+        metadata={
+            "help": "Drift control: after every bank step, rescale the updated rows to their initial norm (a row "
+            "that grows scores higher against every query and crowds out documents that never train)."
+        },
     )
     refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
     refresh_mode: str = field(
