@@ -31,6 +31,33 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _all_gather_uneven(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``tensors`` (same first dimension within a process, any across processes), concatenated in
+    rank order: one collective for the counts, then one per tensor padded to the largest count.
+
+    The tensors must already be on :func:`_collective_device`.
+    """
+    import torch.distributed as dist
+
+    world = world_size()
+    device = tensors[0].device
+    count = torch.tensor([tensors[0].shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    width = max(sizes)
+    if width == 0:  # the same on every process: nothing to move
+        return [tensor[:0] for tensor in tensors]
+    out = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((width, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        out.append(torch.cat([g[:n] for g, n in zip(gathered, sizes)]))
+    return out
+
+
 @torch.no_grad()
 def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """The concatenation, in rank order, of every process's 1-D tensor of bank rows (lengths may differ).
@@ -44,22 +71,10 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
         >>> all_gather_rows(torch.tensor([3, 1])).tolist()  # one process: nothing to gather
         [3, 1]
     """
-    import torch.distributed as dist
-
-    world = world_size()
-    if world == 1:
+    if world_size() == 1:
         return rows
-    device = _collective_device()
-    local = rows.detach().reshape(-1).to(device=device, dtype=torch.long)
-    count = torch.tensor([local.numel()], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    padded = torch.full((max(sizes),), -1, dtype=torch.long, device=device)
-    padded[: local.numel()] = local
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).to(rows.device)
+    local = rows.detach().reshape(-1).to(device=_collective_device(), dtype=torch.long)
+    return _all_gather_uneven(local)[0].to(rows.device)
 
 
 def row_gradients(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +108,6 @@ def all_reduce_row_grad(weight: torch.Tensor, average: bool = True) -> int:
     Returns:
         How many rows carry a gradient after the reduction.
     """
-    import torch.distributed as dist
-
     world = world_size()
     if world == 1:
         grad = weight.grad
@@ -104,28 +117,12 @@ def all_reduce_row_grad(weight: torch.Tensor, average: bool = True) -> int:
     # NCCL only moves CUDA tensors, gloo CPU tensors; the bank may live elsewhere (a CPU bank feeding a GPU).
     device = _collective_device()
     rows, values = row_gradients(weight)
-    rows, values = rows.to(device), values.to(device)
-    count = torch.tensor([rows.numel()], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    width = max(int(c.item()) for c in counts)
-    if width == 0:
+    rows, values = _all_gather_uneven(rows.to(device), values.to(device))
+    if rows.numel() == 0:
         weight.grad = None
         return 0
-    padded_rows = torch.full((width,), -1, dtype=torch.long, device=device)
-    padded_rows[: rows.numel()] = rows
-    padded_values = torch.zeros(width, weight.shape[1], dtype=values.dtype, device=device)
-    padded_values[: rows.numel()] = values
-    all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
-    all_values = [torch.empty_like(padded_values) for _ in range(world)]
-    dist.all_gather(all_rows, padded_rows)
-    dist.all_gather(all_values, padded_values)
-    rows = torch.cat(all_rows).to(weight.device)
-    values = torch.cat(all_values).to(weight.device)
-    keep = rows >= 0
-    grad = torch.sparse_coo_tensor(
-        rows[keep].unsqueeze(0), values[keep], tuple(weight.shape), check_invariants=False
-    ).coalesce()
+    rows, values = rows.to(weight.device), values.to(weight.device)
+    grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, tuple(weight.shape), check_invariants=False).coalesce()
     if average:
         grad = grad / world
     weight.grad = grad

@@ -109,9 +109,13 @@ class IndexMiner:
         retrieved = self.retrieve(query_embeddings)
         pool = None
         if gather is not None:
-            local = np.concatenate([positive_rows.detach().cpu().long().numpy(), retrieved.reshape(-1)])
-            pool = gather(torch.from_numpy(local)).cpu().numpy()
+            pool = gather(torch.from_numpy(self._pool(retrieved, positive_rows))).cpu().numpy()
         return self.candidates_from(retrieved, positive_rows, positive_sets, pool=pool)
+
+    @staticmethod
+    def _pool(retrieved: np.ndarray, positive_rows: torch.Tensor) -> np.ndarray:
+        """A batch's own candidate pool: its positives, then every retrieved row (``-1`` where none)."""
+        return np.concatenate([positive_rows.detach().cpu().long().numpy(), retrieved.reshape(-1)])
 
     @staticmethod
     def candidates_from(
@@ -125,9 +129,9 @@ class IndexMiner:
         ``pool`` (rows, ``-1`` ignored) replaces the batch's own positives + retrieved rows as the candidate pool; it
         must contain this batch's positives.
         """
-        positive_rows = positive_rows.detach().cpu().long()
         if pool is None:
-            pool = np.concatenate([positive_rows.numpy(), retrieved.reshape(-1)])
+            pool = IndexMiner._pool(retrieved, positive_rows)
+        positive_rows = positive_rows.detach().cpu().long()
         candidates = torch.from_numpy(np.unique(pool[pool >= 0]))
         position = {int(row): i for i, row in enumerate(candidates.tolist())}
         targets = torch.tensor([position[int(r)] for r in positive_rows.tolist()], dtype=torch.long)

@@ -18,6 +18,7 @@ from .bank import RowAdam, TargetBank, storage_dtype
 from .callbacks import IndexRefreshCallback
 from .codebook import TrainableCodebooks
 from .collator import QRetDataCollator
+from .distributed import all_gather_rows, all_reduce_row_grad, row_gradients
 from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from .errors import ConfigError, TrainingDivergedError
@@ -275,8 +276,6 @@ class QRetTrainer(Trainer):
         query_embeddings = embed(model, inputs)
         gather = None
         if model.training and self.accelerator.num_processes > 1:
-            from .distributed import all_gather_rows
-
             gather = all_gather_rows  # candidates mined for the global batch, identical on every process
         mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, gather=gather)
         training = model.training and self.args.bank_learning_rate > 0
@@ -350,13 +349,9 @@ class QRetTrainer(Trainer):
         distributed = self.accelerator.num_processes > 1
         if self.args.bank_learning_rate > 0:
             if distributed:
-                from .distributed import all_reduce_row_grad
-
                 all_reduce_row_grad(self.bank.weight)  # DDP averages the encoder's gradients, we average the bank's
             rows = None
             if self._initial_norms is not None or self._initial_rows is not None:
-                from .distributed import row_gradients
-
                 rows = row_gradients(self.bank.weight)[0]
             self.bank_optimizer.step()
             if rows is not None and rows.numel():
