@@ -7,7 +7,9 @@ copy of the whole corpus never exists. Then, timing each part:
 1. ``index_build_s``: train the ``--index`` factory on a random sample of ``--train_rows`` rows, then add every row
    (streamed in 64k-row chunks).
 2. ``mine_qps``: ``--queries`` queries (noisy copies of random bank rows) searched like training does it, batches
-   of ``--batch`` queries for the top ``--k`` rows (``mine_qps_one_batch``: all queries in one search call).
+   of ``--batch`` queries for the top ``--k`` rows (``mine_qps_one_batch``: all queries in one search call). With
+   ``--mining_nlist`` the queries go through the mining shortlist (:class:`~hf_qret.shortlist.MiningShortlist`);
+   ``shortlist_topk_overlap`` is the share of the whole index's top ``--k`` it finds (first 512 queries).
 3. ``step_ms``: the bank side of a training step, median over the timed steps: gather the batch's positives and
    mined candidates (the union, ~3,000 rows for 32 x 100) as float32, a scaled dot-product cross-entropy with random
    query vectors (``requires_grad``), backward (sparse row gradients), :class:`~hf_qret.bank.RowAdam` step. No
@@ -23,6 +25,7 @@ Prints one JSON object as its last line.
 
     python benchmarks/scale.py --rows 1000000 --dim 384 --index PQ16 --json
     python benchmarks/scale.py --rows 1000000 --dim 384 --index IVF1024,PQ16 --search_params nprobe=16 --json
+    python benchmarks/scale.py --rows 1000000 --dim 384 --index PQ16 --mining_nlist 1024 --mining_nprobe 16 --json
     python benchmarks/scale.py --rows 10000000 --dim 384 --index PQ16 --bank_dtype fp16 --json
 """
 
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--index", default="PQ16", help="faiss.index_factory string (inner product)")
     parser.add_argument("--search_params", default=None, help="e.g. nprobe=16 for IVF")
+    parser.add_argument("--mining_nlist", type=int, default=0, help="mining shortlist lists (flat PQ/OPQ indexes)")
+    parser.add_argument("--mining_nprobe", type=int, default=16, help="lists scanned per query with --mining_nlist")
     parser.add_argument("--bank_dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--mmap", default=None, help="folder for a memory-mapped bank file (default: bank in RAM)")
     parser.add_argument("--clusters", type=int, default=2000)
@@ -132,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. the index: trained on a sample, every row added in chunks
     start = time.perf_counter()
-    index = QuantizedIndex(args.dim, args.index, args.search_params)
+    index = QuantizedIndex(
+        args.dim, args.index, args.search_params, mining_nlist=args.mining_nlist, mining_nprobe=args.mining_nprobe
+    )
     train_rows = min(args.train_rows, args.rows)
     index.build(bank.float32_rows(), max_train_rows=train_rows)
     index_build_s = time.perf_counter() - start
@@ -146,15 +153,22 @@ def main(argv: list[str] | None = None) -> dict:
         np.float32(0.4 / np.sqrt(args.dim))
     )
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    index.search(queries[: args.batch], args.k)  # warm-up (and the GPU copy, when there is a GPU)
+    index.mine(queries[: args.batch], args.k)  # warm-up (and the GPU copy, when there is a GPU)
     mined = []
     start = time.perf_counter()
     for first in range(0, args.queries, args.batch):
-        mined.append(index.search(queries[first : first + args.batch], args.k)[1])
+        mined.append(index.mine(queries[first : first + args.batch], args.k)[1])
     mine_s = time.perf_counter() - start
     start = time.perf_counter()
-    index.search(queries, args.k)
+    index.mine(queries, args.k)
     one_batch_s = time.perf_counter() - start
+    overlap = None
+    if index.shortlist is not None:  # how much of the whole index's top k the shortlist finds
+        probe = queries[: min(512, args.queries)]
+        _, exact = index.search(probe, args.k)
+        shortlisted = np.concatenate(mined)[: len(probe)]
+        overlap = float(np.mean([np.isin(a[a >= 0], b).mean() for a, b in zip(exact, shortlisted)]))
+        log(f"shortlist {args.mining_nlist} lists, nprobe {args.mining_nprobe}: {overlap:.3f} of the top-{args.k}")
     phases["mine"] = peak_rss()
     batches = np.split(positives, range(args.batch, args.queries, args.batch))
     recall_self = float(np.mean([(m == p[:, None]).any(axis=1).mean() for m, p in zip(mined, batches)]))
@@ -209,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dim": args.dim,
         "index": args.index,
         "search_params": args.search_params,
+        "mining_shortlist": {"nlist": args.mining_nlist, "nprobe": args.mining_nprobe} if args.mining_nlist else None,
         "bank_dtype": args.bank_dtype,
         "mmap": bool(args.mmap),
         "bank_bytes": bank.nbytes,
@@ -223,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mine_batch": args.batch,
         "k": args.k,
         "positive_in_topk": round(recall_self, 4),
+        "shortlist_topk_overlap": None if overlap is None else round(overlap, 4),
         "candidates_per_step": round(statistics.mean(sizes), 1),
         "step_ms": round(step_ms, 2),
         "timed_steps": len(times),

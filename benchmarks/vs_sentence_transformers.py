@@ -6,7 +6,7 @@ scores them against the TargetBank, which is encoded once beforehand (``bank_enc
 ``speedup_incl_bank``). Prints one JSON object as its last line:
 ``{"qret_epoch_s", "st_epoch_s", "speedup", "bank_encode_s", "speedup_incl_bank", ...}``.
 
-    python benchmarks/vs_sentence_transformers.py --json [--batch_size 32]
+    python benchmarks/vs_sentence_transformers.py --json [--batch_size 32] [--opq_niter 50]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--index_factory", default="OPQ16,PQ16")
+    parser.add_argument("--opq_niter", type=int, default=50, help="OPQ rotation training iterations per retrain")
     args = parser.parse_args(argv)
 
     from datasets import Dataset
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         qret_trainer = QRetTrainer(
             model,
             QRetTrainingArguments(output_dir=f"{out}/qret", index_factory=args.index_factory,
-                                  refresh_on_epoch_end=True, **common),  # fmt: skip
+                                  opq_niter=args.opq_niter, refresh_on_epoch_end=True, **common),  # fmt: skip
             train_dataset=pairs,
             bank=bank,
         )
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": len(pairs),
         "batch_size": args.batch_size,
         "index_factory": args.index_factory,
+        "opq_niter": args.opq_niter,
     }
     print(json.dumps(result))
     return result

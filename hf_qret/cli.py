@@ -120,7 +120,14 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
                 bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
     set_faiss_threads(training_args.faiss_threads)
-    index = QuantizedIndex(dim, training_args.index_factory, training_args.index_search_params)
+    index = QuantizedIndex(
+        dim,
+        training_args.index_factory,
+        training_args.index_search_params,
+        opq_niter=training_args.opq_niter,
+        mining_nlist=training_args.mining_nlist,
+        mining_nprobe=training_args.mining_nprobe,
+    )
     index.build(bank.float32_rows())
     logger.info(
         "bank: %d x %d %s%s; index %r: %d bytes/vector (fp32: %d)",

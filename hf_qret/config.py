@@ -48,6 +48,22 @@ class QRetTrainingArguments(TrainingArguments):
     index_search_params: str | None = field(
         default=None, metadata={"help": "FAISS runtime parameters, e.g. 'nprobe=16' or 'efSearch=64'."}
     )
+    opq_niter: int = field(
+        default=50,
+        metadata={
+            "help": "Iterations of OPQ rotation training at every index (re)build (faiss.OPQMatrix.niter; FAISS's "
+            "default is 50). Only for factories with an OPQ stage."
+        },
+    )
+    mining_nlist: int = field(
+        default=0,
+        metadata={
+            "help": "Mining shortlist for a flat PQ/OPQ+PQ index: keep this many inverted lists over the same codes "
+            "and mine from the --mining_nprobe nearest lists (same scores, far fewer codes scanned: for corpora of "
+            "~1M+ rows on CPUs). 0: mine from the whole index."
+        },
+    )
+    mining_nprobe: int = field(default=16, metadata={"help": "Lists scanned per query with --mining_nlist."})
     num_negatives: int = field(
         default=100, metadata={"help": "Top-k rows mined per query from the quantized index (cross-batch union)."}
     )
@@ -144,6 +160,13 @@ class QRetTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.opq_niter < 1:
+            raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {self.opq_niter}.")
+        if self.mining_nlist < 0 or self.mining_nprobe < 1:
+            raise ConfigError(
+                f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {self.mining_nlist} and "
+                f"{self.mining_nprobe}."
+            )
         if self.num_negatives < 1:
             raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}.")
         if self.refresh_mode not in REFRESH_MODES:

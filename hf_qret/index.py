@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
+from .shortlist import MiningShortlist, served_parts
 
 __all__ = ["QuantizedIndex", "import_faiss", "REFRESH_MODES", "set_faiss_threads"]
 
@@ -56,6 +57,20 @@ def _disable_polysemous_training(faiss: Any, index: Any) -> None:
             index.do_polysemous_training = False
         index = getattr(index, "index", None) or getattr(index, "storage", None)
         seen += 1
+
+
+def _set_opq_iterations(faiss: Any, index: Any, niter: int) -> int:
+    """Sets ``niter`` on every OPQ rotation of a fresh ``IndexPreTransform`` chain; returns how many it changed."""
+    index = faiss.downcast_index(index)
+    if not hasattr(index, "chain"):
+        return 0
+    changed = 0
+    for position in range(index.chain.size()):
+        transform = faiss.downcast_VectorTransform(index.chain.at(position))
+        if isinstance(transform, faiss.OPQMatrix):
+            transform.niter = int(niter)
+            changed += 1
+    return changed
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
@@ -101,6 +116,23 @@ def _train_sample(vectors: Any, max_rows: int | None, seed: int = 1234) -> np.nd
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class _Decoded:
+    """The decoded codes of an index as a chunk-sliceable array-like (what :func:`_chunks` and
+    :func:`_train_sample` read)."""
+
+    def __init__(self, index: QuantizedIndex) -> None:
+        self.index = index
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(len(self))
+            return self.index.index.reconstruct_n(start, stop - start)
+        return self.index.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+
+
 def set_faiss_threads(threads: int) -> None:
     """Sets FAISS's OpenMP thread count (``0`` or less: leave FAISS's default).
 
@@ -119,6 +151,12 @@ class QuantizedIndex:
         factory: A ``faiss.index_factory`` string, for example ``"OPQ16,PQ16"``.
         search_params: FAISS runtime parameters, for example ``"nprobe=16"`` or ``"efSearch=64"``.
         use_gpu: ``None`` uses a GPU when FAISS sees one and the index type runs there; ``False`` never does.
+        opq_niter: Alternating iterations of OPQ rotation training (``faiss.OPQMatrix.niter``; FAISS's default is
+            50); ``None`` keeps FAISS's default. Ignored by indexes without an ``OPQ`` stage.
+        mining_nlist: With a flat ``PQ``/``OPQ..,PQ`` index, keep a :class:`~hf_qret.shortlist.MiningShortlist` of
+            this many inverted lists over the same codes, so :meth:`mine` scans only ``mining_nprobe`` lists per
+            query (same scores, far fewer codes scanned); ``0`` (default): :meth:`mine` is :meth:`search`.
+        mining_nprobe: Lists scanned per mining query.
 
     Example:
         >>> import numpy as np
@@ -132,13 +170,34 @@ class QuantizedIndex:
         (3, 5)
     """
 
-    def __init__(self, dim: int, factory: str, search_params: str | None = None, use_gpu: bool | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        factory: str,
+        search_params: str | None = None,
+        use_gpu: bool | None = None,
+        opq_niter: int | None = None,
+        mining_nlist: int = 0,
+        mining_nprobe: int = 16,
+    ) -> None:
+        if opq_niter is not None and int(opq_niter) < 1:
+            raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {opq_niter}.")
+        if int(mining_nlist) < 0 or int(mining_nprobe) < 1:
+            raise ConfigError(
+                f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {mining_nlist} and "
+                f"{mining_nprobe}."
+            )
         self.faiss = import_faiss()
         self.dim = int(dim)
         self.factory = factory
         self.search_params = search_params or None
         self.use_gpu = use_gpu
+        self.opq_niter = None if opq_niter is None else int(opq_niter)
+        self.mining_nlist, self.mining_nprobe = int(mining_nlist), int(mining_nprobe)
+        self.shortlist: MiningShortlist | None = None
         self.index = self._new_index()
+        if self.mining_nlist:
+            served_parts(self.faiss, self.index)  # a flat (O)PQ index, or a clear error now
         self._gpu_index = None
         self._gpu_failed = False
         self.version = 0
@@ -160,6 +219,8 @@ class QuantizedIndex:
                 "supported for it); use e.g. 'HNSW32,SQ8', 'PQ16', 'OPQ16,PQ16' or 'IVF64,PQ16'."
             )
         _disable_polysemous_training(self.faiss, index)
+        if self.opq_niter is not None:
+            _set_opq_iterations(self.faiss, index, self.opq_niter)
         return index
 
     @classmethod
@@ -176,6 +237,9 @@ class QuantizedIndex:
         self.factory = factory
         self.search_params = search_params or None
         self.use_gpu = None
+        self.opq_niter = None
+        self.mining_nlist, self.mining_nprobe = 0, 16
+        self.shortlist = None
         self.index = index
         self._gpu_index = None
         self._gpu_failed = False
@@ -224,6 +288,8 @@ class QuantizedIndex:
         sample = _train_sample(vectors, max_train_rows)
         fresh = self._new_index()
         fresh.train(sample)
+        if self.mining_nlist:
+            self.shortlist = MiningShortlist(fresh, sample, self.mining_nlist, self.mining_nprobe)
         del sample
         self.index = fresh
         self._changed()
@@ -233,6 +299,8 @@ class QuantizedIndex:
         """Encodes and appends ``vectors`` (streamed in chunks); their ids are their row numbers."""
         for chunk in _chunks(vectors, _encode_chunk_rows(self.faiss, self.index)):
             self.index.add(chunk)
+            if self.shortlist is not None:
+                self.shortlist.add(chunk)
         self._changed()
 
     def build(self, vectors: Any, max_train_rows: int | None = MAX_TRAIN_ROWS) -> None:
@@ -288,6 +356,8 @@ class QuantizedIndex:
                     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "FAISS refused the update"
             logger.info("incremental refresh of %r falls back to a full re-encode: %s", self.factory, reason)
         self.index.reset()
+        if self.shortlist is not None:
+            self.shortlist.reset()
         self.add(vectors)
         return len(vectors)
 
@@ -312,7 +382,20 @@ class QuantizedIndex:
         self._changed()
 
     def _in_place_updater(self) -> tuple[Callable[[np.ndarray, np.ndarray], None] | None, str]:
-        """A function writing new codes for (rows, float32 vectors) into the CPU index, or ``None`` and why not."""
+        """A function writing new codes for (rows, float32 vectors) into the CPU index (and the mining shortlist),
+        or ``None`` and why not."""
+        updater, reason = self._served_updater()
+        shortlist = self.shortlist
+        if updater is None or shortlist is None:
+            return updater, reason
+
+        def update_both(rows: np.ndarray, vectors: np.ndarray) -> None:
+            updater(rows, vectors)
+            shortlist.update(rows, vectors)
+
+        return update_both, ""
+
+    def _served_updater(self) -> tuple[Callable[[np.ndarray, np.ndarray], None] | None, str]:
         faiss = self.faiss
         top = faiss.downcast_index(self.index)
         transforms = []
@@ -348,7 +431,12 @@ class QuantizedIndex:
 
     @property
     def codes_nbytes(self) -> int:
-        """Approximate bytes of the stored codes: ``ntotal`` codes, plus 8-byte ids (and direct map) for IVF."""
+        """Approximate bytes of the stored codes: ``ntotal`` codes, plus 8-byte ids (and direct map) for IVF, plus
+        the mining shortlist's copy (codes, ids, direct map) when there is one."""
+        shortlist = 0 if self.shortlist is None else self.shortlist.ntotal * (int(self.shortlist.ivf.code_size) + 16)
+        return self._served_codes_nbytes() + shortlist
+
+    def _served_codes_nbytes(self) -> int:
         faiss = self.faiss
         try:
             ivf = faiss.extract_index_ivf(self.index)
@@ -393,6 +481,23 @@ class QuantizedIndex:
     def codebooks_changed(self) -> None:
         """Call after editing the FAISS codebooks in place (see :class:`~hf_qret.codebook.TrainableCodebooks`)."""
         self._drop_gpu()
+        if self.shortlist is not None:
+            self.shortlist.sync_codebooks(self.index)
+
+    def replace(self, index: Any) -> None:
+        """Serves another trained FAISS index of the same kind (e.g. a checkpoint's); the mining shortlist, if any,
+        is rebuilt over its codes (decoded and re-encoded with the same codebooks: the same codes)."""
+        self.index = index
+        self._changed()
+        if self.mining_nlist and self.ntotal:
+            decoded = _Decoded(self)
+            self.shortlist = MiningShortlist(
+                self.index, _train_sample(decoded, MAX_TRAIN_ROWS), self.mining_nlist, self.mining_nprobe
+            )
+            for chunk in _chunks(decoded):
+                self.shortlist.add(chunk)
+        else:
+            self.shortlist = None
 
     def _searcher(self) -> Any:
         if self.use_gpu is False or self._gpu_failed or not hasattr(self.faiss, "get_num_gpus"):
@@ -424,6 +529,15 @@ class QuantizedIndex:
             raise ArtifactError("the index is empty; build it from the bank before searching.")
         k = min(int(k), self.ntotal)
         return self._searcher().search(_as_float32(queries), k)
+
+    def mine(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows for negative mining: :meth:`search`, or the mining shortlist's ``mining_nprobe`` lists
+        when there is one (the same scores as :meth:`search`; rows in unprobed lists are not seen)."""
+        if self.shortlist is None:
+            return self.search(queries, k)
+        if self.ntotal == 0:
+            raise ArtifactError("the index is empty; build it from the bank before searching.")
+        return self.shortlist.search(_as_float32(queries), min(int(k), self.ntotal))
 
     def quantize(self, vectors: np.ndarray) -> np.ndarray:
         """Encodes ``vectors`` with the current codebooks and decodes them: what the index would store."""

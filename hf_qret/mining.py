@@ -83,7 +83,7 @@ class IndexMiner:
 
     def retrieve(self, query_embeddings: np.ndarray) -> np.ndarray:
         """The top-k rows of each query, ``(B, k)``."""
-        _, rows = self.index.search(query_embeddings, self._k())
+        _, rows = self.index.mine(query_embeddings, self._k())
         return rows
 
     def mine(

@@ -181,7 +181,14 @@ class QRetTrainer(Trainer):
         bank.check_dim(embedding_dim(model), "the model")
         set_faiss_threads(args.faiss_threads)
         if index is None:
-            index = QuantizedIndex(bank.dim, args.index_factory, args.index_search_params)
+            index = QuantizedIndex(
+                bank.dim,
+                args.index_factory,
+                args.index_search_params,
+                opq_niter=args.opq_niter,
+                mining_nlist=args.mining_nlist,
+                mining_nprobe=args.mining_nprobe,
+            )
         if index.ntotal == 0:
             index.build(bank.float32_rows())
         elif index.ntotal != len(bank):
@@ -451,6 +458,12 @@ class QRetTrainer(Trainer):
             "bank_learning_rate": self.args.bank_learning_rate,
             "learning_rate": self.args.learning_rate,
             "refresh_mode": self.args.refresh_mode,
+            "opq_niter": self.index.opq_niter,
+            "mining_shortlist": (
+                {"nlist": self.index.mining_nlist, "nprobe": self.index.mining_nprobe}
+                if self.index.mining_nlist
+                else None
+            ),
             "global_step": self.state.global_step,
             "adapter": adapter_info(self.accelerator.unwrap_model(self.model)),
         }
@@ -569,8 +582,7 @@ class QRetTrainer(Trainer):
         # Streamed into the bank's own storage (dtype, device, memory map); every row counts as changed until the
         # bank optimizer state says which rows changed since the checkpoint's index was refreshed.
         self.bank.load_rows_from_file(os.path.join(resume_from_checkpoint, files.config["bank_file"]))
-        self.index.index = files.index.index
-        self.index._changed()
+        self.index.replace(files.index.index)
         self.refresh_callback.bank_version_at_refresh = self.bank.version
 
     # ------------------------------------------------------------------ Hub

@@ -253,6 +253,29 @@ def test_refresh_retrain_retrains_codebooks(vectors):
     assert err_retrain < 0.9 * err_reencode, (err_retrain, err_reencode)
 
 
+def _opq_iterations(index: QuantizedIndex) -> list[int]:
+    top = faiss.downcast_index(index.index)
+    transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
+    return [t.niter for t in transforms if isinstance(t, faiss.OPQMatrix)]
+
+
+def test_opq_niter_sets_the_rotation_training_iterations_for_every_rebuild(vectors):
+    index = QuantizedIndex(DIM, "OPQ8,PQ8", use_gpu=False, opq_niter=3)
+    assert _opq_iterations(index) == [3]
+    index.build(vectors)
+    rotation = faiss.vector_to_array(faiss.downcast_VectorTransform(faiss.downcast_index(index.index).chain.at(0)).A)
+    index.refresh(_changed(vectors), mode="retrain")  # a retrain builds a fresh FAISS index: the setting carries over
+    assert _opq_iterations(index) == [3]
+    new_rotation = faiss.downcast_VectorTransform(faiss.downcast_index(index.index).chain.at(0)).A
+    assert not np.allclose(faiss.vector_to_array(new_rotation), rotation)
+    assert QuantizedIndex(DIM, "PQ8", use_gpu=False, opq_niter=3).opq_niter == 3  # no OPQ stage: nothing to set
+
+
+def test_opq_niter_must_be_positive():
+    with pytest.raises(ConfigError, match="opq_niter must be at least 1"):
+        QuantizedIndex(DIM, "OPQ8,PQ8", opq_niter=0)
+
+
 def test_refresh_untrained_index_builds(vectors):
     index = QuantizedIndex(DIM, "SQ8", use_gpu=False)
     assert not index.is_trained

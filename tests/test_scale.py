@@ -489,6 +489,7 @@ def test_refresh_callback_incremental_resets_the_changed_rows():
         ({"bank_device": "tpu"}, "bank_device must be one of auto, cpu, cuda, got 'tpu'"),
         ({"bank_device": "cuda", "use_cpu": True}, "bank_device='cuda' needs a CUDA device"),
         ({"faiss_threads": -2}, "faiss_threads must be >= 0"),
+        ({"opq_niter": 0}, "opq_niter must be at least 1"),
         ({"refresh_mode": "fast"}, "refresh_mode must be one of reencode, retrain, incremental, got 'fast'"),
     ],
 )
@@ -500,8 +501,10 @@ def test_scale_config_errors(tmp_path, options, message):
 def test_scale_options_parse_from_the_command_line(tmp_path):
     model_args, _, args = parse_config(
         ["--output_dir", str(tmp_path), "--bank_dtype", "bf16", "--bank_device", "cpu", "--bank_mmap", "true",
-         "--refresh_mode", "incremental", "--faiss_threads", "1", "--bank_pin_memory", "true"]  # fmt: skip
+         "--refresh_mode", "incremental", "--faiss_threads", "1", "--bank_pin_memory", "true",
+         "--opq_niter", "20"]  # fmt: skip
     )
+    assert args.opq_niter == 20
     assert (args.bank_dtype, args.bank_device, args.refresh_mode) == ("bf16", "cpu", "incremental")
     assert args.faiss_threads == 1
     assert model_args.bank_mmap and args.bank_pin_memory
