@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .index import QuantizedIndex
+from .index import QuantizedIndex, split_pretransform
 
 __all__ = ["TrainableCodebooks", "supports_codebook_learning"]
 
@@ -28,21 +28,19 @@ __all__ = ["TrainableCodebooks", "supports_codebook_learning"]
 def _parts(index: QuantizedIndex) -> tuple[Any, Any | None]:
     """The inner ``IndexPQ`` and the orthonormal pre-rotation (``None`` without OPQ); raises ConfigError otherwise."""
     faiss = index.faiss
-    outer = faiss.downcast_index(index.index)
+    transforms, inner = split_pretransform(faiss, index.index)
     rotation = None
-    inner = outer
-    if isinstance(outer, faiss.IndexPreTransform):
-        if outer.chain.size() != 1:
+    if transforms:
+        if len(transforms) != 1:
             raise ConfigError(
                 f"codebook learning supports one OPQ rotation before PQ, not {index.factory!r}; use 'OPQ16,PQ16'."
             )
-        transform = faiss.downcast_VectorTransform(outer.chain.at(0))
+        transform = transforms[0]
         if not isinstance(transform, faiss.LinearTransform) or not transform.is_orthonormal or transform.have_bias:
             raise ConfigError(
                 f"codebook learning needs an orthonormal rotation (OPQ) before PQ, not {index.factory!r}."
             )
         rotation = transform
-        inner = faiss.downcast_index(outer.index)
     if not isinstance(inner, faiss.IndexPQ) or inner.pq.nbits != 8:
         raise ConfigError(
             f"codebook learning (--learn_codebooks) supports 'PQ<M>' and 'OPQ<M>,PQ<M>' indexes with 8-bit codes, "

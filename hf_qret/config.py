@@ -11,7 +11,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ConfigError
-from .index import REFRESH_MODES
+from .index import REFRESH_MODES, check_index_options
 
 __all__ = ["QRetTrainingArguments", "ModelArguments", "DataArguments", "parse_config", "resolve_model_path"]
 
@@ -160,13 +160,7 @@ class QRetTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.opq_niter < 1:
-            raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {self.opq_niter}.")
-        if self.mining_nlist < 0 or self.mining_nprobe < 1:
-            raise ConfigError(
-                f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {self.mining_nlist} and "
-                f"{self.mining_nprobe}."
-            )
+        check_index_options(self.opq_niter, self.mining_nlist, self.mining_nprobe)
         if self.num_negatives < 1:
             raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}.")
         if self.refresh_mode not in REFRESH_MODES:

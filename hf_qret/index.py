@@ -23,7 +23,7 @@ import numpy as np
 from .errors import ArtifactError, ConfigError
 from .shortlist import MiningShortlist, served_parts
 
-__all__ = ["QuantizedIndex", "import_faiss", "REFRESH_MODES", "set_faiss_threads"]
+__all__ = ["QuantizedIndex", "import_faiss", "REFRESH_MODES", "set_faiss_threads", "check_index_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +59,40 @@ def _disable_polysemous_training(faiss: Any, index: Any) -> None:
         seen += 1
 
 
-def _set_opq_iterations(faiss: Any, index: Any, niter: int) -> int:
-    """Sets ``niter`` on every OPQ rotation of a fresh ``IndexPreTransform`` chain; returns how many it changed."""
-    index = faiss.downcast_index(index)
-    if not hasattr(index, "chain"):
-        return 0
-    changed = 0
-    for position in range(index.chain.size()):
-        transform = faiss.downcast_VectorTransform(index.chain.at(position))
+def check_index_options(opq_niter: int | None, mining_nlist: int, mining_nprobe: int) -> None:
+    """Raises :class:`ConfigError` for an OPQ iteration count or mining-shortlist setting that cannot work."""
+    if opq_niter is not None and int(opq_niter) < 1:
+        raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {opq_niter}.")
+    if int(mining_nlist) < 0 or int(mining_nprobe) < 1:
+        raise ConfigError(
+            f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {mining_nlist} and "
+            f"{mining_nprobe}."
+        )
+
+
+def split_pretransform(faiss: Any, index: Any) -> tuple[list[Any], Any]:
+    """The vector transforms of an ``IndexPreTransform`` (e.g. OPQ; ``[]`` for any other index) and the index that
+    holds the codes, both downcast."""
+    top = faiss.downcast_index(index)
+    if not isinstance(top, faiss.IndexPreTransform):
+        return [], top
+    transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
+    return transforms, faiss.downcast_index(top.index)
+
+
+def apply_transforms(transforms: list[Any], vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` (float32) through every transform of :func:`split_pretransform`, in order."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    for transform in transforms:
+        vectors = np.ascontiguousarray(transform.apply(vectors), dtype=np.float32)
+    return vectors
+
+
+def _set_opq_iterations(faiss: Any, index: Any, niter: int) -> None:
+    """Sets ``niter`` on every OPQ rotation of a fresh index."""
+    for transform in split_pretransform(faiss, index)[0]:
         if isinstance(transform, faiss.OPQMatrix):
             transform.niter = int(niter)
-            changed += 1
-    return changed
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
@@ -180,13 +202,7 @@ class QuantizedIndex:
         mining_nlist: int = 0,
         mining_nprobe: int = 16,
     ) -> None:
-        if opq_niter is not None and int(opq_niter) < 1:
-            raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {opq_niter}.")
-        if int(mining_nlist) < 0 or int(mining_nprobe) < 1:
-            raise ConfigError(
-                f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {mining_nlist} and "
-                f"{mining_nprobe}."
-            )
+        check_index_options(opq_niter, mining_nlist, mining_nprobe)
         self.faiss = import_faiss()
         self.dim = int(dim)
         self.factory = factory
@@ -398,20 +414,14 @@ class QuantizedIndex:
     def _served_updater(self) -> tuple[Callable[[np.ndarray, np.ndarray], None] | None, str]:
         faiss = self.faiss
         top = faiss.downcast_index(self.index)
-        transforms = []
-        inner = top
-        if isinstance(top, faiss.IndexPreTransform):
-            transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
-            inner = faiss.downcast_index(top.index)
+        transforms, inner = split_pretransform(faiss, top)
         if isinstance(inner, faiss.IndexIVF):
             ivf = inner
             if ivf.direct_map.type == faiss.DirectMap.NoMap:
                 ivf.make_direct_map(True)  # array direct map (8 bytes per row), kept up to date by later adds
 
             def update_ivf(rows: np.ndarray, vectors: np.ndarray) -> None:
-                for transform in transforms:
-                    vectors = np.ascontiguousarray(transform.apply(vectors))
-                ivf.update_vectors(rows, vectors)
+                ivf.update_vectors(rows, apply_transforms(transforms, vectors))
 
             return update_ivf, ""
         if isinstance(inner, faiss.IndexFlatCodes):
@@ -433,8 +443,7 @@ class QuantizedIndex:
     def codes_nbytes(self) -> int:
         """Approximate bytes of the stored codes: ``ntotal`` codes, plus 8-byte ids (and direct map) for IVF, plus
         the mining shortlist's copy (codes, ids, direct map) when there is one."""
-        shortlist = 0 if self.shortlist is None else self.shortlist.ntotal * (int(self.shortlist.ivf.code_size) + 16)
-        return self._served_codes_nbytes() + shortlist
+        return self._served_codes_nbytes() + (0 if self.shortlist is None else self.shortlist.nbytes)
 
     def _served_codes_nbytes(self) -> int:
         faiss = self.faiss
@@ -445,8 +454,7 @@ class QuantizedIndex:
         if ivf is not None:
             direct = 8 * self.ntotal if ivf.direct_map.type != faiss.DirectMap.NoMap else 0
             return self.ntotal * (int(ivf.code_size) + 8) + direct
-        inner = faiss.downcast_index(self.index)
-        inner = faiss.downcast_index(inner.index) if isinstance(inner, faiss.IndexPreTransform) else inner
+        inner = split_pretransform(faiss, self.index)[1]
         code_size = getattr(inner, "code_size", None)
         if code_size is None:
             code_size = self.bytes_per_vector

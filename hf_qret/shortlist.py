@@ -37,12 +37,9 @@ COARSE_POINTS_PER_LIST = 256
 
 def served_parts(faiss: Any, index: Any) -> tuple[list[Any], Any]:
     """The vector transforms (e.g. OPQ) and the flat ``IndexPQ`` of a served index, or ConfigError."""
-    top = faiss.downcast_index(index)
-    transforms: list[Any] = []
-    inner = top
-    if isinstance(top, faiss.IndexPreTransform):
-        transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
-        inner = faiss.downcast_index(top.index)
+    from .index import split_pretransform
+
+    transforms, inner = split_pretransform(faiss, index)
     if not isinstance(inner, faiss.IndexPQ):
         raise ConfigError(
             f"a mining shortlist (--mining_nlist) goes over a flat PQ index such as 'PQ16' or 'OPQ16,PQ16', not a "
@@ -102,10 +99,15 @@ class MiningShortlist:
     def ntotal(self) -> int:
         return int(self.ivf.ntotal)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the second copy of the codes: each row's code, its 8-byte id and its 8-byte direct-map entry."""
+        return self.ntotal * (int(self.ivf.code_size) + 16)
+
     def _transform(self, vectors: np.ndarray) -> np.ndarray:
-        for transform in self.transforms:
-            vectors = transform.apply(np.ascontiguousarray(vectors, dtype=np.float32))
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        from .index import apply_transforms
+
+        return apply_transforms(self.transforms, vectors)
 
     def sync_codebooks(self, served: Any) -> None:
         """Copies the served index's PQ centroids (after they were retrained or learned)."""
