@@ -6,7 +6,7 @@ Optimization of the Target Embeddings", as a Hugging Face ``Trainer`` extension.
 
 __version__ = "0.1.0"
 
-from .bank import RowAdam, TargetBank
+from .bank import InitialRows, TargetBank
 from .callbacks import IndexRefreshCallback, RetrievalEvaluationCallback
 from .collator import QRetDataCollator
 from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_config
@@ -15,10 +15,18 @@ from .errors import ArtifactError, ConfigError, DataError, QRetError
 from .evaluation import RetrievalEvaluator
 from .hub import PushToHubCallback, push_artifact
 from .index import QuantizedIndex
-from .loss import CandidateCrossEntropyLoss
+from .loss import (
+    CandidateCrossEntropyLoss,
+    CodebookLearningLoss,
+    MinedNegativesLoss,
+    QRetLoss,
+    QuantizationAwareLoss,
+    build_loss,
+)
 from .metrics import compute_metrics, write_trec_run
 from .model_card import render_model_card, write_model_card
 from .mining import IndexMiner, MinedBatch
+from .optim import FollowScheduler, RowAdam
 from .retriever import QuantizedRetriever
 from .trainer import QRetTrainer
 
@@ -27,6 +35,13 @@ __all__ = [
     "ArtifactError",
     "BeirData",
     "CandidateCrossEntropyLoss",
+    "InitialRows",
+    "FollowScheduler",
+    "build_loss",
+    "QuantizationAwareLoss",
+    "QRetLoss",
+    "MinedNegativesLoss",
+    "CodebookLearningLoss",
     "ConfigError",
     "DataArguments",
     "DataError",

@@ -1,176 +1,47 @@
 """The TargetBank: corpus embeddings computed once, then trained by backpropagation as a memory buffer.
 
 The bank is an ``nn.Module`` whose single parameter is the ``(num_docs, dim)`` matrix of target embeddings. The
-trainer gathers the rows of a batch's candidate set with a *sparse* gradient, and :class:`RowAdam` updates only those
-rows. Every row keeps its own Adam moments **and its own step count**, so the bias correction of a row depends only on
-how often that row was updated, and no state is ever shared between two documents.
-
-Scale: the bank can be stored in ``float32``, ``bfloat16`` or ``float16`` (rows are gathered as float32, the update
-is computed in float32 and written back in the storage dtype), kept on the CPU while training on a GPU, or backed by
-a memory-mapped ``.npy`` file (:meth:`TargetBank.create_mmap`, :meth:`TargetBank.open_mmap`) for corpora larger than
-RAM. :class:`RowAdam` keeps optimizer state only for the rows it has updated, and the bank records which rows changed
-since the last index refresh (:meth:`TargetBank.changed_rows`).
+trainer gathers the rows of a batch's candidate set with a *sparse* gradient, and :class:`~hf_qret.optim.RowAdam`
+updates only those rows, each with its own optimizer state. How the rows are stored (dtype, memory-mapped files,
+chunked I/O) lives in :mod:`hf_qret.storage`; the bank records which rows changed since the last index refresh
+(:meth:`TargetBank.changed_rows`). :class:`InitialRows` keeps the pretrained value of the rows that can move.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .distributed import row_gradients
 from .errors import ArtifactError, ConfigError
+from .storage import (
+    BANK_DTYPES,
+    BANK_KEY,
+    CHUNK_ROWS,
+    NUMPY_STORAGE,
+    Float32Rows,
+    FrozenRows,
+    RowIds,
+    check_bank_shape,
+    copy_file_atomic,
+    create_npy_memmap,
+    dtype_name,
+    open_npy_memmap,
+    read_bank_chunks,
+    read_bank_file,
+    storage_dtype,
+    write_npy,
+    write_safetensors_streamed,
+)
 
-__all__ = ["TargetBank", "RowAdam", "RowIds", "Float32Rows", "BANK_DTYPES", "storage_dtype"]
+__all__ = ["TargetBank", "InitialRows", "RowIds", "Float32Rows", "BANK_DTYPES", "storage_dtype"]
 
 logger = logging.getLogger(__name__)
-
-BANK_KEY = "embeddings"
-
-#: Storage dtypes of the bank, by their config name.
-BANK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
-# numpy has no bfloat16: a bf16 memory-mapped bank is a .npy of its raw uint16 bit patterns.
-_NUMPY_STORAGE = {torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2")}
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-#: Rows read or written at a time when the bank is streamed (files, FAISS): 64k rows of 384-d fp32 = 96 MiB.
-CHUNK_ROWS = 65536
-
-
-def storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Maps ``"fp32"``/``"bf16"``/``"fp16"`` (or a ``torch.dtype``) to the bank's storage dtype.
-
-    Example:
-        >>> storage_dtype("fp16")
-        torch.float16
-    """
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _NUMPY_STORAGE:
-            raise ConfigError(f"bank dtype {dtype} is not supported; use one of {', '.join(BANK_DTYPES)}.")
-        return dtype
-    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if name not in BANK_DTYPES:
-        raise ConfigError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {dtype!r}.")
-    return BANK_DTYPES[name]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in BANK_DTYPES.items() if value == dtype)
-
-
-class RowIds(Sequence):
-    """The document ids ``"0"``, ``"1"``, ... ``"n-1"`` (row numbers), without one Python string per row.
-
-    Ten million id strings and their lookup table take over 1 GB; pass ``doc_ids=None`` to :class:`TargetBank` when
-    the corpus is identified by row numbers.
-
-    Example:
-        >>> ids = RowIds(3)
-        >>> list(ids), ids[1], ids == ["0", "1", "2"]
-        (['0', '1', '2'], '1', True)
-    """
-
-    def __init__(self, count: int) -> None:
-        self.count = int(count)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, item: Any) -> Any:
-        if isinstance(item, slice):
-            return [str(i) for i in range(self.count)[item]]
-        return str(range(self.count)[item])
-
-    def __iter__(self) -> Iterator[str]:
-        return (str(i) for i in range(self.count))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, RowIds):
-            return other.count == self.count
-        if isinstance(other, Sequence) and not isinstance(other, str):
-            return len(other) == self.count and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
-
-    def __hash__(self) -> int:
-        return hash(("RowIds", self.count))
-
-    def __repr__(self) -> str:
-        return f"RowIds({self.count})"
-
-    def row_of(self, doc_id: str) -> int | None:
-        """The row of ``doc_id``, ``None`` when it is not a row number of this range."""
-        if isinstance(doc_id, str) and doc_id.isdigit() and (doc_id == "0" or not doc_id.startswith("0")):
-            row = int(doc_id)
-            if row < self.count:
-                return row
-        return None
-
-
-class Float32Rows:
-    """A read-only float32 numpy view of a bank's rows, converted only for the rows asked for.
-
-    FAISS needs float32 rows; slicing this object (``rows[a:b]`` or ``rows[index_array]``) returns exactly those rows
-    as a C-contiguous float32 array, so a float16 or memory-mapped bank can be indexed in chunks without ever making a
-    float32 copy of the whole bank. For a float32 CPU bank a slice may share memory with the bank.
-
-    Example:
-        >>> import torch
-        >>> rows = TargetBank(torch.eye(3), ["a", "b", "c"], dtype="fp16").float32_rows()
-        >>> rows.shape, rows[1:3].dtype
-        ((3, 3), dtype('float32'))
-    """
-
-    dtype = np.dtype(np.float32)
-    ndim = 2
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self._weight = weight.detach()
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self._weight.shape[0]), int(self._weight.shape[1]))
-
-    def __len__(self) -> int:
-        return int(self._weight.shape[0])
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, np.ndarray):
-            key = torch.from_numpy(np.asarray(key, dtype=np.int64))
-        if torch.is_tensor(key):
-            key = key.to(self._weight.device)
-        part = self._weight[key]
-        return np.ascontiguousarray(part.to("cpu", torch.float32).numpy())
-
-
-class FrozenRows:
-    """Fixed rows in a compact storage dtype, indexed like a tensor and returned as float32.
-
-    The trainer keeps the initial bank rows this way for drift control when the bank is not float32 (or is memory
-    mapped), so the copy costs what the bank costs, not a float32 matrix.
-    """
-
-    def __init__(self, storage: torch.Tensor) -> None:
-        self.storage = storage
-
-    @property
-    def device(self) -> torch.device:
-        return self.storage.device
-
-    def __getitem__(self, rows: Any) -> torch.Tensor:
-        return self.storage[rows].float()
-
 
 class _StagedGather(torch.autograd.Function):
     """Gathers rows of a bank kept on another device (CPU) and moves them to the compute device as float32.
@@ -195,46 +66,6 @@ class _StagedGather(torch.autograd.Function):
         values = grad.to(ctx.bank_device, ctx.bank_dtype)
         sparse = torch.sparse_coo_tensor(rows.unsqueeze(0), values, ctx.bank_shape, check_invariants=False)
         return sparse, None, None, None
-
-
-def _read_npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(handle)  # (shape, fortran_order, dtype)
-    return np.lib.format.read_array_header_2_0(handle)
-
-
-def _npy_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> tuple[tuple[int, int], np.dtype, Iterator[np.ndarray]]:
-    """Shape, dtype and a chunk iterator of a 2-D C-ordered ``.npy`` file, read with plain file reads (no mmap)."""
-    handle = open(path, "rb")
-    try:
-        shape, fortran_order, dtype = _read_npy_header(handle)
-    except Exception:
-        handle.close()
-        raise
-    if fortran_order or len(shape) != 2 or dtype.hasobject:
-        handle.close()
-        raise ArtifactError(f"{path}: a bank .npy must be a 2-D C-ordered numeric matrix; re-save it with np.save.")
-
-    def chunks() -> Iterator[np.ndarray]:
-        with handle:
-            for start in range(0, shape[0], chunk_rows):
-                count = min(chunk_rows, shape[0] - start)
-                data = np.fromfile(handle, dtype=dtype, count=count * shape[1])
-                if data.size != count * shape[1]:
-                    raise ArtifactError(f"{path}: the file is truncated; re-create it.")
-                yield data.reshape(count, shape[1])
-
-    return (int(shape[0]), int(shape[1])), dtype, chunks()
-
-
-def _to_storage_array(chunk: np.ndarray | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A chunk of rows converted to the on-disk numpy layout of ``dtype`` (raw uint16 for bf16)."""
-    tensor = torch.as_tensor(chunk) if not torch.is_tensor(chunk) else chunk
-    tensor = tensor.detach().to("cpu", dtype).contiguous()
-    if dtype == torch.bfloat16:
-        tensor = tensor.view(torch.int16)
-    return tensor.numpy().view(_NUMPY_STORAGE[dtype])
 
 
 class TargetBank(nn.Module):
@@ -272,15 +103,7 @@ class TargetBank(nn.Module):
         self._setup(doc_ids)
 
     # ------------------------------------------------------------------ setup
-    @staticmethod
-    def _check_shape(shape: tuple[int, ...], doc_ids: Sequence[str] | None) -> None:
-        if len(shape) != 2:
-            raise ArtifactError(f"bank embeddings must be a 2-D (num_docs, dim) matrix, got shape {shape}.")
-        if doc_ids is not None and shape[0] != len(doc_ids):
-            raise ArtifactError(
-                f"the bank has {shape[0]} rows but {len(doc_ids)} document ids were given; "
-                "re-encode the corpus or pass the doc-id list the bank was built from."
-            )
+    _check_shape = staticmethod(check_bank_shape)
 
     def _setup(self, doc_ids: Sequence[str] | None) -> None:
         count = int(self.weight.shape[0])
@@ -431,8 +254,8 @@ class TargetBank(nn.Module):
             return self
         if self.is_mmap:
             raise ConfigError(
-                f"the bank is memory mapped from {self._mmap_path} ({_dtype_name(self.weight.dtype)}, CPU); it cannot "
-                f"become {_dtype_name(dtype)} on {device}: create the mmap file with that dtype, or turn bank_mmap off."
+                f"the bank is memory mapped from {self._mmap_path} ({dtype_name(self.weight.dtype)}, CPU); it cannot "
+                f"become {dtype_name(dtype)} on {device}: create the mmap file with that dtype, or turn bank_mmap off."
             )
         self.weight.data = self.weight.data.to(device, dtype)
         return self
@@ -503,85 +326,36 @@ class TargetBank(nn.Module):
             ...     "bank.npy", doc_ids, dtype="fp16", mmap_path="out/bank_mmap.npy"
             ... )  # doctest: +SKIP
         """
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"{path}: no such bank file; pass a .npy or .safetensors file of embeddings.")
         dtype = storage_dtype(dtype)
         if mmap_path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ArtifactError(f"{path}: no such bank file; pass a .npy or .safetensors file of embeddings.")
             return cls._mmap_from_file(path, doc_ids, dtype, Path(mmap_path))
-        try:
-            if path.suffix == ".npy":
-                tensor = torch.from_numpy(np.asarray(np.load(path, allow_pickle=False), dtype=np.float32))
-            else:
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as handle:
-                    keys = sorted(handle.keys())
-                    if BANK_KEY not in keys:
-                        raise ArtifactError(f"{path}: no {BANK_KEY!r} tensor; found {keys}.")
-                    tensor = handle.get_tensor(BANK_KEY)
-        except ArtifactError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt file for the user
-            raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
-        return cls(tensor, doc_ids, dtype)
+        return cls(read_bank_file(Path(path)), doc_ids, dtype)
 
     @classmethod
     def _mmap_from_file(cls, path: Path, doc_ids: Sequence[str] | None, dtype: torch.dtype, target: Path) -> TargetBank:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if path.suffix == ".npy":
-                shape, file_dtype, chunks = _npy_chunks(path)
-                cls._check_shape(shape, doc_ids)
-                size = shape[0] * shape[1] * _NUMPY_STORAGE[dtype].itemsize
-                if file_dtype == _NUMPY_STORAGE[dtype] and dtype != torch.bfloat16:
-                    chunks.close()
-                    logger.info(
-                        "bank: copying %s to the memory-mapped working file %s (%.2f GB)", path, target, size / 1e9
-                    )
-                    shutil.copyfile(path, target.with_name(target.name + ".tmp"))
-                    os.replace(target.with_name(target.name + ".tmp"), target)
-                    return cls.open_mmap(target, doc_ids, dtype)
-            else:
-                from safetensors import safe_open
-
-                handle = safe_open(str(path), framework="pt")
-                if BANK_KEY not in handle.keys():
-                    raise ArtifactError(f"{path}: no {BANK_KEY!r} tensor; found {sorted(handle.keys())}.")
-                sliced = handle.get_slice(BANK_KEY)
-                shape = tuple(sliced.get_shape())
-                cls._check_shape(shape, doc_ids)
-                size = shape[0] * shape[1] * _NUMPY_STORAGE[dtype].itemsize
-                chunks = (sliced[start : start + CHUNK_ROWS] for start in range(0, shape[0], CHUNK_ROWS))
+            shape, file_dtype, chunks = read_bank_chunks(path)
+            cls._check_shape(shape, doc_ids)
+            size = shape[0] * shape[1] * NUMPY_STORAGE[dtype].itemsize
+            if file_dtype == NUMPY_STORAGE[dtype] and dtype != torch.bfloat16:
+                chunks.close()
+                logger.info("bank: copying %s to the memory-mapped working file %s (%.2f GB)", path, target, size / 1e9)
+                copy_file_atomic(path, target)
+                return cls.open_mmap(target, doc_ids, dtype)
             logger.info(
                 "bank: converting %s to the memory-mapped %s working file %s (%d x %d, %.2f GB), once per run",
-                path, _dtype_name(dtype), target, shape[0], shape[1], size / 1e9,
+                path, dtype_name(dtype), target, shape[0], shape[1], size / 1e9,
             )  # fmt: skip
-            cls._write_npy(target, shape, dtype, chunks)
+            write_npy(target, shape, dtype, chunks)
         except ArtifactError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
         return cls.open_mmap(target, doc_ids, dtype)
-
-    @staticmethod
-    def _write_npy(target: Path, shape: tuple[int, int], dtype: torch.dtype, chunks: Any) -> None:
-        """Streams chunks of rows into a new ``.npy`` file (temp name, then rename) with plain writes."""
-        tmp = target.with_name(target.name + ".tmp")
-        header = {"descr": np.lib.format.dtype_to_descr(_NUMPY_STORAGE[dtype]), "fortran_order": False, "shape": shape}
-        written = 0
-        with open(tmp, "wb") as handle:
-            np.lib.format.write_array_header_1_0(handle, header)
-            for chunk in chunks:
-                array = _to_storage_array(chunk, dtype)
-                if array.ndim != 2 or array.shape[1] != shape[1]:
-                    raise ArtifactError(f"a chunk of shape {array.shape} does not fit a {shape} bank.")
-                handle.write(memoryview(array).cast("B"))
-                written += array.shape[0]
-        if written != shape[0]:
-            tmp.unlink(missing_ok=True)
-            raise ArtifactError(f"{target}: wrote {written} rows for a bank of {shape[0]}; the source is truncated.")
-        os.replace(tmp, target)
 
     @classmethod
     def zeros(
@@ -624,11 +398,7 @@ class TargetBank(nn.Module):
         path = Path(path)
         dtype = storage_dtype(dtype)
         cls._check_shape((int(num_docs), int(dim)), doc_ids)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY_STORAGE[dtype], shape=(int(num_docs), int(dim)))
-        del array
-        os.replace(tmp, path)
+        create_npy_memmap(path, (int(num_docs), int(dim)), dtype)
         return cls.open_mmap(path, doc_ids, dtype)
 
     @classmethod
@@ -645,25 +415,7 @@ class TargetBank(nn.Module):
             >>> bank = TargetBank.open_mmap("out/bank_mmap.npy", doc_ids)  # doctest: +SKIP
         """
         path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"{path}: no such bank file; create it with TargetBank.create_mmap or from_file.")
-        try:
-            array = np.load(path, mmap_mode="r+", allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001
-            raise ArtifactError(f"{path}: cannot be memory-mapped as a bank ({exc}); re-create it.") from None
-        wanted = storage_dtype(dtype) if dtype is not None else None
-        found = {np.dtype("<f4"): torch.float32, np.dtype("<f2"): torch.float16}.get(array.dtype)
-        if array.dtype == np.dtype("<u2") and wanted == torch.bfloat16:
-            found = torch.bfloat16
-        if found is None or (wanted is not None and wanted != found) or not array.flags["C_CONTIGUOUS"]:
-            raise ArtifactError(
-                f"{path}: a memory-mapped bank must be a C-ordered float32, float16 (or uint16 bf16 bits) .npy, "
-                f"found {array.dtype}{'' if wanted is None else f' for bank_dtype {_dtype_name(wanted)}'}; convert it "
-                "with TargetBank.from_file(..., mmap_path=...)."
-            )
-        tensor = torch.from_numpy(array)
-        if found == torch.bfloat16:
-            tensor = tensor.view(torch.bfloat16)
+        tensor, array = open_npy_memmap(path, storage_dtype(dtype) if dtype is not None else None)
         return cls._from_storage(tensor, doc_ids, mmap=array, path=path)
 
     @torch.no_grad()
@@ -683,15 +435,7 @@ class TargetBank(nn.Module):
         """
         path = Path(path)
         try:
-            if path.suffix == ".npy":
-                shape, _, chunks = _npy_chunks(path)
-            else:
-                from safetensors import safe_open
-
-                handle = safe_open(str(path), framework="pt")
-                sliced = handle.get_slice(BANK_KEY)
-                shape = tuple(sliced.get_shape())
-                chunks = (sliced[start : start + CHUNK_ROWS] for start in range(0, shape[0], CHUNK_ROWS))
+            shape, _, chunks = read_bank_chunks(path)
             if tuple(shape) != tuple(self.weight.shape):
                 raise ArtifactError(
                     f"{path}: the saved bank is {tuple(shape)} but this bank is {tuple(self.weight.shape)}; "
@@ -723,12 +467,8 @@ class TargetBank(nn.Module):
             raise ValueError("a memory-mapped bank needs a file path for its frozen copy.")
         self.flush()
         path = Path(path)
-        shutil.copyfile(self._mmap_path, path.with_name(path.name + ".tmp"))
-        os.replace(path.with_name(path.name + ".tmp"), path)
-        array = np.load(path, mmap_mode="c", allow_pickle=False)
-        tensor = torch.from_numpy(array)
-        if weight.dtype == torch.bfloat16:
-            tensor = tensor.view(torch.bfloat16)
+        copy_file_atomic(self._mmap_path, path)
+        tensor, array = open_npy_memmap(path, weight.dtype, mode="c")
         frozen = FrozenRows(tensor)
         frozen._mmap = array  # keeps the mapping alive
         return frozen
@@ -747,33 +487,16 @@ class TargetBank(nn.Module):
         """Writes the embeddings atomically: ``.npy`` (float32) for a ``.npy`` path, else safetensors (key
         ``embeddings``, in the storage dtype). A memory-mapped bank is streamed in chunks."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         if path.suffix == ".npy":
-            if self.is_mmap:
-                self._write_npy(path, tuple(self.weight.shape), torch.float32, (c for _, c in self.iter_float32()))
-                return
-            with open(tmp, "wb") as handle:
-                np.save(handle, self.numpy(), allow_pickle=False)
+            write_npy(path, tuple(self.weight.shape), torch.float32, (c for _, c in self.iter_float32()))
         elif self.is_mmap:
-            self._save_safetensors_streamed(tmp)
+            write_safetensors_streamed(self.weight, path)
         else:
             from safetensors.torch import save_file
 
+            tmp = path.with_name(path.name + ".tmp")
             save_file({BANK_KEY: self.weight.detach().to("cpu").contiguous()}, str(tmp))
-        os.replace(tmp, path)
-
-    def _save_safetensors_streamed(self, tmp: Path) -> None:
-        weight = self.weight.detach()
-        nbytes = weight.numel() * weight.element_size()
-        header = {BANK_KEY: {"dtype": _SAFETENSORS_DTYPE[weight.dtype], "shape": list(weight.shape),
-                             "data_offsets": [0, nbytes]}}  # fmt: skip
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
-        with open(tmp, "wb") as handle:
-            handle.write(len(encoded).to_bytes(8, "little"))
-            handle.write(encoded)
-            for start in range(0, weight.shape[0], CHUNK_ROWS):
-                handle.write(memoryview(_to_storage_array(weight[start : start + CHUNK_ROWS], weight.dtype)).cast("B"))
+            os.replace(tmp, path)
 
     def check_dim(self, dim: int, what: str = "the encoder") -> None:
         """Raises a clear error when the bank dimension differs from ``dim``."""
@@ -784,238 +507,53 @@ class TargetBank(nn.Module):
             )
 
 
-class RowAdam:
-    """Adam over the rows of a :class:`TargetBank`, with per-row state and per-row step counts.
+class InitialRows:
+    """The pretrained (initial) embedding of the bank rows that can move, for drift control and decoupled scoring.
 
-    Only rows that received a gradient (the candidate rows of the accumulated batches) are read or written. A row's
-    moments and step count belong to that row alone, so the first update of a row always gets the full bias
-    correction of a first Adam step, however late in training it happens.
-
-    State is kept only for rows that were ever updated: a row-to-slot map (4 bytes per bank row) and slot tensors of
-    moments and step counts allocated in blocks of ``block_rows`` rows as new rows are touched, so the memory grows
-    with the number of touched rows, not with the corpus. The update is computed in float32 whatever the bank's
-    storage dtype, and written back in that dtype.
+    With ``movable`` (the rows of training positives under ``bank_update='positives'``) only those rows are copied
+    (float32): every other row never moves, so the bank itself still holds its initial value. 10 M rows of which
+    100 k train cost 100 k copied rows plus a 4-byte slot per row, not a second bank. Without it the whole bank is
+    copied with :meth:`TargetBank.frozen_copy` (storage dtype; a memory-mapped bank into ``path``, copy-on-write).
 
     Args:
-        bank: The bank to optimise.
-        lr: Learning rate.
-        betas: Adam's moment coefficients.
-        eps: Adam's epsilon.
-        weight_decay: Decoupled (AdamW-style) weight decay on the updated rows.
-        block_rows: Rows of optimizer state allocated at a time.
+        bank: The bank, before training.
+        movable: ``(num_docs,)`` mask of the rows that can move; ``None`` means all of them.
+        path: Where a memory-mapped bank's full copy goes (only used for a memory-mapped bank when ``movable`` is
+            ``None``).
 
     Example:
         >>> import torch
-        >>> bank = TargetBank(torch.zeros(3, 2), ["a", "b", "c"])
-        >>> opt = RowAdam(bank, lr=0.1)
-        >>> bank.gather(torch.tensor([1])).sum().backward()
-        >>> opt.step()  # rows updated
-        1
-        >>> opt.zero_grad()
-        >>> [round(v, 4) for v in bank.weight[1].tolist()], bank.weight[0].tolist()
-        ([-0.1, -0.1], [0.0, 0.0])
-        >>> opt.num_touched_rows
-        1
+        >>> bank = TargetBank(torch.arange(6.0).reshape(3, 2), ["a", "b", "c"])
+        >>> initial = InitialRows(bank, torch.tensor([False, True, False]))
+        >>> with torch.no_grad():
+        ...     bank.weight[1] = 9.0  # row 1 trains
+        >>> initial.rows(torch.tensor([1, 2])).tolist()
+        [[2.0, 3.0], [4.0, 5.0]]
     """
 
-    STATE_NAMES = ("exp_avg", "exp_avg_sq", "row_steps")
-
-    def __init__(
-        self,
-        bank: TargetBank,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        block_rows: int = 16384,
-    ) -> None:
-        if block_rows < 1:
-            raise ValueError(f"block_rows must be at least 1, got {block_rows}.")
+    def __init__(self, bank: TargetBank, movable: torch.Tensor | None = None, path: str | None = None) -> None:
         self.bank = bank
-        self.lr = lr
-        self.betas = betas
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.block_rows = int(block_rows)
-        weight = bank.weight
-        self._num_rows = int(weight.shape[0])
-        self._dim = int(weight.shape[1])
-        self._device = weight.device
-        index_dtype = torch.int32 if self._num_rows < 2**31 else torch.int64
-        self._slot_of = torch.full((self._num_rows,), -1, dtype=index_dtype, device=self._device)
-        self._reset_slots()
+        weight = bank.weight.detach()
+        if movable is None:
+            self.slot = None
+            if path is not None and bank.is_mmap:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.values = bank.frozen_copy(path if bank.is_mmap else None)
+        else:
+            rows = movable.nonzero().squeeze(1)
+            self.slot = torch.full((len(movable),), -1, dtype=torch.int32)
+            self.slot[rows] = torch.arange(len(rows), dtype=torch.int32)
+            self.values = weight[rows.to(weight.device)].to(torch.float32, copy=True)
 
-    def _reset_slots(self) -> None:
-        self._slot_of.fill_(-1)
-        self._avg_blocks: list[torch.Tensor] = []
-        self._sq_blocks: list[torch.Tensor] = []
-        self._step_blocks: list[torch.Tensor] = []
-        self._capacity = 0
-        self.num_touched_rows = 0
-
-    # ------------------------------------------------------------------ slot store
-    def _grow(self, needed: int) -> None:
-        while self._capacity < needed:
-            rows = min(self.block_rows, self._num_rows - self._capacity)
-            self._avg_blocks.append(torch.zeros(rows, self._dim, dtype=torch.float32, device=self._device))
-            self._sq_blocks.append(torch.zeros(rows, self._dim, dtype=torch.float32, device=self._device))
-            self._step_blocks.append(torch.zeros(rows, dtype=torch.int64, device=self._device))
-            self._capacity += rows
-
-    def _slots(self, rows: torch.Tensor) -> torch.Tensor:
-        """The slots of ``rows`` (unique), allocating fresh zeroed slots for rows seen for the first time."""
-        slots = self._slot_of[rows].long()
-        fresh = slots < 0
-        count = int(fresh.sum())
-        if count:
-            start = self.num_touched_rows
-            self._grow(start + count)
-            new_slots = torch.arange(start, start + count, device=self._device)
-            self._slot_of[rows[fresh]] = new_slots.to(self._slot_of.dtype)
-            slots[fresh] = new_slots
-            self.num_touched_rows += count
-        return slots
-
-    def _read(self, blocks: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
-        if len(blocks) == 1:
-            return blocks[0][slots]
-        block, offset = slots // self.block_rows, slots % self.block_rows
-        out = blocks[0].new_empty((slots.numel(), *blocks[0].shape[1:]))
-        for b in torch.unique(block).tolist():
-            where = (block == b).nonzero().squeeze(1)
-            out[where] = blocks[b][offset[where]]
-        return out
-
-    def _write(self, blocks: list[torch.Tensor], slots: torch.Tensor, values: torch.Tensor) -> None:
-        if len(blocks) == 1:
-            blocks[0][slots] = values
-            return
-        block, offset = slots // self.block_rows, slots % self.block_rows
-        for b in torch.unique(block).tolist():
-            where = (block == b).nonzero().squeeze(1)
-            blocks[b][offset[where]] = values[where]
-
-    # ------------------------------------------------------------------ optimisation
     @torch.no_grad()
-    def step(self) -> int:
-        """Updates the rows that have a gradient; returns how many rows were updated."""
-        rows, grads = row_gradients(self.bank.weight)
-        if rows.numel() == 0:
-            return 0
-        beta1, beta2 = self.betas
-        weight = self.bank.weight
-        grads = grads.float()
-        slots = self._slots(rows)
-        row_steps = self._read(self._step_blocks, slots) + 1
-        self._write(self._step_blocks, slots, row_steps)
-        steps = row_steps.to(torch.float32).unsqueeze(1)
-        exp_avg = self._read(self._avg_blocks, slots).mul_(beta1).add_(grads, alpha=1 - beta1)
-        exp_avg_sq = self._read(self._sq_blocks, slots).mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-        self._write(self._avg_blocks, slots, exp_avg)
-        self._write(self._sq_blocks, slots, exp_avg_sq)
-        bias1 = 1 - beta1**steps
-        bias2 = 1 - beta2**steps
-        denom = (exp_avg_sq / bias2).sqrt_().add_(self.eps)
-        update = (exp_avg / bias1) / denom
-        current = weight[rows].float()
-        if self.weight_decay:
-            current = current * (1 - self.lr * self.weight_decay)
-        weight[rows] = (current - self.lr * update).to(weight.dtype)
-        self.bank.version += 1
-        if hasattr(self.bank, "mark_changed"):
-            self.bank.mark_changed(rows)
-        return int(rows.numel())
-
-    def zero_grad(self) -> None:
-        """Drops the accumulated (sparse) gradient of the bank."""
-        self.bank.weight.grad = None
-
-    # ------------------------------------------------------------------ inspection
-    def touched_rows(self) -> torch.Tensor:
-        """The sorted bank rows that have optimizer state (were updated at least once)."""
-        return (self._slot_of >= 0).nonzero().squeeze(1)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of optimizer state: the row-to-slot map plus the allocated slot blocks."""
-        blocks = self._avg_blocks + self._sq_blocks + self._step_blocks
-        return self._slot_of.numel() * self._slot_of.element_size() + sum(b.numel() * b.element_size() for b in blocks)
-
-    def _dense(self, blocks: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        out = torch.zeros(shape, dtype=dtype, device=self._device)
-        rows = self.touched_rows()
-        if rows.numel():
-            out[rows] = self._read(blocks, self._slot_of[rows].long())
-        return out
-
-    @property
-    def row_steps(self) -> torch.Tensor:
-        """Every row's own step count, ``(num_docs,)`` int64 (a copy; 0 for rows never updated)."""
-        return self._dense(self._step_blocks, (self._num_rows,), torch.int64)
-
-    @property
-    def exp_avg(self) -> torch.Tensor:
-        """A dense ``(num_docs, dim)`` copy of the first moments (zeros where untouched): for small banks only."""
-        return self._dense(self._avg_blocks, (self._num_rows, self._dim), torch.float32)
-
-    @property
-    def exp_avg_sq(self) -> torch.Tensor:
-        """A dense ``(num_docs, dim)`` copy of the second moments (zeros where untouched): for small banks only."""
-        return self._dense(self._sq_blocks, (self._num_rows, self._dim), torch.float32)
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The optimizer state as tensors (safetensors-friendly), compact.
-
-        ``row_steps`` is ``(num_docs,)``; ``exp_avg`` and ``exp_avg_sq`` are ``(T, dim)`` for the ``T`` rows with
-        ``row_steps > 0``, in increasing row order.
-        """
-        rows = self.touched_rows()
-        slots = self._slot_of[rows].long()
-        empty = torch.zeros(0, self._dim, dtype=torch.float32, device=self._device)
-        steps = torch.zeros(self._num_rows, dtype=torch.int64, device=self._device)
-        if rows.numel():
-            steps[rows] = self._read(self._step_blocks, slots)
-        return {
-            "exp_avg": self._read(self._avg_blocks, slots) if rows.numel() else empty,
-            "exp_avg_sq": self._read(self._sq_blocks, slots) if rows.numel() else empty.clone(),
-            "row_steps": steps,
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restores :meth:`state_dict` output; also reads the older dense format (``(num_docs, dim)`` moments).
-
-        Raises:
-            ArtifactError: A tensor is missing or its shape does not fit this bank.
-        """
-
-        def wrong(name: str) -> ArtifactError:
-            return ArtifactError(
-                f"bank optimizer state {name!r} is missing or has the wrong shape; the checkpoint belongs to another "
-                "corpus."
-            )
-
-        for name in self.STATE_NAMES:
-            if name not in state:
-                raise wrong(name)
-        steps = state["row_steps"].to(self._device, torch.int64)
-        if tuple(steps.shape) != (self._num_rows,):
-            raise wrong("row_steps")
-        rows = steps.gt(0).nonzero().squeeze(1)
-        moments = {}
-        for name in ("exp_avg", "exp_avg_sq"):
-            tensor = state[name].to(self._device, torch.float32)
-            if tensor.ndim != 2 or tensor.shape[1] != self._dim:
-                raise wrong(name)
-            if tensor.shape[0] == rows.numel():
-                moments[name] = tensor
-            elif tensor.shape[0] == self._num_rows:  # the dense format of earlier versions
-                moments[name] = tensor[rows]
-            else:
-                raise wrong(name)
-        self._reset_slots()
-        if rows.numel():
-            slots = self._slots(rows)
-            self._write(self._step_blocks, slots, steps[rows])
-            self._write(self._avg_blocks, slots, moments["exp_avg"])
-            self._write(self._sq_blocks, slots, moments["exp_avg_sq"])
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The initial embeddings of ``rows`` as float32, on the bank's device."""
+        if self.slot is None:
+            return self.values[rows.to(self.values.device)].float()
+        weight = self.bank.weight.detach()
+        current = weight[rows.to(weight.device)].to(torch.float32, copy=True)
+        slots = self.slot[rows.cpu()]
+        kept = (slots >= 0).nonzero().squeeze(1)
+        if kept.numel():
+            current[kept.to(current.device)] = self.values[slots[kept].long().to(self.values.device)]
+        return current

@@ -120,15 +120,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
                 bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
     set_faiss_threads(training_args.faiss_threads)
-    index = QuantizedIndex(
-        dim,
-        training_args.index_factory,
-        training_args.index_search_params,
-        opq_niter=training_args.opq_niter,
-        mining_nlist=training_args.mining_nlist,
-        mining_nprobe=training_args.mining_nprobe,
-    )
-    index.build(bank.float32_rows())
+    index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)
     logger.info(
         "bank: %d x %d %s%s; index %r: %d bytes/vector (fp32: %d)",
         len(bank), dim, bank_dtype, f" memory-mapped from {mmap_path}" if mmap_path else "",
@@ -153,11 +145,11 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         "index_factory": index.factory,
         "flat_bytes_per_vector": 4 * dim,
     }
-    if evaluator is not None:
-        results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
+    if evaluator is not None and not resume:  # a resumed run's checkpoint provides the index; no throw-away build
+        results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
     trainer.train(resume_from_checkpoint=resume or None)
     # With --push_to_hub the one upload happens below, once the evaluation is in the model card.
     trainer.save_model(_internal_call=bool(training_args.push_to_hub))

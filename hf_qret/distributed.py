@@ -2,7 +2,7 @@
 
 The encoder is wrapped in ``DistributedDataParallel``, which averages its gradients across processes; the bank is not
 a parameter of the wrapped model, so its sparse row gradients are averaged here, before every process applies the
-same :class:`~hf_qret.bank.RowAdam` step. Every process thus keeps an identical bank (and rebuilds an identical
+same :class:`~hf_qret.optim.RowAdam` step. Every process thus keeps an identical bank (and rebuilds an identical
 index from it), as it keeps identical encoder weights.
 """
 

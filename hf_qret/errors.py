@@ -24,3 +24,18 @@ class ArtifactError(QRetError, ValueError):
 
 class TrainingDivergedError(QRetError, RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad step changed anything."""
+
+    @classmethod
+    def at(cls, value: float, step: int, epoch: float, output_dir: str) -> TrainingDivergedError:
+        """The error for a loss of ``value`` at ``step``, naming the last checkpoint in ``output_dir`` to resume."""
+        import os
+
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet (set --save_steps)"
+        return cls(
+            f"the loss became {value} at step {step} (epoch {epoch:.2f}); training stopped before that step changed "
+            f"the encoder or the bank, and {kept}. Lower --learning_rate/--bank_learning_rate or --scale, then "
+            "resume with --resume_from_checkpoint."
+        )

@@ -29,6 +29,7 @@ from .errors import ArtifactError, ConfigError
 
 __all__ = [
     "ARTIFACT_IGNORE_PATTERNS",
+    "copy_artifact_files",
     "artifact_upload_files",
     "push_artifact",
     "write_corpus",
@@ -54,6 +55,11 @@ ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
     "trainer_state.json",
     "training_args.bin",
     "bank_optimizer.safetensors",
+    "loss_optimizer.safetensors",
+    "bank_anchors.safetensors",
+    "values.bank_anchors.safetensors",
+    "mining_index.faiss",
+    "mining_shortlist.faiss",
     "*.tmp",
     "_*",
     ".*/*",
@@ -392,3 +398,21 @@ def card_main(argv: list[str] | None = None) -> Path:
     path = write_model_card(args.artifact, repo_id=args.repo_id, **_card_kwargs(args))
     print(str(path))
     return path
+
+
+def copy_artifact_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies an artifact's files (not its training state: :data:`ARTIFACT_IGNORE_PATTERNS`) from a checkpoint
+    folder into the output folder, each through a temporary name. A mid-training push uploads ``target``."""
+    import shutil
+    from fnmatch import fnmatch
+
+    os.makedirs(target, exist_ok=True)
+    for name in sorted(os.listdir(source)):
+        if any(fnmatch(name, pattern) for pattern in ARTIFACT_IGNORE_PATTERNS):
+            continue
+        src, dst = os.path.join(source, name), os.path.join(target, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)

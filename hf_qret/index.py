@@ -245,6 +245,19 @@ class QuantizedIndex:
         cls(dim, factory)
 
     @classmethod
+    def from_args(cls, dim: int, args: Any) -> QuantizedIndex:
+        """An empty index as :class:`~hf_qret.config.QRetTrainingArguments` describe it (factory, search
+        parameters, OPQ iterations, mining shortlist)."""
+        return cls(
+            dim,
+            args.index_factory,
+            args.index_search_params,
+            opq_niter=args.opq_niter,
+            mining_nlist=args.mining_nlist,
+            mining_nprobe=args.mining_nprobe,
+        )
+
+    @classmethod
     def from_index(cls, index: Any, factory: str, search_params: str | None = None) -> QuantizedIndex:
         """Wraps an existing FAISS index."""
         self = cls.__new__(cls)
@@ -492,12 +505,18 @@ class QuantizedIndex:
         if self.shortlist is not None:
             self.shortlist.sync_codebooks(self.index)
 
-    def replace(self, index: Any) -> None:
-        """Serves another trained FAISS index of the same kind (e.g. a checkpoint's); the mining shortlist, if any,
-        is rebuilt over its codes (decoded and re-encoded with the same codebooks: the same codes)."""
+    def replace(self, index: Any, shortlist_ivf: Any = None) -> None:
+        """Serves another trained FAISS index of the same kind (e.g. a checkpoint's).
+
+        The mining shortlist, if any, becomes ``shortlist_ivf`` (a checkpoint's saved inverted lists: the same
+        candidates as the run that saved it) or is rebuilt over the new index's codes (decoded and re-encoded with the
+        same codebooks: the same codes, but lists trained anew).
+        """
         self.index = index
         self._changed()
-        if self.mining_nlist and self.ntotal:
+        if self.mining_nlist and self.ntotal and shortlist_ivf is not None:
+            self.shortlist = MiningShortlist.from_ivf(self.index, shortlist_ivf)
+        elif self.mining_nlist and self.ntotal:
             decoded = _Decoded(self)
             self.shortlist = MiningShortlist(
                 self.index, _train_sample(decoded, MAX_TRAIN_ROWS), self.mining_nlist, self.mining_nprobe
@@ -506,6 +525,24 @@ class QuantizedIndex:
                 self.shortlist.add(chunk)
         else:
             self.shortlist = None
+
+    def synced_copy(self, vectors: Any, rows: np.ndarray) -> QuantizedIndex:
+        """A copy of this index with ``rows`` re-encoded from ``vectors`` (the whole bank) with the current codebooks.
+
+        This is the index of the bank as it is now, for evaluation and saving; ``self`` (what training mines from
+        between refreshes) is left untouched. The copy has no mining shortlist.
+
+        Example:
+            >>> served = index.synced_copy(bank.float32_rows(), bank.changed_rows())  # doctest: +SKIP
+        """
+        copy = QuantizedIndex.from_index(self.faiss.clone_index(self.index), self.factory, self.search_params)
+        copy.opq_niter = self.opq_niter
+        copy.use_gpu = self.use_gpu
+        copy._apply_search_params(copy.index)
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if rows.size:
+            copy.refresh(vectors, mode="incremental", rows=rows)
+        return copy
 
     def _searcher(self) -> Any:
         if self.use_gpu is False or self._gpu_failed or not hasattr(self.faiss, "get_num_gpus"):

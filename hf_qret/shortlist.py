@@ -87,6 +87,21 @@ class MiningShortlist:
         self.ivf.make_direct_map(True)  # rows can be moved between lists in place (8 bytes per row)
         self.ivf.nprobe = int(nprobe)
 
+    @classmethod
+    def from_ivf(cls, served: Any, ivf: Any) -> MiningShortlist:
+        """Wraps saved inverted lists (an ``IndexIVFPQ`` written by ``faiss.write_index``) for ``served``."""
+        from .index import import_faiss
+
+        self = cls.__new__(cls)
+        faiss = self.faiss = import_faiss()
+        self.transforms, _ = served_parts(faiss, served)
+        self._owner = ivf  # the object read from disk owns the C++ index: keep it alive
+        self.ivf = faiss.downcast_index(ivf)
+        self.quantizer = self.ivf.quantizer
+        if self.ivf.direct_map.type == faiss.DirectMap.NoMap:
+            self.ivf.make_direct_map(True)
+        return self
+
     @property
     def nlist(self) -> int:
         return int(self.ivf.nlist)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections import defaultdict
 from typing import Any
 
@@ -14,28 +13,36 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .artifact import save_retrieval_files
-from .bank import RowAdam, TargetBank, storage_dtype
+from .bank import InitialRows, TargetBank, storage_dtype
 from .callbacks import IndexRefreshCallback
-from .codebook import TrainableCodebooks
+from .checkpoint import (
+    BANK_OPTIMIZER_NAME,
+    load_anchors,
+    load_mining_index,
+    load_optimizer_states,
+    publish_checkpoint,
+    save_training_state,
+    staging_folder,
+)
 from .collator import QRetDataCollator
-from .distributed import all_gather_rows, all_reduce_row_grad, row_gradients
+from .distributed import all_gather_rows, all_reduce_row_grad
 from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from .errors import ConfigError, TrainingDivergedError
 from .evaluation import RetrievalEvaluator
 from .index import QuantizedIndex, set_faiss_threads
-from .loss import CandidateCrossEntropyLoss
+from .loss import CandidateCrossEntropyLoss, MinedNegativesLoss, QRetLoss, build_loss
 from .mining import IndexMiner
+from .optim import FollowScheduler, RowAdam
 from .peft_utils import adapter_info, has_adapter
 
-__all__ = ["QRetTrainer", "InitialRows", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
+__all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
+
+#: Where a memory-mapped bank's copy of its initial rows goes (copy-on-write mapped) when every row can move.
+INITIAL_MMAP_NAME = "bank_initial_mmap.npy"
 
 logger = logging.getLogger(__name__)
 
-BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
-#: Key of the rows changed since the last index refresh, saved with the bank optimizer state.
-CHANGED_ROWS_KEY = "changed_rows"
-CODEBOOK_OPTIMIZER_NAME = "codebook_optimizer.safetensors"
 
 
 def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
@@ -61,53 +68,18 @@ def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
     return mask
 
 
-class InitialRows:
-    """The pretrained (initial) embedding of the bank rows that can move, for drift control and decoupled scoring.
-
-    With ``movable`` (the rows of training positives under ``bank_update='positives'``) only those rows are copied
-    (float32): every other row never moves, so the bank itself still holds its initial value. 10 M rows of which
-    100 k train cost 100 k copied rows plus a 4-byte slot per row, not a second bank. Without it the whole bank is
-    copied with :meth:`TargetBank.frozen_copy` (storage dtype; a memory-mapped bank into ``path``, copy-on-write).
-
-    Args:
-        bank: The bank, before training.
-        movable: ``(num_docs,)`` mask of the rows that can move; ``None`` means all of them.
-        path: Where a memory-mapped bank's full copy goes (only used when ``movable`` is ``None``).
-
-    Example:
-        >>> import torch
-        >>> bank = TargetBank(torch.arange(6.0).reshape(3, 2), ["a", "b", "c"])
-        >>> initial = InitialRows(bank, torch.tensor([False, True, False]))
-        >>> with torch.no_grad():
-        ...     bank.weight[1] = 9.0  # row 1 trains
-        >>> initial.rows(torch.tensor([1, 2])).tolist()
-        [[2.0, 3.0], [4.0, 5.0]]
-    """
-
-    def __init__(self, bank: TargetBank, movable: torch.Tensor | None = None, path: str | None = None) -> None:
-        self.bank = bank
-        weight = bank.weight.detach()
-        if movable is None:
-            self.slot = None
-            self.values = bank.frozen_copy(path)
-        else:
-            rows = movable.nonzero().squeeze(1)
-            self.slot = torch.full((len(movable),), -1, dtype=torch.int32)
-            self.slot[rows] = torch.arange(len(rows), dtype=torch.int32)
-            self.values = weight[rows.to(weight.device)].to(torch.float32, copy=True)
-
-    @torch.no_grad()
-    def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The initial embeddings of ``rows`` as float32, on the bank's device."""
-        if self.slot is None:
-            return self.values[rows.to(self.values.device)].float()
-        weight = self.bank.weight.detach()
-        current = weight[rows.to(weight.device)].to(torch.float32, copy=True)
-        slots = self.slot[rows.cpu()]
-        kept = (slots >= 0).nonzero().squeeze(1)
-        if kept.numel():
-            current[kept.to(current.device)] = self.values[slots[kept].long().to(self.values.device)]
-        return current
+def _place_bank(bank: TargetBank, args: QRetTrainingArguments) -> None:
+    """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale")."""
+    device = torch.device(args.device)
+    if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
+        target = torch.device("cpu")
+    else:
+        target = device
+    if bank.dtype != storage_dtype(args.bank_dtype) and not bank.is_mmap:
+        logger.info("bank: storing the rows as %s (bank_dtype)", args.bank_dtype)
+    bank.to_storage(args.bank_dtype, target)
+    bank.compute_device = None if target == device else device
+    bank.pin_memory = bool(args.bank_pin_memory)
 
 
 class _BankStepCallback(TrainerCallback):
@@ -126,7 +98,7 @@ class QRetTrainer(Trainer):
     Per batch: the model encodes the queries; the miner retrieves each query's top-k rows from the *quantized* index;
     the union over the batch (the *global* batch under DDP) plus the positives is the candidate set; the candidates' bank rows are gathered with a
     sparse gradient; the loss is the cross-entropy of the scaled dot products (other known positives masked). After
-    the encoder's optimizer step the bank's :class:`~hf_qret.bank.RowAdam` updates only the candidate rows, at
+    the encoder's optimizer step the bank's :class:`~hf_qret.optim.RowAdam` updates only the candidate rows, at
     ``args.bank_learning_rate`` following the encoder's schedule. :class:`~hf_qret.callbacks.IndexRefreshCallback`
     rebuilds the index from the bank (added automatically from ``args.refresh_*``).
 
@@ -141,7 +113,9 @@ class QRetTrainer(Trainer):
             (see :func:`hf_qret.data.build_pairs_dataset`).
         bank: The :class:`~hf_qret.bank.TargetBank` over the corpus.
         index: The quantized index; built from ``args.index_factory`` over the bank when omitted.
-        loss: The loss module (default :class:`~hf_qret.loss.CandidateCrossEntropyLoss` with ``args.scale``).
+        loss: A :class:`~hf_qret.loss.QRetLoss`; default :func:`hf_qret.loss.build_loss` from ``args`` (the
+            method's :class:`~hf_qret.loss.MinedNegativesLoss`, or the variant the options ask for). A bare
+            :class:`~hf_qret.loss.CandidateCrossEntropyLoss` is used as the default loss's scoring.
         evaluator: A :class:`~hf_qret.evaluation.RetrievalEvaluator`, run by :meth:`evaluate`.
         **kwargs: Everything else a ``Trainer`` takes (``eval_dataset``, ``data_collator``, ``processing_class``,
             ``callbacks``, ``optimizers``...).
@@ -170,7 +144,7 @@ class QRetTrainer(Trainer):
         *,
         bank: TargetBank,
         index: QuantizedIndex | None = None,
-        loss: nn.Module | None = None,
+        loss: QRetLoss | CandidateCrossEntropyLoss | None = None,
         evaluator: RetrievalEvaluator | None = None,
         **kwargs: Any,
     ) -> None:
@@ -181,32 +155,38 @@ class QRetTrainer(Trainer):
         bank.check_dim(embedding_dim(model), "the model")
         set_faiss_threads(args.faiss_threads)
         if index is None:
-            index = QuantizedIndex(
-                bank.dim,
-                args.index_factory,
-                args.index_search_params,
-                opq_niter=args.opq_niter,
-                mining_nlist=args.mining_nlist,
-                mining_nprobe=args.mining_nprobe,
-            )
-        if index.ntotal == 0:
-            index.build(bank.float32_rows())
-        elif index.ntotal != len(bank):
+            index = QuantizedIndex.from_args(bank.dim, args)
+        if index.ntotal not in (0, len(bank)):
             raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
         self.bank = bank
+        #: The index training mines from (built over the bank on first use, unless a checkpoint provides it).
         self.index = index
-        num_negatives = args.num_negatives
-        if num_negatives > len(bank):
+        self._served: tuple[tuple[int, int], QuantizedIndex] | None = None
+        self._defer_push = False
+        if args.num_negatives > len(bank):
             logger.warning(
                 "--num_negatives %d is larger than the corpus (%d documents); clamping it to the corpus size.",
-                num_negatives,
-                len(bank),
-            )
-            num_negatives = len(bank)
-        self.miner = IndexMiner(index, num_negatives)
-        self.loss = loss if loss is not None else CandidateCrossEntropyLoss(scale=args.scale)
+                args.num_negatives, len(bank),
+            )  # fmt: skip
+        self.miner = IndexMiner(index, min(args.num_negatives, len(bank)))
         # bank_update='positives': only the rows of documents that are training positives ever move.
         self.trainable_rows = training_positive_rows(train_dataset, bank) if args.bank_update == "positives" else None
+        _place_bank(bank, args)
+        # The initial rows, for decoupled scoring and the anchor pull (in the bank's storage dtype; a memory-mapped
+        # bank's copy is a copy-on-write mapped file in the output folder).
+        self.initial_rows: InitialRows | None = None
+        if args.bank_anchor_weight > 0 or args.encoder_targets == "initial":
+            self.initial_rows = InitialRows(bank, self.trainable_rows, os.path.join(args.output_dir, INITIAL_MMAP_NAME))
+        if loss is None:
+            loss = build_loss(args, bank, index, self.trainable_rows, self.initial_rows)
+        elif isinstance(loss, CandidateCrossEntropyLoss):  # the scoring primitive: use it inside the default loss
+            loss = MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, self.trainable_rows)
+        elif not isinstance(loss, QRetLoss):
+            raise TypeError(
+                f"loss must be a hf_qret.loss.QRetLoss (forward(query_embeddings, mined) -> (loss, stats)), got "
+                f"{type(loss).__name__}; subclass MinedNegativesLoss to change the scoring."
+            )
+        self.loss = loss
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
 
@@ -216,8 +196,7 @@ class QRetTrainer(Trainer):
             kwargs["data_collator"] = QRetDataCollator(make_tokenize_fn(model, tokenizer), bank)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(cb, IndexRefreshCallback) for cb in callbacks):
-            # Learned codebooks are the codebooks: refreshes re-encode the bank with them instead of retraining.
-            mode = "reencode" if args.learn_codebooks and args.refresh_mode == "retrain" else args.refresh_mode
+            mode = self.loss.refresh_mode(args.refresh_mode)
             callbacks.append(
                 IndexRefreshCallback(bank, index, args.refresh_steps, on_epoch_end=args.refresh_on_epoch_end, mode=mode)
             )
@@ -234,39 +213,57 @@ class QRetTrainer(Trainer):
                 args.eval_strategy = restore_strategy
         self.add_callback(_BankStepCallback(self))
         self._bind_callbacks()
-        self._place_bank()
-        self.bank_optimizer = RowAdam(bank, lr=args.bank_learning_rate, weight_decay=args.bank_weight_decay)
-        # Drift control: the initial rows (anchor) or only their norms are kept when asked for (in the bank's
-        # storage dtype; a memory-mapped bank's copy is a copy-on-write mapped file in the output folder).
-        keep_rows = args.bank_anchor_weight > 0 or args.encoder_targets == "initial"
-        initial_file = None
-        if keep_rows and bank.is_mmap and self.trainable_rows is None:
-            os.makedirs(args.output_dir, exist_ok=True)
-            initial_file = os.path.join(args.output_dir, "bank_initial_mmap.npy")
-        self._initial_rows = InitialRows(self.bank, self.trainable_rows, initial_file) if keep_rows else None
-        self._initial_norms = self.bank.row_norms() if args.bank_keep_norm else None
-        self.codebooks: TrainableCodebooks | None = None
-        self.codebook_optimizer: torch.optim.Optimizer | None = None
-        if args.learn_codebooks:
-            self.codebooks = TrainableCodebooks(index).to(self.args.device)
-            self.codebook_optimizer = self._new_codebook_optimizer()
+        self.bank_optimizer = RowAdam(
+            bank,
+            lr=args.bank_learning_rate,
+            weight_decay=args.bank_weight_decay,
+            keep_norms=bank.row_norms() if args.bank_keep_norm else None,
+            anchor=self.initial_rows,
+            anchor_weight=args.bank_anchor_weight,
+        )
+        #: Drives the bank's learning rate with the encoder's schedule; made with the encoder's scheduler.
+        self.bank_scheduler: FollowScheduler | None = None
 
-    def _place_bank(self) -> None:
-        """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale")."""
-        args, bank = self.args, self.bank
-        device = torch.device(args.device)
-        if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
-            target = torch.device("cpu")
-        else:
-            target = device
-        if bank.dtype != storage_dtype(args.bank_dtype) and not bank.is_mmap:
-            logger.info("bank: storing the rows as %s (bank_dtype)", args.bank_dtype)
-        bank.to_storage(args.bank_dtype, target)
-        bank.compute_device = None if target == device else device
-        bank.pin_memory = bool(args.bank_pin_memory)
+    # ------------------------------------------------------------------ index
+    def _ensure_index(self) -> None:
+        """Builds the index over the bank if nothing built or loaded it yet."""
+        if self.index.ntotal == 0:
+            self.index.build(self.bank.float32_rows())
+            self.refresh_callback.bank_version_at_refresh = self.bank.version
+            self.bank.clear_changed()
 
-    def _new_codebook_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.codebooks.centroids], lr=self.args.codebook_learning_rate)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; the index over the bank is built first, unless the run resumes from a checkpoint
+        (whose index is loaded instead)."""
+        if not resume_from_checkpoint:
+            self._ensure_index()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def served_index(self) -> QuantizedIndex:
+        """The index of the bank as it is now, as it would be served: the mining index with the rows moved since its
+        last refresh re-encoded with the current codebooks (:meth:`QuantizedIndex.synced_copy`).
+
+        Evaluation, checkpoints, ``save_model`` and pushes use it; the mining index itself is left as the method
+        has it (stale between refreshes), so evaluating or saving never changes what the run mines next.
+        """
+        self._ensure_index()
+        changed = self.bank.changed_rows()
+        if changed.size == 0:
+            return self.index
+        key = (self.bank.version, self.index.version)
+        if self._served is None or self._served[0] != key:
+            self._served = (key, self.index.synced_copy(self.bank.float32_rows(), changed))
+        return self._served[1]
+
+    def index_record(self) -> dict[str, Any]:
+        """How the saved / evaluated index was built: ``qret_config.json``'s ``"index_state"``."""
+        callback = self.refresh_callback
+        return {
+            "step": self.state.global_step,
+            "last_refresh_step": None if callback.last_refresh_step < 0 else callback.last_refresh_step,
+            "refresh_mode": callback.mode,
+            "rows_reencoded_since_refresh": int(self.bank.num_changed),
+        }
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -281,119 +278,42 @@ class QRetTrainer(Trainer):
         positive_rows = inputs.pop("positive_rows")
         positive_sets = inputs.pop("positive_sets", None)
         query_embeddings = embed(model, inputs)
-        gather = None
-        if model.training and self.accelerator.num_processes > 1:
-            gather = all_gather_rows  # candidates mined for the global batch, identical on every process
-        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, gather=gather)
-        training = model.training and self.args.bank_learning_rate > 0
-        if training and self.trainable_rows is not None:
-            # Positives-only: documents that are never a training positive are scored but get no gradient at all
-            # (the row optimizer neither steps them nor decays their moments): they keep their pretrained embedding.
-            with torch.no_grad():
-                candidates = self.bank.gather(mined.candidates)
-            moving = self.trainable_rows[mined.candidates].nonzero().squeeze(1)
-            moving_rows = self.bank.gather(mined.candidates[moving])
-            candidates = candidates.index_copy(0, moving.to(candidates.device), moving_rows)
-        else:
-            candidates = self.bank.gather(mined.candidates)
-            if not training:
-                candidates = candidates.detach()
-        weight = self.args.quantized_score_weight
-        if weight > 0:
-            # Score (partly) against what the index stores. Straight-through: the bank rows get the full gradient;
-            # with --learn_codebooks the decoded vectors are differentiable in the PQ centroids as well.
-            if self.codebooks is not None:
-                if self.codebooks.maybe_sync():
-                    self.codebook_optimizer = self._new_codebook_optimizer()  # retrained codebooks: fresh state
-                decoded = self.codebooks.reconstruct(mined.candidates)
-                if not model.training:
-                    decoded = decoded.detach()
-            else:
-                decoded = torch.from_numpy(self.index.quantize(candidates.detach().float().cpu().numpy()))
-            decoded = decoded.to(candidates.device, candidates.dtype)
-            candidates = candidates + weight * (decoded - candidates.detach())
-        if training and self.args.encoder_targets == "initial":
-            # Decoupled: the query encoder learns against the pretrained targets (what documents that never train
-            # look like), the bank rows learn against the (detached) queries.
-            initial = self._initial_rows.rows(mined.candidates).to(candidates.device, candidates.dtype)
-            if weight > 0:
-                decoded = torch.from_numpy(self.index.quantize(initial.float().cpu().numpy()))
-                initial = initial + weight * (decoded.to(initial.device, initial.dtype) - initial)
-            loss, stats = self.loss(query_embeddings, initial, mined.targets, mined.mask)
-            bank_loss, _ = self.loss(query_embeddings.detach(), candidates, mined.targets, mined.mask)
-            loss = loss + bank_loss
-        else:
-            loss, stats = self.loss(query_embeddings, candidates, mined.targets, mined.mask)
+        self._ensure_index()
+        distributed = model.training and self.accelerator.num_processes > 1  # mine for the global batch
+        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, all_gather_rows if distributed else None)
+        self.loss.train(model.training)
+        loss, stats = self.loss(query_embeddings, mined)
         if model.training:
-            if not torch.isfinite(loss.detach()).all():
-                self._diverged(float(loss.detach()))
-            for key, value in stats.items():
-                self._qret_stats[key].append(value)
-        if return_outputs:
-            return loss, {"query_embeddings": query_embeddings}
-        return loss
+            self._track(loss, stats)
+        return (loss, {"query_embeddings": query_embeddings}) if return_outputs else loss
 
-    def _diverged(self, value: float) -> None:
-        from transformers.trainer_utils import get_last_checkpoint
+    def _track(self, loss: torch.Tensor, stats: dict[str, float]) -> None:
+        """Stops on a non-finite loss (before the step changes anything); keeps the loss's stats for the next log."""
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDivergedError.at(
+                float(loss.detach()), self.state.global_step + 1, self.state.epoch or 0.0, self.args.output_dir
+            )
+        for key, value in stats.items():
+            self._qret_stats[key].append(value)
 
-        step = self.state.global_step + 1
-        last = None
-        if os.path.isdir(self.args.output_dir):
-            last = get_last_checkpoint(self.args.output_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet (set --save_steps)"
-        raise TrainingDivergedError(
-            f"the loss became {value} at step {step} (epoch {self.state.epoch or 0:.2f}); training stopped before "
-            f"that step changed the encoder or the bank, and {kept}. Lower --learning_rate/--bank_learning_rate "
-            "or --scale, then resume with --resume_from_checkpoint."
-        )
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """The encoder's scheduler (the Trainer's, or the one passed in ``optimizers=``), and the bank's, which
+        follows it."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.bank_scheduler = FollowScheduler(self.bank_optimizer, scheduler)
+        return scheduler
 
     def _step_bank(self) -> None:
-        """One RowAdam step on the bank at the encoder's current schedule ratio."""
-        ratio = 1.0
-        if self.lr_scheduler is not None and self.args.learning_rate > 0:
-            ratio = float(self.lr_scheduler.get_last_lr()[0]) / self.args.learning_rate
-        self.bank_optimizer.lr = self.args.bank_learning_rate * ratio
-        distributed = self.accelerator.num_processes > 1
+        """One bank optimizer step (and the loss's own step) after the encoder's optimizer step."""
+        world_size = self.accelerator.num_processes
         if self.args.bank_learning_rate > 0:
-            if distributed:
+            if world_size > 1:
                 all_reduce_row_grad(self.bank.weight)  # DDP averages the encoder's gradients, we average the bank's
-            rows = None
-            if self._initial_norms is not None or self._initial_rows is not None:
-                rows = row_gradients(self.bank.weight)[0]
+            if self.bank_scheduler is not None:
+                self.bank_scheduler.step()
             self.bank_optimizer.step()
-            if rows is not None and rows.numel():
-                self._control_drift(rows)
         self.bank_optimizer.zero_grad()
-        if self.codebooks is not None:
-            centroids = self.codebooks.centroids
-            if centroids.grad is not None:
-                if distributed:
-                    torch.distributed.all_reduce(centroids.grad)
-                    centroids.grad /= self.accelerator.num_processes
-                for group in self.codebook_optimizer.param_groups:
-                    group["lr"] = self.args.codebook_learning_rate * ratio
-                self.codebook_optimizer.step()
-                self.codebooks.write_back()  # mining and the next refresh use the learned centroids
-            self.codebook_optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def _control_drift(self, rows: torch.Tensor) -> None:
-        """Drift control on the rows the bank optimizer just moved.
-
-        ``bank_anchor_weight`` pulls each row back toward its initial embedding, decoupled from Adam (as AdamW
-        decouples weight decay): ``row = initial + (1 - lr * weight) * (row - initial)``. ``bank_keep_norm`` then
-        rescales each row to its initial norm.
-        """
-        weight = self.bank.weight
-        current = weight[rows].float()
-        if self._initial_rows is not None:
-            initial = self._initial_rows.rows(rows).to(current.device, current.dtype)
-            shrink = max(0.0, 1.0 - self.bank_optimizer.lr * self.args.bank_anchor_weight)
-            current = initial + shrink * (current - initial)
-        if self._initial_norms is not None:
-            norms = self._initial_norms[rows.to(self._initial_norms.device)].to(current.device, current.dtype)
-            current = current * (norms.unsqueeze(1) / current.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        weight[rows] = current.to(weight.dtype)
+        self.loss.after_optimizer_step(self.bank_scheduler.ratio() if self.bank_scheduler else 1.0, world_size)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -412,21 +332,38 @@ class QRetTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Runs the loss evaluation (when an ``eval_dataset`` is set) and the retrieval evaluator (when set).
+        """Runs the loss evaluation (when an ``eval_dataset`` is set) and the retrieval evaluator (when set), logged
+        together once (one ``on_evaluate``).
 
-        Retrieval metrics are logged as ``{prefix}_flat_ndcg@10``, ``{prefix}_quantized_ndcg@10``, ...
+        Retrieval metrics are logged as ``{prefix}_flat_ndcg@10``, ``{prefix}_quantized_ndcg@10``, ..., measured on
+        :meth:`served_index`.
         """
-        metrics: dict[str, float] = {}
         if eval_dataset is not None or self.eval_dataset is not None:
-            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
-        if self.evaluator is not None:
-            tokenizer = None if is_sentence_transformer(self.model) else self.processing_class
-            scores = self.evaluator(self.model, self.bank, self.index, tokenizer=tokenizer)
-            retrieval = {f"{metric_key_prefix}_{key}": value for key, value in scores.items()}
-            self.log(dict(retrieval))
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, retrieval)
-            metrics.update(retrieval)
+            self._retrieval_prefix = metric_key_prefix  # evaluation_loop adds the retrieval metrics
+            try:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self._retrieval_prefix = None
+        metrics = self.retrieval_metrics(metric_key_prefix)
+        if metrics:
+            self.log(dict(metrics))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def retrieval_metrics(self, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The evaluator's metrics (flat bank and :meth:`served_index`), prefixed; ``{}`` without an evaluator."""
+        if self.evaluator is None:
+            return {}
+        tokenizer = None if is_sentence_transformer(self.model) else self.processing_class
+        scores = self.evaluator(self.model, self.bank, self.served_index(), tokenizer=tokenizer)
+        return {f"{metric_key_prefix}_{key}": value for key, value in scores.items()}
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = getattr(self, "_retrieval_prefix", None)
+        if prefix is not None:
+            output.metrics.update(self.retrieval_metrics(prefix))
+        return output
 
     def prediction_step(
         self,
@@ -453,6 +390,7 @@ class QRetTrainer(Trainer):
         base = getattr(self.model, "model_card_data", None)
         return {
             "base_model": getattr(base, "base_model", None) or getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            "loss": type(self.loss).__name__,
             "scale": getattr(self.loss, "scale", None),
             "num_negatives": self.miner.num_negatives,
             "bank_learning_rate": self.args.bank_learning_rate,
@@ -465,6 +403,7 @@ class QRetTrainer(Trainer):
                 else None
             ),
             "global_step": self.state.global_step,
+            "index_state": self.index_record(),
             "adapter": adapter_info(self.accelerator.unwrap_model(self.model)),
         }
 
@@ -488,102 +427,91 @@ class QRetTrainer(Trainer):
                 self.processing_class.save_pretrained(output_dir)
         else:
             super()._save(output_dir, state_dict)
-        save_retrieval_files(output_dir, self.bank, self.index, self.artifact_config())
+        save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Writes the checkpoint into a staging folder and renames it into place: never half-written."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
+        """Writes the checkpoint into a staging folder and renames it into place: never half-written. A push
+        (``push_to_hub``) then reads the final folder."""
         run_dir = self._get_output_dir(trial=trial)
-        staging = os.path.join(run_dir, f"_staging-{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_folder(run_dir, self.state.global_step)
         self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+        self._defer_push = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+            self._defer_push = False
         if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            if self.state.best_global_step:
-                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-                if os.path.isdir(best):
-                    self.state.best_model_checkpoint = best
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            final = publish_checkpoint(staging, run_dir, self.state, self.args.save_total_limit)
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(final)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            from safetensors.torch import save_file
-
-            path = os.path.join(output_dir, BANK_OPTIMIZER_NAME)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.bank_optimizer.state_dict().items()}
-            state[CHANGED_ROWS_KEY] = torch.from_numpy(self.bank.changed_rows())  # for incremental refreshes
-            save_file(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
-            if self.codebook_optimizer is not None:
-                state = self.codebook_optimizer.state.get(self.codebooks.centroids)
-                if state:
-                    path = os.path.join(output_dir, CODEBOOK_OPTIMIZER_NAME)
-                    tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
-                    save_file(tensors, path + ".tmp")
-                    os.replace(path + ".tmp", path)
+            save_training_state(
+                output_dir,
+                bank=self.bank,
+                bank_optimizer=self.bank_optimizer,
+                loss=self.loss,
+                initial_rows=self.initial_rows,
+                mining_index=self.index,
+                served_index=self.served_index(),
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, BANK_OPTIMIZER_NAME)
-        if os.path.isfile(path):
-            from safetensors.torch import load_file
+        if checkpoint is not None:
+            load_optimizer_states(checkpoint, bank=self.bank, bank_optimizer=self.bank_optimizer, loss=self.loss)
 
-            state = {k: v.to(self.bank.weight.device) for k, v in load_file(path).items()}
-            changed = state.pop(CHANGED_ROWS_KEY, None)
-            self.bank_optimizer.load_state_dict(state)
-            if changed is not None:  # else every row counts as changed (set when the bank was loaded)
-                self.bank.set_changed(changed.cpu())
-        path = os.path.join(checkpoint, CODEBOOK_OPTIMIZER_NAME)
-        if self.codebooks is not None and os.path.isfile(path):
-            from safetensors.torch import load_file
-
-            self.codebooks.maybe_sync()  # the checkpoint's index (and learned centroids) replaced ours
-            self.codebook_optimizer = self._new_codebook_optimizer()
-            device = self.codebooks.centroids.device
-            self.codebook_optimizer.state[self.codebooks.centroids] = {
-                k: (v if k == "step" else v.to(device)) for k, v in load_file(path).items()
-            }
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        from .artifact import load_retrieval_files
-
+    def _load_encoder(self, folder: str, model: nn.Module | None = None) -> None:
+        """Loads a checkpoint's encoder weights into the model (sentence-transformers, peft adapter or transformers)."""
         target = model if model is not None else self.model
         if is_sentence_transformer(target) and has_adapter(target):
             from .peft_utils import load_adapter_weights
 
-            load_adapter_weights(self.accelerator.unwrap_model(target), resume_from_checkpoint)
+            load_adapter_weights(self.accelerator.unwrap_model(target), folder)
         elif is_sentence_transformer(target):
             from sentence_transformers import SentenceTransformer
 
-            loaded = SentenceTransformer(resume_from_checkpoint, device="cpu")
+            loaded = SentenceTransformer(folder, device="cpu")
             self.accelerator.unwrap_model(target).load_state_dict(loaded.state_dict())
         else:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        files = load_retrieval_files(resume_from_checkpoint)
+            super()._load_from_checkpoint(folder, model)
+
+    def _load_bank(self, folder: str) -> Any:
+        """Streams a checkpoint's bank into the bank's own storage (dtype, device, memory map); returns its files.
+
+        Every row then counts as changed, until the bank optimizer state says which rows changed since the
+        checkpoint's index was refreshed.
+        """
+        from .artifact import load_retrieval_files
+
+        files = load_retrieval_files(folder)
         if self.bank.doc_ids != files.doc_ids or not files.config.get("bank_file"):
-            raise ValueError(f"{resume_from_checkpoint}: its bank belongs to another corpus; resume with the same data.")
-        # Streamed into the bank's own storage (dtype, device, memory map); every row counts as changed until the
-        # bank optimizer state says which rows changed since the checkpoint's index was refreshed.
-        self.bank.load_rows_from_file(os.path.join(resume_from_checkpoint, files.config["bank_file"]))
-        self.index.replace(files.index.index)
+            raise ValueError(f"{folder}: its bank belongs to another corpus; resume with the same data.")
+        self.bank.load_rows_from_file(os.path.join(folder, files.config["bank_file"]))
         self.refresh_callback.bank_version_at_refresh = self.bank.version
+        self._served = None
+        return files
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume: the encoder, the bank, the index the run mined from (and its shortlist) and the drift-control
+        anchors of the checkpoint (see :mod:`hf_qret.checkpoint`)."""
+        self._load_encoder(resume_from_checkpoint, model)
+        files = self._load_bank(resume_from_checkpoint)
+        load_mining_index(resume_from_checkpoint, self.index, files.index.index)
+        load_anchors(resume_from_checkpoint, bank_optimizer=self.bank_optimizer, initial_rows=self.initial_rows)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's encoder, bank and served index (the base ``Trainer``
+        would load only transformers weights, and not into a sentence-transformers model)."""
+        folder = self.state.best_model_checkpoint
+        logger.info("Loading the best model from %s (score: %s).", folder, self.state.best_metric)
+        self._load_encoder(folder)
+        files = self._load_bank(folder)
+        self.index.replace(files.index.index)  # the index of that step's bank: nothing is stale
+        self.bank.clear_changed()
 
     # ------------------------------------------------------------------ Hub
     def _bind_callbacks(self) -> None:
@@ -629,26 +557,16 @@ class QRetTrainer(Trainer):
         from the checkpoint into ``output_dir`` before uploading it, so copy the rest of the artifact first (the
         sentence-transformers modules, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``,
         ``qret_config.json``) and render the model card; training state stays out."""
-        import shutil
-        from fnmatch import fnmatch
-
-        from .hub import ARTIFACT_IGNORE_PATTERNS
-
+        if self._defer_push:  # inside _save_checkpoint: pushed once the checkpoint is in its final folder
+            return
         strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
         pushing = self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()
         if self.is_world_process_zero() and strategy != "end" and pushing:
-            output_dir = self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
-            for name in sorted(os.listdir(checkpoint_folder)):
-                if any(fnmatch(name, pattern) for pattern in ARTIFACT_IGNORE_PATTERNS):
-                    continue
-                source, target = os.path.join(checkpoint_folder, name), os.path.join(output_dir, name)
-                if os.path.isdir(source):
-                    shutil.copytree(source, target, dirs_exist_ok=True)
-                else:
-                    shutil.copyfile(source, target + ".tmp")
-                    os.replace(target + ".tmp", target)
+            from .hub import copy_artifact_files
             from .model_card import metrics_from_log_history, write_model_card
 
-            write_model_card(output_dir, metrics_from_log_history(self.state.log_history), repo_id=self.hub_model_id)
+            copy_artifact_files(checkpoint_folder, self.args.output_dir)
+            write_model_card(
+                self.args.output_dir, metrics_from_log_history(self.state.log_history), repo_id=self.hub_model_id
+            )
         super()._push_from_checkpoint(checkpoint_folder)

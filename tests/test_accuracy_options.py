@@ -76,15 +76,15 @@ def test_learned_centroids_move_and_reach_the_index(tiny_model, beir_dir, tmp_pa
         tiny_model, beir_dir, tmp_path, learn_codebooks=True, quantized_score_weight=1.0,
         codebook_learning_rate=1e-2, refresh_on_epoch_end=False,
     )  # fmt: skip
-    before = trainer.codebooks.centroids.detach().clone()
+    before = trainer.loss.codebooks.centroids.detach().clone()
     trainer.train()
-    after = trainer.codebooks.centroids.detach()
+    after = trainer.loss.codebooks.centroids.detach()
     assert not torch.allclose(before, after)
     assert trainer.refresh_callback.mode == "reencode"  # refreshes keep the learned codebooks
-    assert trainer.codebooks.maybe_sync() is False  # the train-end refresh re-encoded, it did not retrain
+    assert trainer.loss.codebooks.maybe_sync() is False  # the train-end refresh re-encoded, it did not retrain
     # The faiss index searches with the learned centroids (written back after every step).
     np.testing.assert_allclose(
-        trainer.codebooks.reconstruct(torch.arange(trainer.index.ntotal)).detach().numpy(),
+        trainer.loss.codebooks.reconstruct(torch.arange(trainer.index.ntotal)).detach().numpy(),
         trainer.index.reconstruct_all(),
         atol=1e-5,
     )
@@ -177,8 +177,8 @@ def test_initial_rows_are_kept_only_for_rows_that_can_move(tiny_model, beir_dir,
     pretrained = trainer.bank.weight.detach().clone()
     trainer.train()
     movable = trainer.trainable_rows
-    assert trainer._initial_rows.values.shape[0] == int(movable.sum()) < len(pretrained)
+    assert trainer.initial_rows.values.shape[0] == int(movable.sum()) < len(pretrained)
     moved = (trainer.bank.weight.detach() != pretrained).any(dim=1)
     assert moved.any() and not moved[~movable].any()
     everything = torch.arange(len(pretrained))
-    torch.testing.assert_close(trainer._initial_rows.rows(everything), pretrained, rtol=0, atol=0)
+    torch.testing.assert_close(trainer.initial_rows.rows(everything), pretrained, rtol=0, atol=0)

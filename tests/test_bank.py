@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_qret.bank import RowAdam, TargetBank
+from hf_qret.bank import TargetBank
+from hf_qret.optim import RowAdam
 from hf_qret.errors import ArtifactError
 
 LR, BETAS, EPS = 0.05, (0.9, 0.999), 1e-8

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_qret.bank import FrozenRows, RowAdam, RowIds, TargetBank, _StagedGather
+from hf_qret.bank import FrozenRows, RowIds, TargetBank, _StagedGather
+from hf_qret.optim import RowAdam
 from hf_qret.callbacks import IndexRefreshCallback
 from hf_qret.config import ModelArguments, QRetTrainingArguments, parse_config
 from hf_qret.errors import ArtifactError, ConfigError
@@ -586,7 +587,7 @@ def test_trainer_half_bank_with_codebook_learning_drift_control_and_incremental_
         refresh_on_epoch_end=False, learn_codebooks=True, quantized_score_weight=1.0, codebook_learning_rate=1e-2,
         bank_keep_norm=True, encoder_targets="initial", bank_learning_rate=5e-2, bank_update=bank_update,
     )  # fmt: skip
-    initial = trainer._initial_rows
+    initial = trainer.initial_rows
     if bank_update == "all":  # a full copy, in the bank's dtype
         assert isinstance(initial.values, FrozenRows) and initial.values.storage.dtype == torch.bfloat16
     else:  # only the training positives' rows
@@ -598,12 +599,12 @@ def test_trainer_half_bank_with_codebook_learning_drift_control_and_incremental_
     moved = (trainer.bank.weight.detach() != before).any(dim=1)
     assert moved.any() and trainer.bank.dtype == torch.bfloat16
     torch.testing.assert_close(trainer.bank.row_norms()[moved], norms[moved], atol=2e-2, rtol=1e-2)
-    trainer.codebooks.maybe_sync()
+    trainer.loss.codebooks.maybe_sync()
     inner = faiss.downcast_index(trainer.index.index)
     codes = faiss.vector_to_array(inner.codes).reshape(trainer.index.ntotal, -1)
-    assert np.array_equal(trainer.codebooks.codes.numpy(), codes)  # the codebooks read the in-place codes
+    assert np.array_equal(trainer.loss.codebooks.codes.numpy(), codes)  # the codebooks read the in-place codes
     np.testing.assert_allclose(
-        trainer.codebooks.reconstruct(torch.arange(trainer.index.ntotal)).detach().numpy(),
+        trainer.loss.codebooks.reconstruct(torch.arange(trainer.index.ntotal)).detach().numpy(),
         trainer.index.reconstruct_all(),
         atol=1e-5,
     )
