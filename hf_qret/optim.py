@@ -334,12 +334,13 @@ class FollowScheduler(LRScheduler):
         super().__init__(optimizer)
 
     def ratio(self) -> float:
-        """The leader's current learning rate over its base learning rate (1.0 without a leader)."""
+        """The leader's current learning rate over its base learning rate (1.0 without a leader, or when the leader's
+        base learning rate is 0: the encoder is frozen, the bank keeps its own rate)."""
         leader = self.leader
         if leader is None or not getattr(leader, "base_lrs", None):
             return 1.0
         base = float(leader.base_lrs[0])
-        return float(leader.get_last_lr()[0]) / base if base > 0 else 0.0
+        return float(leader.get_last_lr()[0]) / base if base > 0 else 1.0  # a frozen encoder: no schedule to follow
 
     def get_lr(self) -> list[float]:
         ratio = self.ratio()

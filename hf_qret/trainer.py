@@ -225,8 +225,9 @@ class QRetTrainer(Trainer):
         self.bank_scheduler: FollowScheduler | None = None
 
     # ------------------------------------------------------------------ index
-    def _ensure_index(self) -> None:
-        """Builds the index over the bank if nothing built or loaded it yet."""
+    def ensure_index(self) -> None:
+        """Builds the index over the bank now, if nothing built or loaded it yet (``train()`` does it first, unless
+        it resumes from a checkpoint, whose index it loads instead; evaluation and saving do it too)."""
         if self.index.ntotal == 0:
             self.index.build(self.bank.float32_rows())
             self.refresh_callback.bank_version_at_refresh = self.bank.version
@@ -236,7 +237,7 @@ class QRetTrainer(Trainer):
         """``Trainer.train``; the index over the bank is built first, unless the run resumes from a checkpoint
         (whose index is loaded instead)."""
         if not resume_from_checkpoint:
-            self._ensure_index()
+            self.ensure_index()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def served_index(self) -> QuantizedIndex:
@@ -246,7 +247,7 @@ class QRetTrainer(Trainer):
         Evaluation, checkpoints, ``save_model`` and pushes use it; the mining index itself is left as the method
         has it (stale between refreshes), so evaluating or saving never changes what the run mines next.
         """
-        self._ensure_index()
+        self.ensure_index()
         changed = self.bank.changed_rows()
         if changed.size == 0:
             return self.index
@@ -278,7 +279,7 @@ class QRetTrainer(Trainer):
         positive_rows = inputs.pop("positive_rows")
         positive_sets = inputs.pop("positive_sets", None)
         query_embeddings = embed(model, inputs)
-        self._ensure_index()
+        self.ensure_index()
         distributed = model.training and self.accelerator.num_processes > 1  # mine for the global batch
         mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, all_gather_rows if distributed else None)
         self.loss.train(model.training)

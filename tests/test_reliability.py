@@ -51,14 +51,14 @@ def test_recipe_resume_continues_as_if_nothing_happened(tiny_model_dir, data_dir
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model, beir_dir, tmp_path):
     trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, save_strategy="steps", save_steps=2, max_steps=6)
-    loss_fn = trainer.loss
+    forward = trainer.loss.forward
 
-    def poisoned(queries, candidates, targets, mask=None, **kwargs):
-        loss, stats = loss_fn(queries, candidates, targets, mask, **kwargs)
+    def poisoned(query_embeddings, mined):
+        loss, stats = forward(query_embeddings, mined)
         third_step = trainer.state.global_step == 2  # two steps done
         return (loss * float("nan"), stats) if third_step else (loss, stats)
 
-    trainer.loss = poisoned
+    trainer.loss.forward = poisoned
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3 .*checkpoint-2"):
         trainer.train()
     from safetensors.torch import load_file

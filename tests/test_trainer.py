@@ -131,6 +131,7 @@ def test_refresh_callback_reencodes_bank_with_current_codebooks(tiny_model, beir
     trainer, _ = make_trainer(
         tiny_model, beir_dir, tmp_path, refresh_mode="reencode", refresh_steps=2, refresh_on_epoch_end=False
     )
+    trainer.ensure_index()
     pq_before = faiss.vector_to_array(faiss.downcast_index(trainer.index.index).pq.centroids).copy()
     trainer.train()
     assert trainer.refresh_callback.refreshes == 3
@@ -146,6 +147,7 @@ def test_refresh_retrain_mode_and_train_end_refresh(tiny_model, beir_dir, tmp_pa
     trainer, _ = make_trainer(
         tiny_model, beir_dir, tmp_path, refresh_mode="retrain", refresh_steps=4, refresh_on_epoch_end=False
     )
+    trainer.ensure_index()
     pq_before = faiss.vector_to_array(faiss.downcast_index(trainer.index.index).pq.centroids).copy()
     trainer.train()
     # step 4, then at train end because steps 5-6 changed the bank
