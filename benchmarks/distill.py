@@ -76,9 +76,16 @@ def load_setup(args):
     else:
         model = SentenceTransformer(resolve_model_path(args.model), device="cpu")
         bank = TargetBank.from_file(args.untrained, train.doc_ids)
-        index = QuantizedIndex(bank.dim, args.factory or "OPQ16,PQ16")
-        index.build(bank.float32_rows())
+        factory = args.factory or "OPQ16,PQ16"
         tag = f"untrained:{args.model}"
+        built = Path(args.cache) / hashlib.sha1(f"{tag}|{args.data}".encode()).hexdigest()[:12] / f"{factory}.faiss"
+        if built.is_file():  # the index over the untrained bank, built once (OPQ training is the slow part)
+            index = QuantizedIndex.load(built, factory)
+        else:
+            index = QuantizedIndex(bank.dim, factory)
+            index.build(bank.float32_rows())
+            built.parent.mkdir(parents=True, exist_ok=True)
+            index.save(built)
     return model, bank, index, train, evaluator, tag
 
 
@@ -101,6 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--rotation", action="store_true", help="also learn the OPQ rotation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--variants", nargs="+", default=[""],
+        help="several settings in one run (the setup and query encoding done once), each 'key=value,...' over the "
+        "flags above, e.g. 'lr=3e-4' 'lr=1e-3,rotation=1' 'queries=train'",
+    )  # fmt: skip
     parser.add_argument("--cache", default="runs/distill_cache")
     parser.add_argument("--save", help="write the (last seed's) distilled artifact here (copy of --artifact)")
     args = parser.parse_args(argv)
@@ -112,36 +124,48 @@ def main(argv: list[str] | None = None) -> dict:
     model, bank, index, train, evaluator, tag = load_setup(args)
     key = hashlib.sha1(f"{tag}|{args.data}".encode()).hexdigest()[:12]
     cache = Path(args.cache) / key
-    parts = []
-    if args.queries in ("train", "both"):
-        texts = [train.queries[q] for q in train.qrels]
-        parts.append(_cached(cache / "train.npy", lambda: encode_texts(model, texts, batch_size=64)))
-    if args.queries in ("pseudo", "both"):
-        texts = pseudo_query_texts(train.corpus, train.doc_ids)
-        parts.append(_cached(cache / "pseudo.npy", lambda: encode_texts(model, texts, batch_size=64)))
-    queries = np.concatenate(parts)
+    train_texts = [train.queries[q] for q in train.qrels]
+    pseudo_texts = pseudo_query_texts(train.corpus, train.doc_ids)
+    encoded = {
+        "train": _cached(cache / "train.npy", lambda: encode_texts(model, train_texts, batch_size=64)),
+        "pseudo": _cached(cache / "pseudo.npy", lambda: encode_texts(model, pseudo_texts, batch_size=64)),
+    }
     vectors = bank.float32_rows()[:]
     before = _metrics(evaluator, model, bank, index)
-    print(json.dumps({"before": before, "factory": index.factory, "queries": len(queries)}), file=sys.stderr)
-    after = []
-    for seed in args.seeds:
-        student = QuantizedIndex.from_index(index.faiss.clone_index(index.index), index.factory)
-        start = time.perf_counter()
-        result = distill_quantizer(
-            student, vectors, queries, top_k=args.top_k, num_random=args.num_random, temperature=args.temperature,
-            rounds=args.rounds, epochs=args.epochs, learning_rate=args.lr, learn_rotation=args.rotation, seed=seed,
-        )  # fmt: skip
-        row = _metrics(evaluator, model, bank, student)
-        row.update(seed=seed, seconds=round(time.perf_counter() - start, 1), **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.as_dict().items()})
-        print(json.dumps(row), file=sys.stderr)
-        after.append(row)
-    mean = {k: round(float(np.mean([r[k] for r in after])), 4) for k in ("all", "seen", "unseen") if k in after[0]}
+    print(json.dumps({"before": before, "factory": index.factory}), file=sys.stderr)
+    after, means = [], {}
+    types = {"lr": float, "temperature": float, "top_k": int, "num_random": int, "rounds": int, "epochs": int,
+             "rotation": lambda v: v not in ("0", "false"), "queries": str}  # fmt: skip
+    for variant in args.variants:
+        options = dict(vars(args))
+        for item in filter(None, variant.split(",")):
+            key, value = item.split("=", 1)
+            options[key] = types[key](value)
+        sources = ["train", "pseudo"] if options["queries"] == "both" else [options["queries"]]
+        queries = np.concatenate([encoded[name] for name in sources])
+        rows = []
+        for seed in args.seeds:
+            student = QuantizedIndex.from_index(index.faiss.clone_index(index.index), index.factory)
+            start = time.perf_counter()
+            result = distill_quantizer(
+                student, vectors, queries, top_k=options["top_k"], num_random=options["num_random"],
+                temperature=options["temperature"], rounds=options["rounds"], epochs=options["epochs"],
+                learning_rate=options["lr"], learn_rotation=options["rotation"], seed=seed,
+            )  # fmt: skip
+            row = _metrics(evaluator, model, bank, student)
+            row.update(variant=variant, seed=seed, seconds=round(time.perf_counter() - start, 1))
+            row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in result.as_dict().items()})
+            print(json.dumps(row), file=sys.stderr)
+            rows.append(row)
+        after += rows
+        means[variant] = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("all", "seen", "unseen") if k in rows[0]}
+    mean = means[args.variants[-1]]
     if args.save and args.artifact:
         import shutil
 
         shutil.copytree(args.artifact, args.save, dirs_exist_ok=True)
         student.save(Path(args.save) / "index.faiss")
-    out = {"factory": index.factory, "queries": args.queries, "before": before, "after": after, "mean": mean,
+    out = {"factory": index.factory, "queries": args.queries, "before": before, "after": after, "mean": mean, "means": means,
            "options": {k: v for k, v in vars(args).items() if k not in ("seeds", "cache", "save")}}  # fmt: skip
     print(json.dumps(out))
     return out

@@ -13,7 +13,7 @@ from hf_qret.errors import ConfigError
 from hf_qret.index import QuantizedIndex, split_pretransform
 
 
-def _data(seed: int = 0, docs: int = 2000, dim: int = 16, queries: int = 400) -> tuple[np.ndarray, np.ndarray]:
+def _data(seed: int = 0, docs: int = 1200, dim: int = 16, queries: int = 300) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((40, dim)).astype("float32")
     bank = centers[rng.integers(40, size=docs)] + 0.6 * rng.standard_normal((docs, dim)).astype("float32")
@@ -25,7 +25,7 @@ def _data(seed: int = 0, docs: int = 2000, dim: int = 16, queries: int = 400) ->
 
 def _distill(factory: str, **options) -> tuple[QuantizedIndex, np.ndarray, np.ndarray, object]:
     bank, queries = _data()
-    index = QuantizedIndex(bank.shape[1], factory)
+    index = QuantizedIndex(bank.shape[1], factory, opq_niter=10)
     index.build(bank)
     options = {"top_k": 30, "num_random": 30, "rounds": 2, "epochs": 2, "learning_rate": 2e-3, **options}
     return index, bank, queries, distill_quantizer(index, bank, queries, **options)
@@ -34,7 +34,7 @@ def _distill(factory: str, **options) -> tuple[QuantizedIndex, np.ndarray, np.nd
 @pytest.mark.parametrize("factory", ["PQ4", "OPQ4,PQ4"])
 def test_distillation_brings_the_quantized_ranking_closer_to_the_flat_one(factory):
     bank, queries = _data()
-    reference = QuantizedIndex(bank.shape[1], factory)
+    reference = QuantizedIndex(bank.shape[1], factory, opq_niter=10)
     reference.build(bank)
     held_out = _data(seed=1)[1]  # queries the distillation never saw
     overlap_before = ranking_agreement(reference, bank, held_out)
