@@ -13,7 +13,7 @@ from hf_qret.errors import ConfigError
 from hf_qret.index import QuantizedIndex, split_pretransform
 
 
-def _data(seed: int = 0, docs: int = 1200, dim: int = 16, queries: int = 300) -> tuple[np.ndarray, np.ndarray]:
+def _data(seed: int = 0, docs: int = 2000, dim: int = 16, queries: int = 400) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((40, dim)).astype("float32")
     bank = centers[rng.integers(40, size=docs)] + 0.6 * rng.standard_normal((docs, dim)).astype("float32")
