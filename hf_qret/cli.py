@@ -188,6 +188,10 @@ def _distill_quantizer(model: Any, trainer: Any, train_data: Any, training_args:
         trainer.bank.doc_ids,
     )
     vectors = trainer.bank.float32_rows()[:]
+    trainer.ensure_index()
+    if trainer.bank.changed_rows().size:  # rows moved since the last refresh: the index must hold the final bank
+        trainer.index.refresh(vectors, mode="reencode")
+        trainer.bank.clear_changed()
     result = distill_from_args(trainer.index, vectors, queries, training_args)
     logger.info("quantizer distillation: %s", result.as_dict())
     return result.as_dict()
