@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rotation", action="store_true", help="also learn the OPQ rotation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument(

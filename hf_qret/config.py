@@ -111,7 +111,7 @@ class QRetTrainingArguments(TrainingArguments):
     distill_rounds: int = field(default=3, metadata={"help": "Quantizer distillation: (centroid steps, re-encode) rounds."})
     distill_epochs: int = field(default=2, metadata={"help": "Quantizer distillation: passes over the queries per round."})
     distill_learning_rate: float = field(
-        default=1e-4, metadata={"help": "Quantizer distillation: Adam learning rate of the centroids (and rotation)."}
+        default=1e-3, metadata={"help": "Quantizer distillation: Adam learning rate of the centroids (and rotation)."}
     )
     distill_temperature: float = field(
         default=0.05, metadata={"help": "Quantizer distillation: softmax temperature of flat and quantized scores."}

@@ -42,6 +42,7 @@ __all__ = [
     "distill_from_args",
     "pseudo_query_texts",
     "ranking_agreement",
+    "ranking_kl",
     "DISTILL_QUERY_SOURCES",
 ]
 
@@ -113,6 +114,25 @@ def ranking_agreement(index: QuantizedIndex, vectors: np.ndarray, queries: np.nd
     return float(np.mean([len(set(t) & set(s)) / len(t) for t, s in zip(teacher.tolist(), student.tolist())]))
 
 
+def ranking_kl(
+    index: QuantizedIndex, vectors: np.ndarray, queries: np.ndarray, top_k: int = 100, temperature: float = 0.05
+) -> float:
+    """Mean KL(softmax(flat / τ) || softmax(quantized / τ)) over each query's flat top-``top_k`` documents: how far
+    the index's scores (of its decoded codes) are from the flat ranking of ``vectors``; 0 when they agree.
+
+    Example:
+        >>> ranking_kl(index, bank_vectors, query_vectors)  # doctest: +SKIP
+        0.36
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = torch.from_numpy(_flat_topk(vectors, queries, top_k, index.faiss).astype(np.int64))
+    query = torch.from_numpy(queries)
+    teacher = torch.einsum("bd,bcd->bc", query, torch.from_numpy(vectors)[rows])
+    student = torch.einsum("bd,bcd->bc", query, torch.from_numpy(index.reconstruct_all())[rows])
+    return float(_kl(teacher, student, temperature))
+
+
 class _Student(torch.nn.Module):
     """Centroids (from :class:`TrainableCodebooks`) and an optional learned rotation ``Q`` applied on top of the
     index's OPQ matrix ``A``: the stored vector of codes ``c`` is ``y(c) @ (Q A)``, ``Q`` orthogonal (Cayley)."""
@@ -164,7 +184,7 @@ def distill_quantizer(
     temperature: float = 0.05,
     rounds: int = 3,
     epochs: int = 2,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 1e-3,
     batch_size: int = 64,
     learn_rotation: bool = False,
     seed: int = 0,
