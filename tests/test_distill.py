@@ -8,7 +8,7 @@ import pytest
 
 from hf_qret.artifact import load_retrieval_files
 from hf_qret.config import QRetTrainingArguments
-from hf_qret.distill import distill_quantizer, pseudo_query_texts, ranking_agreement, ranking_kl
+from hf_qret.distill import distill_quantizer, pseudo_query_texts, ranking_kl
 from hf_qret.errors import ConfigError
 from hf_qret.index import QuantizedIndex, split_pretransform
 
