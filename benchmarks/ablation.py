@@ -76,6 +76,16 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "default": ("the recipe as shipped (recipes/scifact.yaml)", []),
 }
 
+#: name -> (description, base run or None for the untrained model): the base's encoder and bank, with the index's
+#: quantizer distilled from the flat bank (``--distill_quantizer``, applied by benchmarks/distill.py; no retraining).
+#: Their numbers are the mean over ``--distill_seeds`` seeds of the distillation.
+DISTILLED: dict[str, tuple[str, str | None]] = {
+    "untrained+distill": ("pretrained encoder and bank, quantizer distilled from the flat bank", None),
+    "default+distill": ("the recipe as shipped + --distill_quantizer", "default"),
+}
+#: Options of the distilled rows (benchmarks/distill.py flags; the library defaults of the distill_* options).
+DISTILL_OPTIONS: list[str] = []
+
 FACTORIES = ("OPQ16,PQ16", "OPQ8,PQ8")
 
 
@@ -101,6 +111,41 @@ def run_variant(out: Path, factory: str, name: str, overrides: list[str], bank_f
     return json.loads(results_file.read_text())
 
 
+def run_distilled(out: Path, factory: str, name: str, bank_file: Path, seeds: list[int], fresh: bool) -> dict:
+    """Applies the quantizer distillation to the base run of ``name`` (training it first if needed); cached."""
+    base = DISTILLED[name][1]
+    folder = out / factory.replace(",", "_") / name.replace("+", "_")
+    results_file = folder / "distill_results.json"
+    if results_file.is_file() and not fresh:
+        return json.loads(results_file.read_text())
+    if base is None:
+        if not bank_file.is_file():  # the corpus is encoded by the first recipe run
+            run_variant(out, factory, "seed", SEED, bank_file, fresh=False)
+        source = ["--untrained", str(bank_file), "--factory", factory]
+    else:
+        run_variant(out, factory, base, VARIANTS[base][1], bank_file, fresh=False)
+        source = ["--artifact", str(out / factory.replace(",", "_") / base)]
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "distill.py"), *source, "--data", str(REPO / "recipes" / "data" / "scifact"),
+        "--seeds", *map(str, seeds), "--cache", str(out / "distill_cache"), *DISTILL_OPTIONS,
+    ]  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "distill.log"
+    with open(log, "w") as handle:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=handle, cwd=REPO, env=dict(os.environ), text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{factory} {name}: the distillation failed (exit {done.returncode}); see {log}")
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    tmp = results_file.with_name(results_file.name + ".tmp")
+    tmp.write_text(json.dumps(results))
+    os.replace(tmp, results_file)
+    return results
+
+
+def distilled_row(results: dict) -> dict[str, float]:
+    return {**results["mean"], "flat_all": results["before"]["flat_all"], "seeds": len(results["after"])}
+
+
 def row(results: dict, stage: str) -> dict[str, float]:
     metrics = results[stage]
     key = f"{stage}_quantized_ndcg@10"
@@ -116,7 +161,7 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], descriptions: dict[s
     factories = list(table)
     header = "| variant | " + " | ".join(f"{f} all | {f} seen | {f} unseen" for f in factories) + " |"
     lines = [header, "|---" * (1 + 3 * len(factories)) + "|"]
-    names = [n for n in VARIANTS if any(n in table[f] for f in factories)]
+    names = [n for n in [*VARIANTS, *DISTILLED] if any(n in table[f] for f in factories)]
     for name in names:
         cells = []
         for factory in factories:
@@ -130,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/ablation", help="Folder of the runs (cached results).")
     parser.add_argument("--factories", nargs="+", default=list(FACTORIES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *DISTILLED])
+    parser.add_argument("--distill_seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of distilled rows.")
     parser.add_argument("--fresh", action="store_true", help="Retrain runs whose results are cached.")
     parser.add_argument("--markdown", help="Also write the markdown table to this file.")
     parser.add_argument("--json", action="store_true", help="(The JSON line is always printed last.)")
@@ -143,13 +189,18 @@ def main(argv: list[str] | None = None) -> dict:
     for factory in args.factories:
         table[factory] = {}
         for name in args.variants:
+            if name in DISTILLED:
+                results = run_distilled(out, factory, name, bank_file, args.distill_seeds, args.fresh)
+                table[factory][name] = distilled_row(results)
+                continue
             overrides = VARIANTS[name][1]
             if overrides is None:  # untrained: the seed run's before-training evaluation
                 results = run_variant(out, factory, "seed", SEED, bank_file, fresh=False)
                 table[factory][name] = row(results, "untrained")
             else:
                 table[factory][name] = row(run_variant(out, factory, name, overrides, bank_file, args.fresh), "trained")
-    text = markdown(table, {name: description for name, (description, _) in VARIANTS.items()})
+    descriptions = {name: description for name, (description, _) in [*VARIANTS.items(), *DISTILLED.items()]}
+    text = markdown(table, descriptions)
     print(text)
     if args.markdown:
         path = Path(args.markdown)

@@ -21,6 +21,8 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BANK_UPDATES = ("all", "positives")
 #: What the query encoder is trained against.
 ENCODER_TARGETS = ("bank", "initial")
+#: Sources of the quantizer distillation's queries (hf_qret.distill.DISTILL_QUERY_SOURCES).
+DISTILL_QUERY_SOURCES = ("train", "pseudo", "both")
 #: Storage dtypes of the bank (see hf_qret.bank.BANK_DTYPES).
 BANK_DTYPES = ("fp32", "bf16", "fp16")
 #: Where the bank lives.
@@ -89,6 +91,36 @@ class QRetTrainingArguments(TrainingArguments):
     )
     codebook_learning_rate: float = field(
         default=1e-4, metadata={"help": "Adam learning rate of the PQ centroids when --learn_codebooks is on."}
+    )
+    distill_quantizer: bool = field(
+        default=False,
+        metadata={
+            "help": "Quantizer distillation after training (hf_qret.distill): learn the PQ centroids of a "
+            "'PQ<M>'/'OPQ<M>,PQ<M>' index so that the quantized scores reproduce the flat bank's ranking (KL over "
+            "each query's flat top-k plus random documents) on label-free queries, then re-encode every document; "
+            "the saved index stays a plain FAISS index."
+        },
+    )
+    distill_queries: str = field(
+        default="both",
+        metadata={
+            "help": "Queries of the quantizer distillation: 'train' (the training queries, labels unused), 'pseudo' "
+            "(each document's title or first sentence, encoded by the query encoder) or 'both'."
+        },
+    )
+    distill_rounds: int = field(default=3, metadata={"help": "Quantizer distillation: (centroid steps, re-encode) rounds."})
+    distill_epochs: int = field(default=2, metadata={"help": "Quantizer distillation: passes over the queries per round."})
+    distill_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Quantizer distillation: Adam learning rate of the centroids (and rotation)."}
+    )
+    distill_temperature: float = field(
+        default=0.05, metadata={"help": "Quantizer distillation: softmax temperature of flat and quantized scores."}
+    )
+    distill_top_k: int = field(
+        default=100, metadata={"help": "Quantizer distillation: flat top-k documents per query in the distribution."}
+    )
+    distill_rotation: bool = field(
+        default=False, metadata={"help": "Quantizer distillation: also learn the OPQ rotation (kept orthogonal)."}
     )
     bank_update: str = field(
         default="positives",
@@ -179,6 +211,17 @@ class QRetTrainingArguments(TrainingArguments):
             raise ConfigError(
                 "learn_codebooks trains the centroids through the decoded candidates: set quantized_score_weight "
                 "> 0 (for example 1.0)."
+            )
+        if self.distill_queries not in DISTILL_QUERY_SOURCES:
+            raise ConfigError(
+                f"distill_queries must be one of {', '.join(DISTILL_QUERY_SOURCES)}, got {self.distill_queries!r}."
+            )
+        if min(self.distill_rounds, self.distill_epochs, self.distill_top_k) < 1 or min(
+            self.distill_learning_rate, self.distill_temperature
+        ) <= 0:
+            raise ConfigError(
+                "distill_rounds, distill_epochs and distill_top_k must be >= 1 and distill_learning_rate and "
+                "distill_temperature > 0."
             )
         if self.bank_learning_rate < 0:
             raise ConfigError(f"bank_learning_rate must be >= 0, got {self.bank_learning_rate}.")
