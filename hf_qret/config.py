@@ -189,6 +189,14 @@ class QRetTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the query and positive columns."}
     )
+    store_corpus_texts: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Ship the document texts in the artifact (corpus.jsonl), so QuantizedRetriever.search(..., "
+            "return_text=True) returns documents. Default (unset): yes when the trainer built the bank from texts "
+            "(corpus= / text pairs), no with a ready bank=; true with bank= needs corpus= to cover the bank."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
