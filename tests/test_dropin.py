@@ -201,13 +201,22 @@ def run_example(name: str, argv: list[str], monkeypatch) -> dict:
 
 def test_converted_sentence_transformers_script_runs(tiny_model_dir, beir_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "converted"
+    import hf_qret
+
     argv = ["--model", tiny_model_dir, "--data_dir", str(beir_dir), "--eval_split", "train", "--output_dir", str(out),
             "--max_steps", "3", "--batch_size", "8"]  # fmt: skip
+    asked, real = [], hf_qret.QRetTrainingArguments
+
+    def small_index_args(*args, index_factory, **kwargs):  # OPQ16,PQ16 over 300 tiny vectors is slow and pointless
+        asked.append(index_factory)
+        return real(*args, index_factory="PQ4", **kwargs)
+
+    monkeypatch.setattr(hf_qret, "QRetTrainingArguments", small_index_args)
     scope = run_example("convert_sentence_transformers.py", argv, monkeypatch)
     trainer = scope["trainer"]
     assert isinstance(trainer, QRetTrainer) and trainer.state.global_step == 3
     assert "eval_dev_quantized_ndcg@10" in capsys.readouterr().out  # the InformationRetrievalEvaluator, via the index
-    assert trainer.index.factory == "OPQ16,PQ16" and trainer.bank.doc_ids == list(scope["corpus"])
+    assert asked == ["OPQ16,PQ16"] and trainer.bank.doc_ids == list(scope["corpus"])
     assert {"index.faiss", "doc_ids.json", "bank.safetensors", "modules.json", "corpus.jsonl"} <= set(os.listdir(out))
     retriever = QuantizedRetriever.from_pretrained(out, device="cpu")
     hits = retriever.search(["protein gene"], k=5)[0]
