@@ -90,6 +90,11 @@ def test_contract_text_pairs_corpus_and_ir_evaluator(tiny_model, st_data, tmp_pa
     assert retriever.semantic_search(["protein gene"], top_k=2, return_text=True)[0][0]["text"] == corpus[hits[0][0][0]]
     lines = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
     assert [line["_id"] for line in lines] == json.loads((out / "doc_ids.json").read_text())
+    from hf_qret.hub import artifact_upload_files
+
+    uploaded = artifact_upload_files(out)
+    assert "corpus.jsonl" in uploaded and (out / CACHE_DIR).is_dir()
+    assert not any(name.startswith(CACHE_DIR) for name in uploaded)  # the bank cache never goes to the Hub
 
 
 def test_search_output_checks(tiny_model, st_data, tmp_path):
