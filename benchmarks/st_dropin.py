@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--index_factory", default="OPQ16,PQ16")
+    parser.add_argument("--skip_untrained", action="store_true", help="skip the untrained artifact's evaluation")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a QRetTrainingArguments option (repeatable)")  # fmt: skip
     cli = parser.parse_args(argv)
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = QRetTrainer(model=model, args=args, train_dataset=train_dataset, corpus=corpus, evaluator=evaluator)
     setup_s = time.perf_counter() - start
     untrained = trainer.evaluate()
-    trainer.save_model(str(out / "untrained"))
+    if not cli.skip_untrained:
+        trainer.save_model(str(out / "untrained"))
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     seen = str(DATA / "qrels" / "train.tsv")
     artifacts = {}
     for name, folder in (("untrained", out / "untrained"), ("trained", out)):
+        if name == "untrained" and cli.skip_untrained:
+            continue
         artifacts[name] = evaluate_main([str(folder), "--data", str(DATA), "--split", "dev", "--seen-qrels", seen])
 
     def pick(report: dict) -> dict:
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "overrides": overrides,
         "evaluate_untrained": {k: round(v, 4) for k, v in untrained.items() if k.endswith("ndcg@10")},
         "evaluate_trained": {k: round(v, 4) for k, v in trained.items() if k.endswith("ndcg@10")},
-        "ndcg@10_untrained": pick(artifacts["untrained"]),
+        "ndcg@10_untrained": pick(artifacts["untrained"]) if "untrained" in artifacts else None,
         "ndcg@10_trained": pick(artifacts["trained"]),
         "dev_seen_queries": artifacts["trained"]["seen"]["queries"],
         "dev_unseen_queries": artifacts["trained"]["unseen"]["queries"],

@@ -75,7 +75,9 @@ def load_corpus(corpus: Any) -> dict[str, str]:
         folder = Path(corpus)
         path = _find(folder, "corpus.jsonl") if folder.is_dir() else (folder if folder.is_file() else None)
         if path is None:
-            raise DataError(f"{corpus}: no corpus.jsonl (or .gz); pass a BEIR folder, a {{id: text}} dict or a Dataset.")
+            raise DataError(
+                f"{corpus}: no corpus.jsonl (or .gz); pass a BEIR folder, an {{id: text}} dict or a Dataset."
+            )
         out = {doc_id: doc_text(doc) for doc_id, doc in _load_corpus(path).items()}
     elif isinstance(corpus, Mapping):
         out = {str(doc_id): _doc_string(value) for doc_id, value in corpus.items()}
@@ -249,7 +251,8 @@ def encode_bank(
                     logger.info("bank: loading the %d encoded documents cached in %s", len(docs), rows_path)
                     return TargetBank.from_file(rows_path, docs.ids, dtype=dtype)
         rows = encode_texts(
-            model, docs.texts, batch_size=batch_size, tokenizer=tokenizer, show_progress_bar=True, desc="Encoding corpus"
+            model, docs.texts, batch_size=batch_size, tokenizer=tokenizer, show_progress_bar=True,
+            desc="Encoding corpus",
         )
         if output_dir is not None and _is_main_process():
             rows_path.parent.mkdir(parents=True, exist_ok=True)

@@ -400,7 +400,9 @@ def pairs_from_texts(dataset, columns: TextColumns, doc_id_of) -> "Dataset":  # 
             raise DataError(f"training row {i}: the query ({columns.query!r}) is empty; remove the row or fill it.")
         texts = _texts(positive)
         if not texts or not texts[0].strip():
-            raise DataError(f"training row {i}: the positive ({columns.positive!r}) is empty; remove the row or fill it.")
+            raise DataError(
+                f"training row {i}: the positive ({columns.positive!r}) is empty; remove the row or fill it."
+            )
         doc_id = doc_id_of(texts[0])
         known = by_query.setdefault(query, [])
         if doc_id not in known:

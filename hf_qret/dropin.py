@@ -66,8 +66,8 @@ class _BankIds:
 
 
 def _columns(dataset: Any):
-    if dataset is None or not hasattr(dataset, "column_names"):
-        return None
+    if dataset is None or not getattr(dataset, "column_names", None):
+        return None  # no dataset, or columns unknown (a streamed IterableDataset): passed through as id rows
     return text_columns(dataset)
 
 

@@ -160,7 +160,8 @@ class QRetTrainer(Trainer):
         # Drop-in (hf_qret.dropin): text pairs, a bank built from corpus=, sentence-transformers evaluators.
         ready = prepare_dropin(model, args, train_dataset, bank=bank, corpus=corpus, evaluator=evaluator,
                                eval_dataset=kwargs.get("eval_dataset"), tokenizer=kwargs.get("processing_class"))
-        bank, train_dataset, evaluator, self.corpus_texts = ready.bank, ready.train_dataset, ready.evaluator, ready.corpus_texts
+        bank, train_dataset, evaluator = ready.bank, ready.train_dataset, ready.evaluator
+        self.corpus_texts = ready.corpus_texts  # {doc_id: text} shipped as corpus.jsonl, or None
         if kwargs.get("eval_dataset") is not None:
             kwargs["eval_dataset"] = ready.eval_dataset
         bank.check_dim(embedding_dim(model), "the model")
