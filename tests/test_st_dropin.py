@@ -403,3 +403,12 @@ def test_hard_negatives_example_runs(tiny_model_dir, beir_dir, tmp_path, monkeyp
     assert trainer.state.global_step == 2 and any(trainer.train_dataset["negative_ids"])
     assert "eval_dev_quantized_ndcg@10" in capsys.readouterr().out
     assert (out / "corpus.jsonl").is_file()
+
+
+def test_default_schedule_is_constant_so_the_bank_keeps_its_learning_rate(tmp_path):
+    """The contract trains with the defaults: a linear decay would also halve the bank's mean learning rate over a
+    one-epoch run (SciFact dev, 16 bytes: 0.616 linear vs 0.664 constant, benchmarks/st_dropin.py)."""
+    from transformers import SchedulerType
+
+    assert QRetTrainingArguments(output_dir=str(tmp_path)).lr_scheduler_type == SchedulerType.CONSTANT
+    assert QRetTrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="linear").lr_scheduler_type == "linear"
