@@ -1,7 +1,8 @@
 """Before and after: ``train_sentence_transformers.py`` is a typical sentence-transformers training script
 (MultipleNegativesRankingLoss, in-batch negatives); ``convert_sentence_transformers.py`` is the same script converted
 to hf-qret, training the encoder and the corpus embeddings for the quantized index they will be served from. They
-differ only by ``convert_sentence_transformers.diff``.
+differ only by ``convert_sentence_transformers.diff``: the trainer and arguments classes, the index option and
+``corpus=`` in place of the loss. The data (text pairs), the corpus and the evaluator stay as they are.
 
     python examples/train_sentence_transformers.py --data_dir recipes/data/scifact --output_dir runs/st-mnrl
     python examples/convert_sentence_transformers.py --data_dir recipes/data/scifact --output_dir runs/st-qret
@@ -10,9 +11,9 @@ differ only by ``convert_sentence_transformers.diff``.
 import argparse
 
 from datasets import Dataset
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.evaluation import InformationRetrievalEvaluator
-from sentence_transformers.losses import MultipleNegativesRankingLoss
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
 from hf_qret import load_beir
 from hf_qret.config import resolve_model_path
@@ -31,14 +32,14 @@ cli = parser.parse_args()
 
 train, dev = load_beir(cli.data_dir, split="train"), load_beir(cli.data_dir, split=cli.eval_split)
 model = SentenceTransformer(resolve_model_path(cli.model))
+corpus = {doc_id: doc_text(doc) for doc_id, doc in train.corpus.items()}  # {doc_id: text}
 
-pairs = [(train.queries[q], doc_text(train.corpus[d])) for q, docs in train.qrels.items() for d in docs if docs[d] > 0]
+pairs = [(train.queries[q], corpus[d]) for q, docs in train.qrels.items() for d in docs if docs[d] > 0]
 train_dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
-loss = MultipleNegativesRankingLoss(model)
+relevant = {q: {d for d, score in docs.items() if score > 0} for q, docs in dev.qrels.items()}
+evaluator = InformationRetrievalEvaluator(queries=dev.queries, corpus=corpus, relevant_docs=relevant, name="dev")
 
-args = SentenceTransformerTrainingArguments(
-    output_dir=cli.output_dir,
-    num_train_epochs=cli.epochs,
+args = SentenceTransformerTrainingArguments(output_dir=cli.output_dir, num_train_epochs=cli.epochs,
     max_steps=cli.max_steps,
     per_device_train_batch_size=cli.batch_size,
     learning_rate=2e-5,
@@ -50,15 +51,7 @@ args = SentenceTransformerTrainingArguments(
     report_to="none",
     seed=42,
 )
-relevant = {q: {d for d, score in docs.items() if score > 0} for q, docs in dev.qrels.items()}
-evaluator = InformationRetrievalEvaluator(dev.queries, dict(zip(dev.doc_ids, dev.doc_texts())), relevant)
-trainer = SentenceTransformerTrainer(
-    model=model,
-    args=args,
-    train_dataset=train_dataset,
-    loss=loss,
-    evaluator=evaluator,
-)
+trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=losses.MultipleNegativesRankingLoss(model), evaluator=evaluator)
 trainer.train()
-print(evaluator(model))
-model.save_pretrained(cli.output_dir)
+print(trainer.evaluate())
+trainer.save_model()

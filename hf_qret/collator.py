@@ -16,10 +16,11 @@ class QRetDataCollator:
     """Tokenizes the queries of a batch and maps positive document ids to bank rows.
 
     Each example is a mapping with ``query`` (text), ``positive_id`` (document id) and, optionally,
-    ``positive_ids`` (every relevant document id of that query, to mask them out as negatives).
+    ``positive_ids`` (every relevant document id of that query, to mask them out as negatives) and ``negative_ids``
+    (hard-negative document ids; they join the batch's mined candidates).
 
     The batch holds the tokenized queries plus ``positive_rows`` ``(B,)`` and ``positive_sets`` ``(B, M)``
-    (``-1``-padded).
+    (``-1``-padded), and ``negative_rows`` ``(B, N)`` (``-1``-padded) when some example has hard negatives.
 
     Args:
         tokenize_fn: Maps a list of query texts to model inputs.
@@ -27,6 +28,7 @@ class QRetDataCollator:
         query_column: Name of the query text column.
         positive_column: Name of the positive document id column.
         positives_column: Name of the column listing all positives of the query.
+        negatives_column: Name of the column listing hard-negative document ids.
 
     Example:
         >>> collate = QRetDataCollator(model.preprocess, bank)  # doctest: +SKIP
@@ -40,12 +42,14 @@ class QRetDataCollator:
         query_column: str = "query",
         positive_column: str = "positive_id",
         positives_column: str = "positive_ids",
+        negatives_column: str = "negative_ids",
     ) -> None:
         self.tokenize_fn = tokenize_fn
         self.bank = bank
         self.query_column = query_column
         self.positive_column = positive_column
         self.positives_column = positives_column
+        self.negatives_column = negatives_column
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for name in (self.query_column, self.positive_column):
@@ -63,4 +67,8 @@ class QRetDataCollator:
         width = max(len(s) for s in sets)
         batch["positive_rows"] = torch.tensor(positive_rows, dtype=torch.long)
         batch["positive_sets"] = torch.tensor([s + [-1] * (width - len(s)) for s in sets], dtype=torch.long)
+        negatives = [self.bank.rows_of([str(d) for d in f.get(self.negatives_column) or []]) for f in features]
+        width = max(len(n) for n in negatives)
+        if width:
+            batch["negative_rows"] = torch.tensor([n + [-1] * (width - len(n)) for n in negatives], dtype=torch.long)
         return batch

@@ -92,6 +92,7 @@ class IndexMiner:
         positive_rows: torch.Tensor,
         positive_sets: torch.Tensor | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        extra_rows: torch.Tensor | None = None,
     ) -> MinedBatch:
         """Builds the candidate set of a batch.
 
@@ -103,13 +104,19 @@ class IndexMiner:
             gather: Under DDP, :func:`hf_qret.distributed.all_gather_rows`: the candidate set is then the union over
                 the *global* batch (every process's positives and top-k rows), the same on every process; the
                 targets and the mask stay this process's.
+            extra_rows: Rows that join the candidate set besides the mined ones (the batch's hard negatives,
+                ``-1``-padded, any shape).
         """
         if torch.is_tensor(query_embeddings):
             query_embeddings = query_embeddings.detach().float().cpu().numpy()
         retrieved = self.retrieve(query_embeddings)
         pool = None
-        if gather is not None:
-            pool = gather(torch.from_numpy(self._pool(retrieved, positive_rows))).cpu().numpy()
+        if gather is not None or extra_rows is not None:
+            pool = self._pool(retrieved, positive_rows)
+            if extra_rows is not None:
+                pool = np.concatenate([pool, extra_rows.detach().cpu().long().numpy().reshape(-1)])
+            if gather is not None:
+                pool = gather(torch.from_numpy(pool)).cpu().numpy()
         return self.candidates_from(retrieved, positive_rows, positive_sets, pool=pool)
 
     @staticmethod

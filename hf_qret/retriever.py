@@ -17,6 +17,8 @@ from .errors import ArtifactError
 
 __all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
 
+#: What :meth:`QuantizedRetriever.search` can return.
+SEARCH_OUTPUTS = ("tuples", "semantic_search")
 #: Where an artifact may ship its document texts (BEIR ``{"_id", "title", "text"}`` lines).
 CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
 #: Files a download skips: pickled weights and training state are never needed (nor ever unpickled).
@@ -268,21 +270,63 @@ class QuantizedRetriever:
         """Raw FAISS search: ``(scores, rows)``."""
         return self.index.search(embeddings, k)
 
-    def search(self, queries: Sequence[str], k: int = 10) -> list[list[tuple[str, float]]]:
-        """The top-``k`` ``(doc_id, score)`` of each query, best first (fewer only if the corpus is smaller).
+    def search(
+        self, queries: Sequence[str], k: int = 10, *, return_text: bool = False, output: str = "tuples"
+    ) -> list[list[Any]]:
+        """The top-``k`` hits of each query, best first (fewer only if the corpus is smaller).
+
+        Args:
+            queries: The query texts.
+            k: Hits per query.
+            return_text: Also return each document's text (the artifact must ship ``corpus.jsonl``: trained with
+                ``corpus=`` / text pairs, or ``store_corpus_texts=True``, or ``hf-qret push --corpus``).
+            output: ``"tuples"``: ``(doc_id, score)`` (``(doc_id, score, text)`` with ``return_text``);
+                ``"semantic_search"``: ``{"corpus_id": doc_id, "score": score}`` dicts (plus ``"text"``), the shape
+                of ``sentence_transformers.util.semantic_search`` with the document id as ``corpus_id``.
+
+        Raises:
+            ArtifactError: ``return_text`` on an artifact without document texts.
 
         Example:
             >>> retriever.search(["does aspirin prevent stroke?"], k=2)  # doctest: +SKIP
             [[('1234', 0.71), ('98', 0.66)]]
+            >>> retriever.search(["does aspirin prevent stroke?"], k=1, output="semantic_search")  # doctest: +SKIP
+            [[{'corpus_id': '1234', 'score': 0.71}]]
         """
         if isinstance(queries, str):
             raise TypeError("search takes a list of strings; wrap a single query as [query].")
         if int(k) < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
+        if output not in SEARCH_OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(SEARCH_OUTPUTS)}, got {output!r}.")
+        if return_text and self._corpus is None:
+            raise ArtifactError(
+                "this artifact ships no document texts (corpus.jsonl), so search cannot return them; train with "
+                "corpus= (or store_corpus_texts=True), or add them with `hf-qret push --corpus DIR`."
+            )
         if not queries:
             return []
         scores, rows = self.search_embeddings(self.encode_queries(queries), k)
-        return [
+        hits = [
             [(self.doc_ids[r], float(s)) for s, r in zip(score_row, row) if r >= 0]
             for score_row, row in zip(scores, rows)
         ]
+        return [[self._format_hit(doc_id, score, return_text, output) for doc_id, score in row] for row in hits]
+
+    def semantic_search(self, queries: Sequence[str], top_k: int = 10, return_text: bool = False) -> list[list[dict]]:
+        """``search(queries, k=top_k, output="semantic_search")``: for code written against
+        ``sentence_transformers.util.semantic_search`` (``corpus_id`` is the document id).
+
+        Example:
+            >>> retriever.semantic_search(["does aspirin prevent stroke?"], top_k=1)  # doctest: +SKIP
+            [[{'corpus_id': '1234', 'score': 0.71}]]
+        """
+        return self.search(queries, k=top_k, return_text=return_text, output="semantic_search")
+
+    def _format_hit(self, doc_id: str, score: float, return_text: bool, output: str) -> Any:
+        if output == "semantic_search":
+            hit: dict[str, Any] = {"corpus_id": doc_id, "score": score}
+            if return_text:
+                hit["text"] = self._corpus.get(doc_id)
+            return hit
+        return (doc_id, score, self._corpus.get(doc_id)) if return_text else (doc_id, score)

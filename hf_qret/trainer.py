@@ -26,6 +26,7 @@ from .checkpoint import (
 )
 from .collator import QRetDataCollator
 from .distributed import all_gather_rows, all_reduce_row_grad
+from .dropin import prepare_dropin, write_corpus_texts
 from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from .errors import ConfigError, TrainingDivergedError
@@ -109,14 +110,19 @@ class QRetTrainer(Trainer):
     Args:
         model: A ``SentenceTransformer`` or a transformers encoder (``AutoModel``; mean pooling).
         args: :class:`~hf_qret.config.QRetTrainingArguments`.
-        train_dataset: Rows with ``query``, ``positive_id`` and optionally ``positive_ids``
-            (see :func:`hf_qret.data.build_pairs_dataset`).
-        bank: The :class:`~hf_qret.bank.TargetBank` over the corpus.
+        train_dataset: Text pairs in sentence-transformers' convention (query, positive, hard negatives...) or
+            rows with ``query``, ``positive_id`` and optionally ``positive_ids`` (see
+            :func:`hf_qret.data.build_pairs_dataset`).
+        bank: The :class:`~hf_qret.bank.TargetBank` over the corpus; built from ``corpus`` and the data's texts
+            when omitted (see :mod:`hf_qret.dropin`).
+        corpus: ``{doc_id: text}``, a ``datasets.Dataset`` with id/text columns or a BEIR folder.
         index: The quantized index; built from ``args.index_factory`` over the bank when omitted.
         loss: A :class:`~hf_qret.loss.QRetLoss`; default :func:`hf_qret.loss.build_loss` from ``args`` (the
             method's :class:`~hf_qret.loss.MinedNegativesLoss`, or the variant the options ask for). A bare
             :class:`~hf_qret.loss.CandidateCrossEntropyLoss` is used as the default loss's scoring.
-        evaluator: A :class:`~hf_qret.evaluation.RetrievalEvaluator`, run by :meth:`evaluate`.
+        evaluator: A :class:`~hf_qret.evaluation.RetrievalEvaluator`, or a sentence-transformers
+            ``InformationRetrievalEvaluator`` / ``SequentialEvaluator`` of them (scored through the bank and the
+            index), run by :meth:`evaluate`.
         **kwargs: Everything else a ``Trainer`` takes (``eval_dataset``, ``data_collator``, ``processing_class``,
             ``callbacks``, ``optimizers``...).
 
@@ -142,16 +148,22 @@ class QRetTrainer(Trainer):
         args: QRetTrainingArguments,
         train_dataset: Any = None,
         *,
-        bank: TargetBank,
+        bank: TargetBank | None = None,
+        corpus: Any = None,
         index: QuantizedIndex | None = None,
         loss: QRetLoss | CandidateCrossEntropyLoss | None = None,
-        evaluator: RetrievalEvaluator | None = None,
+        evaluator: Any = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, QRetTrainingArguments):
             raise TypeError("QRetTrainer needs QRetTrainingArguments (a TrainingArguments subclass) as `args`.")
-        if bank is None:
-            raise ValueError("QRetTrainer needs a TargetBank: `bank=TargetBank.from_encoder(...)`.")
+        # Drop-in (hf_qret.dropin): text pairs, a bank built from corpus=, sentence-transformers evaluators.
+        ready = prepare_dropin(model, args, train_dataset, bank=bank, corpus=corpus, evaluator=evaluator,
+                               eval_dataset=kwargs.get("eval_dataset"), tokenizer=kwargs.get("processing_class"))
+        bank, train_dataset, evaluator = ready.bank, ready.train_dataset, ready.evaluator
+        self.corpus_texts = ready.corpus_texts  # {doc_id: text} shipped as corpus.jsonl, or None
+        if kwargs.get("eval_dataset") is not None:
+            kwargs["eval_dataset"] = ready.eval_dataset
         bank.check_dim(embedding_dim(model), "the model")
         set_faiss_threads(args.faiss_threads)
         if index is None:
@@ -278,10 +290,12 @@ class QRetTrainer(Trainer):
         inputs = dict(inputs)
         positive_rows = inputs.pop("positive_rows")
         positive_sets = inputs.pop("positive_sets", None)
+        negative_rows = inputs.pop("negative_rows", None)  # hard negatives of text-pair data join the candidates
         query_embeddings = embed(model, inputs)
         self.ensure_index()
         distributed = model.training and self.accelerator.num_processes > 1  # mine for the global batch
-        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, all_gather_rows if distributed else None)
+        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, all_gather_rows if distributed else None,
+                                extra_rows=negative_rows)
         self.loss.train(model.training)
         loss, stats = self.loss(query_embeddings, mined)
         if model.training:
@@ -428,6 +442,8 @@ class QRetTrainer(Trainer):
                 self.processing_class.save_pretrained(output_dir)
         else:
             super()._save(output_dir, state_dict)
+        if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
+            write_corpus_texts(output_dir, self.corpus_texts)
         save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:

@@ -44,6 +44,7 @@ def test_load_best_model_at_end_restores_encoder_bank_and_index(tiny_model_dir, 
         model, two_split_dir, tmp_path, max_steps=12, learning_rate=3e-2, bank_learning_rate=0.5,
         eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3, load_best_model_at_end=True,
         metric_for_best_model="eval_quantized_ndcg@10", refresh_steps=5,
+        lr_scheduler_type="linear",  # the schedule this degrading run was designed with (the default is constant)
     )  # fmt: skip
     trainer.train()
     logged = [e["eval_quantized_ndcg@10"] for e in trainer.state.log_history if "eval_quantized_ndcg@10" in e]
