@@ -283,6 +283,22 @@ class DataArguments:
     data_dir: str = field(default="", metadata={"help": "A BEIR folder (corpus, queries, qrels/) or a Hub dataset id."})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on."})
     eval_split: str | None = field(default=None, metadata={"help": "qrels split to evaluate on during/after training."})
+    keep_untrained_if_better: bool = field(
+        default=True,
+        metadata={
+            "help": "Recipe safety: the untrained model is evaluated on --eval_split before training; if the trained "
+            "model ends worse there (nDCG@10 of the quantized index), the recipe warns loudly, says so in the model "
+            "card and ships the untrained model instead."
+        },
+    )
+    train_on_eval_split: bool = field(
+        default=False,
+        metadata={
+            "help": "Ship a model trained on --train_split plus --eval_split: after the run on --train_split that is "
+            "evaluated on --eval_split (the numbers printed and put in the card), train a fresh model with the same "
+            "settings on both splits and ship that one (unless training made the first run worse)."
+        },
+    )
 
 
 def resolve_model_path(name_or_path: str) -> str:
