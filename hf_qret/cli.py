@@ -237,6 +237,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         new_index_ = QuantizedIndex.from_args(dim, training_args)
         if untrained:
             new_index_.replace(untrained_index)
+            new_bank.clear_changed()  # the index encodes exactly these rows
         return QRetTrainer(load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_)
 
     if shipped == "untrained":
