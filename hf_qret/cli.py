@@ -241,12 +241,17 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
             new_bank.clear_changed()  # the index encodes exactly these rows
         return QRetTrainer(load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_)
 
+    if shipped == "untrained" or train_on_all:  # the first run's encoder, bank and index are done with
+        import gc
+
+        del trainer, bank, model, index, encode
+        gc.collect()
+
     if shipped == "untrained":
         logger.warning("%s", "!" * 100)
         logger.warning("%s", warning)
         logger.warning("%s", "!" * 100)
         notes.append(f"**Warning:** {warning}")
-        del trainer, bank
         trainer = fresh_trainer(train_data, untrained=True)
     elif train_on_all:
         all_data = _merged_splits(train_data, eval_data)
@@ -254,7 +259,6 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
             "training the shipped model on %s (%d queries) with the same settings (--train_on_eval_split)",
             all_data.split, len(all_data.qrels),
         )
-        del trainer, bank
         trainer = fresh_trainer(all_data, untrained=False)
         trainer.train(resume_from_checkpoint=resume or None)
         if training_args.distill_quantizer:
