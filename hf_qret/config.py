@@ -19,6 +19,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 #: Which candidate rows the bank optimizer moves.
 BANK_UPDATES = ("all", "positives")
+BANK_OPTIMIZERS = ("adam", "sgd")
 #: What the query encoder is trained against.
 ENCODER_TARGETS = ("bank", "initial")
 #: Sources of the quantizer distillation's queries (hf_qret.distill.DISTILL_QUERY_SOURCES).
@@ -52,6 +53,15 @@ class QRetTrainingArguments(TrainingArguments):
         default=2e-3, metadata={"help": "Learning rate of the target bank (row-wise Adam); separate from the encoder's."}
     )
     bank_weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay on updated bank rows."})
+    bank_optimizer: str = field(
+        default="adam",
+        metadata={
+            "help": "The bank's row optimizer: 'adam' (row-wise Adam; a touched row moves by about "
+            "bank_learning_rate per coordinate whatever its gradient's size) or 'sgd' (a row moves by "
+            "bank_learning_rate * gradient: rows the loss hardly cares about hardly move). Their learning rates are "
+            "on different scales (adam ~0.002, sgd ~0.2)."
+        },
+    )
     index_factory: str = field(
         default="OPQ16,PQ16",
         metadata={"help": "faiss.index_factory string of the quantized index (inner product), e.g. PQ16, IVF64,PQ16."},
@@ -216,6 +226,10 @@ class QRetTrainingArguments(TrainingArguments):
             raise ConfigError(f"refresh_mode must be one of {', '.join(REFRESH_MODES)}, got {self.refresh_mode!r}.")
         if not 0.0 <= self.quantized_score_weight <= 1.0:
             raise ConfigError(f"quantized_score_weight must lie in [0, 1], got {self.quantized_score_weight}.")
+        if self.bank_optimizer not in BANK_OPTIMIZERS:
+            raise ConfigError(
+                f"bank_optimizer must be one of {', '.join(BANK_OPTIMIZERS)}, got {self.bank_optimizer!r}."
+            )
         if self.bank_update not in BANK_UPDATES:
             raise ConfigError(f"bank_update must be one of {', '.join(BANK_UPDATES)}, got {self.bank_update!r}.")
         if self.encoder_targets not in ENCODER_TARGETS:
@@ -300,6 +314,22 @@ class DataArguments:
     data_dir: str = field(default="", metadata={"help": "A BEIR folder (corpus, queries, qrels/) or a Hub dataset id."})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on."})
     eval_split: str | None = field(default=None, metadata={"help": "qrels split to evaluate on during/after training."})
+    keep_untrained_if_better: bool = field(
+        default=True,
+        metadata={
+            "help": "Recipe safety: the untrained model is evaluated on --eval_split before training; if the trained "
+            "model ends worse there (nDCG@10 of the quantized index), the recipe warns loudly, says so in the model "
+            "card and ships the untrained model instead."
+        },
+    )
+    train_on_eval_split: bool = field(
+        default=False,
+        metadata={
+            "help": "Ship a model trained on --train_split plus --eval_split: after the run on --train_split that is "
+            "evaluated on --eval_split (the numbers printed and put in the card), train a fresh model with the same "
+            "settings on both splits and ship that one (unless training made the first run worse)."
+        },
+    )
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -61,6 +61,7 @@ ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
     "mining_index.faiss",
     "mining_shortlist.faiss",
     "*.tmp",
+    "bank_init.tmp*",
     "_*",
     ".*/*",
 )

@@ -279,7 +279,12 @@ def _compression(dim: int, bytes_per_vector: int) -> str:
 
 
 def _metrics_section(
-    metrics: Mapping[str, Any], config: Mapping[str, Any], dataset_label: str | None, eval_split: str | None, plot: bool
+    metrics: Mapping[str, Any],
+    config: Mapping[str, Any],
+    dataset_label: str | None,
+    eval_split: str | None,
+    plot: bool,
+    notes: Sequence[str] = (),
 ) -> str:
     if not metrics:
         return (
@@ -313,18 +318,28 @@ def _metrics_section(
         if before is not None and after is not None:
             lines += ["", f"Training changed the quantized index's nDCG@10 from {_fmt(before)} to {_fmt(after)} "
                       f"({after - before:+.4f})."]  # fmt: skip
+    for note in notes:
+        lines += ["", str(note)]
     if plot:
         lines += ["", f"![Retrieval quality against bytes per vector]({PLOT_NAME})"]
     return "\n".join(lines)
 
 
-def _training_rows(config: Mapping[str, Any], base_model: str | None, datasets: Sequence[str], eval_split: str | None) -> str:
+def _training_rows(
+    config: Mapping[str, Any],
+    base_model: str | None,
+    datasets: Sequence[str],
+    eval_split: str | None,
+    trained_on: Sequence[str] | None = None,
+) -> str:
     rows = []
     shown_base = base_model or config.get("base_model")
     if shown_base:
         rows.append(("Base model", f"[{shown_base}](https://huggingface.co/{shown_base})" if base_model else f"`{shown_base}`"))
     if datasets:
         rows.append(("Data", ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets)))
+    if trained_on is not None:
+        rows.append(("Trained on", " + ".join(trained_on) if trained_on else "nothing (the untrained model is shipped)"))
     if eval_split:
         rows.append(("Evaluation split", eval_split))
     for key, label in (
@@ -368,6 +383,8 @@ def render_model_card(
     extra_files: Sequence[tuple[str, str]] = (),
     plot: bool = True,
     template: str | os.PathLike | None = None,
+    notes: Sequence[str] = (),
+    trained_on: Sequence[str] | None = None,
 ) -> str:
     """Renders the model card text (YAML front matter + markdown) from plain dicts; writes nothing.
 
@@ -389,6 +406,8 @@ def render_model_card(
         extra_files: ``(file, description)`` rows added to the file table.
         plot: Whether the card embeds ``quality_vs_bytes.png``.
         template: A ``string.Template`` file to use instead of ``model_cards/template.md``.
+        notes: Paragraphs shown under the evaluation table (the recipe's warnings, what the model was trained on).
+        trained_on: The qrels splits the shipped model was trained on (``[]``: none, the untrained model).
 
     Returns:
         The card's text.
@@ -431,8 +450,10 @@ def render_model_card(
         "index_size": _human_bytes(index_size),
         "search_params": f"`{search_params}`" if search_params else "FAISS defaults",
         "extra_files": "".join(f"| `{name}` | {what} |\n" for name, what in files),
-        "metrics_section": _metrics_section(metrics, config, dataset_label, eval_split, plot and bool(metrics)),
-        "training_rows": _training_rows(config, base_model, datasets, eval_split),
+        "metrics_section": _metrics_section(
+            metrics, config, dataset_label, eval_split, plot and bool(metrics), notes
+        ),
+        "training_rows": _training_rows(config, base_model, datasets, eval_split, trained_on),
         "repo_id": repo_id or "your-name/your-hf-qret-model",
         "example_query": (example_query or "What does vitamin D do to cancer risk?").replace('"', "'"),
         "plain_search_params": plain_params,
@@ -597,6 +618,8 @@ def write_model_card(
         extra_files=extra,
         plot=plotted,
         template=template,
+        notes=[str(n) for n in saved.get("notes") or ()],
+        trained_on=list(saved["trained_on"]) if isinstance(saved.get("trained_on"), list) else None,
     )
     path = folder / MODEL_CARD_NAME
     _atomic_write_text(path, text)

@@ -20,7 +20,7 @@ from .errors import ArtifactError
 if TYPE_CHECKING:
     from .bank import InitialRows, TargetBank
 
-__all__ = ["RowAdam", "FollowScheduler"]
+__all__ = ["RowAdam", "RowSGD", "FollowScheduler"]
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -176,9 +176,8 @@ class RowAdam(torch.optim.Optimizer):
         rows, grads = row_gradients(self.bank.weight)
         if rows.numel() == 0:
             return 0
-        lr, eps, weight_decay = self.lr, self.eps, self.weight_decay
+        eps = self.eps
         beta1, beta2 = self.betas
-        weight = self.bank.weight
         grads = grads.float()
         slots = self._slots(rows)
         row_steps = self._read(self._step_blocks, slots) + 1
@@ -192,6 +191,11 @@ class RowAdam(torch.optim.Optimizer):
         bias2 = 1 - beta2**steps
         denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
         update = (exp_avg / bias1) / denom
+        return self._move(rows, update)
+
+    def _move(self, rows: torch.Tensor, update: torch.Tensor) -> int:
+        """``row -= lr * update`` (after decoupled weight decay), drift control, written back in the bank's dtype."""
+        lr, weight_decay, weight = self.lr, self.weight_decay, self.bank.weight
         current = weight[rows].float()
         if weight_decay:
             current = current * (1 - lr * weight_decay)
@@ -306,6 +310,53 @@ class RowAdam(torch.optim.Optimizer):
             self._write(self._step_blocks, slots, steps[rows])
             self._write(self._avg_blocks, slots, moments["exp_avg"])
             self._write(self._sq_blocks, slots, moments["exp_avg_sq"])
+
+
+class RowSGD(RowAdam):
+    """Plain (sparse) SGD over the rows of a :class:`TargetBank`: a row moves by ``lr * gradient``.
+
+    A row's step is proportional to its gradient, so a row the loss hardly cares about (a far negative whose
+    softmax weight is 1e-4) hardly moves, and a row that is touched at every step (on a small corpus where every
+    document is mined for every batch) drifts only as far as its gradients add up to. Row-wise Adam instead moves
+    every touched row by about ``lr`` per coordinate whatever its gradient's size (its first step is
+    ``lr * sign(g)``), which on such corpora turns the noise of tiny gradients into large drift (see the README,
+    "Accuracy options"). No optimizer state is kept beyond :class:`RowAdam`'s empty row map, so checkpoints keep
+    the same layout. Drift control (``keep_norms``, ``anchor``) and decoupled weight decay work as in
+    :class:`RowAdam`.
+
+    Example:
+        >>> import torch
+        >>> bank = TargetBank(torch.zeros(3, 2), ["a", "b", "c"])
+        >>> opt = RowSGD(bank, lr=0.5)
+        >>> (bank.gather(torch.tensor([1, 2])) * torch.tensor([[1.0], [0.001]])).sum().backward()
+        >>> opt.step()
+        2
+        >>> [[round(v, 4) for v in bank.weight[r].tolist()] for r in (1, 2)]
+        [[-0.5, -0.5], [-0.0005, -0.0005]]
+    """
+
+    def __init__(
+        self,
+        bank: TargetBank,
+        lr: float = 0.2,
+        weight_decay: float = 0.0,
+        keep_norms: torch.Tensor | None = None,
+        anchor: InitialRows | None = None,
+        anchor_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            bank, lr=lr, weight_decay=weight_decay, keep_norms=keep_norms, anchor=anchor, anchor_weight=anchor_weight
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> int:
+        """Moves the rows that have a gradient by ``-lr * gradient``, then applies drift control to them."""
+        if closure is not None:
+            raise ValueError("RowSGD does not take a closure.")
+        rows, grads = row_gradients(self.bank.weight)
+        if rows.numel() == 0:
+            return 0
+        return self._move(rows, grads.float())
 
 
 class FollowScheduler(LRScheduler):

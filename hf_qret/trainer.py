@@ -34,7 +34,7 @@ from .evaluation import RetrievalEvaluator
 from .index import QuantizedIndex, set_faiss_threads
 from .loss import CandidateCrossEntropyLoss, MinedNegativesLoss, QRetLoss, build_loss
 from .mining import IndexMiner
-from .optim import FollowScheduler, RowAdam
+from .optim import FollowScheduler, RowAdam, RowSGD
 from .peft_utils import adapter_info, has_adapter
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
@@ -225,7 +225,7 @@ class QRetTrainer(Trainer):
                 args.eval_strategy = restore_strategy
         self.add_callback(_BankStepCallback(self))
         self._bind_callbacks()
-        self.bank_optimizer = RowAdam(
+        self.bank_optimizer = (RowSGD if args.bank_optimizer == "sgd" else RowAdam)(
             bank,
             lr=args.bank_learning_rate,
             weight_decay=args.bank_weight_decay,

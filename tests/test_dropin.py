@@ -304,12 +304,14 @@ def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tw
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("ACCELERATE_USE_CPU", None)
+    # --keep_untrained_if_better false: the tiny random model's dev score is noise, and this run must train
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(free_port()), str(REPO / "recipes" / "train.py"), str(REPO / "recipes" / "scifact.yaml"),
                "--model_name_or_path", tiny_model_dir, "--data_dir", str(data), "--eval_split", "dev",
                "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8",
                "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
-               "--dataloader_pin_memory", "false", "--disable_tqdm", "true"]  # fmt: skip
+               "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
+               "--keep_untrained_if_better", "false"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr

@@ -34,12 +34,14 @@ def test_checkpoints_hold_everything_and_no_staging_is_left(tiny_model, beir_dir
 
 
 def test_recipe_resume_continues_as_if_nothing_happened(tiny_model_dir, data_dir, tmp_path):
+    # (--keep_untrained_if_better false: the tiny random model's dev score is noise, and this run must train)
     unbroken = train_main(recipe_argv(tiny_model_dir, data_dir, tmp_path / "a", "--max_steps", "8",
-                                      "--refresh_steps", "3", "--save_steps", "4"))
+                                      "--refresh_steps", "3", "--save_steps", "4", "--keep_untrained_if_better", "false"))
     checkpoint = tmp_path / "a" / "checkpoint-4"
     assert (checkpoint / "bank.safetensors").is_file()
     resumed = train_main(recipe_argv(tiny_model_dir, data_dir, tmp_path / "b", "--max_steps", "8",
-                                     "--refresh_steps", "3", "--resume_from_checkpoint", str(checkpoint)))
+                                     "--refresh_steps", "3", "--resume_from_checkpoint", str(checkpoint),
+                                     "--keep_untrained_if_better", "false"))
     for key, value in unbroken["trained"].items():
         assert resumed["trained"][key] == pytest.approx(value, abs=1e-4), key
     from safetensors.torch import load_file
