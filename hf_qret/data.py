@@ -16,6 +16,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
 
@@ -366,7 +367,7 @@ def _texts(value) -> list[str]:
     return [str(value)]
 
 
-def pairs_from_texts(dataset, columns: TextColumns, doc_id_of) -> "Dataset":  # noqa: F821 - datasets.Dataset
+def pairs_from_texts(dataset, columns: TextColumns, doc_id_of) -> Any:
     """Rewrites text-pair rows into hf-qret's id rows.
 
     Every row becomes ``query`` (the query text), ``positive_id`` (the id of its positive text), ``positive_ids``

@@ -30,7 +30,6 @@ from .dropin import prepare_dropin, write_corpus_texts
 from .config import QRetTrainingArguments
 from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from .errors import ConfigError, TrainingDivergedError
-from .evaluation import RetrievalEvaluator
 from .index import QuantizedIndex, set_faiss_threads
 from .loss import CandidateCrossEntropyLoss, MinedNegativesLoss, QRetLoss, build_loss
 from .mining import IndexMiner
