@@ -33,6 +33,7 @@ __all__ = [
     "EVAL_RESULTS_NAME",
     "CARD_TAGS",
     "TEMPLATE_PATH",
+    "default_template_path",
     "card_metrics",
     "metrics_from_log_history",
     "render_model_card",
@@ -49,8 +50,31 @@ PLOT_NAME = "quality_vs_bytes.png"
 EVAL_RESULTS_NAME = "eval_results.json"
 #: Tags of every hf-qret card; ``hf-qret`` also marks a README as an hf-qret card (:func:`is_qret_model_card`).
 CARD_TAGS = ("hf-qret", "faiss", "product-quantization", "dense-retrieval", "sentence-similarity")
-#: The card template, at the root of the source tree.
+#: The card template in a source checkout: ``model_cards/template.md`` at the root of the tree. An installed wheel
+#: ships the same folder as the package data ``hf_qret.model_cards`` (see :func:`default_template_path`).
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+
+
+def default_template_path() -> Path:
+    """The model card template this hf-qret runs with.
+
+    The source tree's ``model_cards/template.md`` when hf-qret runs from a checkout (``PYTHONPATH``, editable
+    install), else the copy installed with the package (``hf_qret.model_cards``, read with ``importlib.resources``).
+
+    Example:
+        >>> default_template_path().name
+        'template.md'
+    """
+    if TEMPLATE_PATH.is_file():
+        return TEMPLATE_PATH
+    from importlib.resources import as_file, files
+
+    try:
+        resource = files("hf_qret.model_cards") / "template.md"
+    except ModuleNotFoundError:
+        return TEMPLATE_PATH
+    with as_file(resource) as path:  # a wheel is installed unzipped: this is the file itself
+        return Path(path)
 
 #: Table columns: metric key -> header.
 _METRICS = (("ndcg@10", "nDCG@10"), ("recall@100", "Recall@100"), ("mrr@10", "MRR@10"))
@@ -342,11 +366,11 @@ def _training_rows(config: Mapping[str, Any], base_model: str | None, datasets: 
 
 
 def _load_template(template: str | os.PathLike | None) -> string.Template:
-    path = Path(template) if template is not None else TEMPLATE_PATH
+    path = Path(template) if template is not None else default_template_path()
     if not path.is_file():
         raise ArtifactError(
             f"{path}: no model card template; pass template=PATH (a string.Template markdown file) or reinstall "
-            "hf-qret from its source tree, which ships model_cards/template.md."
+            "hf-qret (its wheel ships model_cards/template.md as hf_qret/model_cards/template.md)."
         )
     return string.Template(path.read_text(encoding="utf-8"))
 
