@@ -206,3 +206,18 @@ def test_serving_and_growing_skip_the_training_stack(half_artifact):
     assert len(result["hits"][0]) == 3 and r_has(result["hits"][0], "new-doc")
     # transformers imports accelerate itself when it is installed; the rest of the training stack stays out
     assert set(result["loaded"]) <= {"accelerate"}, result["loaded"]
+
+
+def test_the_evaluator_computes_metrics_without_the_evaluate_module():
+    result = run_python(
+        "import json, sys\n"
+        "from hf_qret.evaluation import RetrievalEvaluator\n"
+        "from hf_qret.metrics import compute_metrics\n"
+        "qrels = {'q1': {'d1': 1}, 'q2': {'d3': 1}}\n"
+        "runs = {'quantized': {'q1': {'d1': 0.5, 'd2': 0.9}, 'q2': {'d3': 0.1}}}\n"
+        "evaluator = RetrievalEvaluator({'q1': 'a', 'q2': 'b'}, qrels, seen_doc_ids=['d1'])\n"
+        "scores = evaluator.score(runs)\n"
+        "assert scores['quantized_mrr@10'] == compute_metrics(runs['quantized'], qrels)['mrr@10'] == 0.75\n"
+        "print(json.dumps({'scores': scores, 'evaluate': 'evaluate' in sys.modules}))\n"
+    )
+    assert result["evaluate"] is False and result["scores"]["quantized_mrr@10_seen"] == 0.5
