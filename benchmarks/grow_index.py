@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bank_init", help="the full run's --bank_init_file (reused for the half run's rows)")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--skip_train", action="store_true", help="reuse OUT/half from an earlier run")
+    parser.add_argument("--skip_grow", action="store_true", help="reuse OUT/grown from an earlier run (evaluate only)")
     args = parser.parse_args(argv)
 
     from hf_qret import QuantizedRetriever
@@ -103,11 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run(command, check=True)
         train_seconds = round(time.perf_counter() - start, 1)
 
-    retriever = QuantizedRetriever.from_pretrained(half)
-    start = time.perf_counter()
-    retriever.add_documents([doc_text(full_data.corpus[d]) for d in added], added)
-    add_seconds = round(time.perf_counter() - start, 1)
-    retriever.save_pretrained(grown)
+    add_seconds = None
+    if not args.skip_grow:
+        retriever = QuantizedRetriever.from_pretrained(half)
+        start = time.perf_counter()
+        retriever.add_documents([doc_text(full_data.corpus[d]) for d in added], added)
+        add_seconds = round(time.perf_counter() - start, 1)
+        retriever.save_pretrained(grown)
 
     results = {"grown": evaluate(grown, data), "full": evaluate(args.full, data)}
     key = ("quantized", "ndcg@10")
