@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import BANK_NAME, CONFIG_NAME, DOC_IDS_NAME, INDEX_NAME, RetrievalFiles, load_retrieval_files, write_json
+from .artifact import CONFIG_NAME, DOC_IDS_NAME, INDEX_NAME, RetrievalFiles, load_retrieval_files, write_json
 from .encoder import embedding_dim, encode_texts
 from .errors import ArtifactError, DataError
 
@@ -477,15 +477,17 @@ class QuantizedRetriever:
 
         from .hub import push_artifact
 
+        folder, unsaved, config = self.folder, list(self._added_rows), dict(self.config)
         with tempfile.TemporaryDirectory(prefix="hf-qret-push-") as tmp:
-            folder = self.folder
             try:
                 saved = self.save_pretrained(Path(tmp) / "artifact")
                 return push_artifact(
                     saved, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
                 )
-            finally:
-                self.folder = folder if folder is not None else self.folder
+            finally:  # the loaded folder still lacks the added documents: a later save_pretrained writes them
+                self.folder, self._added_rows = folder, unsaved
+                self.config.clear()
+                self.config.update(config)
 
 
 def _write_corpus(path: Path, doc_ids: Sequence[str], corpus: dict[str, str]) -> None:

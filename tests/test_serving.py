@@ -221,3 +221,48 @@ def test_the_evaluator_computes_metrics_without_the_evaluate_module():
         "print(json.dumps({'scores': scores, 'evaluate': 'evaluate' in sys.modules}))\n"
     )
     assert result["evaluate"] is False and result["scores"]["quantized_mrr@10_seen"] == 0.5
+
+
+def test_serving_core_works_without_the_train_extra(half_artifact, tmp_path):
+    """Load, search, grow and save with the train extra's packages made unimportable (a serving-only install)."""
+    from hf_qret.cli import TRAIN_EXTRA_MODULES
+
+    blocked = [name for name in TRAIN_EXTRA_MODULES if name != "yaml"]  # pyyaml also comes with huggingface_hub
+    result = run_python(
+        "import json, sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # import raises, find_spec says absent\n"
+        "from hf_qret import QuantizedRetriever\n"
+        "r = QuantizedRetriever.from_pretrained(sys.argv[1], device='cpu')\n"
+        "r.add_documents(['protein gene cell'], ['new-doc'])\n"
+        "saved = r.save_pretrained(sys.argv[2])\n"
+        "hits = QuantizedRetriever.from_pretrained(saved, device='cpu').search(['protein gene cell'], k=201)\n"
+        "print(json.dumps({'rows': len(hits[0]), 'new': any(d == 'new-doc' for d, _ in hits[0])}))\n",
+        str(half_artifact[0]),
+        str(tmp_path / "grown"),
+    )
+    assert result == {"rows": 201, "new": True}
+
+
+def test_push_to_hub_uploads_the_grown_artifact(half_artifact, monkeypatch, tmp_path):
+    from test_hub import FakeHub
+
+    from hf_qret import QuantizedRetriever
+
+    class RecordingHub(FakeHub):
+        def upload_folder(self, api, *, repo_id, folder_path, **kwargs):
+            self.doc_ids = json.loads((Path(folder_path) / "doc_ids.json").read_text())
+            return super().upload_folder(api, repo_id=repo_id, folder_path=folder_path, **kwargs)
+
+    hub = RecordingHub().install(monkeypatch)
+    out, _ = half_artifact
+    retriever = QuantizedRetriever.from_pretrained(out, device="cpu")
+    retriever.add_documents(["protein gene cell"], ["pushed-doc"])
+    retriever.push_to_hub("me/grown")
+    upload = hub.uploads[0]
+    assert hub.doc_ids[-1] == "pushed-doc" and len(hub.doc_ids) == 201
+    assert {"index.faiss", "bank.safetensors", "document_encoder/model.safetensors"} <= upload["files"]
+    assert "| Documents | 201 |" in upload["card"]
+    # the loaded folder is untouched, and saving afterwards still writes the added document
+    assert json.loads((out / "doc_ids.json").read_text())[-1] != "pushed-doc"
+    saved = QuantizedRetriever.from_pretrained(retriever.save_pretrained(tmp_path / "later"), load_bank=True)
+    assert saved.doc_ids[-1] == "pushed-doc" and len(saved.files.bank) == 201
