@@ -9,6 +9,7 @@ Layout of ``OUT/``::
       doc_ids.json                                        # row -> document id
       bank.safetensors                                    # the trained bank (key "embeddings")
       qret_config.json                                    # how the index and bank were built
+      document_encoder/                                   # the encoder the bank was built with (add_documents)
 
 Every file is written to a temporary name and renamed into place. Loading never unpickles anything.
 """
@@ -26,11 +27,14 @@ from .errors import ArtifactError
 from .index import QuantizedIndex
 
 __all__ = [
+    "ARTIFACT_IGNORE_PATTERNS",
     "INDEX_NAME",
     "DOC_IDS_NAME",
     "BANK_NAME",
     "CONFIG_NAME",
+    "DOCUMENT_ENCODER_DIR",
     "write_json",
+    "save_document_encoder",
     "save_retrieval_files",
     "load_retrieval_files",
     "RetrievalFiles",
@@ -40,7 +44,35 @@ INDEX_NAME = "index.faiss"
 DOC_IDS_NAME = "doc_ids.json"
 BANK_NAME = "bank.safetensors"
 CONFIG_NAME = "qret_config.json"
+#: Subfolder holding the (pretrained) encoder the bank's rows were computed with: new documents are encoded with it.
+DOCUMENT_ENCODER_DIR = "document_encoder"
 FORMAT_VERSION = 1
+
+#: What a push leaves out of the artifact folder (``fnmatch`` patterns, ``*`` crosses ``/``): checkpoints and
+#: training state, temporary files, and ``_*`` / hidden folders (staging areas).
+ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
+    "checkpoint-*",
+    "last-checkpoint/*",
+    "runs/*",
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*",
+    "global_step*",
+    "trainer_state.json",
+    "training_args.bin",
+    "bank_optimizer.safetensors",
+    "loss_optimizer.safetensors",
+    "bank_anchors.safetensors",
+    "values.bank_anchors.safetensors",
+    "mining_index.faiss",
+    "mining_shortlist.faiss",
+    "*.tmp",
+    "bank_init.tmp*",
+    "_*",
+    ".*/*",
+)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
@@ -92,12 +124,49 @@ def save_retrieval_files(
         "doc_ids_file": DOC_IDS_NAME,
         "bank_file": BANK_NAME if save_bank else None,
     }
+    if (output_dir / DOCUMENT_ENCODER_DIR / "modules.json").is_file():
+        config["document_encoder"] = DOCUMENT_ENCODER_DIR
     config.update(extra_config or {})
     write_json(bank.doc_ids if isinstance(bank.doc_ids, list) else list(bank.doc_ids), output_dir / DOC_IDS_NAME)
     if save_bank:
         bank.save(output_dir / BANK_NAME)
     write_json(config, output_dir / CONFIG_NAME)
     index.save(output_dir / INDEX_NAME)
+
+
+def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
+    """Saves the encoder the bank was built with into ``output_dir/document_encoder/``, so the artifact can encode
+    new documents offline (:meth:`hf_qret.retriever.QuantizedRetriever.add_documents`).
+
+    Call it before training changes the model (the recipe does): with ``encoder_targets: initial`` the bank's rows
+    that training did not move are exactly this encoder's embeddings. ``qret_config.json`` records the folder when
+    the artifact is saved. The folder is written under a temporary name and renamed into place.
+
+    Args:
+        output_dir: The artifact folder (the training run's ``output_dir``).
+        model: A ``SentenceTransformer`` (or any model with ``save_pretrained``).
+
+    Returns:
+        The ``document_encoder`` folder.
+
+    Example:
+        >>> save_document_encoder("runs/api", model)  # before trainer.train()  # doctest: +SKIP
+        PosixPath('runs/api/document_encoder')
+    """
+    import shutil
+
+    target = Path(output_dir) / DOCUMENT_ENCODER_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"_{DOCUMENT_ENCODER_DIR}.tmp")  # "_*" is never pushed
+    shutil.rmtree(tmp, ignore_errors=True)
+    save = getattr(model, "save_pretrained", None)
+    if save is None:
+        raise TypeError(f"cannot save a {type(model).__name__} as the document encoder; pass a SentenceTransformer.")
+    save(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
 
 
 @dataclass

@@ -101,7 +101,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
     from transformers import set_seed
 
-    from .artifact import write_json
+    from .artifact import save_document_encoder, write_json
     from .bank import TargetBank
     from .config import parse_config, resolve_model_path
     from .data import build_pairs_dataset, load_beir
@@ -142,6 +142,8 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load_model()
     dim = embedding_dim(model)
     QuantizedIndex.validate_factory(dim, training_args.index_factory)
+    if training_args.should_save:  # the bank's encoder, before training changes it: add_documents encodes with it
+        save_document_encoder(training_args.output_dir, model)
 
     # 2. The bank: encoded once (or read from --bank_init_file).
     encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")
@@ -400,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(commands[argv[0]], argv[1:])
 
 
+#: Modules of the ``train`` extra (``pip install 'hf-qret[train]'``); the serving core works without them.
+TRAIN_EXTRA_MODULES = ("sentence_transformers", "accelerate", "datasets", "peft", "evaluate", "pytrec_eval", "yaml",
+                       "matplotlib")  # fmt: skip
+
+
 def run_command(command, argv: list[str]) -> int:
     """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -407,6 +414,12 @@ def run_command(command, argv: list[str]) -> int:
         command(argv)
     except QRetError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"error: {exc.name} is not installed; training, evaluation and model cards need the train extra: "
+              "pip install 'hf-qret[train]'", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

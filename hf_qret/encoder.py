@@ -8,6 +8,7 @@ all-MiniLM-L6-v2 and most sentence embedding models.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,18 +27,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_sentence_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` (possibly wrapped) is a ``sentence_transformers.SentenceTransformer``."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:  # pragma: no cover - sentence-transformers is a dependency
-        return False
-    return isinstance(_unwrap(model), SentenceTransformer)
+    """Whether ``model`` (possibly wrapped) is a ``sentence_transformers.SentenceTransformer``.
+
+    Never imports sentence-transformers (it imports the training stack): a model can only be one once it is imported.
+    """
+    module = sys.modules.get("sentence_transformers")
+    cls = getattr(module, "SentenceTransformer", None) if module is not None else None
+    return cls is not None and isinstance(_unwrap(model), cls)
+
+
+def _has_own_pipeline(model: nn.Module) -> bool:
+    # A SentenceTransformer or a SentenceEncoder: tokenizes with ``preprocess`` and returns ``sentence_embedding``.
+    from .sentence_encoder import SentenceEncoder
+
+    return is_sentence_transformer(model) or isinstance(_unwrap(model), SentenceEncoder)
 
 
 def make_tokenize_fn(model: nn.Module, tokenizer: Any = None, max_length: int | None = None) -> Callable[[list[str]], dict]:
     """A function that turns a list of texts into model inputs (tensors on the CPU)."""
     base = _unwrap(model)
-    if is_sentence_transformer(base) and tokenizer is None:
+    if _has_own_pipeline(base) and tokenizer is None:
         return lambda texts: base.preprocess(list(texts))
     if tokenizer is None:
         raise ValueError("a transformers encoder needs its tokenizer: pass processing_class=AutoTokenizer(...).")
@@ -61,7 +70,7 @@ def embed(model: nn.Module, features: dict[str, torch.Tensor], normalize: bool =
     A sentence-transformers model returns its own ``sentence_embedding`` (its modules decide pooling and
     normalisation); any other encoder is mean-pooled and, when ``normalize``, L2-normalised.
     """
-    if is_sentence_transformer(model):
+    if _has_own_pipeline(model):
         return model(dict(features))["sentence_embedding"]
     accepted = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     output = model(**accepted)
@@ -73,7 +82,7 @@ def embed(model: nn.Module, features: dict[str, torch.Tensor], normalize: bool =
 def embedding_dim(model: nn.Module) -> int:
     """The dimension of ``model``'s embeddings."""
     base = _unwrap(model)
-    if is_sentence_transformer(base):
+    if _has_own_pipeline(base):
         getter = getattr(base, "get_embedding_dimension", None) or base.get_sentence_embedding_dimension
         return int(getter())
     return int(base.config.hidden_size)

@@ -11,7 +11,7 @@ from torch import nn
 from .bank import TargetBank
 from .encoder import encode_texts
 from .index import QuantizedIndex
-from .metrics import DEFAULT_METRICS
+from .metrics import DEFAULT_METRICS, compute_metrics
 
 __all__ = ["RetrievalEvaluator", "search_run"]
 
@@ -93,18 +93,16 @@ class RetrievalEvaluator:
     def score(self, runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
         """Flattened metrics (``flat_ndcg@10``...) of the runs, with seen/unseen slices when configured.
 
-        Computed through the packaged ``evaluate`` metric (:mod:`hf_qret.ir_metric`, itself
-        :func:`~hf_qret.metrics.compute_metrics`), so ``evaluate.load(IR_RETRIEVAL_PATH)`` gives the same numbers.
+        Computed with :func:`~hf_qret.metrics.compute_metrics` (``pytrec_eval``), the one metrics path; the
+        ``evaluate`` module :mod:`hf_qret.ir_metric` wraps the same function for outside users.
         """
-        from .ir_metric import compute_ir_metrics
-
         prefix = f"{self.name}_" if self.name else ""
         out: dict[str, float] = {}
         for kind, run in runs.items():
-            for metric, value in compute_ir_metrics(run, self.qrels, self.metrics).items():
+            for metric, value in compute_metrics(run, self.qrels, self.metrics).items():
                 out[f"{prefix}{kind}_{metric}"] = value
             for slice_name, query_ids in self.slices.items():
-                for metric, value in compute_ir_metrics(run, self.qrels, self.metrics, query_ids).items():
+                for metric, value in compute_metrics(run, self.qrels, self.metrics, query_ids).items():
                     out[f"{prefix}{kind}_{metric}_{slice_name}"] = value
         return out
 

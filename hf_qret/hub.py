@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .artifact import CONFIG_NAME, INDEX_NAME
+from .artifact import ARTIFACT_IGNORE_PATTERNS, CONFIG_NAME, INDEX_NAME
 from .errors import ArtifactError, ConfigError
 
 __all__ = [
@@ -40,31 +40,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What a push leaves out of the artifact folder (``fnmatch`` patterns, ``*`` crosses ``/``): checkpoints and
-#: training state, temporary files, and ``_*`` / hidden folders (staging areas).
-ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
-    "checkpoint-*",
-    "last-checkpoint/*",
-    "runs/*",
-    "optimizer.pt",
-    "optimizer.bin",
-    "scheduler.pt",
-    "scaler.pt",
-    "rng_state*",
-    "global_step*",
-    "trainer_state.json",
-    "training_args.bin",
-    "bank_optimizer.safetensors",
-    "loss_optimizer.safetensors",
-    "bank_anchors.safetensors",
-    "values.bank_anchors.safetensors",
-    "mining_index.faiss",
-    "mining_shortlist.faiss",
-    "*.tmp",
-    "bank_init.tmp*",
-    "_*",
-    ".*/*",
-)
 
 
 def _api(api: Any = None) -> Any:

@@ -1,9 +1,9 @@
 """hf-qret's IR metrics as a Hugging Face ``evaluate`` metric, loaded offline from the installed package.
 
-The metric module (``hf_qret/evaluate_metric/ir_retrieval/ir_retrieval.py``) computes with
-:func:`hf_qret.metrics.compute_metrics` (``pytrec_eval``), and :class:`~hf_qret.evaluation.RetrievalEvaluator` (the
-evaluation that :class:`~hf_qret.trainer.QRetTrainer` runs and logs) computes *through* it, so the numbers are the
-same by construction.
+A thin wrapper for outside users: the metric module (``hf_qret/evaluate_metric/ir_retrieval/ir_retrieval.py``)
+computes with :func:`hf_qret.metrics.compute_metrics` (``pytrec_eval``), the same function
+:class:`~hf_qret.evaluation.RetrievalEvaluator` (the evaluation :class:`~hf_qret.trainer.QRetTrainer` runs and logs)
+calls directly, so the numbers are the same by construction without the trainer going through ``evaluate``.
 
 Example:
     >>> from hf_qret.ir_metric import load_ir_metric, to_metric_inputs

@@ -1,7 +1,9 @@
 """The model card (``README.md``) of an artifact: Hub metadata, the index's size and compression, the flat-vs-quantized
 metrics, a plot of quality against bytes per vector, how to load it, and the paper's citation.
 
-The card is rendered from ``model_cards/template.md`` with :class:`string.Template`. The numbers come from a plain
+The card is rendered from ``model_cards/template.md`` with :class:`string.Template`; its Hub metadata (tags,
+``base_model``, ``datasets``, the ``model-index`` results) is ``huggingface_hub``'s ``ModelCardData`` with
+``EvalResult`` entries, and cards are parsed back with ``huggingface_hub``'s ``RepoCard``. The numbers come from a plain
 dict of metrics (:func:`card_metrics` reads the ``eval_results.json`` the recipe writes, the JSON of
 ``hf-qret evaluate`` or a ``Trainer`` log history), so rendering is a pure function (:func:`render_model_card`);
 :func:`write_model_card` reads an artifact folder and writes ``README.md`` and ``quality_vs_bytes.png`` into it
@@ -19,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "EVAL_RESULTS_NAME",
     "CARD_TAGS",
     "TEMPLATE_PATH",
+    "default_template_path",
     "card_metrics",
     "metrics_from_log_history",
     "render_model_card",
@@ -49,8 +51,31 @@ PLOT_NAME = "quality_vs_bytes.png"
 EVAL_RESULTS_NAME = "eval_results.json"
 #: Tags of every hf-qret card; ``hf-qret`` also marks a README as an hf-qret card (:func:`is_qret_model_card`).
 CARD_TAGS = ("hf-qret", "faiss", "product-quantization", "dense-retrieval", "sentence-similarity")
-#: The card template, at the root of the source tree.
+#: The card template in a source checkout: ``model_cards/template.md`` at the root of the tree. An installed wheel
+#: ships the same folder as the package data ``hf_qret.model_cards`` (see :func:`default_template_path`).
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+
+
+def default_template_path() -> Path:
+    """The model card template this hf-qret runs with.
+
+    The source tree's ``model_cards/template.md`` when hf-qret runs from a checkout (``PYTHONPATH``, editable
+    install), else the copy installed with the package (``hf_qret.model_cards``, read with ``importlib.resources``).
+
+    Example:
+        >>> default_template_path().name
+        'template.md'
+    """
+    if TEMPLATE_PATH.is_file():
+        return TEMPLATE_PATH
+    from importlib.resources import as_file, files
+
+    try:
+        resource = files("hf_qret.model_cards") / "template.md"
+    except ModuleNotFoundError:
+        return TEMPLATE_PATH
+    with as_file(resource) as path:  # a wheel is installed unzipped: this is the file itself
+        return Path(path)
 
 #: Table columns: metric key -> header.
 _METRICS = (("ndcg@10", "nDCG@10"), ("recall@100", "Recall@100"), ("mrr@10", "MRR@10"))
@@ -216,46 +241,44 @@ def _front_matter(
     license: str | None,
     language: str | Sequence[str] | None,
 ) -> str:
-    import yaml
+    from huggingface_hub import EvalResult, ModelCardData
 
-    data: dict[str, Any] = {}
-    if language:
-        data["language"] = list(language) if not isinstance(language, str) else [language]
-    if license:
-        data["license"] = license
-    data["library_name"] = "sentence-transformers"
-    data["pipeline_tag"] = "sentence-similarity"
-    data["tags"] = list(dict.fromkeys([*CARD_TAGS, "sentence-transformers", *tags]))
-    if base_model:
-        data["base_model"] = base_model
-    if datasets:
-        data["datasets"] = list(datasets)
+    eval_results = []
     stage = _final_stage(metrics)
     if stage is not None:
         factory = config.get("index_factory") or "quantized"
         bpv = config.get("bytes_per_vector")
-        results = []
+        dataset_label = _dataset_label(datasets, dataset_name) or "evaluation data"
+        dataset_type = datasets[0] if datasets else (dataset_name or "custom")
         for kind in _KINDS:
             values = metrics[stage].get(kind, {})
             label = "flat fp32 index" if kind == "flat" else f"{factory} index, {bpv} bytes/vector"
             for key, header in _METRICS:
                 if key in values:
-                    results.append(
-                        {"type": key.replace("@", "_at_"), "value": round(values[key], 4), "name": f"{header} ({label})"}
+                    eval_results.append(
+                        EvalResult(
+                            task_type="retrieval",
+                            task_name="Retrieval",
+                            dataset_type=dataset_type,
+                            dataset_name=dataset_label,
+                            dataset_split=eval_split or None,
+                            metric_type=key.replace("@", "_at_"),
+                            metric_value=round(values[key], 4),
+                            metric_name=f"{header} ({label})",
+                        )
                     )
-        dataset = {
-            "name": _dataset_label(datasets, dataset_name) or "evaluation data",
-            "type": datasets[0] if datasets else (dataset_name or "custom"),
-        }
-        if eval_split:
-            dataset["split"] = eval_split
-        data["model-index"] = [
-            {
-                "name": title,
-                "results": [{"task": {"type": "retrieval", "name": "Retrieval"}, "dataset": dataset, "metrics": results}],
-            }
-        ]
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000).strip()
+    data = ModelCardData(
+        language=([language] if isinstance(language, str) else list(language)) if language else None,
+        license=license or None,
+        library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity",
+        tags=list(dict.fromkeys([*CARD_TAGS, "sentence-transformers", *tags])),
+        base_model=base_model or None,
+        datasets=list(datasets) or None,
+        model_name=title if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    return data.to_yaml().strip()
 
 
 # ---------------------------------------------------------------------------------------------------------- render
@@ -357,11 +380,11 @@ def _training_rows(
 
 
 def _load_template(template: str | os.PathLike | None) -> string.Template:
-    path = Path(template) if template is not None else TEMPLATE_PATH
+    path = Path(template) if template is not None else default_template_path()
     if not path.is_file():
         raise ArtifactError(
             f"{path}: no model card template; pass template=PATH (a string.Template markdown file) or reinstall "
-            "hf-qret from its source tree, which ships model_cards/template.md."
+            "hf-qret (its wheel ships model_cards/template.md as hf_qret/model_cards/template.md)."
         )
     return string.Template(path.read_text(encoding="utf-8"))
 
@@ -626,21 +649,21 @@ def write_model_card(
     return path
 
 
-_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
-
-
 def front_matter(text: str) -> dict[str, Any]:
-    """The parsed YAML metadata block of a card (``{}`` when it has none)."""
-    import yaml
+    """The metadata block of a card as a dict (``{}`` when it has none), parsed by ``huggingface_hub``.
 
-    match = _FRONT_MATTER.match(text)
-    if not match:
+    Example:
+        >>> front_matter("---\\ntags:\\n- hf-qret\\n---\\n# card")
+        {'tags': ['hf-qret']}
+    """
+    from huggingface_hub.repocard import RepoCard
+
+    if not text.lstrip().startswith("---"):
         return {}
     try:
-        loaded = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
+        return RepoCard(text, ignore_metadata_errors=True).data.to_dict()
+    except ValueError:
         return {}
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def is_qret_model_card(path: str | os.PathLike) -> bool:

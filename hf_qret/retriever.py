@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import CONFIG_NAME, RetrievalFiles, load_retrieval_files
+from .artifact import CONFIG_NAME, DOC_IDS_NAME, INDEX_NAME, RetrievalFiles, load_retrieval_files, write_json
 from .encoder import embedding_dim, encode_texts
-from .errors import ArtifactError
+from .errors import ArtifactError, DataError
 
 __all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
 
@@ -23,6 +23,9 @@ SEARCH_OUTPUTS = ("tuples", "semantic_search")
 CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
 #: Files a download skips: pickled weights and training state are never needed (nor ever unpickled).
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "checkpoint-*", "last-checkpoint/*")
+#: Besides the push's ignore patterns (which match paths), folders and working files a copy leaves out.
+_NOT_COPIED = ("runs", "last-checkpoint", ".*", "bank_mmap.npy", "bank_initial_mmap.npy")
+_BANK_KEY = "embeddings"  # the bank's tensor in bank.safetensors
 _ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
@@ -141,6 +144,9 @@ class QuantizedRetriever:
         self.batch_size = batch_size
         self.folder = Path(folder) if folder is not None else None
         self._corpus = corpus
+        self._device: str | None = None
+        self._document_encoder: Any = None
+        self._added_rows: list[np.ndarray] = []  # embeddings of documents added since loading, for the bank file
         dim = embedding_dim(model)
         if dim != self.index.dim:
             raise ArtifactError(
@@ -166,6 +172,7 @@ class QuantizedRetriever:
         cache_dir: str | os.PathLike | None = None,
         batch_size: int = 64,
         merge_adapter: bool = False,
+        document_encoder: Any = None,
     ) -> QuantizedRetriever:
         """Loads an artifact folder, or downloads a Hub repository with ``snapshot_download`` first.
 
@@ -189,6 +196,8 @@ class QuantizedRetriever:
             batch_size: Query encoding batch size.
             merge_adapter: When the artifact holds a peft adapter (``adapter_config.json``; loaded attached, on
                 the base model its config names), merge it into the base weights for faster queries.
+            document_encoder: The encoder new documents are encoded with (:meth:`add_documents`): a model or a
+                sentence-transformers folder. Default: the artifact's own ``document_encoder/`` folder.
 
         Raises:
             ArtifactError: Not an hf-qret artifact, a file is missing or corrupt, or the parts disagree.
@@ -204,26 +213,20 @@ class QuantizedRetriever:
         if use_gpu is not None:
             files.index.use_gpu = use_gpu
         corpus = _load_corpus(folder, files.doc_ids) if load_corpus else None
-        from sentence_transformers import SentenceTransformer
+        from .sentence_encoder import load_encoder
 
-        try:
-            model = SentenceTransformer(
-                str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True}
-            )
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
-            from .peft_utils import adapter_base_model
-
-            base = adapter_base_model(folder)
-            hint = f" (its adapter needs the base model {base!r})" if base else ""
-            raise ArtifactError(
-                f"{folder}: the query encoder cannot be loaded{hint} ({exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); re-create the artifact."
-            ) from None
+        # A plain Transformer/Pooling/Normalize folder loads with transformers alone (no sentence-transformers
+        # import, so no training stack); anything else (a peft adapter, extra modules) with SentenceTransformer.
+        model = load_encoder(folder, device)
         if merge_adapter:
             from .peft_utils import merge_adapter as merge
 
             model = merge(model)
-        return cls(model, files, batch_size=batch_size, corpus=corpus, nprobe=nprobe, ef_search=ef_search, folder=folder)
+        retriever = cls(model, files, batch_size=batch_size, corpus=corpus, nprobe=nprobe, ef_search=ef_search, folder=folder)
+        retriever._device = device
+        if document_encoder is not None:
+            retriever.document_encoder = document_encoder
+        return retriever
 
     # ------------------------------------------------------------------ properties
     @property
@@ -330,3 +333,211 @@ class QuantizedRetriever:
                 hit["text"] = self._corpus.get(doc_id)
             return hit
         return (doc_id, score, self._corpus.get(doc_id)) if return_text else (doc_id, score)
+
+    # ------------------------------------------------------------------ growing the index
+    @property
+    def document_encoder(self) -> Any:
+        """The encoder the bank was built with (loaded on first use from the artifact's ``document_encoder/``).
+
+        Raises:
+            ArtifactError: The artifact records no document encoder and none was given.
+        """
+        if self._document_encoder is None:
+            from .artifact import DOCUMENT_ENCODER_DIR
+            from .sentence_encoder import load_encoder
+
+            name = self.config.get("document_encoder")
+            path = self.folder / str(name) if (self.folder is not None and name) else None
+            if path is None or not path.is_dir():
+                raise ArtifactError(
+                    f"{self.folder}: the artifact has no document encoder ({DOCUMENT_ENCODER_DIR}/, recorded in "
+                    f"{CONFIG_NAME}), so new documents cannot be encoded like its bank; pass document_encoder= (the "
+                    "model the bank was encoded with) to from_pretrained, or re-train with the recipe, which saves it."
+                )
+            self._document_encoder = load_encoder(path, self._device, what="document encoder")
+        return self._document_encoder
+
+    @document_encoder.setter
+    def document_encoder(self, model: Any) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from .sentence_encoder import load_encoder
+
+            model = load_encoder(model, self._device, what="document encoder")
+        dim = embedding_dim(model)
+        if dim != self.index.dim:
+            raise ArtifactError(
+                f"the document encoder produces {dim}-d embeddings but the index holds {self.index.dim}-d vectors; "
+                "pass the encoder the bank was built with."
+            )
+        self._document_encoder = model
+
+    def add_documents(self, texts: Sequence[str], ids: Sequence[str], batch_size: int = 64) -> None:
+        """Adds documents to the served index: encodes them with the :attr:`document_encoder`, appends their codes
+        with the index's current codebooks (nothing is retrained), and extends the doc-id map (and the corpus and
+        bank, when loaded). :meth:`save_pretrained` / :meth:`push_to_hub` write the grown artifact.
+
+        Args:
+            texts: The documents' texts (title and text joined, as the corpus was encoded).
+            ids: Their ids, new to the index and unique.
+            batch_size: Document encoding batch size.
+
+        Raises:
+            DataError: An id is already in the index or repeated, or ``texts`` and ``ids`` differ in length.
+            ArtifactError: The artifact has no document encoder (see :attr:`document_encoder`).
+
+        Example:
+            >>> retriever = QuantizedRetriever.from_pretrained("runs/scifact")  # doctest: +SKIP
+            >>> retriever.add_documents(["A new abstract about vitamin D."], ["new-1"])  # doctest: +SKIP
+            >>> retriever.save_pretrained("runs/scifact-grown")  # doctest: +SKIP
+        """
+        if isinstance(texts, str) or isinstance(ids, str):
+            raise TypeError("add_documents takes lists: texts=[text, ...], ids=[doc_id, ...].")
+        texts, ids = list(texts), list(ids)
+        if len(texts) != len(ids):
+            raise DataError(f"add_documents got {len(texts)} texts but {len(ids)} ids; give one id per text.")
+        bad = [i for i in ids if not isinstance(i, str) or not i]
+        if bad:
+            raise DataError(f"document ids must be non-empty strings; got {bad[0]!r}.")
+        if not ids:
+            return
+        known = set(self.doc_ids)
+        taken = [i for i in ids if i in known]
+        if taken:
+            raise DataError(
+                f"{len(taken)} of the {len(ids)} ids are already in the index (first: {taken[0]!r}); document ids "
+                "must be unique, give new ids (updating an existing document is not supported)."
+            )
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            repeated = next(i for i in ids if i in seen or seen.add(i))
+            raise DataError(f"the id {repeated!r} is given twice; document ids must be unique.")
+        embeddings = encode_texts(self.document_encoder, texts, batch_size=batch_size)
+        self._load_shipped_corpus()  # before the doc ids grow: the file lists only the old ones
+        self.index.add(embeddings)
+        self.files.doc_ids.extend(ids)
+        if self.files.bank is not None:
+            from .bank import TargetBank
+
+            bank = self.files.bank
+            rows = np.concatenate([bank.float32_rows()[: len(bank)], embeddings])
+            self.files.bank = TargetBank(rows, self.files.doc_ids, dtype=bank.weight.dtype)
+        self._added_rows.append(embeddings)
+        if self._corpus is not None:
+            self._corpus.update(zip(ids, texts))
+
+    def _load_shipped_corpus(self) -> None:
+        # A shipped corpus.jsonl must grow with the index; read it now if from_pretrained skipped it.
+        if self._corpus is None and self.folder is not None:
+            self._corpus = _load_corpus(self.folder, self.doc_ids)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Writes the artifact, with the documents added since loading, to ``save_directory``.
+
+        Another folder gets a copy of the loaded artifact (encoders, model card...) first; the loaded folder itself
+        is updated in place. The doc-id map, the bank (grown with the new documents' embeddings), the corpus (when
+        shipped), ``qret_config.json`` and, last, ``index.faiss`` are each written atomically; an hf-qret model card
+        is re-rendered for the new size (when the ``train`` extra is installed).
+
+        Returns:
+            The folder.
+
+        Example:
+            >>> retriever.save_pretrained("runs/scifact-grown")  # doctest: +SKIP
+            PosixPath('runs/scifact-grown')
+        """
+        if self.folder is None:
+            raise ArtifactError("this retriever was not loaded from an artifact folder; nothing to copy it from.")
+        import shutil
+
+        from .artifact import ARTIFACT_IGNORE_PATTERNS
+
+        target = Path(save_directory).expanduser()
+        source = self.folder
+        if not (target.exists() and target.resolve() == source.resolve()):
+            shutil.copytree(
+                source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ARTIFACT_IGNORE_PATTERNS, *_NOT_COPIED)
+            )
+        config = dict(self.config)
+        added = sum(len(rows) for rows in self._added_rows)
+        if self._corpus is not None:
+            _write_corpus(target / "corpus.jsonl", self.doc_ids, self._corpus)
+            stale = target / "corpus.jsonl.gz"
+            if stale.exists():
+                stale.unlink()
+        if config.get("bank_file"):
+            self._write_bank(source / config["bank_file"], target / config["bank_file"])
+        write_json(self.doc_ids, target / config.get("doc_ids_file", DOC_IDS_NAME))
+        config["num_vectors"] = len(self.doc_ids)
+        config["documents_added"] = int(config.get("documents_added") or 0) + added
+        write_json(config, target / CONFIG_NAME)
+        self.index.save(target / config.get("index_file", INDEX_NAME))
+        self.config.update(config)
+        self._added_rows = []
+        self.folder = target
+        self._refresh_card(target)
+        return target
+
+    def _write_bank(self, source: Path, target: Path) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        if self.files.bank is not None:
+            self.files.bank.save(target)
+            return
+        if not self._added_rows and source.resolve() == target.resolve():
+            return
+        stored = load_file(str(source))[_BANK_KEY]
+        added = [torch.from_numpy(rows).to(stored.dtype) for rows in self._added_rows]
+        grown = torch.cat([stored, *added]) if added else stored
+        if len(grown) != len(self.doc_ids):
+            raise ArtifactError(f"{source}: the bank has {len(stored)} rows, the index {len(self.doc_ids) - sum(map(len, added))}.")
+        tmp = target.with_name(target.name + ".tmp")
+        save_file({_BANK_KEY: grown.contiguous()}, str(tmp))
+        os.replace(tmp, target)
+
+    @staticmethod
+    def _refresh_card(folder: Path) -> None:
+        try:
+            from .model_card import MODEL_CARD_NAME, is_qret_model_card, write_model_card
+
+            if is_qret_model_card(folder / MODEL_CARD_NAME):
+                write_model_card(folder)
+        except ImportError as exc:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "README.md not re-rendered (%s); `pip install 'hf-qret[train]'` and run `hf-qret card %s`.", exc, folder
+            )
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    token: str | bool | None = None, commit_message: str | None = None) -> Any:  # fmt: skip
+        """Saves the artifact (with the added documents) into a temporary folder and pushes it in one commit
+        (:func:`hf_qret.hub.push_artifact`).
+
+        Example:
+            >>> retriever.push_to_hub("me/minilm-scifact-opq16")  # doctest: +SKIP
+        """
+        import tempfile
+
+        from .hub import push_artifact
+
+        folder, unsaved, config = self.folder, list(self._added_rows), dict(self.config)
+        with tempfile.TemporaryDirectory(prefix="hf-qret-push-") as tmp:
+            try:
+                saved = self.save_pretrained(Path(tmp) / "artifact")
+                return push_artifact(
+                    saved, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+                )
+            finally:  # the loaded folder still lacks the added documents: a later save_pretrained writes them
+                self.folder, self._added_rows = folder, unsaved
+                self.config.clear()
+                self.config.update(config)
+
+
+def _write_corpus(path: Path, doc_ids: Sequence[str], corpus: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for doc_id in doc_ids:
+            if doc_id in corpus:
+                handle.write(json.dumps({"_id": doc_id, "title": "", "text": corpus[doc_id]}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
