@@ -92,6 +92,23 @@ def _load_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] | None:
     return corpus
 
 
+def _load_query_encoder(folder: Path, config: dict[str, Any], device: str | None) -> Any:
+    """The artifact's encoder as a ``SentenceTransformer``. A plain transformers encoder (no ``modules.json``) is
+    pooled as recorded in ``qret_config.json`` (``"pooling"``: ``mean`` or ``cls``) and L2-normalised, exactly as
+    :func:`hf_qret.encoder.embed` encoded its bank."""
+    from sentence_transformers import SentenceTransformer
+
+    pooling = config.get("pooling")
+    # sentence-transformers loads a bare transformers folder with mean pooling itself
+    if pooling and pooling != "mean" and not (folder / "modules.json").is_file():
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+        transformer = Transformer(str(folder), model_kwargs={"use_safetensors": True, "local_files_only": True})
+        pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=str(pooling))
+        return SentenceTransformer(modules=[transformer, pool, Normalize()], device=device)
+    return SentenceTransformer(str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True})
+
+
 def _search_string(nprobe: int | None, ef_search: int | None, params: str | None) -> str | None:
     parts = [params] if params else []
     for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
@@ -204,12 +221,8 @@ class QuantizedRetriever:
         if use_gpu is not None:
             files.index.use_gpu = use_gpu
         corpus = _load_corpus(folder, files.doc_ids) if load_corpus else None
-        from sentence_transformers import SentenceTransformer
-
         try:
-            model = SentenceTransformer(
-                str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True}
-            )
+            model = _load_query_encoder(folder, files.config, device)
         except (OSError, ValueError, json.JSONDecodeError) as exc:
             from .peft_utils import adapter_base_model
 
