@@ -87,6 +87,28 @@ def training_verdict(results: dict[str, Any], metric: str = "quantized_ndcg@10")
     )
 
 
+def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
+    """The recipe's encoder as a ``SentenceTransformer``. ``--pooling mean|cls`` applies to a plain transformers
+    folder (no ``modules.json``): it becomes Transformer + Pooling(pooling) + Normalize, saved as such in the
+    artifact; a sentence-transformers folder pools with its own modules."""
+    from sentence_transformers import SentenceTransformer
+
+    from .errors import ConfigError
+
+    if pooling is None:
+        return SentenceTransformer(model_path, device=device)
+    if not os.path.isdir(model_path) or os.path.isfile(os.path.join(model_path, "modules.json")):
+        raise ConfigError(
+            f"--pooling {pooling} applies to a plain transformers model folder; {model_path!r} is a "
+            "sentence-transformers model (or not a local folder), whose own Pooling module decides: drop --pooling."
+        )
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(model_path)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling), Normalize()]
+    return SentenceTransformer(modules=modules, device=device)
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -98,7 +120,6 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """
     import numpy as np
     import torch
-    from sentence_transformers import SentenceTransformer
     from transformers import set_seed
 
     from .artifact import write_json
@@ -125,11 +146,15 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if data_args.train_on_eval_split and eval_data is None:
         raise ConfigError("--train_on_eval_split true needs an --eval_split to select on first; pass --eval_split.")
     model_path = resolve_model_path(model_args.model_name_or_path)
+    # --pooling applies to a plain model folder, which becomes a SentenceTransformer with that Pooling module
+    pooling, training_args.pooling = training_args.pooling, None
 
     def load_model() -> Any:
         set_seed(training_args.seed)
         try:
-            model = SentenceTransformer(model_path, device=str(training_args.device))
+            model = _load_encoder(model_path, str(training_args.device), pooling)
+        except ConfigError:
+            raise
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"cannot load the model {model_args.model_name_or_path!r} ({exc.__class__.__name__}); pass a "

@@ -116,3 +116,25 @@ def test_plain_encoder_cls_pooling_is_trained_saved_and_served(tiny_model_dir, b
 def test_pooling_is_refused_for_a_sentence_transformer(tiny_model, beir_dir, tmp_path):
     with pytest.raises(ConfigError, match="SentenceTransformer pools with its own Pooling module"):
         trainer_for(tiny_model, beir_dir, tmp_path, pooling="cls")
+
+
+def test_recipe_pooling_cls_on_a_plain_folder(tiny_model_dir, two_split_dir, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from hf_qret.cli import train_main
+    from test_cli import recipe_argv
+
+    plain = tmp_path / "plain_bert"  # config.json + weights + tokenizer, no modules.json
+    AutoModel.from_pretrained(tiny_model_dir).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(plain)
+    out = tmp_path / "run"
+    train_main(recipe_argv(str(plain), two_split_dir, out, "--max_steps", "2", "--pooling", "cls"))
+    pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode"] == "cls"
+    model = AutoModel.from_pretrained(out)
+    set_pooling(model, "cls")
+    served = QuantizedRetriever.from_pretrained(out, device="cpu").encode_queries(TEXTS)
+    np.testing.assert_allclose(served, encode_texts(model, TEXTS, tokenizer=AutoTokenizer.from_pretrained(out)),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    with pytest.raises(ConfigError, match="is a sentence-transformers model.*drop --pooling"):
+        train_main(recipe_argv(tiny_model_dir, two_split_dir, tmp_path / "st", "--pooling", "cls"))
