@@ -13,7 +13,9 @@ at a time, so a large float16 or memory-mapped bank is never copied to float32 a
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +25,15 @@ import numpy as np
 from .errors import ArtifactError, ConfigError
 from .shortlist import MiningShortlist, served_parts
 
-__all__ = ["QuantizedIndex", "import_faiss", "REFRESH_MODES", "set_faiss_threads", "check_index_options"]
+__all__ = [
+    "QuantizedIndex",
+    "import_faiss",
+    "REFRESH_MODES",
+    "set_faiss_threads",
+    "check_index_options",
+    "fit_factory",
+    "OPQ_MIN_ROWS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +44,77 @@ REFRESH_MODES = ("reencode", "retrain", "incremental")
 CHUNK_ROWS = 65536
 #: Training sample size cap: PQ/OPQ training uses at most 65,536 points per codebook and IVF 256 per list anyway.
 MAX_TRAIN_ROWS = 262144
+
+
+#: Fewest training rows for an ``OPQ`` stage. Its rotation is trained with an internal 8-bit PQ (256 centroids per
+#: sub-quantizer, whatever the factory's PQ) whose hot-started k-means kills the process (SIGABRT / SIGSEGV inside
+#: FAISS, ``invalid cluster assignment``) on small samples: measured with faiss 1.15.1 on all-MiniLM-L6-v2 rows,
+#: 256-351 rows abort, 400-1,024 rows (three random samples each) train. Below this many rows the OPQ stage is
+#: dropped (same code size), with a logged reason.
+OPQ_MIN_ROWS = 512
+_PQ_PART = re.compile(r"PQ(\d+)(?:x(\d+))?([a-z]*)")
+_OPQ_PART = re.compile(r"OPQ\d+(?:_\d+)?")
+_IVF_PART = re.compile(r"IVF(\d+)")
+
+
+def fit_factory(factory: str, num_rows: int) -> tuple[str, str]:
+    """The factory string FAISS can train on ``num_rows`` rows, and why it differs from ``factory`` (``""``: it
+    does not). Checked before every training (FAISS cannot be stopped safely once it aborts).
+
+    * an ``OPQ`` stage needs :data:`OPQ_MIN_ROWS` rows; below that it is dropped (``OPQ16,PQ16`` → ``PQ16``: the
+      same bytes per vector);
+    * a ``PQ<M>x<nbits>`` stage (``nbits`` 8 by default) needs ``2**nbits`` rows (one per centroid); below that it
+      gets the most bits the rows allow (200 rows: ``PQ16`` → ``PQ16x7``, 2 bytes less per vector);
+    * an ``IVF<nlist>`` stage needs ``nlist`` rows; below that it is an error (choose fewer lists).
+
+    Raises:
+        ConfigError: nothing close to ``factory`` trains on ``num_rows`` rows.
+
+    Example:
+        >>> fit_factory("OPQ16,PQ16", 351)[0]
+        'PQ16'
+        >>> fit_factory("IVF16,PQ16", 200)[0]
+        'IVF16,PQ16x7'
+        >>> fit_factory("OPQ16,PQ16", 5183)
+        ('OPQ16,PQ16', '')
+    """
+    num_rows = int(num_rows)
+    parts, reasons = [], []
+    for part in factory.split(","):
+        name = part.strip()
+        if _OPQ_PART.fullmatch(name) and num_rows < OPQ_MIN_ROWS:
+            reasons.append(
+                f"{name} rotation training needs at least {OPQ_MIN_ROWS} rows (FAISS aborts the process on fewer), "
+                "so the index has no OPQ stage"
+            )
+            continue
+        pq = _PQ_PART.fullmatch(name)
+        if pq is not None:
+            nbits = int(pq.group(2) or 8)
+            if num_rows < 2**nbits:
+                bits = int(math.floor(math.log2(max(num_rows, 1))))
+                if "fs" in pq.group(3) or bits < 1:
+                    raise ConfigError(
+                        f"--index_factory {factory!r} cannot be trained on {num_rows} rows: its {name} stage needs "
+                        f"{2**nbits} (one per centroid); use a factory without it (e.g. 'Flat' or 'SQ8') or a "
+                        "larger corpus."
+                    )
+                name = f"PQ{pq.group(1)}x{bits}{pq.group(3)}"
+                reasons.append(
+                    f"{part.strip()} needs {2**nbits} rows (one per centroid of its {nbits}-bit sub-quantizers), so "
+                    f"it is {name} ({bits} bits each)"
+                )
+        ivf = _IVF_PART.match(name)
+        if ivf is not None and num_rows < int(ivf.group(1)):
+            nlist = max(1, num_rows // 39)
+            raise ConfigError(
+                f"--index_factory {factory!r} cannot be trained on {num_rows} rows: IVF{ivf.group(1)} needs at "
+                f"least {ivf.group(1)} rows (one per list, FAISS recommends 39); use e.g. "
+                f"{factory.replace(ivf.group(0), f'IVF{nlist}', 1)!r} or a flat 'PQ'/'OPQ,PQ' index."
+            )
+        parts.append(name)
+    fitted = ",".join(parts)
+    return fitted, "; ".join(reasons)
 
 
 def import_faiss() -> Any:
@@ -205,6 +286,8 @@ class QuantizedIndex:
         check_index_options(opq_niter, mining_nlist, mining_nprobe)
         self.faiss = import_faiss()
         self.dim = int(dim)
+        #: The factory asked for; :attr:`factory` is the one built (see :func:`fit_factory`).
+        self.requested_factory = factory
         self.factory = factory
         self.search_params = search_params or None
         self.use_gpu = use_gpu
@@ -240,9 +323,12 @@ class QuantizedIndex:
         return index
 
     @classmethod
-    def validate_factory(cls, dim: int, factory: str) -> None:
-        """Raises :class:`ConfigError` when ``factory`` is not a valid index for ``dim``, before any heavy work."""
+    def validate_factory(cls, dim: int, factory: str, num_rows: int | None = None) -> None:
+        """Raises :class:`ConfigError` when ``factory`` is not a valid index for ``dim`` (or cannot be trained on
+        ``num_rows`` rows, see :func:`fit_factory`), before any heavy work."""
         cls(dim, factory)
+        if num_rows is not None:
+            fit_factory(factory, min(int(num_rows), MAX_TRAIN_ROWS))
 
     @classmethod
     def from_args(cls, dim: int, args: Any) -> QuantizedIndex:
@@ -263,6 +349,7 @@ class QuantizedIndex:
         self = cls.__new__(cls)
         self.faiss = import_faiss()
         self.dim = index.d
+        self.requested_factory = factory
         self.factory = factory
         self.search_params = search_params or None
         self.use_gpu = None
@@ -315,6 +402,14 @@ class QuantizedIndex:
         """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors`` (at most ``max_train_rows``
         rows, a fixed random sample; ``None``: all)."""
         sample = _train_sample(vectors, max_train_rows)
+        # FAISS aborts the whole process on some samples too small for the factory: check before it trains.
+        factory, reason = fit_factory(self.requested_factory, len(sample))
+        if factory != self.factory:
+            logger.warning(
+                "index factory %r on %d training rows: %s; training %r instead.",
+                self.requested_factory, len(sample), reason, factory,
+            )  # fmt: skip
+            self.factory = factory
         fresh = self._new_index()
         fresh.train(sample)
         if self.mining_nlist:
