@@ -166,7 +166,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = load_model()
     dim = embedding_dim(model)
-    QuantizedIndex.validate_factory(dim, training_args.index_factory)
+    QuantizedIndex.validate_factory(dim, training_args.index_factory, num_rows=len(train_data.doc_ids))
 
     # 2. The bank: encoded once (or read from --bank_init_file).
     encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")
