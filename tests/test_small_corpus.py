@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from hf_qret.errors import ConfigError
-from hf_qret.index import OPQ_MIN_ROWS, QuantizedIndex, fit_factory
+from hf_qret.factory import OPQ_MIN_ROWS, fit_factory
+from hf_qret.index import QuantizedIndex
 
 from conftest import REPO_ROOT, synthetic_beir, write_beir
 
