@@ -109,6 +109,65 @@ def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
     return SentenceTransformer(modules=modules, device=device)
 
 
+def _recipe_bank(
+    encode: Any, data: Any, dim: int, init_file: str | None, dtype: str, mmap_path: Path | None
+) -> Any:
+    """The recipe's bank, from ``--bank_init_file`` or by encoding the corpus once per run.
+
+    Under several processes (``torchrun``, ``accelerate launch``) the corpus is encoded once, split across the
+    processes (:func:`hf_qret.distributed.encode_corpus`), and every file (the init file, ``bank_mmap.npy``) is
+    written by one process while the others wait, then open it.
+    """
+    import torch
+
+    from .bank import TargetBank
+    from .distributed import barrier, encode_corpus, process_rank, world_size
+
+    ids = data.doc_ids
+    if world_size() == 1:  # one process: stream the encoding straight into the bank
+        if init_file and os.path.isfile(init_file):
+            return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
+        if not init_file:
+            return TargetBank.from_encoder(encode, data.doc_texts(), ids, dtype, mmap_path)
+        bank = TargetBank.from_encoder(encode, data.doc_texts(), ids)  # the init file keeps float32 rows
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        bank.save(init_file)
+        if dtype == "fp32" and mmap_path is None:
+            return bank
+        del bank
+        return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
+
+    main = process_rank() == 0
+
+    def from_main(make: Any) -> Any:
+        """``make()`` on the main process (which writes ``mmap_path``); the others open the file it wrote."""
+        bank = make() if main else None
+        barrier()
+        return bank if main else TargetBank.open_mmap(mmap_path, ids, dtype)
+
+    if init_file and os.path.isfile(init_file):
+        if mmap_path is None:
+            return TargetBank.from_file(init_file, ids, dtype=dtype)
+        return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
+    if not init_file and mmap_path is not None:
+        # the main process creates the (sparse, zero) file; each process writes the rows it encoded into it
+        bank = from_main(lambda: TargetBank.create_mmap(mmap_path, len(ids), dim, ids, dtype))
+        encode_corpus(encode, data.doc_texts(), write=lambda start, rows: (bank.write_rows(start, rows), bank.flush()))
+        bank.mark_all_changed()  # on every process, as with one process
+        return bank
+    rows = torch.from_numpy(encode_corpus(encode, data.doc_texts()))
+    if not init_file:
+        return TargetBank(rows, ids, dtype)
+    if main:
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        TargetBank(rows, ids).save(init_file)
+    barrier()
+    if mmap_path is None:
+        return TargetBank(rows, ids, dtype)
+    del rows
+    return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -118,12 +177,10 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     shipped model is then trained again, with the same settings, on the training plus the evaluation split (the
     printed numbers are those of the run that did not see the evaluation split). Returns the evaluation.
     """
-    import numpy as np
     import torch
     from transformers import set_seed
 
     from .artifact import write_json
-    from .bank import TargetBank
     from .config import parse_config, resolve_model_path
     from .data import build_pairs_dataset, load_beir
     from .encoder import embedding_dim, encode_texts
@@ -183,18 +240,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if mmap_path is not None and training_args.bank_device == "cuda":
         raise ConfigError("--bank_mmap keeps the bank in a file on the CPU; use --bank_device auto or cpu with it.")
     bank_dtype = training_args.bank_dtype
-    if init_file and os.path.isfile(init_file):
-        bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
-    else:
-        if not init_file:
-            bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids, bank_dtype, mmap_path)
-        else:  # the init file keeps the encoder's float32 rows, whatever --bank_dtype
-            bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids)
-            Path(init_file).parent.mkdir(parents=True, exist_ok=True)
-            bank.save(init_file)
-            if bank_dtype != "fp32" or mmap_path is not None:
-                del bank
-                bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
+    bank = _recipe_bank(encode, train_data, dim, init_file, bank_dtype, mmap_path)
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
     set_faiss_threads(training_args.faiss_threads)
     index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)

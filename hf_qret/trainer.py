@@ -25,7 +25,7 @@ from .checkpoint import (
     staging_folder,
 )
 from .collator import QRetDataCollator
-from .distributed import all_gather_rows, all_reduce_row_grad
+from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
 from .dropin import prepare_dropin, write_corpus_texts
 from .config import QRetTrainingArguments
 from .encoder import (
@@ -246,6 +246,10 @@ class QRetTrainer(Trainer):
         )
         #: Drives the bank's learning rate with the encoder's schedule; made with the encoder's scheduler.
         self.bank_scheduler: FollowScheduler | None = None
+        # Several processes mapping one bank file: one of them writes each step's rows, the others wait for it.
+        self._shared_bank = bank.is_mmap and self.accelerator.num_processes > 1
+        if self._shared_bank:
+            self.bank_optimizer.write_rows = is_row_writer(bank.mmap_path)
 
     # ------------------------------------------------------------------ index
     def ensure_index(self) -> None:
@@ -338,6 +342,8 @@ class QRetTrainer(Trainer):
             if self.bank_scheduler is not None:
                 self.bank_scheduler.step()
             self.bank_optimizer.step()
+            if self._shared_bank:
+                barrier()  # the rows are written before any process reads them again
         self.bank_optimizer.zero_grad()
         self.loss.after_optimizer_step(self.bank_scheduler.ratio() if self.bank_scheduler else 1.0, world_size)
 
