@@ -71,12 +71,15 @@ def shard_bounds(count: int, world: int, rank: int) -> tuple[int, int]:
 
 
 def encode_corpus(
-    encode: Callable[[list[str]], Any], texts: Sequence[str], write: Callable[[int, np.ndarray], None] | None = None
+    encode: Callable[[list[str]], Any],
+    texts: Sequence[str],
+    write: Callable[[int, np.ndarray], None] | None = None,
+    chunk_texts: int = 65536,
 ) -> np.ndarray | None:
     """Encodes ``texts`` once per run, whatever the number of processes: each process encodes its contiguous share
-    (:func:`shard_bounds`), then either ``write(start, rows)`` stores it (e.g. into a memory-mapped bank every
-    process shares; returns ``None`` once every process has written) or the shares are gathered so that every
-    process returns all ``(len(texts), dim)`` float32 rows. One process: ``encode(texts)``.
+    (:func:`shard_bounds`), then either ``write(start, rows)`` stores it, ``chunk_texts`` rows at a time (e.g. into
+    a memory-mapped bank every process shares; returns ``None`` once every process has written) or the shares are
+    gathered so that every process returns all ``(len(texts), dim)`` float32 rows. One process: ``encode(texts)``.
 
     Example:
         >>> encode_corpus(lambda t: np.ones((len(t), 2)), ["a", "b"]).shape
@@ -84,19 +87,18 @@ def encode_corpus(
     """
     texts = list(texts)
     world, rank = world_size(), process_rank()
-    if world == 1:
-        rows = np.asarray(encode(texts), dtype=np.float32)
-        if write is None:
-            return rows
-        write(0, rows)
-        return None
     start, end = shard_bounds(len(texts), world, rank)
-    logger.info("bank: process %d of %d encodes documents %d-%d of %d", rank, world, start, end, len(texts))
-    rows = np.asarray(encode(texts[start:end]), dtype=np.float32).reshape(end - start, -1)
-    if write is not None:
-        write(start, rows)
+    if world > 1:
+        logger.info("bank: process %d of %d encodes documents %d-%d of %d", rank, world, start, end, len(texts))
+    if write is not None:  # chunk by chunk: the share never needs to fit in RAM
+        for first in range(start, end, chunk_texts):
+            last = min(end, first + chunk_texts)
+            write(first, np.asarray(encode(texts[first:last]), dtype=np.float32).reshape(last - first, -1))
         barrier()
         return None
+    rows = np.asarray(encode(texts[start:end]), dtype=np.float32).reshape(end - start, -1)
+    if world == 1:
+        return rows
     device = _collective_device()
     gathered = _all_gather_uneven(torch.from_numpy(rows).to(device))[0]
     return gathered.cpu().numpy()
