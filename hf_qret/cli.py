@@ -181,6 +181,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import set_seed
 
     from .artifact import write_json
+    from .bank import TargetBank
     from .config import parse_config, resolve_model_path
     from .data import build_pairs_dataset, load_beir
     from .encoder import embedding_dim, encode_texts
