@@ -11,7 +11,8 @@ Layout of ``OUT/``::
       qret_config.json                                    # how the index and bank were built
       document_encoder/                                   # the encoder the bank was built with (add_documents)
 
-Every file is written to a temporary name and renamed into place. Loading never unpickles anything.
+The files written here (index, doc-id map, bank, config) go to a temporary name and are renamed into place; the
+encoder's own files are written in place by its ``save_pretrained``. Loading never unpickles anything.
 """
 
 from __future__ import annotations

@@ -87,6 +87,87 @@ def training_verdict(results: dict[str, Any], metric: str = "quantized_ndcg@10")
     )
 
 
+def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
+    """The recipe's encoder as a ``SentenceTransformer``. ``--pooling mean|cls`` applies to a plain transformers
+    folder (no ``modules.json``): it becomes Transformer + Pooling(pooling) + Normalize, saved as such in the
+    artifact; a sentence-transformers folder pools with its own modules."""
+    from sentence_transformers import SentenceTransformer
+
+    from .errors import ConfigError
+
+    if pooling is None:
+        return SentenceTransformer(model_path, device=device)
+    if not os.path.isdir(model_path) or os.path.isfile(os.path.join(model_path, "modules.json")):
+        raise ConfigError(
+            f"--pooling {pooling} applies to a plain transformers model folder; {model_path!r} is a "
+            "sentence-transformers model (or not a local folder), whose own Pooling module decides: drop --pooling."
+        )
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(model_path)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling), Normalize()]
+    return SentenceTransformer(modules=modules, device=device)
+
+
+def _recipe_bank(
+    encode: Any, data: Any, dim: int, init_file: str | None, dtype: str, mmap_path: Path | None
+) -> Any:
+    """The recipe's bank, from ``--bank_init_file`` or by encoding the corpus once per run.
+
+    Under several processes (``torchrun``, ``accelerate launch``) the corpus is encoded once, split across the
+    processes (:func:`hf_qret.distributed.encode_corpus`), and every file (the init file, ``bank_mmap.npy``) is
+    written by one process while the others wait, then open it.
+    """
+    import torch
+
+    from .bank import TargetBank
+    from .distributed import barrier, encode_corpus, process_rank, world_size
+
+    ids = data.doc_ids
+    if world_size() == 1:  # one process: stream the encoding straight into the bank
+        if init_file and os.path.isfile(init_file):
+            return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
+        if not init_file:
+            return TargetBank.from_encoder(encode, data.doc_texts(), ids, dtype, mmap_path)
+        bank = TargetBank.from_encoder(encode, data.doc_texts(), ids)  # the init file keeps float32 rows
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        bank.save(init_file)
+        if dtype == "fp32" and mmap_path is None:
+            return bank
+        del bank
+        return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
+
+    main = process_rank() == 0
+
+    def from_main(make: Any) -> Any:
+        """``make()`` on the main process (which writes ``mmap_path``); the others open the file it wrote."""
+        bank = make() if main else None
+        barrier()
+        return bank if main else TargetBank.open_mmap(mmap_path, ids, dtype)
+
+    if init_file and os.path.isfile(init_file):
+        if mmap_path is None:
+            return TargetBank.from_file(init_file, ids, dtype=dtype)
+        return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
+    if not init_file and mmap_path is not None:
+        # the main process creates the (sparse, zero) file; each process writes the rows it encoded into it
+        bank = from_main(lambda: TargetBank.create_mmap(mmap_path, len(ids), dim, ids, dtype))
+        encode_corpus(encode, data.doc_texts(), write=lambda start, rows: (bank.write_rows(start, rows), bank.flush()))
+        bank.mark_all_changed()  # on every process, as with one process
+        return bank
+    rows = torch.from_numpy(encode_corpus(encode, data.doc_texts()))
+    if not init_file:
+        return TargetBank(rows, ids, dtype)
+    if main:
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        TargetBank(rows, ids).save(init_file)
+    barrier()
+    if mmap_path is None:
+        return TargetBank(rows, ids, dtype)
+    del rows
+    return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -96,9 +177,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     shipped model is then trained again, with the same settings, on the training plus the evaluation split (the
     printed numbers are those of the run that did not see the evaluation split). Returns the evaluation.
     """
-    import numpy as np
     import torch
-    from sentence_transformers import SentenceTransformer
     from transformers import set_seed
 
     from .artifact import save_document_encoder, write_json
@@ -125,11 +204,15 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if data_args.train_on_eval_split and eval_data is None:
         raise ConfigError("--train_on_eval_split true needs an --eval_split to select on first; pass --eval_split.")
     model_path = resolve_model_path(model_args.model_name_or_path)
+    # --pooling applies to a plain model folder, which becomes a SentenceTransformer with that Pooling module
+    pooling, training_args.pooling = training_args.pooling, None
 
     def load_model() -> Any:
         set_seed(training_args.seed)
         try:
-            model = SentenceTransformer(model_path, device=str(training_args.device))
+            model = _load_encoder(model_path, str(training_args.device), pooling)
+        except ConfigError:
+            raise
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"cannot load the model {model_args.model_name_or_path!r} ({exc.__class__.__name__}); pass a "
@@ -141,7 +224,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = load_model()
     dim = embedding_dim(model)
-    QuantizedIndex.validate_factory(dim, training_args.index_factory)
+    QuantizedIndex.validate_factory(dim, training_args.index_factory, num_rows=len(train_data.doc_ids))
     if training_args.should_save:  # the bank's encoder, before training changes it: add_documents encodes with it
         save_document_encoder(training_args.output_dir, model)
 
@@ -160,18 +243,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if mmap_path is not None and training_args.bank_device == "cuda":
         raise ConfigError("--bank_mmap keeps the bank in a file on the CPU; use --bank_device auto or cpu with it.")
     bank_dtype = training_args.bank_dtype
-    if init_file and os.path.isfile(init_file):
-        bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
-    else:
-        if not init_file:
-            bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids, bank_dtype, mmap_path)
-        else:  # the init file keeps the encoder's float32 rows, whatever --bank_dtype
-            bank = TargetBank.from_encoder(encode, train_data.doc_texts(), train_data.doc_ids)
-            Path(init_file).parent.mkdir(parents=True, exist_ok=True)
-            bank.save(init_file)
-            if bank_dtype != "fp32" or mmap_path is not None:
-                del bank
-                bank = TargetBank.from_file(init_file, train_data.doc_ids, dtype=bank_dtype, mmap_path=mmap_path)
+    bank = _recipe_bank(encode, train_data, dim, init_file, bank_dtype, mmap_path)
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
     set_faiss_threads(training_args.faiss_threads)
     index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .encoder import POOLINGS
 from .errors import ConfigError
 from .index import REFRESH_MODES, check_index_options
 
@@ -88,7 +89,22 @@ class QRetTrainingArguments(TrainingArguments):
     num_negatives: int = field(
         default=100, metadata={"help": "Top-k rows mined per query from the quantized index (cross-batch union)."}
     )
-    scale: float = field(default=20.0, metadata={"help": "Inverse temperature of the candidate softmax."})
+    scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Inverse temperature of the candidate softmax. Default: 20 for cosine models (unit-norm "
+            "embeddings), 1 for dot-product models (similarity_fn_name 'dot' and no Normalize module: TAS-B, "
+            "Contriever, msmarco-*-dot), the MultipleNegativesRankingLoss conventions."
+        },
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pooling of a plain transformers encoder (AutoModel): 'mean' (default) or 'cls'; recorded in "
+            "the artifact so queries are encoded the same way. A SentenceTransformer's own Pooling module decides "
+            "instead."
+        },
+    )
     refresh_steps: int = field(
         default=0, metadata={"help": "Rebuild the quantized index from the bank every N optimizer steps (0: never)."}
     )
@@ -218,6 +234,17 @@ class QRetTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "fp16" and not self.bf16
+        if self.fp16 or from_launcher:
+            # The bank is not in the encoder's optimizer: its row gradients would never be unscaled, and the bank
+            # step would still run when the loss scaler skips the encoder's step on an overflow (an inf in a row's
+            # Adam moments stays there for good).
+            raise ConfigError(
+                f"fp16 mixed precision ({'accelerate mixed_precision fp16' if from_launcher else '--fp16'}) is not "
+                "supported: the loss scaler never unscales the bank's row gradients nor skips the bank step on an "
+                "overflow. Use bf16=True (--bf16, or mixed_precision bf16; no loss scaler needed) instead; "
+                "bank_dtype fp16 (the bank's storage) is unaffected."
+            )
         super().__post_init__()
         check_index_options(self.opq_niter, self.mining_nlist, self.mining_nprobe)
         if self.num_negatives < 1:
@@ -254,6 +281,10 @@ class QRetTrainingArguments(TrainingArguments):
                 "distill_rounds, distill_epochs and distill_top_k must be >= 1 and distill_learning_rate and "
                 "distill_temperature > 0."
             )
+        if self.scale is not None and self.scale <= 0:
+            raise ConfigError(f"scale must be > 0 (or unset: 20 for cosine models, 1 for dot models), got {self.scale}.")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}.")
         if self.bank_learning_rate < 0:
             raise ConfigError(f"bank_learning_rate must be >= 0, got {self.bank_learning_rate}.")
         self._check_scale_options()

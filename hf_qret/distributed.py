@@ -8,9 +8,28 @@ index from it), as it keeps identical encoder weights.
 
 from __future__ import annotations
 
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 
-__all__ = ["world_size", "row_gradients", "all_reduce_row_grad", "all_gather_rows"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "world_size",
+    "process_rank",
+    "barrier",
+    "row_gradients",
+    "all_reduce_row_grad",
+    "all_gather_rows",
+    "shard_bounds",
+    "encode_corpus",
+    "is_row_writer",
+]
 
 
 def world_size() -> int:
@@ -20,6 +39,88 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def process_rank() -> int:
+    """This process's rank in the initialised ``torch.distributed`` group (0 when not distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def barrier() -> None:
+    """Waits for every process (a no-op outside ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shard_bounds(count: int, world: int, rank: int) -> tuple[int, int]:
+    """The contiguous range of ``count`` rows process ``rank`` of ``world`` takes (sizes differ by at most one).
+
+    Example:
+        >>> [shard_bounds(5, 2, r) for r in range(2)]
+        [(0, 3), (3, 5)]
+    """
+    base, extra = divmod(int(count), int(world))
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def encode_corpus(
+    encode: Callable[[list[str]], Any],
+    texts: Sequence[str],
+    write: Callable[[int, np.ndarray], None] | None = None,
+    chunk_texts: int = 65536,
+) -> np.ndarray | None:
+    """Encodes ``texts`` once per run, whatever the number of processes: each process encodes its contiguous share
+    (:func:`shard_bounds`), then either ``write(start, rows)`` stores it, ``chunk_texts`` rows at a time (e.g. into
+    a memory-mapped bank every process shares; returns ``None`` once every process has written) or the shares are
+    gathered so that every process returns all ``(len(texts), dim)`` float32 rows. One process: ``encode(texts)``.
+
+    Example:
+        >>> encode_corpus(lambda t: np.ones((len(t), 2)), ["a", "b"]).shape
+        (2, 2)
+    """
+    texts = list(texts)
+    world, rank = world_size(), process_rank()
+    start, end = shard_bounds(len(texts), world, rank)
+    if world > 1:
+        logger.info("bank: process %d of %d encodes documents %d-%d of %d", rank, world, start, end, len(texts))
+    if write is not None:  # chunk by chunk: the share never needs to fit in RAM
+        for first in range(start, end, chunk_texts):
+            last = min(end, first + chunk_texts)
+            write(first, np.asarray(encode(texts[first:last]), dtype=np.float32).reshape(last - first, -1))
+        barrier()
+        return None
+    rows = np.asarray(encode(texts[start:end]), dtype=np.float32).reshape(end - start, -1)
+    if world == 1:
+        return rows
+    device = _collective_device()
+    gathered = _all_gather_uneven(torch.from_numpy(rows).to(device))[0]
+    return gathered.cpu().numpy()
+
+
+def is_row_writer(mmap_path: str | Path | None) -> bool:
+    """Whether this process writes the bank's rows: always, unless several processes on this machine map the same
+    bank file (``mmap_path``), in which case only the lowest rank among them does (the others keep the same
+    optimizer state and read the rows it wrote), so every row moves once per step.
+
+    Must be called by every process at the same point (it is a collective).
+    """
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return True
+    key = (socket.gethostname(), str(Path(mmap_path).resolve()) if mmap_path is not None else None)
+    keys: list[Any] = [None] * world_size()
+    dist.all_gather_object(keys, key)
+    if key[1] is None:
+        return True
+    return process_rank() == min(r for r, other in enumerate(keys) if other == key)
 
 
 def _collective_device() -> torch.device:

@@ -2,8 +2,13 @@
 ``AutoModel``: tokenize (:func:`tokenize`), embed a tokenized batch with gradients (:func:`embed`), or encode texts
 in batches without gradients (:func:`encode_texts`).
 
-A plain transformers encoder is mean-pooled over its attention mask and L2-normalised, the recipe of
-all-MiniLM-L6-v2 and most sentence embedding models.
+A plain transformers encoder is pooled (``mean`` over its attention mask, the recipe of all-MiniLM-L6-v2 and most
+sentence embedding models, or ``cls``: the first token; see :func:`set_pooling`) and L2-normalised.
+
+How the embeddings are compared (:func:`similarity_function`) decides the loss's default scale
+(:func:`resolve_scale`): unit-norm embeddings (cosine) get 20, dot-product models (TAS-B, Contriever,
+``msmarco-*-dot``: ``similarity_fn_name="dot"`` and no ``Normalize`` module) get 1, the sentence-transformers
+``MultipleNegativesRankingLoss`` conventions.
 """
 
 from __future__ import annotations
@@ -16,7 +21,30 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["is_sentence_transformer", "tokenize", "embed", "encode_texts", "embedding_dim", "make_tokenize_fn"]
+from .errors import ConfigError
+
+__all__ = [
+    "is_sentence_transformer",
+    "tokenize",
+    "embed",
+    "encode_texts",
+    "embedding_dim",
+    "make_tokenize_fn",
+    "POOLINGS",
+    "set_pooling",
+    "get_pooling",
+    "configure_encoder",
+    "similarity_function",
+    "resolve_scale",
+    "DEFAULT_SCALES",
+]
+
+#: Pooling of a plain transformers encoder's token states.
+POOLINGS = ("mean", "cls")
+#: The loss's default scale (inverse temperature) per similarity function (MultipleNegativesRankingLoss: 20 for
+#: cosine scores, 1 for dot products).
+DEFAULT_SCALES = {"cosine": 20.0, "dot": 1.0}
+_POOLING_ATTR = "_hf_qret_pooling"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -64,18 +92,139 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def set_pooling(model: nn.Module, pooling: str) -> None:
+    """Chooses how a plain transformers encoder pools its token states: ``"mean"`` (default) or ``"cls"``.
+
+    Set it before encoding the bank: :func:`embed` and :func:`encode_texts` (the bank, the evaluator, the
+    retriever) read it from the model. A sentence-transformers model's own ``Pooling`` module decides instead.
+
+    Raises:
+        ConfigError: an unknown pooling, or a sentence-transformers model.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> set_pooling(model, "cls")
+        >>> get_pooling(model)
+        'cls'
+    """
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
+    if is_sentence_transformer(model):
+        raise ConfigError(
+            "pooling applies to plain transformers encoders; a SentenceTransformer pools with its own Pooling "
+            "module (build it with Pooling(dim, pooling_mode='cls') instead)."
+        )
+    setattr(_unwrap(model), _POOLING_ATTR, pooling)
+
+
+def get_pooling(model: nn.Module) -> str | None:
+    """The pooling of a plain transformers encoder (``"mean"`` unless :func:`set_pooling` chose another);
+    ``None`` for a sentence-transformers model."""
+    base = _unwrap(model)
+    if is_sentence_transformer(base):
+        return None
+    return getattr(base, _POOLING_ATTR, "mean")
+
+
+def configure_encoder(model: nn.Module, pooling: str | None = None) -> None:
+    """Checks that ``model``'s similarity is one hf-qret trains for and applies ``pooling`` (``None``: keep the
+    model's) to a plain transformers encoder; what :class:`~hf_qret.trainer.QRetTrainer` does with
+    ``args.pooling``.
+
+    Raises:
+        ConfigError: a euclidean/manhattan model, ``pooling`` given for a sentence-transformers model, or a
+            ``pooling`` other than the one :func:`set_pooling` already chose (the bank was encoded with that one).
+
+    Example:
+        >>> configure_encoder(model, "cls")  # doctest: +SKIP
+    """
+    similarity_function(model)
+    if pooling is None:
+        return
+    chosen = getattr(_unwrap(model), _POOLING_ATTR, None)
+    if chosen is not None and chosen != pooling and not is_sentence_transformer(model):
+        raise ConfigError(
+            f"pooling {pooling!r} differs from the {chosen!r} pooling set on the model with set_pooling (the bank "
+            "was presumably encoded with it); pass the same pooling to both."
+        )
+    set_pooling(model, pooling)
+
+
+def _has_normalize(model: nn.Module) -> bool:
+    return any(type(module).__name__ == "Normalize" for module in model.children())
+
+
+def _normalizes_output(model: nn.Module) -> bool:
+    """Whether :func:`embed` must L2-normalise a sentence-transformers model's output: its similarity is cosine
+    but no ``Normalize`` module does it (dot products of unit vectors are then its cosine scores)."""
+    return not _has_normalize(model) and similarity_function(model) == "cosine"
+
+
+def similarity_function(model: nn.Module) -> str:
+    """How ``model``'s embeddings (as :func:`embed` returns them) are compared: ``"cosine"`` or ``"dot"``.
+
+    ``"cosine"``: the embeddings are unit-norm (a ``Normalize`` module, a plain transformers encoder, or a
+    sentence-transformers model whose ``similarity_fn_name`` is cosine, which :func:`embed` normalises).
+    ``"dot"``: a sentence-transformers model with ``similarity_fn_name="dot"`` and no ``Normalize`` module (TAS-B,
+    Contriever, ``msmarco-*-dot``): raw dot products, the norms carry signal.
+
+    Raises:
+        ConfigError: the model's similarity is euclidean or manhattan (the quantized index scores inner products).
+
+    Example:
+        >>> similarity_function(model)  # doctest: +SKIP
+        'cosine'
+    """
+    base = _unwrap(model)
+    if not is_sentence_transformer(base):
+        return "cosine"
+    if _has_normalize(base):
+        return "cosine"  # unit vectors: dot product == cosine, whatever similarity_fn_name says
+    name = getattr(base, "_similarity_fn_name", None) or "cosine"  # sentence-transformers' own default
+    name = getattr(name, "value", name)
+    if name in ("cosine", "dot"):
+        return name
+    raise ConfigError(
+        f"the model's similarity_fn_name is {name!r}; hf-qret trains for an inner-product index, so it supports "
+        "'cosine' and 'dot' models only (set model.similarity_fn_name to one of them)."
+    )
+
+
+def resolve_scale(model: nn.Module, scale: float | None) -> float:
+    """The loss's scale (inverse temperature): ``scale`` when given, else 20 for cosine models and 1 for
+    dot-product models (see :data:`DEFAULT_SCALES`).
+
+    Example:
+        >>> resolve_scale(model, None)  # doctest: +SKIP
+        20.0
+    """
+    if scale is not None:
+        if float(scale) <= 0:
+            raise ConfigError(f"scale must be > 0, got {scale}.")
+        return float(scale)
+    return DEFAULT_SCALES[similarity_function(model)]
+
+
 def embed(model: nn.Module, features: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
     """Embeds a tokenized batch (keeps the autograd graph).
 
     A sentence-transformers model returns its own ``sentence_embedding`` (its modules decide pooling and
-    normalisation); any other encoder is mean-pooled and, when ``normalize``, L2-normalised.
+    normalisation; a cosine model without a ``Normalize`` module is L2-normalised here); any other encoder is
+    pooled as :func:`set_pooling` chose (``mean`` by default, or ``cls``) and, when ``normalize``, L2-normalised.
     """
     if _has_own_pipeline(model):
-        return model(dict(features))["sentence_embedding"]
+        embeddings = model(dict(features))["sentence_embedding"]
+        if normalize and is_sentence_transformer(model) and _normalizes_output(_unwrap(model)):
+            embeddings = nn.functional.normalize(embeddings, dim=-1)
+        return embeddings
     accepted = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     output = model(**accepted)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-    pooled = _mean_pool(hidden, features["attention_mask"])
+    if get_pooling(model) == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = _mean_pool(hidden, features["attention_mask"])
     return nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
 

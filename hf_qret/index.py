@@ -21,9 +21,18 @@ from typing import Any
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
+from .factory import OPQ_MIN_ROWS, fit_factory
 from .shortlist import MiningShortlist, served_parts
 
-__all__ = ["QuantizedIndex", "import_faiss", "REFRESH_MODES", "set_faiss_threads", "check_index_options"]
+__all__ = [
+    "QuantizedIndex",
+    "import_faiss",
+    "REFRESH_MODES",
+    "set_faiss_threads",
+    "check_index_options",
+    "fit_factory",
+    "OPQ_MIN_ROWS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +214,8 @@ class QuantizedIndex:
         check_index_options(opq_niter, mining_nlist, mining_nprobe)
         self.faiss = import_faiss()
         self.dim = int(dim)
+        #: The factory asked for; :attr:`factory` is the one built (see :func:`fit_factory`).
+        self.requested_factory = factory
         self.factory = factory
         self.search_params = search_params or None
         self.use_gpu = use_gpu
@@ -240,9 +251,12 @@ class QuantizedIndex:
         return index
 
     @classmethod
-    def validate_factory(cls, dim: int, factory: str) -> None:
-        """Raises :class:`ConfigError` when ``factory`` is not a valid index for ``dim``, before any heavy work."""
+    def validate_factory(cls, dim: int, factory: str, num_rows: int | None = None) -> None:
+        """Raises :class:`ConfigError` when ``factory`` is not a valid index for ``dim`` (or cannot be trained on
+        ``num_rows`` rows, see :func:`fit_factory`), before any heavy work."""
         cls(dim, factory)
+        if num_rows is not None:
+            fit_factory(factory, min(int(num_rows), MAX_TRAIN_ROWS))
 
     @classmethod
     def from_args(cls, dim: int, args: Any) -> QuantizedIndex:
@@ -263,6 +277,7 @@ class QuantizedIndex:
         self = cls.__new__(cls)
         self.faiss = import_faiss()
         self.dim = index.d
+        self.requested_factory = factory
         self.factory = factory
         self.search_params = search_params or None
         self.use_gpu = None
@@ -315,6 +330,14 @@ class QuantizedIndex:
         """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors`` (at most ``max_train_rows``
         rows, a fixed random sample; ``None``: all)."""
         sample = _train_sample(vectors, max_train_rows)
+        # FAISS aborts the whole process on some samples too small for the factory: check before it trains.
+        factory, reason = fit_factory(self.requested_factory, len(sample))
+        if factory != self.factory:
+            logger.warning(
+                "index factory %r on %d training rows: %s; training %r instead.",
+                self.requested_factory, len(sample), reason, factory,
+            )  # fmt: skip
+            self.factory = factory
         fresh = self._new_index()
         fresh.train(sample)
         if self.mining_nlist:

@@ -302,14 +302,17 @@ def build_loss(
     index: QuantizedIndex,
     trainable_rows: torch.Tensor | None = None,
     initial_rows: InitialRows | None = None,
+    scale: float | None = None,
 ) -> QRetLoss:
     """The loss the training arguments ask for: the default, quantization-aware, or codebook-learning variant.
+
+    ``scale`` overrides ``args.scale`` (the trainer passes :func:`hf_qret.encoder.resolve_scale`'s value).
 
     Example:
         >>> loss = build_loss(args, bank, index)  # doctest: +SKIP
     """
     common: dict[str, Any] = {
-        "scale": args.scale,
+        "scale": args.scale if scale is None else scale,
         "train_bank": args.bank_learning_rate > 0,
         "trainable_rows": trainable_rows,
         "initial_targets": initial_rows if args.encoder_targets == "initial" else None,

@@ -88,6 +88,9 @@ class RowAdam(torch.optim.Optimizer):
         self.keep_norms = keep_norms
         self.anchor = anchor
         self.anchor_weight = float(anchor_weight)
+        #: ``False``: :meth:`step` updates the state only and leaves the rows to the process that writes them (a
+        #: memory-mapped bank shared by several processes: one update per step, written once).
+        self.write_rows = True
         weight = bank.weight
         self._num_rows = int(weight.shape[0])
         self._dim = int(weight.shape[1])
@@ -196,6 +199,11 @@ class RowAdam(torch.optim.Optimizer):
     def _move(self, rows: torch.Tensor, update: torch.Tensor) -> int:
         """``row -= lr * update`` (after decoupled weight decay), drift control, written back in the bank's dtype."""
         lr, weight_decay, weight = self.lr, self.weight_decay, self.bank.weight
+        if not self.write_rows:
+            self.bank.version += 1
+            if hasattr(self.bank, "mark_changed"):
+                self.bank.mark_changed(rows)
+            return int(rows.numel())
         current = weight[rows].float()
         if weight_decay:
             current = current * (1 - lr * weight_decay)

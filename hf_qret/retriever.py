@@ -95,6 +95,23 @@ def _load_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] | None:
     return corpus
 
 
+def _load_query_encoder(folder: Path, config: dict[str, Any], device: str | None) -> Any:
+    """The artifact's encoder as a ``SentenceTransformer``. A plain transformers encoder (no ``modules.json``) is
+    pooled as recorded in ``qret_config.json`` (``"pooling"``: ``mean`` or ``cls``) and L2-normalised, exactly as
+    :func:`hf_qret.encoder.embed` encoded its bank."""
+    from sentence_transformers import SentenceTransformer
+
+    pooling = config.get("pooling")
+    # sentence-transformers loads a bare transformers folder with mean pooling itself
+    if pooling and pooling != "mean" and not (folder / "modules.json").is_file():
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+        transformer = Transformer(str(folder), model_kwargs={"use_safetensors": True, "local_files_only": True})
+        pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=str(pooling))
+        return SentenceTransformer(modules=[transformer, pool, Normalize()], device=device)
+    return SentenceTransformer(str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True})
+
+
 def _search_string(nprobe: int | None, ef_search: int | None, params: str | None) -> str | None:
     parts = [params] if params else []
     for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
@@ -215,9 +232,22 @@ class QuantizedRetriever:
         corpus = _load_corpus(folder, files.doc_ids) if load_corpus else None
         from .sentence_encoder import load_encoder
 
-        # A plain Transformer/Pooling/Normalize folder loads with transformers alone (no sentence-transformers
-        # import, so no training stack); anything else (a peft adapter, extra modules) with SentenceTransformer.
-        model = load_encoder(folder, device)
+        try:
+            if files.config.get("pooling") not in (None, "mean") and not (folder / "modules.json").is_file():
+                model = _load_query_encoder(folder, files.config, device)  # a plain encoder, e.g. cls pooling
+            else:
+                # A plain Transformer/Pooling/Normalize folder loads with transformers alone (no sentence-transformers
+                # import, so no training stack); anything else (a peft adapter, extra modules) with SentenceTransformer.
+                model = load_encoder(folder, device)
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            from .peft_utils import adapter_base_model
+
+            base = adapter_base_model(folder)
+            hint = f" (its adapter needs the base model {base!r})" if base else ""
+            raise ArtifactError(
+                f"{folder}: the query encoder cannot be loaded{hint} ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); re-create the artifact."
+            ) from None
         if merge_adapter:
             from .peft_utils import merge_adapter as merge
 

@@ -314,9 +314,11 @@ def write_safetensors_streamed(weight: torch.Tensor, path: Path) -> None:
 
 
 def copy_file_atomic(source: Path, target: Path) -> None:
-    """Copies ``source`` to ``target`` through a temporary name."""
-    shutil.copyfile(source, target.with_name(target.name + ".tmp"))
-    os.replace(target.with_name(target.name + ".tmp"), target)
+    """Copies ``source`` to ``target`` through a temporary name (one per process: processes copying the same file
+    at once never write into each other's copy)."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------------- memory maps

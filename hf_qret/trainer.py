@@ -25,10 +25,19 @@ from .checkpoint import (
     staging_folder,
 )
 from .collator import QRetDataCollator
-from .distributed import all_gather_rows, all_reduce_row_grad
+from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
 from .dropin import prepare_dropin, write_corpus_texts
 from .config import QRetTrainingArguments
-from .encoder import embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
+from .encoder import (
+    configure_encoder,
+    embed,
+    embedding_dim,
+    get_pooling,
+    is_sentence_transformer,
+    make_tokenize_fn,
+    resolve_scale,
+    similarity_function,
+)
 from .errors import ConfigError, TrainingDivergedError
 from .index import QuantizedIndex, set_faiss_threads
 from .loss import CandidateCrossEntropyLoss, MinedNegativesLoss, QRetLoss, build_loss
@@ -107,7 +116,7 @@ class QRetTrainer(Trainer):
     bank's optimizer state.
 
     Args:
-        model: A ``SentenceTransformer`` or a transformers encoder (``AutoModel``; mean pooling).
+        model: A ``SentenceTransformer`` or a transformers encoder (``AutoModel``; ``args.pooling``: mean or cls).
         args: :class:`~hf_qret.config.QRetTrainingArguments`.
         train_dataset: Text pairs in sentence-transformers' convention (query, positive, hard negatives...) or
             rows with ``query``, ``positive_id`` and optionally ``positive_ids`` (see
@@ -156,6 +165,7 @@ class QRetTrainer(Trainer):
     ) -> None:
         if not isinstance(args, QRetTrainingArguments):
             raise TypeError("QRetTrainer needs QRetTrainingArguments (a TrainingArguments subclass) as `args`.")
+        configure_encoder(model, args.pooling)  # plain encoders: --pooling (mean | cls), before any encoding
         # Drop-in (hf_qret.dropin): text pairs, a bank built from corpus=, sentence-transformers evaluators.
         ready = prepare_dropin(model, args, train_dataset, bank=bank, corpus=corpus, evaluator=evaluator,
                                eval_dataset=kwargs.get("eval_dataset"), tokenizer=kwargs.get("processing_class"))
@@ -189,7 +199,9 @@ class QRetTrainer(Trainer):
         if args.bank_anchor_weight > 0 or args.encoder_targets == "initial":
             self.initial_rows = InitialRows(bank, self.trainable_rows, os.path.join(args.output_dir, INITIAL_MMAP_NAME))
         if loss is None:
-            loss = build_loss(args, bank, index, self.trainable_rows, self.initial_rows)
+            # scale None: 20 for cosine (unit-norm) models, 1 for dot-product models (hf_qret.encoder.resolve_scale)
+            scale = resolve_scale(model, args.scale)
+            loss = build_loss(args, bank, index, self.trainable_rows, self.initial_rows, scale=scale)
         elif isinstance(loss, CandidateCrossEntropyLoss):  # the scoring primitive: use it inside the default loss
             loss = MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, self.trainable_rows)
         elif not isinstance(loss, QRetLoss):
@@ -234,6 +246,10 @@ class QRetTrainer(Trainer):
         )
         #: Drives the bank's learning rate with the encoder's schedule; made with the encoder's scheduler.
         self.bank_scheduler: FollowScheduler | None = None
+        # Several processes mapping one bank file: one of them writes each step's rows, the others wait for it.
+        self._shared_bank = bank.is_mmap and self.accelerator.num_processes > 1
+        if self._shared_bank:
+            self.bank_optimizer.write_rows = is_row_writer(bank.mmap_path)
 
     # ------------------------------------------------------------------ index
     def ensure_index(self) -> None:
@@ -326,6 +342,8 @@ class QRetTrainer(Trainer):
             if self.bank_scheduler is not None:
                 self.bank_scheduler.step()
             self.bank_optimizer.step()
+            if self._shared_bank:
+                barrier()  # the rows are written before any process reads them again
         self.bank_optimizer.zero_grad()
         self.loss.after_optimizer_step(self.bank_scheduler.ratio() if self.bank_scheduler else 1.0, world_size)
 
@@ -406,6 +424,8 @@ class QRetTrainer(Trainer):
             "base_model": getattr(base, "base_model", None) or getattr(getattr(self.model, "config", None), "_name_or_path", None),
             "loss": type(self.loss).__name__,
             "scale": getattr(self.loss, "scale", None),
+            "similarity": similarity_function(self.model),
+            "pooling": get_pooling(self.model),  # a plain encoder's pooling (None: the sentence-transformers modules)
             "num_negatives": self.miner.num_negatives,
             "bank_learning_rate": self.args.bank_learning_rate,
             "learning_rate": self.args.learning_rate,

@@ -91,5 +91,47 @@ def ddp_train_main() -> None:
     )
 
 
+def ddp_mmap_main() -> None:
+    """``torchrun --nproc_per_node 2 dist_workers.py --mmap MODEL BEIR OUT``: the same 3 DDP steps with a bank in RAM
+    (one per process) and with one memory-mapped bank file both processes share (written by rank 0)."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
+    from hf_qret.distributed import barrier
+    from hf_qret.encoder import encode_texts
+
+    model_dir, beir_dir, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    data = load_beir(beir_dir, split="train")
+    rows = encode_texts(SentenceTransformer(model_dir, device="cpu"), data.doc_texts())
+    banks = {}
+    for kind in ("ram", "mmap"):
+        args = QRetTrainingArguments(
+            output_dir=str(out / kind), index_factory="PQ4", num_negatives=8, per_device_train_batch_size=4,
+            max_steps=3, learning_rate=1e-3, bank_learning_rate=1e-2, report_to="none", save_strategy="no", seed=0,
+            use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
+        )  # fmt: skip
+        rank = args.process_index  # forms the process group
+        if kind == "ram":
+            bank = TargetBank(torch.from_numpy(rows.copy()), data.doc_ids)
+        else:
+            path = out / "bank_mmap.npy"
+            if rank == 0:
+                TargetBank.create_mmap(path, len(rows), rows.shape[1], data.doc_ids).write_rows(0, rows)
+            barrier()
+            bank = TargetBank.open_mmap(path, data.doc_ids)
+        model = SentenceTransformer(model_dir, device="cpu")
+        trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)
+        trainer.train()
+        barrier()
+        banks[kind] = np.array(trainer.bank.weight.detach().numpy(), copy=True)
+        banks[f"{kind}_row_steps"] = trainer.bank_optimizer.row_steps.clone()
+    torch.save(banks, out / f"mmap_rank{rank}.pt")
+
+
 if __name__ == "__main__":
-    ddp_train_main()
+    if sys.argv[1] == "--mmap":
+        ddp_mmap_main()
+    else:
+        ddp_train_main()

@@ -318,3 +318,42 @@ def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tw
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not list(out.glob("_staging*"))
     assert (out / "index.faiss").is_file() and (out / "eval_results.json").is_file()
+
+
+@pytest.mark.integration
+def test_ddp_shared_mmap_bank_moves_each_row_once_per_step(tiny_model_dir, beir_dir, tmp_path):
+    """Two gloo processes mapping one bank file: rank 0 writes each step's rows, so the shared bank ends exactly
+    where the per-process banks in RAM do (before, every process applied the same update to the same file)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--mmap",
+               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"mmap_rank{rank}.pt", weights_only=False) for rank in range(2))
+    assert int(first["ram_row_steps"].gt(0).sum()) > 8  # rows moved
+    for banks in (first, second):
+        assert torch.equal(banks["ram_row_steps"], banks["mmap_row_steps"])
+        np.testing.assert_allclose(banks["mmap"], banks["ram"], rtol=1e-6, atol=1e-7)
+    assert np.array_equal(first["mmap"], second["mmap"])
+
+
+@pytest.mark.integration
+def test_recipe_under_torchrun_encodes_the_corpus_once_into_one_mmap_file(tiny_model_dir, two_split_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 recipes/train.py ... --bank_mmap true`: each process encodes half of the corpus
+    into the one bank file (written by rank 0's creation, then by each process's share), and training runs."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "recipes" / "train.py"), str(REPO / "recipes" / "scifact.yaml"),
+               "--model_name_or_path", tiny_model_dir, "--data_dir", str(two_split_dir), "--eval_split", "dev",
+               "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8", "--bank_mmap", "true",
+               "--per_device_train_batch_size", "4", "--max_steps", "2",
+               "--dataloader_pin_memory", "false", "--disable_tqdm", "true"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0 of 2 encodes documents 0-150 of 300" in result.stderr
+    assert "process 1 of 2 encodes documents 150-300 of 300" in result.stderr
+    assert (out / "bank_mmap.npy").is_file() and (out / "index.faiss").is_file()
+    assert not list(out.glob("*.tmp"))

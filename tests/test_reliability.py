@@ -121,3 +121,18 @@ def test_damaged_artifact_is_a_clear_error(tiny_model_dir, data_dir, tmp_path, c
     assert expected in err and "Traceback" not in err
     with pytest.raises(ArtifactError):
         evaluate_main([str(out), "--data", str(data_dir), "--split", "dev"])
+
+
+def test_fp16_loss_scaling_is_refused_naming_bf16(tmp_path, monkeypatch):
+    from hf_qret.errors import ConfigError
+    from test_trainer import make_args
+
+    # The bank's row gradients are never unscaled and its step would run on a skipped (overflowed) encoder step.
+    with pytest.raises(ConfigError, match=r"fp16 mixed precision \(--fp16\) is not supported.*Use bf16=True"):
+        make_args(tmp_path, fp16=True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    with pytest.raises(ConfigError, match=r"accelerate mixed_precision fp16.*bf16"):
+        make_args(tmp_path)
+    assert make_args(tmp_path, bf16=True).mixed_precision == "bf16"  # bf16 keeps working (tests/test_dropin.py)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert make_args(tmp_path, bank_dtype="fp16").bank_dtype == "fp16"  # the bank's storage dtype is another thing
