@@ -236,8 +236,8 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     selecting = eval_data is not None and (data_args.keep_untrained_if_better or train_on_all)
     scratch_init = None
     if not init_file and selecting:
-        rank = os.environ.get("RANK", "0")  # one copy per process: no two writers of one file under torchrun
-        init_file = scratch_init = str(Path(training_args.output_dir) / f"bank_init.tmp{rank}.safetensors")
+        # one file for the run: under several processes the main process writes it, the others read it
+        init_file = scratch_init = str(Path(training_args.output_dir) / "bank_init.tmp.safetensors")
     # --bank_mmap: the bank lives in OUTPUT_DIR/bank_mmap.npy (in --bank_dtype), written once per run.
     mmap_path = Path(training_args.output_dir) / MMAP_BANK_NAME if model_args.bank_mmap else None
     if mmap_path is not None and training_args.bank_device == "cuda":
@@ -352,8 +352,12 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.save_model(_internal_call=bool(training_args.push_to_hub))
     if evaluator is not None and trainer.is_world_process_zero():
         write_json(results, Path(training_args.output_dir) / "eval_results.json")
-    if scratch_init is not None and os.path.isfile(scratch_init):
-        os.remove(scratch_init)
+    if scratch_init is not None:
+        from .distributed import barrier, process_rank
+
+        barrier()  # every process is done reading it
+        if process_rank() == 0 and os.path.isfile(scratch_init):
+            os.remove(scratch_init)
     trainer.create_model_card(**card)  # README.md: hf-qret's model card with the numbers above
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", **card)
