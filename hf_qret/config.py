@@ -23,6 +23,8 @@ BANK_UPDATES = ("all", "positives")
 BANK_OPTIMIZERS = ("adam", "sgd")
 #: What the query encoder is trained against.
 ENCODER_TARGETS = ("bank", "initial")
+BANK_QUERIES = ("encoder", "initial")
+PAIR_WEIGHTINGS = ("pair", "query")
 #: Sources of the quantizer distillation's queries (hf_qret.distill.DISTILL_QUERY_SOURCES).
 DISTILL_QUERY_SOURCES = ("train", "pseudo", "both")
 #: Storage dtypes of the bank (see hf_qret.bank.BANK_DTYPES).
@@ -181,6 +183,21 @@ class QRetTrainingArguments(TrainingArguments):
             "while the bank rows learn against the detached queries)."
         },
     )
+    bank_queries: str = field(
+        default="encoder",
+        metadata={
+            "help": "What the bank rows learn against: 'encoder' (the detached queries of the encoder being trained) "
+            "or 'initial' (the queries of a frozen copy of the pretrained encoder; the mirror of encoder_targets="
+            "'initial')."
+        },
+    )
+    pair_weighting: str = field(
+        default="pair",
+        metadata={
+            "help": "How the (query, positive) rows of a batch are weighted in the loss: 'pair' (equally) or 'query' "
+            "(each by 1 / its query's number of positives, so a query with 40 positives does not count 40 times)."
+        },
+    )
     bank_keep_norm: bool = field(
         default=True,
         metadata={
@@ -262,6 +279,12 @@ class QRetTrainingArguments(TrainingArguments):
         if self.encoder_targets not in ENCODER_TARGETS:
             raise ConfigError(
                 f"encoder_targets must be one of {', '.join(ENCODER_TARGETS)}, got {self.encoder_targets!r}."
+            )
+        if self.bank_queries not in BANK_QUERIES:
+            raise ConfigError(f"bank_queries must be one of {', '.join(BANK_QUERIES)}, got {self.bank_queries!r}.")
+        if self.pair_weighting not in PAIR_WEIGHTINGS:
+            raise ConfigError(
+                f"pair_weighting must be one of {', '.join(PAIR_WEIGHTINGS)}, got {self.pair_weighting!r}."
             )
         if self.bank_anchor_weight < 0:
             raise ConfigError(f"bank_anchor_weight must be >= 0, got {self.bank_anchor_weight}.")

@@ -61,13 +61,20 @@ class CandidateCrossEntropyLoss(nn.Module):
         candidates: torch.Tensor,
         targets: torch.Tensor,
         mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns the mean loss and statistics (mean rank of the positive, 1 = first; candidate count)."""
+        """Returns the (``weights``-weighted) mean loss and statistics (mean rank of the positive, 1 = first;
+        candidate count)."""
         logits = self.scale * queries @ candidates.to(queries.dtype).T
         if mask is not None:
             logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
         targets = targets.to(logits.device)
-        loss = nn.functional.cross_entropy(logits.float(), targets)
+        if weights is None:
+            loss = nn.functional.cross_entropy(logits.float(), targets)
+        else:
+            weights = weights.to(logits.device, torch.float32)
+            per_example = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+            loss = (weights * per_example).sum() / weights.sum()
         with torch.no_grad():
             positive = logits.gather(1, targets.unsqueeze(1))
             rank = (logits > positive).sum(dim=1).float() + 1.0
@@ -174,10 +181,20 @@ class MinedNegativesLoss(QRetLoss):
         if self.training and self.train_bank and self.initial_targets is not None:
             initial = self.initial_targets.rows(mined.candidates).to(targets.device, targets.dtype)
             initial = self.scored_targets(mined, initial, initial=True)
-            loss, stats = self.cross_entropy(query_embeddings, initial, mined.targets, mined.mask)
-            bank_loss, _ = self.cross_entropy(query_embeddings.detach(), targets, mined.targets, mined.mask)
+            loss, stats = self.cross_entropy(query_embeddings, initial, mined.targets, mined.mask, mined.weights)
+            # The bank rows learn against the detached queries, or (bank_queries='initial') the frozen pretrained ones.
+            bank_queries = query_embeddings if mined.bank_queries is None else mined.bank_queries
+            bank_queries = bank_queries.detach().to(query_embeddings.device, query_embeddings.dtype)
+            bank_loss, _ = self.cross_entropy(bank_queries, targets, mined.targets, mined.mask, mined.weights)
             return loss + bank_loss, stats
-        return self.cross_entropy(query_embeddings, targets, mined.targets, mined.mask)
+        if self.training and self.train_bank and mined.bank_queries is not None:
+            # bank_queries='initial' with encoder_targets='bank': the encoder follows the bank it will be served with,
+            # the bank rows learn against the frozen pretrained queries.
+            loss, stats = self.cross_entropy(query_embeddings, targets.detach(), mined.targets, mined.mask, mined.weights)
+            bank_queries = mined.bank_queries.detach().to(query_embeddings.device, query_embeddings.dtype)
+            bank_loss, _ = self.cross_entropy(bank_queries, targets, mined.targets, mined.mask, mined.weights)
+            return loss + bank_loss, stats
+        return self.cross_entropy(query_embeddings, targets, mined.targets, mined.mask, mined.weights)
 
 
 class QuantizationAwareLoss(MinedNegativesLoss):

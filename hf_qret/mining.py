@@ -31,12 +31,17 @@ class MinedBatch:
         targets: ``(B,)`` position in ``candidates`` of each example's positive.
         mask: ``(B, C)`` ``True`` where a candidate is another known positive of that example's query.
         retrieved: ``(B, k)`` the raw top-k rows of each query (``-1`` where none).
+        weights: ``(B,)`` weight of each example in the loss (``None``: equal weights).
+        bank_queries: ``(B, dim)`` the query embeddings the bank rows learn against (``None``: the detached queries
+            being trained).
     """
 
     candidates: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
     retrieved: np.ndarray
+    weights: torch.Tensor | None = None
+    bank_queries: torch.Tensor | None = None
 
     @property
     def num_candidates(self) -> int:

@@ -3,6 +3,7 @@ embeddings, scoring each query against candidates mined from the quantized index
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import defaultdict
@@ -244,6 +245,10 @@ class QRetTrainer(Trainer):
             anchor=self.initial_rows,
             anchor_weight=args.bank_anchor_weight,
         )
+        #: bank_queries='initial': a frozen copy of the pretrained encoder, whose queries the bank rows learn against.
+        self.frozen_encoder: nn.Module | None = None
+        if args.bank_queries == "initial" and args.bank_learning_rate > 0:
+            self.frozen_encoder = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
         #: Drives the bank's learning rate with the encoder's schedule; made with the encoder's scheduler.
         self.bank_scheduler: FollowScheduler | None = None
         # Several processes mapping one bank file: one of them writes each step's rows, the others wait for it.
@@ -311,6 +316,12 @@ class QRetTrainer(Trainer):
         distributed = model.training and self.accelerator.num_processes > 1  # mine for the global batch
         mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, all_gather_rows if distributed else None,
                                 extra_rows=negative_rows)
+        if self.args.pair_weighting == "query" and positive_sets is not None:
+            # Each query counts once per epoch: its n (query, positive) rows weigh 1/n each.
+            mined.weights = 1.0 / (positive_sets >= 0).sum(dim=1).clamp(min=1).float()
+        if self.frozen_encoder is not None and model.training:
+            with torch.no_grad():
+                mined.bank_queries = embed(self.frozen_encoder, inputs)
         self.loss.train(model.training)
         loss, stats = self.loss(query_embeddings, mined)
         if model.training:
