@@ -1,30 +1,35 @@
 """A trained index grown with new documents vs one trained over all of them: SciFact dev nDCG@10 of the 16-byte index.
 
+For each seed:
+
 1. Splits the SciFact corpus in two halves: the *base* half holds every training positive (plus random documents up
-   to half the corpus), the *added* half holds no training positive.
-2. Trains the recipe (``recipes/scifact.yaml``, ``OPQ16,PQ16``) on the base half (``--eval_split ""``: its dev
-   qrels point into both halves), which saves the artifact with its document encoder.
-3. Loads it with ``QuantizedRetriever``, ``add_documents`` the other half (encoded with the shipped document
-   encoder, coded with the trained codebooks) and ``save_pretrained``\\ s the grown artifact.
-4. Evaluates the grown artifact and one trained by the recipe over the whole corpus (``--full``) on the dev split
-   with ``hf-qret evaluate`` (flat bank and quantized index; seen/unseen slices).
+   to half the corpus), the *added* half holds no training positive (the split is the same for every seed).
+2. Trains the recipe (``recipes/scifact.yaml``, ``OPQ16,PQ16``) on the train claims twice with that seed: over the
+   base half, and over the whole corpus (``--eval_split ""``, ``--train_on_eval_split false``: the dev claims are
+   held out of both, and both artifacts are measured the same way afterwards).
+3. Loads the half artifact with ``QuantizedRetriever``, ``add_documents`` the other half (encoded with the shipped
+   document encoder, coded with the trained codebooks) and ``save_pretrained``\\ s the grown artifact.
+4. Evaluates the grown and the full artifact on the dev split with ``hf-qret evaluate`` (flat bank and quantized
+   index; seen/unseen slices), and, to isolate what growing costs from what training on half a corpus changes, the
+   grown artifact with its index rebuilt (codebooks trained again) over all of its rows: same encoder, same bank.
 
-Prints one JSON object (last line) and writes it to ``--json``.
+Prints one JSON object (last line: per-seed numbers and the means) and writes it to ``--json``.
 
-    python recipes/train.py recipes/scifact.yaml --output_dir runs/grow_full \\
-        --bank_init_file runs/bank_init_full.safetensors
-    python benchmarks/grow_index.py --full runs/grow_full --out runs/grow \\
-        --bank_init runs/bank_init_full.safetensors --json benchmarks/results/grow_index.json
+    python benchmarks/grow_index.py --seeds 42 43 44 --bank_init runs/bank_init.safetensors \\
+        --out runs/grow --json benchmarks/results/grow_index.json
 
-``--bank_init`` (the full run's encoded corpus) lets the half run reuse the pretrained rows of its documents instead
-of encoding them again (the rows are the same: one encoder, one corpus).
+``--bank_init`` (the encoded corpus, e.g. a recipe run's ``--bank_init_file``) lets both runs reuse the pretrained
+rows instead of encoding the corpus again (the rows are the same: one encoder, one corpus).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -33,12 +38,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "scifact.yaml"
 DATA = REPO / "recipes" / "data" / "scifact"
+#: Both runs train on the train claims only and ship what they trained; the dev claims stay held out.
+TRAIN_OPTIONS = ["--eval_split", "", "--train_on_eval_split", "false", "--keep_untrained_if_better", "false"]
 
 
 def split_corpus(data: Path, out: Path, seed: int = 0) -> tuple[list[str], list[str]]:
     """Writes the base half as a BEIR folder (``out``: corpus, queries, train qrels); returns (base, added) ids."""
-    import gzip
-
     from hf_qret.data import load_beir
 
     train = load_beir(data, split="train")
@@ -75,65 +80,109 @@ def evaluate(artifact: Path, data: Path) -> dict:
     return evaluate_main([str(artifact), "--data", str(data), "--split", "dev", "--seen-qrels", str(data / "qrels" / "train.tsv")])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", required=True, help="an artifact the recipe trained over the whole corpus")
-    parser.add_argument("--out", default="runs/grow", help="work folder (half data, half and grown artifacts)")
-    parser.add_argument("--data", default=str(DATA), help="the SciFact BEIR folder")
-    parser.add_argument("--bank_init", help="the full run's --bank_init_file (reused for the half run's rows)")
-    parser.add_argument("--json", help="also write the result here")
-    parser.add_argument("--skip_train", action="store_true", help="reuse OUT/half from an earlier run")
-    parser.add_argument("--skip_grow", action="store_true", help="reuse OUT/grown from an earlier run (evaluate only)")
-    args = parser.parse_args(argv)
+def train(data_dir: Path, output_dir: Path, seed: int, bank_init: Path | None) -> float:
+    command = [sys.executable, str(REPO / "recipes" / "train.py"), str(RECIPE), "--data_dir", str(data_dir),
+               "--output_dir", str(output_dir), "--seed", str(seed), *TRAIN_OPTIONS]  # fmt: skip
+    if bank_init is not None:
+        command += ["--bank_init_file", str(bank_init)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    return round(time.perf_counter() - start, 1)
 
+
+def rebuilt(grown: Path, target: Path) -> Path:
+    """The grown artifact with its index trained again over all of its rows (same encoder, same bank)."""
+    from hf_qret.artifact import INDEX_NAME, load_retrieval_files
+    from hf_qret.index import QuantizedIndex
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(grown, target)
+    files = load_retrieval_files(target, load_bank=True)
+    index = QuantizedIndex(files.config["dim"], files.config["index_factory"])
+    index.build(files.bank.float32_rows())
+    index.save(target / INDEX_NAME)
+    return target
+
+
+def quantized(result: dict, slice_: str | None = None) -> float:
+    part = result if slice_ is None else result[slice_]
+    return part["quantized"]["ndcg@10"]
+
+
+def one_seed(seed: int, data: Path, out: Path, half_data: Path, base: list[str], added: list[str], bank_init: Path | None) -> dict:
     from hf_qret import QuantizedRetriever
     from hf_qret.data import doc_text, load_beir
 
-    out, data = Path(args.out), Path(args.data)
-    half_data, half, grown = out / "data", out / "half", out / "grown"
-    base, added = split_corpus(data, half_data)
     full_data = load_beir(data, split="dev")
-    train_seconds = None
-    if not args.skip_train:
-        command = [sys.executable, str(REPO / "recipes" / "train.py"), str(RECIPE), "--data_dir", str(half_data),
-                   "--eval_split", "", "--output_dir", str(half)]  # fmt: skip
-        if args.bank_init:
-            slice_bank(Path(args.bank_init), full_data.doc_ids, base, out / "bank_init_half.safetensors")
-            command += ["--bank_init_file", str(out / "bank_init_half.safetensors")]
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        train_seconds = round(time.perf_counter() - start, 1)
-
-    add_seconds = None
-    if not args.skip_grow:
-        retriever = QuantizedRetriever.from_pretrained(half)
-        start = time.perf_counter()
-        retriever.add_documents([doc_text(full_data.corpus[d]) for d in added], added)
-        add_seconds = round(time.perf_counter() - start, 1)
-        retriever.save_pretrained(grown)
-
-    results = {"grown": evaluate(grown, data), "full": evaluate(args.full, data)}
-    key = ("quantized", "ndcg@10")
-    diff = results["grown"][key[0]][key[1]] - results["full"][key[0]][key[1]]
-    summary = {
-        "benchmark": "grow_index",
-        "index_factory": results["full"]["index_factory"],
-        "bytes_per_vector": results["full"]["bytes_per_vector"],
-        "base_documents": len(base),
-        "added_documents": len(added),
-        "training_positives_added": 0,
-        "half_train_seconds": train_seconds,
-        "add_documents_seconds": add_seconds,
-        "dev_quantized_ndcg@10": {"grown": results["grown"]["quantized"]["ndcg@10"], "full": results["full"]["quantized"]["ndcg@10"]},
-        "grown_minus_full_quantized_ndcg@10": round(diff, 6),
-        "within_0.01": abs(diff) <= 0.01,
-        "results": results,
+    half, grown, full = out / f"half-{seed}", out / f"grown-{seed}", out / f"full-{seed}"
+    half_init = None
+    if bank_init is not None:
+        half_init = out / "bank_init_half.safetensors"
+        if not half_init.is_file():
+            slice_bank(bank_init, full_data.doc_ids, base, half_init)
+    seconds = {"train_half": train(half_data, half, seed, half_init), "train_full": train(data, full, seed, bank_init)}
+    retriever = QuantizedRetriever.from_pretrained(half)
+    start = time.perf_counter()
+    retriever.add_documents([doc_text(full_data.corpus[d]) for d in added], added)
+    seconds["add_documents"] = round(time.perf_counter() - start, 1)
+    retriever.save_pretrained(grown)
+    results = {
+        "grown": evaluate(grown, data),
+        "full": evaluate(full, data),
+        "grown_rebuilt": evaluate(rebuilt(grown, out / f"grown-rebuilt-{seed}"), data),
     }
-    text = json.dumps(summary)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(text)
+    return {"seed": seed, "seconds": seconds, "results": results}
+
+
+def summarise(runs: list[dict]) -> dict:
+    def mean(name: str, slice_: str | None = None) -> float:
+        return round(statistics.mean(quantized(run["results"][name], slice_) for run in runs), 4)
+
+    table = {
+        name: {"all": mean(name), "seen": mean(name, "seen"), "unseen": mean(name, "unseen"),
+               "flat": round(statistics.mean(run["results"][name]["flat"]["ndcg@10"] for run in runs), 4)}
+        for name in ("grown", "full", "grown_rebuilt")
+    }  # fmt: skip
+    per_seed = [round(quantized(r["results"]["grown"]) - quantized(r["results"]["full"]), 4) for r in runs]
+    return {
+        "mean_dev_quantized_ndcg@10": table,
+        "grown_minus_full_per_seed": per_seed,
+        "grown_minus_full_mean": round(statistics.mean(per_seed), 4),
+        "grown_minus_rebuilt_mean": round(table["grown"]["all"] - table["grown_rebuilt"]["all"], 4),
+        "within_0.01": abs(statistics.mean(per_seed)) <= 0.01,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--out", default="runs/grow", help="work folder (half data; half, full and grown artifacts)")
+    parser.add_argument("--data", default=str(DATA), help="the SciFact BEIR folder")
+    parser.add_argument("--bank_init", help="the whole corpus encoded by the pretrained model (.safetensors)")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+
+    out, data = Path(args.out), Path(args.data)
+    base, added = split_corpus(data, out / "data")
+    runs = []
+    for seed in args.seeds:
+        runs.append(one_seed(seed, data, out, out / "data", base, added, Path(args.bank_init) if args.bank_init else None))
+        summary = {
+            "benchmark": "grow_index",
+            "index_factory": runs[0]["results"]["full"]["index_factory"],
+            "bytes_per_vector": runs[0]["results"]["full"]["bytes_per_vector"],
+            "base_documents": len(base),
+            "added_documents": len(added),
+            "training_positives_added": 0,
+            "seeds": [run["seed"] for run in runs],
+            **summarise(runs),
+            "runs": runs,
+        }
+        if args.json:  # after every seed: a partial result survives an interrupted run
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(summary))
     return summary
 
 

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
-    "InitialRows": "bank",
+    "InitialRows": "initial_rows",
     "TargetBank": "bank",
     "FollowScheduler": "optim",
     "RowAdam": "optim",
@@ -81,7 +81,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
-    from .bank import InitialRows, TargetBank
+    from .bank import TargetBank
+    from .initial_rows import InitialRows
     from .callbacks import IndexRefreshCallback, RetrievalEvaluationCallback
     from .collator import QRetDataCollator
     from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_config

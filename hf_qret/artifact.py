@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ __all__ = [
     "save_document_encoder",
     "save_retrieval_files",
     "load_retrieval_files",
+    "resolve_artifact",
+    "check_encoder_files",
+    "load_shipped_corpus",
+    "CORPUS_NAMES",
+    "PICKLE_PATTERNS",
     "RetrievalFiles",
 ]
 
@@ -47,6 +53,11 @@ BANK_NAME = "bank.safetensors"
 CONFIG_NAME = "qret_config.json"
 #: Subfolder holding the (pretrained) encoder the bank's rows were computed with: new documents are encoded with it.
 DOCUMENT_ENCODER_DIR = "document_encoder"
+#: Where an artifact may ship its document texts (BEIR ``{"_id", "title", "text"}`` lines).
+CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
+#: Files a download skips: pickled weights and training state are never needed (nor ever unpickled).
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "checkpoint-*", "last-checkpoint/*")
+_ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 FORMAT_VERSION = 1
 
 #: What a push leaves out of the artifact folder (``fnmatch`` patterns, ``*`` crosses ``/``): checkpoints and
@@ -209,3 +220,75 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
     if load_bank and config.get("bank_file"):
         bank = TargetBank.from_file(folder / config["bank_file"], doc_ids)
     return RetrievalFiles(config=config, doc_ids=doc_ids, index=index, bank=bank)
+
+
+def resolve_artifact(
+    repo_id_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any
+) -> Path:
+    """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (pickled files
+    skipped); one :class:`ArtifactError` saying what to do when it is neither."""
+    folder = Path(repo_id_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    text = str(repo_id_or_path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                text, revision=revision, token=token, cache_dir=cache_dir, ignore_patterns=list(PICKLE_PATTERNS)
+            )
+        )
+    except HFValidationError:
+        raise ArtifactError(
+            f"{text}: no such artifact folder, and not a Hub model id (USER/NAME); pass the --output_dir of a "
+            "training run or a Hub repository id."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ArtifactError(
+            f"{text}: not a local folder and not in the Hub cache, and the Hub cannot be reached (or HF_HUB_OFFLINE "
+            "is set); download it once online or pass a local artifact folder."
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ArtifactError(
+            f"{text}: cannot download it from the Hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check the repository id, revision and token, or pass a local artifact folder."
+        ) from None
+
+
+def check_encoder_files(folder: Path) -> None:
+    """Refuses an artifact whose encoder is missing or has only pickled weights (never loaded)."""
+    if not any((folder / name).is_file() for name in ("modules.json", "config.json", "adapter_config.json")):
+        raise ArtifactError(f"{folder}: no encoder (modules.json / config.json); the artifact is incomplete.")
+    has_safetensors = any((folder / name).is_file() for name in _ENCODER_WEIGHTS) or any(folder.glob("*/model.safetensors"))
+    if not has_safetensors:
+        raise ArtifactError(
+            f"{folder}: the encoder has no safetensors weights; hf-qret never loads pickled weights "
+            "(pytorch_model.bin). Re-save the model with safe_serialization=True."
+        )
+
+
+def load_shipped_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] | None:
+    """The document texts an artifact ships (``corpus.jsonl[.gz]``), checked against its doc ids; ``None`` if none."""
+    from .data import _read_jsonl, doc_text
+
+    path = next((folder / name for name in CORPUS_NAMES if (folder / name).is_file()), None)
+    if path is None:
+        return None
+    known = set(doc_ids)
+    corpus: dict[str, str] = {}
+    try:
+        for line_no, record in _read_jsonl(path):
+            doc_id = str(record["_id"])
+            if doc_id not in known:
+                raise ArtifactError(
+                    f"{path}:{line_no}: document {doc_id!r} is not in doc_ids.json; the shipped corpus belongs to "
+                    "another index, re-create the artifact."
+                )
+            corpus[doc_id] = doc_text(record)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # DataError from a malformed line
+        raise ArtifactError(f"{path}: unreadable corpus ({exc}); delete it or re-create the artifact.") from None
+    return corpus

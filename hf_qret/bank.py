@@ -4,7 +4,7 @@ The bank is an ``nn.Module`` whose single parameter is the ``(num_docs, dim)`` m
 trainer gathers the rows of a batch's candidate set with a *sparse* gradient, and :class:`~hf_qret.optim.RowAdam`
 updates only those rows, each with its own optimizer state. How the rows are stored (dtype, memory-mapped files,
 chunked I/O) lives in :mod:`hf_qret.storage`; the bank records which rows changed since the last index refresh
-(:meth:`TargetBank.changed_rows`). :class:`InitialRows` keeps the pretrained value of the rows that can move.
+(:meth:`TargetBank.changed_rows`). :class:`~hf_qret.initial_rows.InitialRows` keeps the pretrained value of the rows that can move.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .storage import (
     write_safetensors_streamed,
 )
 
-__all__ = ["TargetBank", "InitialRows", "RowIds", "Float32Rows", "BANK_DTYPES", "storage_dtype"]
+__all__ = ["TargetBank", "RowIds", "Float32Rows", "BANK_DTYPES", "storage_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -505,55 +505,3 @@ class TargetBank(nn.Module):
                 f"the bank has dimension {self.dim} but {what} produces {dim}-d embeddings; "
                 "build the bank with the same encoder."
             )
-
-
-class InitialRows:
-    """The pretrained (initial) embedding of the bank rows that can move, for drift control and decoupled scoring.
-
-    With ``movable`` (the rows of training positives under ``bank_update='positives'``) only those rows are copied
-    (float32): every other row never moves, so the bank itself still holds its initial value. 10 M rows of which
-    100 k train cost 100 k copied rows plus a 4-byte slot per row, not a second bank. Without it the whole bank is
-    copied with :meth:`TargetBank.frozen_copy` (storage dtype; a memory-mapped bank into ``path``, copy-on-write).
-
-    Args:
-        bank: The bank, before training.
-        movable: ``(num_docs,)`` mask of the rows that can move; ``None`` means all of them.
-        path: Where a memory-mapped bank's full copy goes (only used for a memory-mapped bank when ``movable`` is
-            ``None``).
-
-    Example:
-        >>> import torch
-        >>> bank = TargetBank(torch.arange(6.0).reshape(3, 2), ["a", "b", "c"])
-        >>> initial = InitialRows(bank, torch.tensor([False, True, False]))
-        >>> with torch.no_grad():
-        ...     bank.weight[1] = 9.0  # row 1 trains
-        >>> initial.rows(torch.tensor([1, 2])).tolist()
-        [[2.0, 3.0], [4.0, 5.0]]
-    """
-
-    def __init__(self, bank: TargetBank, movable: torch.Tensor | None = None, path: str | None = None) -> None:
-        self.bank = bank
-        weight = bank.weight.detach()
-        if movable is None:
-            self.slot = None
-            if path is not None and bank.is_mmap:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.values = bank.frozen_copy(path if bank.is_mmap else None)
-        else:
-            rows = movable.nonzero().squeeze(1)
-            self.slot = torch.full((len(movable),), -1, dtype=torch.int32)
-            self.slot[rows] = torch.arange(len(rows), dtype=torch.int32)
-            self.values = weight[rows.to(weight.device)].to(torch.float32, copy=True)
-
-    @torch.no_grad()
-    def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The initial embeddings of ``rows`` as float32, on the bank's device."""
-        if self.slot is None:
-            return self.values[rows.to(self.values.device)].float()
-        weight = self.bank.weight.detach()
-        current = weight[rows.to(weight.device)].to(torch.float32, copy=True)
-        slots = self.slot[rows.cpu()]
-        kept = (slots >= 0).nonzero().squeeze(1)
-        if kept.numel():
-            current[kept.to(current.device)] = self.values[slots[kept].long().to(self.values.device)]
-        return current

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from transformers import TrainerCallback
 
 from .bank import TargetBank
 from .index import REFRESH_MODES, QuantizedIndex
 
-__all__ = ["IndexRefreshCallback", "RetrievalEvaluationCallback"]
+__all__ = ["BankStepCallback", "IndexRefreshCallback", "RetrievalEvaluationCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +124,17 @@ class RetrievalEvaluationCallback(TrainerCallback):
             control.should_evaluate = True
             self._last_scheduled_step = state.global_step
         return control
+
+
+class BankStepCallback(TrainerCallback):
+    """Steps the bank's row optimizer right after the encoder's optimizer step (``on_optimizer_step``).
+
+    :class:`~hf_qret.trainer.QRetTrainer` adds it with its own ``_step_bank``; the bank's rows thus move once per
+    optimizer step, after gradient accumulation, whatever the number of micro-batches.
+    """
+
+    def __init__(self, step: Callable[[], None]) -> None:
+        self.step = step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.step()

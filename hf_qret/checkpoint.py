@@ -28,7 +28,8 @@ from .errors import ArtifactError
 from .storage import write_safetensors_streamed
 
 if TYPE_CHECKING:
-    from .bank import InitialRows, TargetBank
+    from .bank import TargetBank
+    from .initial_rows import InitialRows
     from .index import QuantizedIndex
     from .loss import QRetLoss
     from .optim import RowAdam
@@ -41,6 +42,7 @@ __all__ = [
     "SHORTLIST_NAME",
     "TRAINING_STATE_NAMES",
     "load_anchors",
+    "load_bank_rows",
     "load_mining_index",
     "load_optimizer_states",
     "publish_checkpoint",
@@ -228,3 +230,19 @@ def publish_checkpoint(staging: str, run_dir: str, state: Any, save_total_limit:
         use_mtime=True,
     )
     return final
+
+
+def load_bank_rows(folder: str | os.PathLike, bank: TargetBank) -> Any:
+    """Streams a checkpoint's (or artifact's) ``bank.safetensors`` into ``bank``'s own storage (dtype, device, memory
+    map) and returns the folder's :class:`~hf_qret.artifact.RetrievalFiles` (its index, doc ids, config).
+
+    Raises:
+        ValueError: The folder's bank belongs to another corpus (other doc ids) or it has none.
+    """
+    from .artifact import load_retrieval_files
+
+    files = load_retrieval_files(folder)
+    if bank.doc_ids != files.doc_ids or not files.config.get("bank_file"):
+        raise ValueError(f"{folder}: its bank belongs to another corpus; resume with the same data.")
+    bank.load_rows_from_file(os.path.join(folder, files.config["bank_file"]))
+    return files

@@ -231,11 +231,9 @@ class PushToHubCallback(TrainerCallback):
         if not (folder / INDEX_NAME).is_file():
             logger.warning("%s has no %s; not pushing it (save with QRetTrainer).", folder, INDEX_NAME)
             return
-        from .model_card import metrics_from_log_history, write_model_card
+        from .model_card import write_training_card
 
-        write_model_card(
-            folder, metrics_from_log_history(state.log_history), repo_id=self._repo_id(args), **self.card_kwargs
-        )
+        write_training_card(folder, state.log_history, repo_id=self._repo_id(args), **self.card_kwargs)
         self._push(args, folder, f"Training in progress, step {state.global_step}")
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -252,13 +250,9 @@ class PushToHubCallback(TrainerCallback):
         trainer.save_model(args.output_dir, _internal_call=True)
         if not state.is_world_process_zero:
             return
-        from .model_card import metrics_from_log_history, write_model_card
+        from .model_card import write_training_card
 
-        card_kwargs = dict(self.card_kwargs)
-        metrics = None if (Path(args.output_dir) / "eval_results.json").is_file() else metrics_from_log_history(
-            state.log_history
-        )
-        write_model_card(args.output_dir, metrics, repo_id=self._repo_id(args), **card_kwargs)
+        write_training_card(args.output_dir, state.log_history, repo_id=self._repo_id(args), **self.card_kwargs)
         self._push(args, Path(args.output_dir), "End of training")
 
 

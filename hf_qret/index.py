@@ -6,7 +6,7 @@ type supports them, searches run on a GPU copy while the CPU index stays the one
 
 Vectors may be given as a float32 array or as any array-like with ``len()`` and row slicing that returns float32-
 convertible rows (for example :meth:`hf_qret.bank.TargetBank.float32_rows`): they are then read ``CHUNK_ROWS`` rows
-at a time, so a large float16 or memory-mapped bank is never copied to float32 as a whole. Training uses at most
+at a time (:mod:`hf_qret.faiss_ops`), so a large float16 or memory-mapped bank is never copied to float32 as a whole. Training uses at most
 ``max_train_rows`` rows (a fixed random sample).
 """
 
@@ -15,13 +15,26 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
 from .factory import OPQ_MIN_ROWS, fit_factory
+from .faiss_ops import (
+    MAX_TRAIN_ROWS,
+    apply_transforms,
+    as_float32,
+    chunks,
+    disable_polysemous_training,
+    encode_chunk_rows,
+    import_faiss,
+    set_faiss_threads,
+    set_opq_iterations,
+    split_pretransform,
+    train_sample,
+)
 from .shortlist import MiningShortlist, served_parts
 
 __all__ = [
@@ -39,33 +52,6 @@ logger = logging.getLogger(__name__)
 #: ``"reencode"`` keeps the trained codebooks and re-encodes every bank row; ``"retrain"`` also retrains them;
 #: ``"incremental"`` re-encodes, in place, only the rows changed since the last refresh.
 REFRESH_MODES = ("reencode", "retrain", "incremental")
-#: Rows encoded (added, updated) per FAISS call when vectors are streamed.
-CHUNK_ROWS = 65536
-#: Training sample size cap: PQ/OPQ training uses at most 65,536 points per codebook and IVF 256 per list anyway.
-MAX_TRAIN_ROWS = 262144
-
-
-def import_faiss() -> Any:
-    """Imports FAISS, with an install hint when it is missing."""
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError(
-            "hf-qret needs FAISS: `pip install 'hf-qret[cpu]'` (faiss-cpu) or `pip install 'hf-qret[gpu]'`."
-        ) from None
-    return faiss
-
-
-def _disable_polysemous_training(faiss: Any, index: Any) -> None:
-    # index_factory turns on polysemous training for PQ codes: an expensive extra optimisation of the code
-    # assignment that only Hamming-filtered search uses, which hf-qret never does.
-    seen = 0
-    while index is not None and seen < 4:
-        index = faiss.downcast_index(index)
-        if hasattr(index, "do_polysemous_training"):
-            index.do_polysemous_training = False
-        index = getattr(index, "index", None) or getattr(index, "storage", None)
-        seen += 1
 
 
 def check_index_options(opq_niter: int | None, mining_nlist: int, mining_nprobe: int) -> None:
@@ -79,77 +65,9 @@ def check_index_options(opq_niter: int | None, mining_nlist: int, mining_nprobe:
         )
 
 
-def split_pretransform(faiss: Any, index: Any) -> tuple[list[Any], Any]:
-    """The vector transforms of an ``IndexPreTransform`` (e.g. OPQ; ``[]`` for any other index) and the index that
-    holds the codes, both downcast."""
-    top = faiss.downcast_index(index)
-    if not isinstance(top, faiss.IndexPreTransform):
-        return [], top
-    transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
-    return transforms, faiss.downcast_index(top.index)
-
-
-def apply_transforms(transforms: list[Any], vectors: np.ndarray) -> np.ndarray:
-    """``vectors`` (float32) through every transform of :func:`split_pretransform`, in order."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    for transform in transforms:
-        vectors = np.ascontiguousarray(transform.apply(vectors), dtype=np.float32)
-    return vectors
-
-
-def _set_opq_iterations(faiss: Any, index: Any, niter: int) -> None:
-    """Sets ``niter`` on every OPQ rotation of a fresh index."""
-    for transform in split_pretransform(faiss, index)[0]:
-        if isinstance(transform, faiss.OPQMatrix):
-            transform.niter = int(niter)
-
-
-def _as_float32(vectors: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
-
-
-def _encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
-    """Rows per encoding call that keep FAISS's temporary tables near ``budget`` bytes.
-
-    Product quantizers encode a batch through a ``(rows, M, ksub)`` float32 distance table (1 GB for 65,536 rows of
-    ``PQ16``), so PQ-based indexes are fed smaller chunks.
-    """
-    seen, node = 0, index
-    while node is not None and seen < 4:
-        node = faiss.downcast_index(node)
-        pq = getattr(node, "pq", None)
-        if pq is not None:
-            per_row = int(pq.M) * int(pq.ksub) * 4 + 4 * int(node.d)
-            return int(min(CHUNK_ROWS, max(1024, budget // per_row)))
-        node = getattr(node, "index", None) or getattr(node, "storage", None)
-        seen += 1
-    return CHUNK_ROWS
-
-
-def _chunks(vectors: Any, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
-    """Float32 chunks of an array or array-like; a small ndarray is passed whole, as before."""
-    count = len(vectors)
-    if isinstance(vectors, np.ndarray) and count <= chunk_rows:
-        yield _as_float32(vectors)
-        return
-    for start in range(0, count, chunk_rows):
-        yield _as_float32(vectors[start : start + chunk_rows])
-
-
-def _train_sample(vectors: Any, max_rows: int | None, seed: int = 1234) -> np.ndarray:
-    """All rows (as before) when there are at most ``max_rows``, else a fixed random sample of ``max_rows`` rows."""
-    count = len(vectors)
-    if max_rows is None or count <= max_rows:
-        return _as_float32(vectors[:] if not isinstance(vectors, np.ndarray) else vectors)
-    rows = np.sort(np.random.default_rng(seed).choice(count, size=int(max_rows), replace=False))
-    logger.info("training the index on a random sample of %d of %d rows", max_rows, count)
-    parts = [_as_float32(vectors[rows[i : i + CHUNK_ROWS]]) for i in range(0, len(rows), CHUNK_ROWS)]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
 class _Decoded:
-    """The decoded codes of an index as a chunk-sliceable array-like (what :func:`_chunks` and
-    :func:`_train_sample` read)."""
+    """The decoded codes of an index as a chunk-sliceable array-like (what :func:`chunks` and
+    :func:`train_sample` read)."""
 
     def __init__(self, index: QuantizedIndex) -> None:
         self.index = index
@@ -162,16 +80,6 @@ class _Decoded:
             start, stop, _ = rows.indices(len(self))
             return self.index.index.reconstruct_n(start, stop - start)
         return self.index.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
-
-
-def set_faiss_threads(threads: int) -> None:
-    """Sets FAISS's OpenMP thread count (``0`` or less: leave FAISS's default).
-
-    Example:
-        >>> set_faiss_threads(2)  # doctest: +SKIP
-    """
-    if threads and threads > 0:
-        import_faiss().omp_set_num_threads(int(threads))
 
 
 class QuantizedIndex:
@@ -245,9 +153,9 @@ class QuantizedIndex:
                 f"--index_factory {self.factory!r} builds an L2 index in this FAISS version (inner product is not "
                 "supported for it); use e.g. 'HNSW32,SQ8', 'PQ16', 'OPQ16,PQ16' or 'IVF64,PQ16'."
             )
-        _disable_polysemous_training(self.faiss, index)
+        disable_polysemous_training(self.faiss, index)
         if self.opq_niter is not None:
-            _set_opq_iterations(self.faiss, index, self.opq_niter)
+            set_opq_iterations(self.faiss, index, self.opq_niter)
         return index
 
     @classmethod
@@ -329,7 +237,7 @@ class QuantizedIndex:
     def train(self, vectors: Any, max_train_rows: int | None = MAX_TRAIN_ROWS) -> None:
         """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors`` (at most ``max_train_rows``
         rows, a fixed random sample; ``None``: all)."""
-        sample = _train_sample(vectors, max_train_rows)
+        sample = train_sample(vectors, max_train_rows)
         # FAISS aborts the whole process on some samples too small for the factory: check before it trains.
         factory, reason = fit_factory(self.requested_factory, len(sample))
         if factory != self.factory:
@@ -349,7 +257,7 @@ class QuantizedIndex:
 
     def add(self, vectors: Any) -> None:
         """Encodes and appends ``vectors`` (streamed in chunks); their ids are their row numbers."""
-        for chunk in _chunks(vectors, _encode_chunk_rows(self.faiss, self.index)):
+        for chunk in chunks(vectors, encode_chunk_rows(self.faiss, self.index)):
             self.index.add(chunk)
             if self.shortlist is not None:
                 self.shortlist.add(chunk)
@@ -397,11 +305,11 @@ class QuantizedIndex:
                 raise ValueError(f"rows to update must lie in [0, {self.ntotal}), got {rows[0]}..{rows[-1]}.")
             updater, reason = self._in_place_updater()
             if updater is not None:
-                chunk_rows = _encode_chunk_rows(self.faiss, self.index)
+                chunk_rows = encode_chunk_rows(self.faiss, self.index)
                 try:
                     for start in range(0, rows.size, chunk_rows):
                         part = rows[start : start + chunk_rows]
-                        updater(part, _as_float32(vectors[part]))
+                        updater(part, as_float32(vectors[part]))
                     self._changed()
                     return int(rows.size)
                 except RuntimeError as exc:
@@ -427,7 +335,7 @@ class QuantizedIndex:
         if updater is None:
             raise ConfigError(f"the {self.factory!r} index cannot be updated in place ({reason}); refresh it fully.")
         rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64))
-        vectors = _as_float32(vectors)
+        vectors = as_float32(vectors)
         if len(rows) != len(vectors) or len(np.unique(rows)) != len(rows):
             raise ValueError("update needs one vector per row and distinct rows.")
         updater(rows, vectors)
@@ -542,9 +450,9 @@ class QuantizedIndex:
         elif self.mining_nlist and self.ntotal:
             decoded = _Decoded(self)
             self.shortlist = MiningShortlist(
-                self.index, _train_sample(decoded, MAX_TRAIN_ROWS), self.mining_nlist, self.mining_nprobe
+                self.index, train_sample(decoded, MAX_TRAIN_ROWS), self.mining_nlist, self.mining_nprobe
             )
-            for chunk in _chunks(decoded):
+            for chunk in chunks(decoded):
                 self.shortlist.add(chunk)
         else:
             self.shortlist = None
@@ -596,7 +504,7 @@ class QuantizedIndex:
         if self.ntotal == 0:
             raise ArtifactError("the index is empty; build it from the bank before searching.")
         k = min(int(k), self.ntotal)
-        return self._searcher().search(_as_float32(queries), k)
+        return self._searcher().search(as_float32(queries), k)
 
     def mine(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for negative mining: :meth:`search`, or the mining shortlist's ``mining_nprobe`` lists
@@ -605,12 +513,12 @@ class QuantizedIndex:
             return self.search(queries, k)
         if self.ntotal == 0:
             raise ArtifactError("the index is empty; build it from the bank before searching.")
-        return self.shortlist.search(_as_float32(queries), min(int(k), self.ntotal))
+        return self.shortlist.search(as_float32(queries), min(int(k), self.ntotal))
 
     def quantize(self, vectors: np.ndarray) -> np.ndarray:
         """Encodes ``vectors`` with the current codebooks and decodes them: what the index would store."""
         codec = self._codec()
-        return codec.sa_decode(codec.sa_encode(_as_float32(vectors)))
+        return codec.sa_decode(codec.sa_encode(as_float32(vectors)))
 
     def reconstruct_all(self) -> np.ndarray:
         """The decoded (quantized) vector of every row, ``(ntotal, dim)``."""

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .bank import InitialRows, TargetBank
+    from .bank import TargetBank
+    from .initial_rows import InitialRows
     from .config import QRetTrainingArguments
     from .index import QuantizedIndex
     from .mining import MinedBatch
@@ -31,6 +32,7 @@ __all__ = [
     "QRetLoss",
     "QuantizationAwareLoss",
     "build_loss",
+    "resolve_loss",
 ]
 
 
@@ -341,3 +343,34 @@ def build_loss(
     if args.quantized_score_weight > 0:
         return QuantizationAwareLoss(bank, index, args.quantized_score_weight, **common)
     return MinedNegativesLoss(bank, **common)
+
+
+def resolve_loss(
+    loss: QRetLoss | CandidateCrossEntropyLoss | None,
+    args: QRetTrainingArguments,
+    model: nn.Module,
+    bank: TargetBank,
+    index: QuantizedIndex,
+    trainable_rows: torch.Tensor | None = None,
+    initial_rows: InitialRows | None = None,
+) -> QRetLoss:
+    """The loss a :class:`~hf_qret.trainer.QRetTrainer` trains with: ``loss`` as given (a :class:`QRetLoss`), the
+    default loss scoring with a given :class:`CandidateCrossEntropyLoss`, or :func:`build_loss` from ``args``.
+
+    Raises:
+        TypeError: ``loss`` is neither.
+    """
+    from .encoder import resolve_scale
+
+    if loss is None:
+        # scale None: 20 for cosine (unit-norm) models, 1 for dot-product models (hf_qret.encoder.resolve_scale)
+        scale = resolve_scale(model, args.scale)
+        loss = build_loss(args, bank, index, trainable_rows, initial_rows, scale=scale)
+    elif isinstance(loss, CandidateCrossEntropyLoss):  # the scoring primitive: use it inside the default loss
+        loss = MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, trainable_rows)
+    elif not isinstance(loss, QRetLoss):
+        raise TypeError(
+            f"loss must be a hf_qret.loss.QRetLoss (forward(query_embeddings, mined) -> (loss, stats)), got "
+            f"{type(loss).__name__}; subclass MinedNegativesLoss to change the scoring."
+        )
+    return loss

@@ -18,7 +18,8 @@ from .distributed import row_gradients
 from .errors import ArtifactError
 
 if TYPE_CHECKING:
-    from .bank import InitialRows, TargetBank
+    from .bank import TargetBank
+    from .initial_rows import InitialRows
 
 __all__ = ["RowAdam", "RowSGD", "FollowScheduler"]
 
@@ -47,7 +48,7 @@ class RowAdam(torch.optim.Optimizer):
         weight_decay: Decoupled (AdamW-style) weight decay on the updated rows.
         block_rows: Rows of optimizer state allocated at a time.
         keep_norms: ``(num_docs,)`` norms the moved rows are rescaled to (``None``: no norm keeping).
-        anchor: The initial rows (:class:`~hf_qret.bank.InitialRows`) that ``anchor_weight`` pulls toward.
+        anchor: The initial rows (:class:`~hf_qret.initial_rows.InitialRows`) that ``anchor_weight`` pulls toward.
         anchor_weight: Strength of the pull toward ``anchor`` (0: none).
 
     Example:

@@ -11,7 +11,19 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import CONFIG_NAME, DOC_IDS_NAME, INDEX_NAME, RetrievalFiles, load_retrieval_files, write_json
+from .artifact import (
+    CONFIG_NAME,
+    CORPUS_NAMES,
+    DOC_IDS_NAME,
+    INDEX_NAME,
+    PICKLE_PATTERNS,
+    RetrievalFiles,
+    check_encoder_files,
+    load_retrieval_files,
+    load_shipped_corpus,
+    resolve_artifact,
+    write_json,
+)
 from .encoder import embedding_dim, encode_texts
 from .errors import ArtifactError, DataError
 
@@ -19,97 +31,9 @@ __all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
 
 #: What :meth:`QuantizedRetriever.search` can return.
 SEARCH_OUTPUTS = ("tuples", "semantic_search")
-#: Where an artifact may ship its document texts (BEIR ``{"_id", "title", "text"}`` lines).
-CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
-#: Files a download skips: pickled weights and training state are never needed (nor ever unpickled).
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "checkpoint-*", "last-checkpoint/*")
 #: Besides the push's ignore patterns (which match paths), folders and working files a copy leaves out.
 _NOT_COPIED = ("runs", "last-checkpoint", ".*", "bank_mmap.npy", "bank_initial_mmap.npy")
 _BANK_KEY = "embeddings"  # the bank's tensor in bank.safetensors
-_ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-
-
-def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any) -> Path:
-    folder = Path(repo_id_or_path).expanduser()
-    if folder.is_dir():
-        return folder
-    text = str(repo_id_or_path)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(
-                text, revision=revision, token=token, cache_dir=cache_dir, ignore_patterns=list(PICKLE_PATTERNS)
-            )
-        )
-    except HFValidationError:
-        raise ArtifactError(
-            f"{text}: no such artifact folder, and not a Hub model id (USER/NAME); pass the --output_dir of a "
-            "training run or a Hub repository id."
-        ) from None
-    except LocalEntryNotFoundError:
-        raise ArtifactError(
-            f"{text}: not a local folder and not in the Hub cache, and the Hub cannot be reached (or HF_HUB_OFFLINE "
-            "is set); download it once online or pass a local artifact folder."
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ArtifactError(
-            f"{text}: cannot download it from the Hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
-            "check the repository id, revision and token, or pass a local artifact folder."
-        ) from None
-
-
-def _check_encoder_files(folder: Path) -> None:
-    if not any((folder / name).is_file() for name in ("modules.json", "config.json", "adapter_config.json")):
-        raise ArtifactError(f"{folder}: no encoder (modules.json / config.json); the artifact is incomplete.")
-    has_safetensors = any((folder / name).is_file() for name in _ENCODER_WEIGHTS) or any(folder.glob("*/model.safetensors"))
-    if not has_safetensors:
-        raise ArtifactError(
-            f"{folder}: the encoder has no safetensors weights; hf-qret never loads pickled weights "
-            "(pytorch_model.bin). Re-save the model with safe_serialization=True."
-        )
-
-
-def _load_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] | None:
-    from .data import _read_jsonl, doc_text
-
-    path = next((folder / name for name in CORPUS_NAMES if (folder / name).is_file()), None)
-    if path is None:
-        return None
-    known = set(doc_ids)
-    corpus: dict[str, str] = {}
-    try:
-        for line_no, record in _read_jsonl(path):
-            doc_id = str(record["_id"])
-            if doc_id not in known:
-                raise ArtifactError(
-                    f"{path}:{line_no}: document {doc_id!r} is not in doc_ids.json; the shipped corpus belongs to "
-                    "another index, re-create the artifact."
-                )
-            corpus[doc_id] = doc_text(record)
-    except ArtifactError:
-        raise
-    except Exception as exc:  # DataError from a malformed line
-        raise ArtifactError(f"{path}: unreadable corpus ({exc}); delete it or re-create the artifact.") from None
-    return corpus
-
-
-def _load_query_encoder(folder: Path, config: dict[str, Any], device: str | None) -> Any:
-    """The artifact's encoder as a ``SentenceTransformer``. A plain transformers encoder (no ``modules.json``) is
-    pooled as recorded in ``qret_config.json`` (``"pooling"``: ``mean`` or ``cls``) and L2-normalised, exactly as
-    :func:`hf_qret.encoder.embed` encoded its bank."""
-    from sentence_transformers import SentenceTransformer
-
-    pooling = config.get("pooling")
-    # sentence-transformers loads a bare transformers folder with mean pooling itself
-    if pooling and pooling != "mean" and not (folder / "modules.json").is_file():
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-        transformer = Transformer(str(folder), model_kwargs={"use_safetensors": True, "local_files_only": True})
-        pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=str(pooling))
-        return SentenceTransformer(modules=[transformer, pool, Normalize()], device=device)
-    return SentenceTransformer(str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True})
 
 
 def _search_string(nprobe: int | None, ef_search: int | None, params: str | None) -> str | None:
@@ -222,32 +146,20 @@ class QuantizedRetriever:
         Example:
             >>> retriever = QuantizedRetriever.from_pretrained("me/minilm-scifact-opq16", nprobe=16)  # doctest: +SKIP
         """
-        folder = _resolve(repo_id_or_path, revision, token, cache_dir)
+        folder = resolve_artifact(repo_id_or_path, revision, token, cache_dir)
         if not (folder / CONFIG_NAME).is_file():
             raise ArtifactError(f"{folder}: no {CONFIG_NAME}; this is not an hf-qret artifact folder.")
-        _check_encoder_files(folder)
+        check_encoder_files(folder)
         files = load_retrieval_files(folder, load_bank=load_bank)
         if use_gpu is not None:
             files.index.use_gpu = use_gpu
-        corpus = _load_corpus(folder, files.doc_ids) if load_corpus else None
+        corpus = load_shipped_corpus(folder, files.doc_ids) if load_corpus else None
         from .sentence_encoder import load_encoder
 
-        try:
-            if files.config.get("pooling") not in (None, "mean") and not (folder / "modules.json").is_file():
-                model = _load_query_encoder(folder, files.config, device)  # a plain encoder, e.g. cls pooling
-            else:
-                # A plain Transformer/Pooling/Normalize folder loads with transformers alone (no sentence-transformers
-                # import, so no training stack); anything else (a peft adapter, extra modules) with SentenceTransformer.
-                model = load_encoder(folder, device)
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
-            from .peft_utils import adapter_base_model
-
-            base = adapter_base_model(folder)
-            hint = f" (its adapter needs the base model {base!r})" if base else ""
-            raise ArtifactError(
-                f"{folder}: the query encoder cannot be loaded{hint} ({exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); re-create the artifact."
-            ) from None
+        # A plain Transformer/Pooling/Normalize folder loads with transformers alone (no sentence-transformers import,
+        # so no training stack); anything else (a peft adapter, extra modules, cls pooling of a plain transformers
+        # folder, as qret_config.json records it) with SentenceTransformer.
+        model = load_encoder(folder, device, pooling=files.config.get("pooling"))
         if merge_adapter:
             from .peft_utils import merge_adapter as merge
 
@@ -458,7 +370,7 @@ class QuantizedRetriever:
     def _load_shipped_corpus(self) -> None:
         # A shipped corpus.jsonl must grow with the index; read it now if from_pretrained skipped it.
         if self._corpus is None and self.folder is not None:
-            self._corpus = _load_corpus(self.folder, self.doc_ids)
+            self._corpus = load_shipped_corpus(self.folder, self.doc_ids)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Writes the artifact, with the documents added since loading, to ``save_directory``.

@@ -189,9 +189,15 @@ class SentenceEncoder(nn.Module):
         return encode_texts(self, list(texts), batch_size=batch_size)
 
 
-def load_encoder(folder: str | os.PathLike, device: str | None = None, what: str = "query encoder") -> nn.Module:
+def load_encoder(
+    folder: str | os.PathLike, device: str | None = None, what: str = "query encoder", pooling: str | None = None
+) -> nn.Module:
     """The encoder of a sentence-transformers folder: a :class:`SentenceEncoder` when it implements the folder's
     modules, else a ``SentenceTransformer`` (safetensors only, no network).
+
+    A plain transformers folder (no ``modules.json``) is pooled with ``pooling`` (``"cls"``; ``None`` or ``"mean"``:
+    mean pooling, as sentence-transformers loads such a folder) and L2-normalised, exactly as
+    :func:`hf_qret.encoder.embed` encoded its bank (``qret_config.json`` records the pooling).
 
     Raises:
         ArtifactError: The folder's encoder cannot be loaded.
@@ -200,13 +206,22 @@ def load_encoder(folder: str | os.PathLike, device: str | None = None, what: str
         >>> model = load_encoder("runs/scifact")  # doctest: +SKIP
     """
     folder = Path(folder)
-    try:
-        encoder = SentenceEncoder.from_folder(folder, device)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise ArtifactError(
-            f"{folder}: the {what} cannot be loaded ({exc.__class__.__name__}: "
+
+    def cannot_load(exc: BaseException) -> ArtifactError:
+        from .peft_utils import adapter_base_model
+
+        base = adapter_base_model(folder)
+        hint = f" (its adapter needs the base model {base!r})" if base else ""
+        return ArtifactError(
+            f"{folder}: the {what} cannot be loaded{hint} ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); re-create the artifact."
-        ) from None
+        )
+
+    plain_pooling = pooling not in (None, "mean") and not (folder / "modules.json").is_file()
+    try:
+        encoder = None if plain_pooling else SentenceEncoder.from_folder(folder, device)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise cannot_load(exc) from None
     if encoder is not None:
         return encoder
     try:
@@ -214,16 +229,17 @@ def load_encoder(folder: str | os.PathLike, device: str | None = None, what: str
     except ImportError:
         raise ArtifactError(
             f"{folder}: the {what} has sentence-transformers modules beyond Transformer/Pooling/Normalize (or a "
-            "peft adapter); install them with `pip install 'hf-qret[train]'`."
+            f"peft adapter, or a plain transformers model pooled with {pooling!r}); install them with "
+            "`pip install 'hf-qret[train]'`."
         ) from None
+    safe = {"use_safetensors": True, "local_files_only": True}
     try:
+        if plain_pooling:
+            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+            transformer = Transformer(str(folder), model_kwargs=safe)
+            pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=str(pooling))
+            return SentenceTransformer(modules=[transformer, pool, Normalize()], device=device)
         return SentenceTransformer(str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True})
     except (OSError, ValueError, json.JSONDecodeError) as exc:
-        from .peft_utils import adapter_base_model
-
-        base = adapter_base_model(folder)
-        hint = f" (its adapter needs the base model {base!r})" if base else ""
-        raise ArtifactError(
-            f"{folder}: the {what} cannot be loaded{hint} ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); re-create the artifact."
-        ) from None
+        raise cannot_load(exc) from None

@@ -13,12 +13,17 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    from .bank import TargetBank
+    from .config import QRetTrainingArguments
 
 __all__ = [
     "BANK_DTYPES",
@@ -33,6 +38,7 @@ __all__ = [
     "dtype_name",
     "npy_chunks",
     "open_npy_memmap",
+    "place_bank",
     "read_bank_chunks",
     "read_bank_file",
     "storage_dtype",
@@ -40,6 +46,8 @@ __all__ = [
     "write_npy",
     "write_safetensors_streamed",
 ]
+
+logger = logging.getLogger("hf_qret.bank")
 
 #: The safetensors key of the bank's embeddings.
 BANK_KEY = "embeddings"
@@ -360,3 +368,17 @@ def open_npy_memmap(
     if found == torch.bfloat16:
         tensor = tensor.view(torch.bfloat16)
     return tensor, array
+
+
+def place_bank(bank: TargetBank, args: QRetTrainingArguments) -> None:
+    """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale")."""
+    device = torch.device(args.device)
+    if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
+        target = torch.device("cpu")
+    else:
+        target = device
+    if bank.dtype != storage_dtype(args.bank_dtype) and not bank.is_mmap:
+        logger.info("bank: storing the rows as %s (bank_dtype)", args.bank_dtype)
+    bank.to_storage(args.bank_dtype, target)
+    bank.compute_device = None if target == device else device
+    bank.pin_memory = bool(args.bank_pin_memory)

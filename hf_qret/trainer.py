@@ -11,14 +11,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from .artifact import save_retrieval_files
-from .bank import InitialRows, TargetBank, storage_dtype
-from .callbacks import IndexRefreshCallback
+from .bank import TargetBank
+from .initial_rows import InitialRows
+from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import (
     BANK_OPTIMIZER_NAME,
     load_anchors,
+    load_bank_rows,
     load_mining_index,
     load_optimizer_states,
     publish_checkpoint,
@@ -27,6 +29,7 @@ from .checkpoint import (
 )
 from .collator import QRetDataCollator
 from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
+from .data import training_positive_rows
 from .dropin import prepare_dropin, write_corpus_texts
 from .config import QRetTrainingArguments
 from .encoder import (
@@ -36,15 +39,15 @@ from .encoder import (
     get_pooling,
     is_sentence_transformer,
     make_tokenize_fn,
-    resolve_scale,
     similarity_function,
 )
-from .errors import ConfigError, TrainingDivergedError
+from .errors import TrainingDivergedError
 from .index import QuantizedIndex, set_faiss_threads
-from .loss import CandidateCrossEntropyLoss, MinedNegativesLoss, QRetLoss, build_loss
-from .mining import IndexMiner
+from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
+from .mining import IndexMiner, MinedBatch
 from .optim import FollowScheduler, RowAdam, RowSGD
 from .peft_utils import adapter_info, has_adapter
+from .storage import place_bank
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
 
@@ -53,53 +56,6 @@ INITIAL_MMAP_NAME = "bank_initial_mmap.npy"
 
 logger = logging.getLogger(__name__)
 
-
-
-def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
-    """``(num_docs,)`` mask of the bank rows that are a training positive (``positive_id`` / ``positive_ids``).
-
-    Raises:
-        ConfigError: the dataset has no ``positive_id`` column to read them from.
-    """
-    mask = torch.zeros(len(bank), dtype=torch.bool)
-    if dataset is None:
-        return mask
-    columns = getattr(dataset, "column_names", None) or []
-    if "positive_id" not in columns:
-        raise ConfigError(
-            "bank_update='positives' moves only the rows of training positives, read from the train_dataset's "
-            "'positive_id' (and 'positive_ids') columns, which it does not have; build it with build_pairs_dataset "
-            "or pass --bank_update all."
-        )
-    doc_ids = {str(d) for d in dataset["positive_id"]}
-    if "positive_ids" in columns:
-        doc_ids.update(str(d) for docs in dataset["positive_ids"] for d in (docs or []))
-    mask[bank.rows_of(sorted(doc_ids))] = True
-    return mask
-
-
-def _place_bank(bank: TargetBank, args: QRetTrainingArguments) -> None:
-    """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale")."""
-    device = torch.device(args.device)
-    if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
-        target = torch.device("cpu")
-    else:
-        target = device
-    if bank.dtype != storage_dtype(args.bank_dtype) and not bank.is_mmap:
-        logger.info("bank: storing the rows as %s (bank_dtype)", args.bank_dtype)
-    bank.to_storage(args.bank_dtype, target)
-    bank.compute_device = None if target == device else device
-    bank.pin_memory = bool(args.bank_pin_memory)
-
-
-class _BankStepCallback(TrainerCallback):
-    """Steps the bank's row-wise optimizer right after the encoder's optimizer step."""
-
-    def __init__(self, trainer: QRetTrainer) -> None:
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._step_bank()
 
 
 class QRetTrainer(Trainer):
@@ -193,24 +149,13 @@ class QRetTrainer(Trainer):
         self.miner = IndexMiner(index, min(args.num_negatives, len(bank)))
         # bank_update='positives': only the rows of documents that are training positives ever move.
         self.trainable_rows = training_positive_rows(train_dataset, bank) if args.bank_update == "positives" else None
-        _place_bank(bank, args)
+        place_bank(bank, args)
         # The initial rows, for decoupled scoring and the anchor pull (in the bank's storage dtype; a memory-mapped
         # bank's copy is a copy-on-write mapped file in the output folder).
         self.initial_rows: InitialRows | None = None
         if args.bank_anchor_weight > 0 or args.encoder_targets == "initial":
             self.initial_rows = InitialRows(bank, self.trainable_rows, os.path.join(args.output_dir, INITIAL_MMAP_NAME))
-        if loss is None:
-            # scale None: 20 for cosine (unit-norm) models, 1 for dot-product models (hf_qret.encoder.resolve_scale)
-            scale = resolve_scale(model, args.scale)
-            loss = build_loss(args, bank, index, self.trainable_rows, self.initial_rows, scale=scale)
-        elif isinstance(loss, CandidateCrossEntropyLoss):  # the scoring primitive: use it inside the default loss
-            loss = MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, self.trainable_rows)
-        elif not isinstance(loss, QRetLoss):
-            raise TypeError(
-                f"loss must be a hf_qret.loss.QRetLoss (forward(query_embeddings, mined) -> (loss, stats)), got "
-                f"{type(loss).__name__}; subclass MinedNegativesLoss to change the scoring."
-            )
-        self.loss = loss
+        self.loss = resolve_loss(loss, args, model, bank, index, self.trainable_rows, self.initial_rows)
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
 
@@ -235,7 +180,7 @@ class QRetTrainer(Trainer):
         finally:
             if restore_strategy is not None:
                 args.eval_strategy = restore_strategy
-        self.add_callback(_BankStepCallback(self))
+        self.add_callback(BankStepCallback(self._step_bank))
         self._bind_callbacks()
         self.bank_optimizer = (RowSGD if args.bank_optimizer == "sgd" else RowAdam)(
             bank,
@@ -308,18 +253,10 @@ class QRetTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
         """Encode queries, mine candidates from the quantized index, cross-entropy over candidate bank rows."""
         inputs = dict(inputs)
-        positive_rows = inputs.pop("positive_rows")
-        positive_sets = inputs.pop("positive_sets", None)
-        negative_rows = inputs.pop("negative_rows", None)  # hard negatives of text-pair data join the candidates
+        rows = {key: inputs.pop(key, None) for key in ("positive_rows", "positive_sets", "negative_rows")}
         query_embeddings = embed(model, inputs)
-        self.ensure_index()
-        distributed = model.training and self.accelerator.num_processes > 1  # mine for the global batch
-        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, all_gather_rows if distributed else None,
-                                extra_rows=negative_rows)
-        if self.args.pair_weighting == "query" and positive_sets is not None:
-            # Each query counts once per epoch: its n (query, positive) rows weigh 1/n each.
-            mined.weights = 1.0 / (positive_sets >= 0).sum(dim=1).clamp(min=1).float()
-        if self.frozen_encoder is not None and model.training:
+        mined = self.mine(query_embeddings, **rows, global_batch=model.training)
+        if self.frozen_encoder is not None and model.training:  # bank_queries='initial'
             with torch.no_grad():
                 mined.bank_queries = embed(self.frozen_encoder, inputs)
         self.loss.train(model.training)
@@ -327,6 +264,25 @@ class QRetTrainer(Trainer):
         if model.training:
             self._track(loss, stats)
         return (loss, {"query_embeddings": query_embeddings}) if return_outputs else loss
+
+    def mine(
+        self,
+        query_embeddings: torch.Tensor,
+        positive_rows: torch.Tensor,
+        positive_sets: torch.Tensor | None = None,
+        negative_rows: torch.Tensor | None = None,
+        global_batch: bool = True,
+    ) -> MinedBatch:
+        """The batch's candidates from the (stale between refreshes) mining index: each query's top
+        ``num_negatives`` rows, unioned over the batch (the global batch under DDP when ``global_batch``), plus the
+        positives and the data's hard negatives (``negative_rows``); ``pair_weighting='query'`` weighs each query's
+        n (query, positive) rows 1/n."""
+        self.ensure_index()
+        gather = all_gather_rows if global_batch and self.accelerator.num_processes > 1 else None
+        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, gather, extra_rows=negative_rows)
+        if self.args.pair_weighting == "query" and positive_sets is not None:
+            mined.weights = 1.0 / (positive_sets >= 0).sum(dim=1).clamp(min=1).float()
+        return mined
 
     def _track(self, loss: torch.Tensor, stats: dict[str, float]) -> None:
         """Stops on a non-finite loss (before the step changes anything); keeps the loss's stats for the next log."""
@@ -532,12 +488,7 @@ class QRetTrainer(Trainer):
         Every row then counts as changed, until the bank optimizer state says which rows changed since the
         checkpoint's index was refreshed.
         """
-        from .artifact import load_retrieval_files
-
-        files = load_retrieval_files(folder)
-        if self.bank.doc_ids != files.doc_ids or not files.config.get("bank_file"):
-            raise ValueError(f"{folder}: its bank belongs to another corpus; resume with the same data.")
-        self.bank.load_rows_from_file(os.path.join(folder, files.config["bank_file"]))
+        files = load_bank_rows(folder, self.bank)
         self.refresh_callback.bank_version_at_refresh = self.bank.version
         self._served = None
         return files
@@ -581,16 +532,12 @@ class QRetTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        from pathlib import Path
+        from .model_card import write_training_card
 
-        from .model_card import EVAL_RESULTS_NAME, metrics_from_log_history, write_model_card
-
-        folder = Path(self.args.output_dir)
-        metrics = None if (folder / EVAL_RESULTS_NAME).is_file() else metrics_from_log_history(self.state.log_history)
         datasets = dataset_tags or dataset
-        write_model_card(
-            folder,
-            metrics,
+        write_training_card(
+            self.args.output_dir,
+            self.state.log_history,
             repo_id=self.hub_model_id or self.args.hub_model_id,
             base_model=finetuned_from,
             datasets=[datasets] if isinstance(datasets, str) else datasets,
@@ -610,10 +557,8 @@ class QRetTrainer(Trainer):
         pushing = self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()
         if self.is_world_process_zero() and strategy != "end" and pushing:
             from .hub import copy_artifact_files
-            from .model_card import metrics_from_log_history, write_model_card
+            from .model_card import write_training_card
 
             copy_artifact_files(checkpoint_folder, self.args.output_dir)
-            write_model_card(
-                self.args.output_dir, metrics_from_log_history(self.state.log_history), repo_id=self.hub_model_id
-            )
+            write_training_card(self.args.output_dir, self.state.log_history, repo_id=self.hub_model_id)
         super()._push_from_checkpoint(checkpoint_folder)

@@ -355,5 +355,8 @@ def test_recipe_under_torchrun_encodes_the_corpus_once_into_one_mmap_file(tiny_m
     assert result.returncode == 0, result.stderr[-3000:]
     assert "process 0 of 2 encodes documents 0-150 of 300" in result.stderr
     assert "process 1 of 2 encodes documents 150-300 of 300" in result.stderr
+    # the working file is written by one process per model: the run on train, then the shipped model's rerun on
+    # train + dev (or the untrained model shipped instead); before, every process rewrote it for the second model
+    assert result.stderr.count("to the memory-mapped") == 2, result.stderr[-3000:]
     assert (out / "bank_mmap.npy").is_file() and (out / "index.faiss").is_file()
     assert not list(out.glob("*.tmp"))

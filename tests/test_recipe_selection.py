@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_qret.cli import train_main, training_verdict
+from hf_qret.recipe import train_main, training_verdict
 from hf_qret.data import load_beir
 from hf_qret.trainer import QRetTrainer
 

