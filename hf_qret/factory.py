@@ -20,6 +20,7 @@ __all__ = ["fit_factory", "OPQ_MIN_ROWS"]
 #: dropped (same code size), with a logged reason.
 OPQ_MIN_ROWS = 512
 _PQ_PART = re.compile(r"PQ(\d+)(?:x(\d+))?([a-z]*)")
+_AQ_PART = re.compile(r"(RQ|LSQ)(\d+)x(\d+)(_?[A-Za-z0-9]*)")
 _OPQ_PART = re.compile(r"OPQ\d+(?:_\d+)?")
 _IVF_PART = re.compile(r"IVF(\d+)")
 
@@ -32,6 +33,8 @@ def fit_factory(factory: str, num_rows: int) -> tuple[str, str]:
       same bytes per vector);
     * a ``PQ<M>x<nbits>`` stage (``nbits`` 8 by default) needs ``2**nbits`` rows (one per centroid); below that it
       gets the most bits the rows allow (200 rows: ``PQ16`` → ``PQ16x7``, 2 bytes less per vector);
+    * a residual / local-search quantizer (``RQ<M>x<nbits>``, ``LSQ<M>x<nbits>``) likewise needs ``2**nbits``
+      rows; below that it gets the most bits the rows allow;
     * an ``IVF<nlist>`` stage needs ``nlist`` rows; below that it is an error (choose fewer lists).
 
     Raises:
@@ -42,6 +45,8 @@ def fit_factory(factory: str, num_rows: int) -> tuple[str, str]:
         'PQ16'
         >>> fit_factory("IVF16,PQ16", 200)[0]
         'IVF16,PQ16x7'
+        >>> fit_factory("RQ16x8", 100)[0]
+        'RQ16x6'
         >>> fit_factory("OPQ16,PQ16", 5183)
         ('OPQ16,PQ16', '')
     """
@@ -71,6 +76,18 @@ def fit_factory(factory: str, num_rows: int) -> tuple[str, str]:
                     f"{part.strip()} needs {2**nbits} rows (one per centroid of its {nbits}-bit sub-quantizers), so "
                     f"it is {name} ({bits} bits each)"
                 )
+        aq = _AQ_PART.fullmatch(name)
+        if aq is not None and num_rows < 2 ** int(aq.group(3)):
+            bits = int(math.floor(math.log2(max(num_rows, 1))))
+            if bits < 1:
+                raise ConfigError(
+                    f"--index_factory {factory!r} cannot be trained on {num_rows} rows; use 'Flat' or a larger corpus."
+                )
+            name = f"{aq.group(1)}{aq.group(2)}x{bits}{aq.group(4)}"
+            reasons.append(
+                f"{part.strip()} needs {2 ** int(aq.group(3))} rows (one per centroid of its {aq.group(3)}-bit "
+                f"codebooks), so it is {name} ({bits} bits each)"
+            )
         ivf = _IVF_PART.match(name)
         if ivf is not None and num_rows < int(ivf.group(1)):
             nlist = max(1, num_rows // 39)

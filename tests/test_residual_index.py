@@ -1,0 +1,44 @@
+"""Residual quantizers (``RQ``, the recipe's 16-byte index): trained, refreshed, saved and served like PQ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_qret import QuantizedRetriever
+from hf_qret.artifact import load_retrieval_files
+from hf_qret.index import QuantizedIndex
+
+from test_trainer import make_trainer
+
+
+def test_residual_index_codes_update_in_place_like_a_full_reencode():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = QuantizedIndex(16, "RQ4x4")
+    index.build(vectors)
+    assert index.bytes_per_vector == 2
+    moved = vectors.copy()
+    rows = np.array([3, 50, 399])
+    moved[rows] = rng.standard_normal((3, 16)).astype(np.float32)
+    assert index.refresh(moved, mode="incremental", rows=rows) == 3  # in place, not a fallback re-encode of 400
+    # the stored codes are exactly what the codebooks make of the moved bank (what a full re-encode would store)
+    np.testing.assert_allclose(index.reconstruct_all(), index.quantize(moved), atol=1e-6)
+
+
+@pytest.mark.parametrize("refresh_mode", ["retrain", "incremental"])
+def test_trainer_with_a_residual_index_saves_an_index_in_sync_with_its_bank(tiny_model, beir_dir, tmp_path, refresh_mode):
+    trainer, data = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ4x4", refresh_mode=refresh_mode,
+                                 refresh_steps=3, bank_update="all", max_steps=4)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    out = trainer.args.output_dir
+    files = load_retrieval_files(out, load_bank=True)
+    bank = files.bank.float32_rows()[:]
+    assert files.config["index_factory"] == "RQ4x4" and files.config["bytes_per_vector"] == 2
+    codes = files.index.index.sa_encode(bank)  # what the saved codebooks make of the saved bank
+    stored = np.stack([files.index.index.reconstruct(i) for i in range(len(bank))])
+    np.testing.assert_allclose(files.index.index.sa_decode(codes), stored, atol=1e-5)
+    hits = QuantizedRetriever.from_pretrained(out).search([data.queries[next(iter(data.qrels))]], k=5)[0]
+    assert len(hits) == 5 and all(doc_id in data.corpus for doc_id, _ in hits)
