@@ -4,7 +4,7 @@ For each seed:
 
 1. Splits the SciFact corpus in two halves: the *base* half holds every training positive (plus random documents up
    to half the corpus), the *added* half holds no training positive (the split is the same for every seed).
-2. Trains the recipe (``recipes/scifact.yaml``, ``OPQ16,PQ16``) on the train claims twice with that seed: over the
+2. Trains the recipe (``recipes/scifact.yaml``: ``RQ16x8``, 16 bytes) on the train claims twice with that seed: over the
    base half, and over the whole corpus (``--eval_split ""``, ``--train_on_eval_split false``: the dev claims are
    held out of both, and both artifacts are measured the same way afterwards).
 3. Loads the half artifact with ``QuantizedRetriever``, ``add_documents`` the other half (encoded with the shipped

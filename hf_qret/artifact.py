@@ -39,6 +39,7 @@ __all__ = [
     "save_document_encoder",
     "save_retrieval_files",
     "load_retrieval_files",
+    "training_record",
     "resolve_artifact",
     "check_encoder_files",
     "load_shipped_corpus",
@@ -292,3 +293,32 @@ def load_shipped_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] 
     except Exception as exc:  # DataError from a malformed line
         raise ArtifactError(f"{path}: unreadable corpus ({exc}); delete it or re-create the artifact.") from None
     return corpus
+
+
+def training_record(trainer: Any) -> dict[str, Any]:
+    """What ``qret_config.json`` records about a :class:`~hf_qret.trainer.QRetTrainer`'s run: the base model, loss,
+    scale, similarity, pooling, mining and learning-rate settings, the step and how the index was built."""
+    from .encoder import get_pooling, similarity_function
+    from .peft_utils import adapter_info
+
+    base = getattr(trainer.model, "model_card_data", None)
+    return {
+        "base_model": getattr(base, "base_model", None) or getattr(getattr(trainer.model, "config", None), "_name_or_path", None),
+        "loss": type(trainer.loss).__name__,
+        "scale": getattr(trainer.loss, "scale", None),
+        "similarity": similarity_function(trainer.model),
+        "pooling": get_pooling(trainer.model),  # a plain encoder's pooling (None: the sentence-transformers modules)
+        "num_negatives": trainer.miner.num_negatives,
+        "bank_learning_rate": trainer.args.bank_learning_rate,
+        "learning_rate": trainer.args.learning_rate,
+        "refresh_mode": trainer.args.refresh_mode,
+        "opq_niter": trainer.index.opq_niter,
+        "mining_shortlist": (
+            {"nlist": trainer.index.mining_nlist, "nprobe": trainer.index.mining_nprobe}
+            if trainer.index.mining_nlist
+            else None
+        ),
+        "global_step": trainer.state.global_step,
+        "index_state": trainer.index_record(),
+        "adapter": adapter_info(trainer.accelerator.unwrap_model(trainer.model)),
+    }

@@ -29,8 +29,8 @@ from .storage import write_safetensors_streamed
 
 if TYPE_CHECKING:
     from .bank import TargetBank
-    from .initial_rows import InitialRows
     from .index import QuantizedIndex
+    from .initial_rows import InitialRows
     from .loss import QRetLoss
     from .optim import RowAdam
 

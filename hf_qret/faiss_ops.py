@@ -26,6 +26,7 @@ __all__ = [
     "apply_transforms",
     "set_opq_iterations",
     "disable_polysemous_training",
+    "fit_training_to_sample",
     "encode_chunk_rows",
     "chunks",
     "train_sample",
@@ -139,3 +140,21 @@ def set_faiss_threads(threads: int) -> None:
     """
     if threads and threads > 0:
         import_faiss().omp_set_num_threads(int(threads))
+
+
+def fit_training_to_sample(faiss: Any, index: Any, num_rows: int) -> None:
+    """Adapts a fresh index's training to a sample of ``num_rows`` rows, where FAISS would fail on it.
+
+    A residual quantizer (``RQ...``) trains progressively over PCA-rotated dimensions (FAISS's default), which needs
+    at least as many rows as dimensions (``PCA matrix cannot output 384 dimensions``); on fewer rows it trains its
+    codebooks over all dimensions at once (``Train_default``).
+    """
+    node, seen = index, 0
+    while node is not None and seen < 4:
+        node = faiss.downcast_index(node)
+        rq = getattr(node, "rq", None)
+        if rq is not None and num_rows < int(node.d) and hasattr(faiss, "ResidualQuantizer"):
+            rq.train_type = faiss.ResidualQuantizer.Train_default
+            logger.info("residual quantizer on %d rows (< %d dimensions): codebooks trained without PCA", num_rows, node.d)
+        node = getattr(node, "index", None)
+        seen += 1

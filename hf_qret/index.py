@@ -29,6 +29,7 @@ from .faiss_ops import (
     chunks,
     disable_polysemous_training,
     encode_chunk_rows,
+    fit_training_to_sample,
     import_faiss,
     set_faiss_threads,
     set_opq_iterations,
@@ -247,6 +248,7 @@ class QuantizedIndex:
             )  # fmt: skip
             self.factory = factory
         fresh = self._new_index()
+        fit_training_to_sample(self.faiss, fresh, len(sample))
         fresh.train(sample)
         if self.mining_nlist:
             self.shortlist = MiningShortlist(fresh, sample, self.mining_nlist, self.mining_nprobe)

@@ -20,9 +20,9 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .bank import TargetBank
-    from .initial_rows import InitialRows
     from .config import QRetTrainingArguments
     from .index import QuantizedIndex
+    from .initial_rows import InitialRows
     from .mining import MinedBatch
 
 __all__ = [

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .artifact import save_retrieval_files
+from .artifact import save_retrieval_files, training_record
 from .bank import TargetBank
-from .initial_rows import InitialRows
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import (
     BANK_OPTIMIZER_NAME,
@@ -28,25 +27,18 @@ from .checkpoint import (
     staging_folder,
 )
 from .collator import QRetDataCollator
-from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
-from .data import training_positive_rows
-from .dropin import prepare_dropin, write_corpus_texts
 from .config import QRetTrainingArguments
-from .encoder import (
-    configure_encoder,
-    embed,
-    embedding_dim,
-    get_pooling,
-    is_sentence_transformer,
-    make_tokenize_fn,
-    similarity_function,
-)
+from .data import training_positive_rows
+from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
+from .dropin import prepare_dropin, write_corpus_texts
+from .encoder import configure_encoder, embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from .errors import TrainingDivergedError
 from .index import QuantizedIndex, set_faiss_threads
+from .initial_rows import InitialRows
 from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .mining import IndexMiner, MinedBatch
 from .optim import FollowScheduler, RowAdam, RowSGD
-from .peft_utils import adapter_info, has_adapter
+from .peft_utils import has_adapter
 from .storage import place_bank
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
@@ -385,28 +377,8 @@ class QRetTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving
     def artifact_config(self) -> dict[str, Any]:
-        """What ``qret_config.json`` records about the training run."""
-        base = getattr(self.model, "model_card_data", None)
-        return {
-            "base_model": getattr(base, "base_model", None) or getattr(getattr(self.model, "config", None), "_name_or_path", None),
-            "loss": type(self.loss).__name__,
-            "scale": getattr(self.loss, "scale", None),
-            "similarity": similarity_function(self.model),
-            "pooling": get_pooling(self.model),  # a plain encoder's pooling (None: the sentence-transformers modules)
-            "num_negatives": self.miner.num_negatives,
-            "bank_learning_rate": self.args.bank_learning_rate,
-            "learning_rate": self.args.learning_rate,
-            "refresh_mode": self.args.refresh_mode,
-            "opq_niter": self.index.opq_niter,
-            "mining_shortlist": (
-                {"nlist": self.index.mining_nlist, "nprobe": self.index.mining_nprobe}
-                if self.index.mining_nlist
-                else None
-            ),
-            "global_step": self.state.global_step,
-            "index_state": self.index_record(),
-            "adapter": adapter_info(self.accelerator.unwrap_model(self.model)),
-        }
+        """What ``qret_config.json`` records about the training run (:func:`hf_qret.artifact.training_record`)."""
+        return training_record(self)
 
     def save_merged_model(self, output_dir: str | None = None) -> str:
         """Saves the artifact with the encoder's peft adapter merged into a copy of the base weights (a plain,

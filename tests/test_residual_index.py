@@ -42,3 +42,15 @@ def test_trainer_with_a_residual_index_saves_an_index_in_sync_with_its_bank(tiny
     np.testing.assert_allclose(files.index.index.sa_decode(codes), stored, atol=1e-5)
     hits = QuantizedRetriever.from_pretrained(out).search([data.queries[next(iter(data.qrels))]], k=5)[0]
     assert len(hits) == 5 and all(doc_id in data.corpus for doc_id, _ in hits)
+
+
+def test_residual_index_trains_on_fewer_rows_than_dimensions():
+    """FAISS trains RQ codebooks over PCA-rotated dimensions, which fails on fewer rows than dimensions (a 351-
+    document corpus of 384-d embeddings): the index then trains them without PCA."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((24, 32)).astype(np.float32)
+    index = QuantizedIndex(32, "RQ4x4")
+    index.build(vectors)
+    assert index.ntotal == 24 and index.bytes_per_vector == 2
+    scores, rows = index.search(vectors[:3], 5)
+    assert rows.shape == (3, 5) and (rows >= 0).all()

@@ -95,9 +95,10 @@ def test_recipe_on_a_351_document_folder_writes_the_real_factory(tiny_model_dir,
     argv = [sys.executable, "-m", "hf_qret.cli", "train", str(REPO_ROOT / "recipes" / "scifact.yaml"),
             "--model_name_or_path", tiny_model_dir, "--data_dir", str(data), "--output_dir", str(out),
             "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_negatives", "8", "--use_cpu", "true",
-            "--opq_niter", "5", "--dataloader_pin_memory", "false", "--disable_tqdm", "true"]  # fmt: skip
+            "--opq_niter", "5", "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
+            "--index_factory", "OPQ16,PQ16"]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((out / "qret_config.json").read_text())
-    assert config["index_factory"] == "PQ16" and config["bytes_per_vector"] == 16  # the recipe's OPQ16,PQ16, no OPQ
+    assert config["index_factory"] == "PQ16" and config["bytes_per_vector"] == 16  # OPQ16,PQ16 without its OPQ stage
     assert "training 'PQ16' instead" in done.stderr
