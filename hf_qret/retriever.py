@@ -367,6 +367,47 @@ class QuantizedRetriever:
         if self._corpus is not None:
             self._corpus.update(zip(ids, texts))
 
+    def retrain_index(self) -> None:
+        """Trains the index's codebooks again on every row it serves (the artifact's trained bank plus the documents
+        added since) and re-encodes them all. Neither the query encoder nor any bank row changes: no model training.
+
+        :meth:`add_documents` codes new documents with the codebooks trained on the rows the artifact was built on.
+        After growing by a large share, train them again: on SciFact, an artifact trained over half of the corpus
+        and grown by the other half (``benchmarks/grow_index.py``, ``RQ16x8``) scored dev nDCG@10 0.801 as grown
+        and 0.821 after ``retrain_index()``, against 0.825 for the recipe trained over the whole corpus.
+
+        Raises:
+            ArtifactError: The artifact has no bank (``bank.safetensors``) to train on.
+
+        Example:
+            >>> retriever.add_documents(texts, ids); retriever.retrain_index()  # doctest: +SKIP
+            >>> retriever.save_pretrained("runs/scifact-grown")  # doctest: +SKIP
+        """
+        rows = self._bank_rows()
+        if len(rows) != self.index.ntotal:
+            raise ArtifactError(
+                f"the bank has {len(rows)} rows but the index {self.index.ntotal}; the artifact is inconsistent, "
+                "re-create it."
+            )
+        if self.config.get("opq_niter"):
+            self.index.opq_niter = int(self.config["opq_niter"])
+        self.index.build(rows)
+        self.config.update(index_factory=self.index.factory, bytes_per_vector=self.index.bytes_per_vector)
+
+    def _bank_rows(self) -> np.ndarray:
+        """Every served row as float32: the loaded (or stored) bank plus the rows added since loading."""
+        if self.files.bank is not None:
+            return np.ascontiguousarray(self.files.bank.float32_rows()[:], dtype=np.float32)
+        name = self.config.get("bank_file")
+        if not name or self.folder is None or not (self.folder / name).is_file():
+            raise ArtifactError(
+                f"{self.folder}: no bank (bank.safetensors) to train the index on; load an artifact saved with its bank."
+            )
+        from .storage import read_bank_file
+
+        stored = read_bank_file(self.folder / name).float().numpy()
+        return np.ascontiguousarray(np.concatenate([stored, *self._added_rows]), dtype=np.float32)
+
     def _load_shipped_corpus(self) -> None:
         # A shipped corpus.jsonl must grow with the index; read it now if from_pretrained skipped it.
         if self._corpus is None and self.folder is not None:

@@ -148,6 +148,32 @@ def test_add_documents_encodes_codes_and_saves_the_grown_artifact(half_artifact,
     assert "| Documents | 300 |" in (saved / "README.md").read_text()
 
 
+def test_retrain_index_trains_the_codebooks_on_every_served_row(half_artifact, tmp_path):
+    """After growing, retrain_index() codes all 300 rows with codebooks trained on the grown bank (not on the 200
+    rows the artifact was built on); encoder and bank are untouched, and the saved artifact serves the new index."""
+    from safetensors.numpy import load_file
+
+    from hf_qret import QuantizedRetriever
+
+    out, added = half_artifact
+    texts = [f"{doc['title']} {doc['text']}" for doc in added.values()]
+    retriever = QuantizedRetriever.from_pretrained(out, device="cpu")  # bank not loaded: read from the folder
+    retriever.add_documents(texts, list(added))
+    grown_codes = retriever.index.reconstruct_all()
+    retriever.retrain_index()
+    bank = np.concatenate([load_file(str(out / "bank.safetensors"))["embeddings"],
+                           encode_texts(retriever.document_encoder, texts)])  # fmt: skip
+    retrained = retriever.index.reconstruct_all()
+    assert retriever.index.ntotal == 300 and not np.allclose(retrained, grown_codes)
+    np.testing.assert_allclose(retrained, retriever.index.quantize(bank), atol=1e-5)
+    # the new codebooks fit the grown bank at least as well as the ones trained on its first 200 rows
+    assert np.square(retrained - bank).sum() <= np.square(grown_codes - bank).sum()
+    saved = retriever.save_pretrained(tmp_path / "retrained")
+    reloaded = QuantizedRetriever.from_pretrained(saved, device="cpu")
+    np.testing.assert_allclose(reloaded.index.reconstruct_all(), retrained, atol=1e-6)
+    assert reloaded.config["num_vectors"] == 300
+
+
 def test_add_documents_refuses_duplicate_ids_clearly(half_artifact):
     from hf_qret import QuantizedRetriever
 
