@@ -416,6 +416,9 @@ class QRetTrainer(Trainer):
         finally:
             del self._get_output_dir
             self._defer_push = False
+        # Every process writes its own files into the staging folder (rng_state_<rank>.pth): all of them must be
+        # there before the main process moves it, or a late one recreates the staging folder beside the checkpoint.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = publish_checkpoint(staging, run_dir, self.state, self.args.save_total_limit)
             if self.args.push_to_hub:

@@ -317,6 +317,9 @@ def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tw
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not list(out.glob("_staging*"))
+    # each process's RNG state is in the checkpoint (a resume on 2 processes needs both), written before it moved
+    for step in (2, 4):
+        assert {p.name for p in (out / f"checkpoint-{step}").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert (out / "index.faiss").is_file() and (out / "eval_results.json").is_file()
 
 
