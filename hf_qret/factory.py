@@ -19,8 +19,8 @@ __all__ = ["fit_factory", "OPQ_MIN_ROWS"]
 #: 256-351 rows abort, 400-1,024 rows (three random samples each) train. Below this many rows the OPQ stage is
 #: dropped (same code size), with a logged reason.
 OPQ_MIN_ROWS = 512
-_PQ_PART = re.compile(r"PQ(\d+)(?:x(\d+))?([a-z]*)")
-_AQ_PART = re.compile(r"(RQ|LSQ)(\d+)x(\d+)(_?[A-Za-z0-9]*)")
+#: A product (PQ), residual (RQ) or local-search (LSQ) quantizer stage: kind, M, nbits (default 8), suffix.
+_QUANTIZER_PART = re.compile(r"(PQ|RQ|LSQ)(\d+)(?:x(\d+))?([_A-Za-z0-9]*)")
 _OPQ_PART = re.compile(r"OPQ\d+(?:_\d+)?")
 _IVF_PART = re.compile(r"IVF(\d+)")
 
@@ -60,34 +60,24 @@ def fit_factory(factory: str, num_rows: int) -> tuple[str, str]:
                 "so the index has no OPQ stage"
             )
             continue
-        pq = _PQ_PART.fullmatch(name)
-        if pq is not None:
-            nbits = int(pq.group(2) or 8)
+        quantizer = _QUANTIZER_PART.fullmatch(name)
+        if quantizer is not None:
+            kind, count, suffix = quantizer.group(1), quantizer.group(2), quantizer.group(4)
+            nbits = int(quantizer.group(3) or 8)
             if num_rows < 2**nbits:
                 bits = int(math.floor(math.log2(max(num_rows, 1))))
-                if "fs" in pq.group(3) or bits < 1:
+                if "fs" in suffix or bits < 1:
                     raise ConfigError(
                         f"--index_factory {factory!r} cannot be trained on {num_rows} rows: its {name} stage needs "
                         f"{2**nbits} (one per centroid); use a factory without it (e.g. 'Flat' or 'SQ8') or a "
                         "larger corpus."
                     )
-                name = f"PQ{pq.group(1)}x{bits}{pq.group(3)}"
+                name = f"{kind}{count}x{bits}{suffix}"
+                parts_of = "sub-quantizers" if kind == "PQ" else "codebooks"
                 reasons.append(
-                    f"{part.strip()} needs {2**nbits} rows (one per centroid of its {nbits}-bit sub-quantizers), so "
+                    f"{part.strip()} needs {2**nbits} rows (one per centroid of its {nbits}-bit {parts_of}), so "
                     f"it is {name} ({bits} bits each)"
                 )
-        aq = _AQ_PART.fullmatch(name)
-        if aq is not None and num_rows < 2 ** int(aq.group(3)):
-            bits = int(math.floor(math.log2(max(num_rows, 1))))
-            if bits < 1:
-                raise ConfigError(
-                    f"--index_factory {factory!r} cannot be trained on {num_rows} rows; use 'Flat' or a larger corpus."
-                )
-            name = f"{aq.group(1)}{aq.group(2)}x{bits}{aq.group(4)}"
-            reasons.append(
-                f"{part.strip()} needs {2 ** int(aq.group(3))} rows (one per centroid of its {aq.group(3)}-bit "
-                f"codebooks), so it is {name} ({bits} bits each)"
-            )
         ivf = _IVF_PART.match(name)
         if ivf is not None and num_rows < int(ivf.group(1)):
             nlist = max(1, num_rows // 39)

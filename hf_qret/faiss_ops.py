@@ -25,6 +25,7 @@ __all__ = [
     "split_pretransform",
     "apply_transforms",
     "set_opq_iterations",
+    "nested_indexes",
     "disable_polysemous_training",
     "fit_training_to_sample",
     "encode_chunk_rows",
@@ -52,16 +53,23 @@ def import_faiss() -> Any:
     return faiss
 
 
+def nested_indexes(faiss: Any, index: Any, depth: int = 4) -> Iterator[Any]:
+    """``index`` and the indexes it wraps (``.index`` of a pre-transform / IVF refine, ``.storage`` of HNSW), each
+    downcast, outermost first, at most ``depth`` levels."""
+    for _ in range(depth):
+        if index is None:
+            return
+        index = faiss.downcast_index(index)
+        yield index
+        index = getattr(index, "index", None) or getattr(index, "storage", None)
+
+
 def disable_polysemous_training(faiss: Any, index: Any) -> None:
     # index_factory turns on polysemous training for PQ codes: an expensive extra optimisation of the code
     # assignment that only Hamming-filtered search uses, which hf-qret never does.
-    seen = 0
-    while index is not None and seen < 4:
-        index = faiss.downcast_index(index)
-        if hasattr(index, "do_polysemous_training"):
-            index.do_polysemous_training = False
-        index = getattr(index, "index", None) or getattr(index, "storage", None)
-        seen += 1
+    for node in nested_indexes(faiss, index):
+        if hasattr(node, "do_polysemous_training"):
+            node.do_polysemous_training = False
 
 
 def split_pretransform(faiss: Any, index: Any) -> tuple[list[Any], Any]:
@@ -99,15 +107,11 @@ def encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
     Product quantizers encode a batch through a ``(rows, M, ksub)`` float32 distance table (1 GB for 65,536 rows of
     ``PQ16``), so PQ-based indexes are fed smaller chunks.
     """
-    seen, node = 0, index
-    while node is not None and seen < 4:
-        node = faiss.downcast_index(node)
+    for node in nested_indexes(faiss, index):
         pq = getattr(node, "pq", None)
         if pq is not None:
             per_row = int(pq.M) * int(pq.ksub) * 4 + 4 * int(node.d)
             return int(min(CHUNK_ROWS, max(1024, budget // per_row)))
-        node = getattr(node, "index", None) or getattr(node, "storage", None)
-        seen += 1
     return CHUNK_ROWS
 
 
@@ -149,12 +153,10 @@ def fit_training_to_sample(faiss: Any, index: Any, num_rows: int) -> None:
     at least as many rows as dimensions (``PCA matrix cannot output 384 dimensions``); on fewer rows it trains its
     codebooks over all dimensions at once (``Train_default``).
     """
-    node, seen = index, 0
-    while node is not None and seen < 4:
-        node = faiss.downcast_index(node)
+    for node in nested_indexes(faiss, index):
         rq = getattr(node, "rq", None)
         if rq is not None and num_rows < int(node.d) and hasattr(faiss, "ResidualQuantizer"):
             rq.train_type = faiss.ResidualQuantizer.Train_default
-            logger.info("residual quantizer on %d rows (< %d dimensions): codebooks trained without PCA", num_rows, node.d)
-        node = getattr(node, "index", None)
-        seen += 1
+            logger.info(
+                "residual quantizer on %d rows (< %d dimensions): codebooks trained without PCA", num_rows, node.d
+            )

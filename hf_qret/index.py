@@ -6,8 +6,8 @@ type supports them, searches run on a GPU copy while the CPU index stays the one
 
 Vectors may be given as a float32 array or as any array-like with ``len()`` and row slicing that returns float32-
 convertible rows (for example :meth:`hf_qret.bank.TargetBank.float32_rows`): they are then read ``CHUNK_ROWS`` rows
-at a time (:mod:`hf_qret.faiss_ops`), so a large float16 or memory-mapped bank is never copied to float32 as a whole. Training uses at most
-``max_train_rows`` rows (a fixed random sample).
+at a time (:mod:`hf_qret.faiss_ops`), so a large float16 or memory-mapped bank is never copied to float32 as a
+whole. Training uses at most ``max_train_rows`` rows (a fixed random sample).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .faiss_ops import (
     encode_chunk_rows,
     fit_training_to_sample,
     import_faiss,
+    nested_indexes,
     set_faiss_threads,
     set_opq_iterations,
     split_pretransform,
@@ -211,16 +212,12 @@ class QuantizedIndex:
 
     def _codec(self) -> Any:
         # The index that implements the standalone codec (sa_encode/sa_decode): HNSW delegates to its storage.
-        index = self.index
-        for _ in range(4):
+        for node in nested_indexes(self.faiss, self.index):  # e.g. an HNSW graph's storage codes
             try:
-                index.sa_code_size()
-                return index
+                node.sa_code_size()
+                return node
             except RuntimeError:
-                storage = getattr(self.faiss.downcast_index(index), "storage", None)
-                if storage is None:
-                    break
-                index = self.faiss.downcast_index(storage)
+                continue
         raise ConfigError(f"the {self.factory!r} index has no standalone codec in FAISS; use a PQ/OPQ/SQ/IVF index.")
 
     @property
