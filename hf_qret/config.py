@@ -39,7 +39,7 @@ class QRetTrainingArguments(TrainingArguments):
     Example:
         >>> args = QRetTrainingArguments(output_dir="out", index_factory="OPQ16,PQ16", num_negatives=100)
         >>> args.bank_learning_rate
-        0.001
+        0.002
     """
 
     lr_scheduler_type: str = field(

@@ -53,6 +53,7 @@ class RowAdam(torch.optim.Optimizer):
 
     Example:
         >>> import torch
+        >>> from hf_qret.bank import TargetBank
         >>> bank = TargetBank(torch.zeros(3, 2), ["a", "b", "c"])
         >>> opt = RowAdam(bank, lr=0.1)
         >>> bank.gather(torch.tensor([1])).sum().backward()
@@ -175,14 +176,11 @@ class RowAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> int:
         """Updates the rows that have a gradient, then applies drift control to them; returns how many rows moved."""
-        if closure is not None:
-            raise ValueError("RowAdam does not take a closure.")
-        rows, grads = row_gradients(self.bank.weight)
+        rows, grads = self._gradient_rows(closure)
         if rows.numel() == 0:
             return 0
         eps = self.eps
         beta1, beta2 = self.betas
-        grads = grads.float()
         slots = self._slots(rows)
         row_steps = self._read(self._step_blocks, slots) + 1
         self._write(self._step_blocks, slots, row_steps)
@@ -196,6 +194,13 @@ class RowAdam(torch.optim.Optimizer):
         denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
         update = (exp_avg / bias1) / denom
         return self._move(rows, update)
+
+    def _gradient_rows(self, closure: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows that have a gradient and their gradients (float32); optimizers over rows take no closure."""
+        if closure is not None:
+            raise ValueError(f"{type(self).__name__} does not take a closure.")
+        rows, grads = row_gradients(self.bank.weight)
+        return rows, grads.float()
 
     def _move(self, rows: torch.Tensor, update: torch.Tensor) -> int:
         """``row -= lr * update`` (after decoupled weight decay), drift control, written back in the bank's dtype."""
@@ -335,6 +340,7 @@ class RowSGD(RowAdam):
 
     Example:
         >>> import torch
+        >>> from hf_qret.bank import TargetBank
         >>> bank = TargetBank(torch.zeros(3, 2), ["a", "b", "c"])
         >>> opt = RowSGD(bank, lr=0.5)
         >>> (bank.gather(torch.tensor([1, 2])) * torch.tensor([[1.0], [0.001]])).sum().backward()
@@ -360,12 +366,10 @@ class RowSGD(RowAdam):
     @torch.no_grad()
     def step(self, closure: Any = None) -> int:
         """Moves the rows that have a gradient by ``-lr * gradient``, then applies drift control to them."""
-        if closure is not None:
-            raise ValueError("RowSGD does not take a closure.")
-        rows, grads = row_gradients(self.bank.weight)
+        rows, grads = self._gradient_rows(closure)
         if rows.numel() == 0:
             return 0
-        return self._move(rows, grads.float())
+        return self._move(rows, grads)
 
 
 class FollowScheduler(LRScheduler):

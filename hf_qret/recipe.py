@@ -91,11 +91,9 @@ def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
             f"--pooling {pooling} applies to a plain transformers model folder; {model_path!r} is a "
             "sentence-transformers model (or not a local folder), whose own Pooling module decides: drop --pooling."
         )
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from .sentence_encoder import pooled_sentence_transformer
 
-    transformer = Transformer(model_path)
-    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling), Normalize()]
-    return SentenceTransformer(modules=modules, device=device)
+    return pooled_sentence_transformer(model_path, pooling, device)
 
 
 def recipe_bank(

@@ -403,10 +403,20 @@ class QuantizedRetriever:
             raise ArtifactError(
                 f"{self.folder}: no bank (bank.safetensors) to train the index on; load an artifact saved with its bank."
             )
-        from .storage import read_bank_file
+        import torch
 
-        stored = read_bank_file(self.folder / name).float().numpy()
-        return np.ascontiguousarray(np.concatenate([stored, *self._added_rows]), dtype=np.float32)
+        return np.ascontiguousarray(self._grown_bank(self.folder / name, torch.float32).numpy())
+
+    def _grown_bank(self, source: Path, dtype: Any = None) -> Any:
+        """The stored bank's rows followed by the rows added since loading, as one tensor (``dtype``: the stored
+        one by default)."""
+        import torch
+        from safetensors.torch import load_file
+
+        stored = load_file(str(source))[_BANK_KEY]
+        dtype = stored.dtype if dtype is None else dtype
+        added = [torch.from_numpy(rows).to(dtype) for rows in self._added_rows]
+        return torch.cat([stored.to(dtype), *added]) if added else stored.to(dtype)
 
     def _load_shipped_corpus(self) -> None:
         # A shipped corpus.jsonl must grow with the index; read it now if from_pretrained skipped it.
@@ -461,19 +471,17 @@ class QuantizedRetriever:
         return target
 
     def _write_bank(self, source: Path, target: Path) -> None:
-        import torch
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         if self.files.bank is not None:
             self.files.bank.save(target)
             return
         if not self._added_rows and source.resolve() == target.resolve():
             return
-        stored = load_file(str(source))[_BANK_KEY]
-        added = [torch.from_numpy(rows).to(stored.dtype) for rows in self._added_rows]
-        grown = torch.cat([stored, *added]) if added else stored
+        grown = self._grown_bank(source)
         if len(grown) != len(self.doc_ids):
-            raise ArtifactError(f"{source}: the bank has {len(stored)} rows, the index {len(self.doc_ids) - sum(map(len, added))}.")
+            added = sum(map(len, self._added_rows))
+            raise ArtifactError(f"{source}: the bank has {len(grown) - added} rows, the index {len(self.doc_ids) - added}.")
         tmp = target.with_name(target.name + ".tmp")
         save_file({_BANK_KEY: grown.contiguous()}, str(tmp))
         os.replace(tmp, target)

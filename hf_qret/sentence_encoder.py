@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import ArtifactError
 
-__all__ = ["SentenceEncoder", "load_encoder"]
+__all__ = ["SentenceEncoder", "load_encoder", "pooled_sentence_transformer"]
 
 _POOLING_MODES = ("mean", "cls", "max")
 _OLD_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
@@ -235,11 +235,24 @@ def load_encoder(
     safe = {"use_safetensors": True, "local_files_only": True}
     try:
         if plain_pooling:
-            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-            transformer = Transformer(str(folder), model_kwargs=safe)
-            pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=str(pooling))
-            return SentenceTransformer(modules=[transformer, pool, Normalize()], device=device)
+            return pooled_sentence_transformer(str(folder), str(pooling), device, model_kwargs=safe)
         return SentenceTransformer(str(folder), device=device, local_files_only=True, model_kwargs={"use_safetensors": True})
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise cannot_load(exc) from None
+
+
+def pooled_sentence_transformer(
+    model_path: str, pooling: str, device: str | None = None, model_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """A plain transformers model folder as a ``SentenceTransformer`` of Transformer → Pooling(``pooling``) →
+    Normalize: what hf-qret trains and serves for a plain model (``--pooling mean|cls``).
+
+    Example:
+        >>> model = pooled_sentence_transformer("path/to/bert", "cls")  # doctest: +SKIP
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(model_path, model_kwargs=model_kwargs)
+    pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
+    return SentenceTransformer(modules=[transformer, pool, Normalize()], device=device)
