@@ -297,23 +297,29 @@ def test_ddp_processes_keep_identical_banks(tiny_model_dir, beir_dir, tmp_path):
         assert set(mine_a["positives"].tolist()) | set(mine_b["positives"].tolist()) <= candidates
 
 
+def recipe_under_torchrun(model_dir: str, data: Path, out: Path, *extra: str, timeout: int = 600):
+    """`torchrun --nproc_per_node 2 recipes/train.py recipes/scifact.yaml` with a tiny model and index on ``data``
+    (eval split ``dev``), plus ``extra`` options; asserts exit 0 and returns the finished process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "recipes" / "train.py"), str(REPO / "recipes" / "scifact.yaml"),
+               "--model_name_or_path", model_dir, "--data_dir", str(data), "--eval_split", "dev",
+               "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8",
+               "--per_device_train_batch_size", "4", "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
+               *extra]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.integration
 def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, two_split_dir, tmp_path):
     """`torchrun --nproc_per_node 2 recipes/train.py ...` forms one gloo world: one writer, one artifact, exit 0."""
-    data = two_split_dir
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("ACCELERATE_USE_CPU", None)
     # --keep_untrained_if_better false: the tiny random model's dev score is noise, and this run must train
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "recipes" / "train.py"), str(REPO / "recipes" / "scifact.yaml"),
-               "--model_name_or_path", tiny_model_dir, "--data_dir", str(data), "--eval_split", "dev",
-               "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8",
-               "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
-               "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
-               "--keep_untrained_if_better", "false"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = recipe_under_torchrun(tiny_model_dir, two_split_dir, out, "--max_steps", "4", "--save_steps", "2",
+                                   "--keep_untrained_if_better", "false", timeout=300)  # fmt: skip
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not list(out.glob("_staging*"))
@@ -346,16 +352,7 @@ def test_recipe_under_torchrun_encodes_the_corpus_once_into_one_mmap_file(tiny_m
     """`torchrun --nproc_per_node 2 recipes/train.py ... --bank_mmap true`: each process encodes half of the corpus
     into the one bank file (written by rank 0's creation, then by each process's share), and training runs."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("ACCELERATE_USE_CPU", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "recipes" / "train.py"), str(REPO / "recipes" / "scifact.yaml"),
-               "--model_name_or_path", tiny_model_dir, "--data_dir", str(two_split_dir), "--eval_split", "dev",
-               "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8", "--bank_mmap", "true",
-               "--per_device_train_batch_size", "4", "--max_steps", "2",
-               "--dataloader_pin_memory", "false", "--disable_tqdm", "true"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = recipe_under_torchrun(tiny_model_dir, two_split_dir, out, "--bank_mmap", "true", "--max_steps", "2")
     assert "process 0 of 2 encodes documents 0-150 of 300" in result.stderr
     assert "process 1 of 2 encodes documents 150-300 of 300" in result.stderr
     # the working file is written by one process per model: the run on train, then the shipped model's rerun on

@@ -4,6 +4,7 @@ search."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import partial
@@ -21,24 +22,20 @@ from hf_qret.encoder import encode_texts, make_tokenize_fn
 from hf_qret.errors import ArtifactError, ConfigError, DataError
 
 from conftest import synthetic_beir, write_beir
+from test_trainer import make_args
+
+
+#: What a sentence-transformers script leaves at the library's defaults (test_trainer's arguments set them).
+_LIBRARY_DEFAULTS = {
+    field.name: field.default
+    for field in dataclasses.fields(QRetTrainingArguments)
+    if field.name in ("bank_learning_rate", "logging_steps")
+}
 
 
 def st_args(tmp_path, **overrides) -> QRetTrainingArguments:
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        index_factory="PQ4",
-        num_negatives=8,
-        per_device_train_batch_size=8,
-        max_steps=3,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        use_cpu=True,
-        dataloader_pin_memory=False,
-    )
-    options.update(overrides)
-    return QRetTrainingArguments(**options)
+    """test_trainer's tiny-run arguments, 3 steps, with the library's own bank learning rate and logging."""
+    return make_args(tmp_path, **{"max_steps": 3, **_LIBRARY_DEFAULTS, **overrides})
 
 
 @pytest.fixture()
