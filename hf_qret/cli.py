@@ -9,13 +9,11 @@ import sys
 from typing import Any
 
 from .errors import QRetError
+from .recipe import train_main  # `hf-qret train`: imports the training stack only when it runs
 
 __all__ = ["main", "train_main", "evaluate_main"]
 
 logger = logging.getLogger("hf_qret")
-
-# `hf-qret train` is the recipe (hf_qret/recipe.py; it imports the training stack only when it runs).
-from .recipe import train_main  # noqa: E402
 
 
 def _flatten(metrics: dict[str, float], kind: str) -> dict[str, float]:
