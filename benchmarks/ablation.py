@@ -1,8 +1,8 @@
 """Ablation of hf-qret's accuracy options on the SciFact dev split: nDCG@10 over all / seen / unseen-target claims.
 
-For each index (default: the recipe's 16-byte ``OPQ16,PQ16`` and the 8-byte ``OPQ8,PQ8``) it trains the recipe
-(``recipes/scifact.yaml``: all-MiniLM-L6-v2, 4 epochs) once per variant and reads the dev evaluation the recipe
-writes (``eval_results.json``). Rows:
+For each index (default: the recipe's 16-byte ``RQ16x8`` and the 8-byte ``RQ8x8``) it trains the recipe
+(``recipes/scifact.yaml``: all-MiniLM-L6-v2, 4 epochs) once per variant and seed and reads the dev evaluation the
+recipe writes (``eval_results.json``). Rows:
 
 - ``untrained``: the pretrained encoder and bank, index built over the bank;
 - ``query-only``: the query encoder trains, the bank is frozen (``bank_learning_rate 0``);
@@ -15,10 +15,15 @@ writes (``eval_results.json``). Rows:
 table, then one JSON object as the last line. Results are cached per run folder (``--out``), so an interrupted
 ablation resumes where it stopped; ``--fresh`` retrains everything.
 
-    python benchmarks/ablation.py --out runs/ablation [--factories OPQ16,PQ16 OPQ8,PQ8] [--variants seed default]
+    python benchmarks/ablation.py --out runs/ablation [--factories RQ16x8 RQ8x8] [--variants seed default]
+        [--seeds 42 43 44] [--data_dir ../shared/data/nfcorpus --max_steps 600]
         [--markdown benchmarks/results/ablation.md] [--json]
 
-Takes about 4 minutes per run on 2 idle CPU cores (the corpus is encoded once, into ``--out/bank.safetensors``).
+Each cell is the mean over ``--seeds`` (FAISS training and the data order vary with the seed; the JSON line keeps
+every seed's numbers). ``--data_dir``/``--max_steps`` point the same recipe at another BEIR folder (NFCorpus: every
+dev query has a training positive, so its "unseen" cells are empty). Takes about 4 minutes per run with an
+``OPQ`` index and about 7 with ``RQ16x8`` on 2 idle CPU cores (the corpus is encoded once, into
+``--out/bank.safetensors``; copy an encoded bank there to skip it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -90,19 +96,24 @@ DISTILLED: dict[str, tuple[str, str | None]] = {
 #: Options of the distilled rows (benchmarks/distill.py flags; the library defaults of the distill_* options).
 DISTILL_OPTIONS: list[str] = []
 
-FACTORIES = ("OPQ16,PQ16", "OPQ8,PQ8")
+#: The recipe's 16-byte index and its 8-byte sibling (benchmarks/results/factories.md).
+FACTORIES = ("RQ16x8", "RQ8x8")
 
 
-def run_variant(out: Path, factory: str, name: str, overrides: list[str], bank_file: Path, fresh: bool) -> dict:
-    """Trains one variant (unless its results are cached) and returns its ``eval_results.json``."""
-    folder = out / factory.replace(",", "_") / name.lstrip("+")
+def run_variant(
+    out: Path, factory: str, name: str, overrides: list[str], bank_file: Path, fresh: bool, seed: int = 42,
+    recipe_options: list[str] | None = None,
+) -> dict:
+    """Trains one variant with one seed (unless its results are cached) and returns its ``eval_results.json``."""
+    folder = out / factory.replace(",", "_") / f"{name.lstrip('+')}-seed{seed}"
     results_file = folder / "eval_results.json"
     if results_file.is_file() and not fresh:
         return json.loads(results_file.read_text())
     command = [
         sys.executable, str(REPO / "recipes" / "train.py"), str(RECIPE), "--output_dir", str(folder),
         "--index_factory", factory, "--bank_init_file", str(bank_file), "--save_strategy", "no",
-        "--disable_tqdm", "true", "--train_on_eval_split", "false", *overrides,
+        "--disable_tqdm", "true", "--train_on_eval_split", "false", "--keep_untrained_if_better", "false",
+        "--seed", str(seed), *(recipe_options or []), *overrides,
     ]  # fmt: skip
     start = time.perf_counter()
     log = folder.with_suffix(".log")
@@ -111,7 +122,7 @@ def run_variant(out: Path, factory: str, name: str, overrides: list[str], bank_f
         done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
     if done.returncode != 0:
         raise SystemExit(f"{factory} {name}: the recipe failed (exit {done.returncode}); see {log}")
-    print(f"{factory} {name}: trained in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    print(f"{factory} {name} seed {seed}: trained in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return json.loads(results_file.read_text())
 
 
@@ -128,7 +139,7 @@ def run_distilled(out: Path, factory: str, name: str, bank_file: Path, seeds: li
         source = ["--untrained", str(bank_file), "--factory", factory]
     else:
         run_variant(out, factory, base, VARIANTS[base][1], bank_file, fresh=False)
-        source = ["--artifact", str(out / factory.replace(",", "_") / base)]
+        source = ["--artifact", str(out / factory.replace(",", "_") / f"{base}-seed42")]
     command = [
         sys.executable, str(REPO / "benchmarks" / "distill.py"), *source, "--data", str(REPO / "recipes" / "data" / "scifact"),
         "--seeds", *map(str, seeds), "--cache", str(out / "distill_cache"), *DISTILL_OPTIONS,
@@ -150,15 +161,31 @@ def distilled_row(results: dict) -> dict[str, float]:
     return {**results["mean"], "flat_all": results["before"]["flat_all"], "seeds": len(results["after"])}
 
 
-def row(results: dict, stage: str) -> dict[str, float]:
+def row(results: dict, stage: str) -> dict[str, float | None]:
+    """nDCG@10 of one run's stage; a slice with no query (NFCorpus has no unseen dev query) is ``None``."""
     metrics = results[stage]
     key = f"{stage}_quantized_ndcg@10"
+
+    def rounded(name: str) -> float | None:
+        return None if metrics.get(name) is None else round(metrics[name], 4)
+
     return {
-        "all": round(metrics[key], 4),
-        "seen": round(metrics[f"{key}_seen"], 4),
-        "unseen": round(metrics[f"{key}_unseen"], 4),
-        "flat_all": round(metrics[f"{stage}_flat_ndcg@10"], 4),
+        "all": rounded(key),
+        "seen": rounded(f"{key}_seen"),
+        "unseen": rounded(f"{key}_unseen"),
+        "flat_all": rounded(f"{stage}_flat_ndcg@10"),
     }
+
+
+def mean_row(rows: list[dict[str, float | None]], seeds: list[int]) -> dict:
+    """The mean of each cell over the seeds' rows, with the per-seed values kept (``per_seed``)."""
+    out: dict = {}
+    for cell in rows[0]:
+        values = [r[cell] for r in rows if r[cell] is not None]
+        out[cell] = round(statistics.mean(values), 4) if values else None
+    out["seeds"] = seeds
+    out["per_seed"] = rows
+    return out
 
 
 def markdown(table: dict[str, dict[str, dict[str, float]]], descriptions: dict[str, str]) -> str:
@@ -170,7 +197,7 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], descriptions: dict[s
         cells = []
         for factory in factories:
             values = table[factory].get(name)
-            cells += [f"{values[s]:.3f}" if values else "–" for s in ("all", "seen", "unseen")] if values else ["–"] * 3
+            cells += [f"{values[s]:.3f}" if values and values.get(s) is not None else "–" for s in ("all", "seen", "unseen")]
         lines.append(f"| {name} ({descriptions[name]}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--factories", nargs="+", default=list(FACTORIES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *DISTILLED])
     parser.add_argument("--distill_seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of distilled rows.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="Training seeds; cells are means.")
+    parser.add_argument("--data_dir", help="Another BEIR folder for the recipe (default: the recipe's SciFact).")
+    parser.add_argument("--max_steps", type=int, help="The recipe's --max_steps (default: its epochs).")
     parser.add_argument("--fresh", action="store_true", help="Retrain runs whose results are cached.")
     parser.add_argument("--markdown", help="Also write the markdown table to this file.")
     parser.add_argument("--json", action="store_true", help="(The JSON line is always printed last.)")
@@ -189,7 +219,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bank_file = out / "bank.safetensors"
-    table: dict[str, dict[str, dict[str, float]]] = {}
+    recipe_options = []
+    if args.data_dir:
+        recipe_options += ["--data_dir", str(Path(args.data_dir).resolve())]
+    if args.max_steps:
+        recipe_options += ["--max_steps", str(args.max_steps)]
+    trained = [n for n in args.variants if n in VARIANTS and VARIANTS[n][1] is not None]
+    #: the untrained row is the before-training evaluation of a trained run (the same pretrained model and bank)
+    untrained_source = next((n for n in ("default", "seed", *trained) if n in trained), "seed")
+    table: dict[str, dict[str, dict]] = {}
     for factory in args.factories:
         table[factory] = {}
         for name in args.variants:
@@ -197,12 +235,17 @@ def main(argv: list[str] | None = None) -> dict:
                 results = run_distilled(out, factory, name, bank_file, args.distill_seeds, args.fresh)
                 table[factory][name] = distilled_row(results)
                 continue
-            overrides = VARIANTS[name][1]
-            if overrides is None:  # untrained: the seed run's before-training evaluation
-                results = run_variant(out, factory, "seed", SEED, bank_file, fresh=False)
-                table[factory][name] = row(results, "untrained")
-            else:
-                table[factory][name] = row(run_variant(out, factory, name, overrides, bank_file, args.fresh), "trained")
+            rows = []
+            for seed in args.seeds:
+                if VARIANTS[name][1] is None:
+                    source = untrained_source
+                    fresh = args.fresh and source not in trained
+                    results = run_variant(out, factory, source, VARIANTS[source][1], bank_file, fresh, seed, recipe_options)
+                    rows.append(row(results, "untrained"))
+                else:
+                    results = run_variant(out, factory, name, VARIANTS[name][1], bank_file, args.fresh, seed, recipe_options)
+                    rows.append(row(results, "trained"))
+            table[factory][name] = mean_row(rows, args.seeds)
     descriptions = {name: description for name, (description, _) in [*VARIANTS.items(), *DISTILLED.items()]}
     text = markdown(table, descriptions)
     print(text)
