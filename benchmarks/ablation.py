@@ -84,6 +84,15 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
         "the recipe with the bank on row-wise Adam (lr 0.002), the optimizer before issue 16",
         ["--bank_optimizer", "adam", "--bank_learning_rate", "0.002"],
     ),
+    "encoder-initial": (
+        "the recipe with the encoder scored against the pretrained rows and the bank against its queries "
+        "(encoder_targets initial, bank_queries encoder: before issue 16)",
+        ["--encoder_targets", "initial", "--bank_queries", "encoder"],
+    ),
+    "incremental": (
+        "the recipe with refresh_mode incremental (the pretrained bank's codebooks kept, moved rows re-encoded)",
+        ["--refresh_mode", "incremental"],
+    ),
 }
 
 #: name -> (description, base run or None for the untrained model): the base's encoder and bank, with the index's
@@ -188,17 +197,20 @@ def mean_row(rows: list[dict[str, float | None]], seeds: list[int]) -> dict:
     return out
 
 
-def markdown(table: dict[str, dict[str, dict[str, float]]], descriptions: dict[str, str]) -> str:
+def markdown(table: dict[str, dict[str, dict]], descriptions: dict[str, str]) -> str:
+    """One row per variant: quantized nDCG@10 all / seen / unseen per index (the mean over the seeds column)."""
     factories = list(table)
-    header = "| variant | " + " | ".join(f"{f} all | {f} seen | {f} unseen" for f in factories) + " |"
-    lines = [header, "|---" * (1 + 3 * len(factories)) + "|"]
+    header = "| variant | seeds | " + " | ".join(f"{f} all | {f} seen | {f} unseen" for f in factories) + " |"
+    lines = [header, "|---" * (2 + 3 * len(factories)) + "|"]
     names = [n for n in [*VARIANTS, *DISTILLED] if any(n in table[f] for f in factories)]
     for name in names:
         cells = []
         for factory in factories:
             values = table[factory].get(name)
             cells += [f"{values[s]:.3f}" if values and values.get(s) is not None else "–" for s in ("all", "seen", "unseen")]
-        lines.append(f"| {name} ({descriptions[name]}) | " + " | ".join(cells) + " |")
+        counts = [table[f][name]["seeds"] for f in factories if name in table[f]]  # a list, or a distilled row's count
+        seeds = "/".join(sorted({str(len(c) if isinstance(c, list) else c) for c in counts}))
+        lines.append(f"| {name} ({descriptions[name]}) | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

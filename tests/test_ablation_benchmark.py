@@ -61,7 +61,7 @@ def test_cells_are_means_over_seeds_and_each_seed_trains_once(ablation, tmp_path
     assert table["RQ16x8"]["untrained"]["all"] == pytest.approx(0.30)
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert lines[2].startswith("| untrained") and lines[3] == (
-        "| default (the recipe as shipped (recipes/scifact.yaml)) | 0.303 | 0.403 | – |"
+        "| default (the recipe as shipped (recipes/scifact.yaml)) | 3 | 0.303 | 0.403 | – |"
     )
 
     ablation.main(argv)  # cached: nothing is trained again
