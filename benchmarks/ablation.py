@@ -21,7 +21,7 @@ ablation resumes where it stopped; ``--fresh`` retrains everything.
 
 Each cell is the mean over ``--seeds`` (FAISS training and the data order vary with the seed; the JSON line keeps
 every seed's numbers). ``--data_dir``/``--max_steps`` point the same recipe at another BEIR folder (NFCorpus: every
-dev query has a training positive, so its "unseen" cells are empty). Takes about 4 minutes per run with an
+dev query but one has a training positive, so its "unseen" cells are one query: read them as empty). Takes about 4 minutes per run with an
 ``OPQ`` index and about 7 with ``RQ16x8`` on 2 idle CPU cores (the corpus is encoded once, into
 ``--out/bank.safetensors``; copy an encoded bank there to skip it).
 """
@@ -171,7 +171,7 @@ def distilled_row(results: dict) -> dict[str, float]:
 
 
 def row(results: dict, stage: str) -> dict[str, float | None]:
-    """nDCG@10 of one run's stage; a slice with no query (NFCorpus has no unseen dev query) is ``None``."""
+    """nDCG@10 of one run's stage; a slice the run did not report (no query in it) is ``None``."""
     metrics = results[stage]
     key = f"{stage}_quantized_ndcg@10"
 
@@ -239,6 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
     trained = [n for n in args.variants if n in VARIANTS and VARIANTS[n][1] is not None]
     #: the untrained row is the before-training evaluation of a trained run (the same pretrained model and bank)
     untrained_source = next((n for n in ("default", "seed", *trained) if n in trained), "seed")
+    trained_runs: dict[tuple[str, str, int], dict] = {}
+
+    def trained_run(factory: str, name: str, seed: int) -> dict:
+        """One recipe run's results, trained (or read from its cache) once per invocation, ``--fresh`` included."""
+        key = (factory, name, seed)
+        if key not in trained_runs:
+            trained_runs[key] = run_variant(
+                out, factory, name, VARIANTS[name][1], bank_file, args.fresh, seed, recipe_options
+            )
+        return trained_runs[key]
+
     table: dict[str, dict[str, dict]] = {}
     for factory in args.factories:
         table[factory] = {}
@@ -247,16 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
                 results = run_distilled(out, factory, name, bank_file, args.distill_seeds, args.fresh)
                 table[factory][name] = distilled_row(results)
                 continue
-            rows = []
-            for seed in args.seeds:
-                if VARIANTS[name][1] is None:
-                    source = untrained_source
-                    fresh = args.fresh and source not in trained
-                    results = run_variant(out, factory, source, VARIANTS[source][1], bank_file, fresh, seed, recipe_options)
-                    rows.append(row(results, "untrained"))
-                else:
-                    results = run_variant(out, factory, name, VARIANTS[name][1], bank_file, args.fresh, seed, recipe_options)
-                    rows.append(row(results, "trained"))
+            untrained = VARIANTS[name][1] is None
+            source, stage = (untrained_source, "untrained") if untrained else (name, "trained")
+            rows = [row(trained_run(factory, source, seed), stage) for seed in args.seeds]
             table[factory][name] = mean_row(rows, args.seeds)
     descriptions = {name: description for name, (description, _) in [*VARIANTS.items(), *DISTILLED.items()]}
     text = markdown(table, descriptions)
