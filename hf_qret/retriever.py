@@ -411,9 +411,10 @@ class QuantizedRetriever:
         """The stored bank's rows followed by the rows added since loading, as one tensor (``dtype``: the stored
         one by default)."""
         import torch
-        from safetensors.torch import load_file
 
-        stored = load_file(str(source))[_BANK_KEY]
+        from .storage import read_bank_file
+
+        stored = read_bank_file(source)
         dtype = stored.dtype if dtype is None else dtype
         added = [torch.from_numpy(rows).to(dtype) for rows in self._added_rows]
         return torch.cat([stored.to(dtype), *added]) if added else stored.to(dtype)
