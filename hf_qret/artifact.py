@@ -13,6 +13,9 @@ Layout of ``OUT/``::
 
 The files written here (index, doc-id map, bank, config) go to a temporary name and are renamed into place; the
 encoder's own files are written in place by its ``save_pretrained``. Loading never unpickles anything.
+
+What belongs to an artifact, and what never does (checkpoints, training state, pickles, working files such as the
+memory-mapped bank), is this module's manifest: :data:`ARTIFACT_IGNORE_PATTERNS`, :func:`artifact_files`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from .index import QuantizedIndex
 
 __all__ = [
     "ARTIFACT_IGNORE_PATTERNS",
+    "TRAINING_STATE_NAMES",
+    "is_artifact_file",
+    "artifact_files",
+    "copy_artifact_files",
     "INDEX_NAME",
     "DOC_IDS_NAME",
     "BANK_NAME",
@@ -56,36 +63,117 @@ CONFIG_NAME = "qret_config.json"
 DOCUMENT_ENCODER_DIR = "document_encoder"
 #: Where an artifact may ship its document texts (BEIR ``{"_id", "title", "text"}`` lines).
 CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
-#: Files a download skips: pickled weights and training state are never needed (nor ever unpickled).
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "checkpoint-*", "last-checkpoint/*")
 _ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 FORMAT_VERSION = 1
 
-#: What a push leaves out of the artifact folder (``fnmatch`` patterns, ``*`` crosses ``/``): checkpoints and
-#: training state, temporary files, and ``_*`` / hidden folders (staging areas).
-ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
-    "checkpoint-*",
-    "last-checkpoint/*",
-    "runs/*",
-    "optimizer.pt",
-    "optimizer.bin",
-    "scheduler.pt",
-    "scaler.pt",
+# ------------------------------------------------------------------------------------------- the artifact manifest
+# An artifact folder is everything under it except what the patterns below match (``fnmatch`` on the relative POSIX
+# path, ``*`` crossing ``/``, as ``huggingface_hub`` matches them): the encoder's own files (whatever its
+# ``save_pretrained`` writes), the retrieval files above, ``document_encoder/``, the shipped corpus and the model card.
+# Every path that writes, copies, pushes or downloads an artifact applies them: ``hf_qret.hub`` (``push_artifact``,
+# ``PushToHubCallback``, ``hf-qret push``), ``QRetTrainer.push_to_hub`` and its mid-training pushes,
+# ``copy_artifact_files`` and ``QuantizedRetriever.save_pretrained`` / ``push_to_hub`` / ``from_pretrained``.
+
+#: hf-qret's own training state in a checkpoint (:mod:`hf_qret.checkpoint` writes them).
+BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
+LOSS_OPTIMIZER_NAME = "loss_optimizer.safetensors"
+ANCHORS_NAME = "bank_anchors.safetensors"
+MINING_INDEX_NAME = "mining_index.faiss"
+SHORTLIST_NAME = "mining_shortlist.faiss"
+REFRESH_STATE_NAME = "index_refresh_state.json"
+TRAINING_STATE_NAMES: tuple[str, ...] = (
+    BANK_OPTIMIZER_NAME,
+    LOSS_OPTIMIZER_NAME,
+    ANCHORS_NAME,
+    "values." + ANCHORS_NAME,
+    MINING_INDEX_NAME,
+    SHORTLIST_NAME,
+    REFRESH_STATE_NAME,
+)
+#: The base ``Trainer``'s checkpoint state (``training_args.bin`` is matched by :data:`PICKLE_PATTERNS`).
+TRAINER_STATE_PATTERNS: tuple[str, ...] = (
+    "trainer_state.json",
+    "optimizer.*",
+    "scheduler.*",
+    "scaler.*",
     "rng_state*",
     "global_step*",
-    "trainer_state.json",
-    "training_args.bin",
-    "bank_optimizer.safetensors",
-    "loss_optimizer.safetensors",
-    "bank_anchors.safetensors",
-    "values.bank_anchors.safetensors",
-    "mining_index.faiss",
-    "mining_shortlist.faiss",
-    "*.tmp",
-    "bank_init.tmp*",
-    "_*",
-    ".*/*",
 )
+#: Pickled files: never pushed, copied or downloaded (hf-qret never unpickles anything).
+PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
+#: Checkpoint folders of a run (their artifact files are pushed from the output folder, not from there).
+CHECKPOINT_PATTERNS: tuple[str, ...] = ("checkpoint-*", "last-checkpoint", "last-checkpoint/*")
+#: The memory-mapped working copy of the bank (``--bank_mmap``) and of its initial rows, under ``--output_dir``.
+MMAP_BANK_NAME = "bank_mmap.npy"
+INITIAL_MMAP_NAME = "bank_initial_mmap.npy"
+#: Where the recipe writes the encoded corpus before it becomes the bank.
+BANK_INIT_SCRATCH_NAME = "bank_init.tmp.safetensors"
+#: Working files: memory-mapped banks (gigabytes, written while training), files being written (``*.tmp``),
+#: staging folders (``_*``: ``_staging-checkpoint-N``, ``_document_encoder.tmp``), hidden folders and logs.
+WORKING_FILE_PATTERNS: tuple[str, ...] = (
+    "bank_mmap*.npy",
+    INITIAL_MMAP_NAME,
+    "bank_init.tmp*",
+    "*.tmp",
+    "_*",
+    ".*",
+    "runs/*",
+)
+#: Everything that is not part of an artifact: never pushed, copied, or read back from a download.
+ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
+    *CHECKPOINT_PATTERNS,
+    *TRAINER_STATE_PATTERNS,
+    *TRAINING_STATE_NAMES,
+    *PICKLE_PATTERNS,
+    *WORKING_FILE_PATTERNS,
+)
+
+
+def is_artifact_file(path: str) -> bool:
+    """Whether the file at ``path`` (relative to the artifact folder, ``/``-separated) belongs to the artifact.
+
+    Example:
+        >>> is_artifact_file("index.faiss"), is_artifact_file("bank_mmap.npy"), is_artifact_file("training_args.bin")
+        (True, False, False)
+    """
+    from fnmatch import fnmatch
+
+    return not any(fnmatch(path, pattern) for pattern in ARTIFACT_IGNORE_PATTERNS)
+
+
+def artifact_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the artifact in ``folder``: relative POSIX paths, sorted, without :data:`ARTIFACT_IGNORE_PATTERNS`.
+
+    Example:
+        >>> artifact_files("runs/scifact")  # doctest: +SKIP
+        ['1_Pooling/config.json', 'README.md', 'bank.safetensors', 'config.json', 'doc_ids.json', 'index.faiss', ...]
+    """
+    root = Path(folder)
+    paths = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(path for path in paths if is_artifact_file(path))
+
+
+def copy_artifact_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Copies the artifact in ``source`` (a checkpoint or an artifact folder) into ``target``: the files of
+    :func:`artifact_files`, each to a temporary name renamed into place. Returns the copied paths.
+
+    Example:
+        >>> copy_artifact_files("runs/scifact/checkpoint-500", "runs/scifact")  # doctest: +SKIP
+        ['1_Pooling/config.json', 'bank.safetensors', 'config.json', 'doc_ids.json', 'index.faiss', ...]
+    """
+    import shutil
+
+    source, target = Path(source), Path(target)
+    if not source.is_dir():
+        raise ArtifactError(f"{source}: no such artifact folder; pass the --output_dir of a training run.")
+    names = artifact_files(source)
+    for name in names:
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(source / name, tmp)
+        os.replace(tmp, destination)
+    return names
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
@@ -226,8 +314,9 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
 def resolve_artifact(
     repo_id_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any
 ) -> Path:
-    """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (pickled files
-    skipped); one :class:`ArtifactError` saying what to do when it is neither."""
+    """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (without what
+    is not part of an artifact, :data:`ARTIFACT_IGNORE_PATTERNS`: pickles, checkpoints, working files); one
+    :class:`ArtifactError` saying what to do when it is neither."""
     folder = Path(repo_id_or_path).expanduser()
     if folder.is_dir():
         return folder
@@ -238,7 +327,11 @@ def resolve_artifact(
     try:
         return Path(
             snapshot_download(
-                text, revision=revision, token=token, cache_dir=cache_dir, ignore_patterns=list(PICKLE_PATTERNS)
+                text,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                ignore_patterns=list(ARTIFACT_IGNORE_PATTERNS),
             )
         )
     except HFValidationError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -14,6 +15,9 @@ from .index import REFRESH_MODES, QuantizedIndex
 __all__ = ["BankStepCallback", "IndexRefreshCallback", "RetrievalEvaluationCallback"]
 
 logger = logging.getLogger(__name__)
+
+#: What :meth:`IndexRefreshCallback.state_dict` holds.
+_REFRESH_STATE_KEYS = frozenset({"refreshes", "last_refresh_step", "last_refreshed_rows", "stale", "epoch_end_pending"})
 
 
 class IndexRefreshCallback(TrainerCallback):
@@ -25,6 +29,11 @@ class IndexRefreshCallback(TrainerCallback):
     the last refresh (the same codes as ``"reencode"``, at a cost proportional to the changed rows). At train end the
     index is refreshed only if the bank changed since the last refresh, so the saved artifact always indexes the
     final bank.
+
+    Its state (:meth:`state_dict`) is saved with every checkpoint and restored on resume (:mod:`hf_qret.checkpoint`),
+    so a resumed run refreshes exactly when the unbroken run did. That includes the end-of-epoch refresh of a
+    checkpoint written at an epoch's last step: the ``Trainer`` saves at the step, before the epoch ends, and a run
+    resumed there starts with the next epoch; the callback makes that refresh at train begin instead.
 
     Args:
         bank: The trained bank.
@@ -59,6 +68,8 @@ class IndexRefreshCallback(TrainerCallback):
         #: Rows encoded by the last refresh (all rows, or the changed ones in ``"incremental"`` mode).
         self.last_refreshed_rows = 0
         self.bank_version_at_refresh = 0
+        #: Set from the last optimizer step of an epoch until that epoch's ``on_epoch_end``.
+        self.epoch_end_pending = False
 
     def refresh(self, step: int) -> None:
         """Rebuilds the index from the current bank now."""
@@ -82,11 +93,53 @@ class IndexRefreshCallback(TrainerCallback):
     def _stale(self) -> bool:
         return getattr(self.bank, "version", 0) != self.bank_version_at_refresh
 
+    def state_dict(self) -> dict[str, Any]:
+        """The refresh schedule's state, JSON-serializable: what a checkpoint saves to resume it exactly.
+
+        Example:
+            >>> state = callback.state_dict()  # at the last step of an epoch, before its refresh  # doctest: +SKIP
+            >>> state["last_refresh_step"], state["stale"], state["epoch_end_pending"]  # doctest: +SKIP
+            (-1, True, True)
+        """
+        return {
+            "refreshes": self.refreshes,
+            "last_refresh_step": self.last_refresh_step,
+            "last_refreshed_rows": self.last_refreshed_rows,
+            "stale": self._stale(),  # the bank moved since the index was last refreshed
+            "epoch_end_pending": self.epoch_end_pending,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` (after the checkpoint's bank is loaded into :attr:`bank`).
+
+        Raises:
+            ValueError: ``state`` lacks a key of :meth:`state_dict`.
+        """
+        missing = sorted(_REFRESH_STATE_KEYS - set(state))
+        if missing:
+            raise ValueError(f"the index refresh state lacks {', '.join(missing)}; resume from another checkpoint.")
+        self.refreshes = int(state["refreshes"])
+        self.last_refresh_step = int(state["last_refresh_step"])
+        self.last_refreshed_rows = int(state["last_refreshed_rows"])
+        self.epoch_end_pending = bool(state["epoch_end_pending"])
+        version = getattr(self.bank, "version", 0)
+        # Any other version than the bank's makes the index count as stale until the next refresh.
+        self.bank_version_at_refresh = version - 1 if state["stale"] else version
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.epoch_end_pending:  # resumed from a checkpoint written at an epoch's last step, before its end
+            logger.info("resuming at the end of an epoch (step %d): making its end-of-epoch refresh", state.global_step)
+            self.on_epoch_end(args, state, control)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_n_steps > 0 and state.global_step % self.every_n_steps == 0:
             self.refresh(state.global_step)
+        # The Trainer sets state.epoch to exactly epoch + 1 at an epoch's last step; a checkpoint saved now comes
+        # before on_epoch_end.
+        self.epoch_end_pending = state.epoch is not None and float(state.epoch).is_integer()
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch_end_pending = False
         if self.refresh_at_epoch_end and self.last_refresh_step != state.global_step and self._stale():
             self.refresh(state.global_step)
 

@@ -10,13 +10,20 @@ A checkpoint folder is an artifact (encoder, ``index.faiss`` = the bank of that 
   to whatever bank a resuming script passes in;
 - ``mining_index.faiss``: the index the run mines from, when it differs from the served ``index.faiss`` (rows moved
   since the last refresh are not re-encoded in it: the method mines from a stale index between refreshes);
-- ``mining_shortlist.faiss``: the mining shortlist's inverted lists, when there is one.
+- ``mining_shortlist.faiss``: the mining shortlist's inverted lists, when there is one;
+- ``index_refresh_state.json``: :class:`~hf_qret.callbacks.IndexRefreshCallback`'s schedule (refreshes so far, the
+  last refresh step, whether the index is stale, whether the epoch's end-of-epoch refresh is still to come), so the
+  resumed run refreshes exactly when the unbroken run did. It is a file of its own, not ``trainer_state.json``'s
+  ``stateful_callbacks``: transformers restores those by constructing the callback again from JSON arguments, and
+  this callback holds the bank and the index.
 
 Every file is written to a temporary name and renamed. Nothing is unpickled on load.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,11 +31,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+# The file names are the artifact manifest's (hf_qret.artifact): what is training state is never pushed or copied.
+from .artifact import (
+    ANCHORS_NAME,
+    BANK_OPTIMIZER_NAME,
+    LOSS_OPTIMIZER_NAME,
+    MINING_INDEX_NAME,
+    REFRESH_STATE_NAME,
+    SHORTLIST_NAME,
+    TRAINING_STATE_NAMES,
+    write_json,
+)
 from .errors import ArtifactError
 from .storage import write_safetensors_streamed
 
 if TYPE_CHECKING:
     from .bank import TargetBank
+    from .callbacks import IndexRefreshCallback
     from .index import QuantizedIndex
     from .initial_rows import InitialRows
     from .loss import QRetLoss
@@ -39,26 +58,23 @@ __all__ = [
     "BANK_OPTIMIZER_NAME",
     "LOSS_OPTIMIZER_NAME",
     "MINING_INDEX_NAME",
+    "REFRESH_STATE_NAME",
     "SHORTLIST_NAME",
     "TRAINING_STATE_NAMES",
     "load_anchors",
     "load_bank_rows",
     "load_mining_index",
     "load_optimizer_states",
+    "load_refresh_state",
     "publish_checkpoint",
     "save_training_state",
     "staging_folder",
 ]
 
-BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
-LOSS_OPTIMIZER_NAME = "loss_optimizer.safetensors"
-ANCHORS_NAME = "bank_anchors.safetensors"
-MINING_INDEX_NAME = "mining_index.faiss"
-SHORTLIST_NAME = "mining_shortlist.faiss"
-#: The checkpoint files that are training state (never part of a pushed artifact).
-TRAINING_STATE_NAMES = (BANK_OPTIMIZER_NAME, LOSS_OPTIMIZER_NAME, ANCHORS_NAME, MINING_INDEX_NAME, SHORTLIST_NAME)
 #: Key of the rows changed since the last index refresh, saved with the bank optimizer state.
 CHANGED_ROWS_KEY = "changed_rows"
+
+logger = logging.getLogger(__name__)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -93,14 +109,20 @@ def save_training_state(
     initial_rows: InitialRows | None,
     mining_index: QuantizedIndex,
     served_index: QuantizedIndex,
+    refresh_state: dict[str, Any] | None = None,
 ) -> None:
     """Writes the training-state files of a checkpoint into ``folder`` (see the module docstring).
 
+    ``refresh_state`` is :meth:`IndexRefreshCallback.state_dict() <hf_qret.callbacks.IndexRefreshCallback.state_dict>`.
+
     Example:
         >>> save_training_state("out/checkpoint-10", bank=bank, bank_optimizer=opt, loss=loss,
-        ...                     initial_rows=None, mining_index=index, served_index=index)  # doctest: +SKIP
+        ...                     initial_rows=None, mining_index=index, served_index=index,
+        ...                     refresh_state=trainer.refresh_callback.state_dict())  # doctest: +SKIP
     """
     folder = Path(folder)
+    if refresh_state is not None:
+        write_json(refresh_state, folder / REFRESH_STATE_NAME)
     state = dict(bank_optimizer.state_dict())
     state[CHANGED_ROWS_KEY] = torch.from_numpy(bank.changed_rows())  # for incremental refreshes
     _save_tensors(folder / BANK_OPTIMIZER_NAME, state)
@@ -141,6 +163,30 @@ def load_optimizer_states(
     path = folder / LOSS_OPTIMIZER_NAME
     if path.is_file():
         loss.load_optimizer_state(_load_tensors(path))
+
+
+def load_refresh_state(folder: str | os.PathLike, callback: IndexRefreshCallback) -> None:
+    """Restores the index refresh schedule of a checkpoint into ``callback``; call it after the checkpoint's bank is
+    loaded. A checkpoint without one (written by an older hf-qret) leaves the schedule as it is, with a warning.
+
+    Raises:
+        ArtifactError: The checkpoint's refresh state is unreadable.
+
+    Example:
+        >>> load_refresh_state("out/checkpoint-10", trainer.refresh_callback)  # doctest: +SKIP
+    """
+    path = Path(folder) / REFRESH_STATE_NAME
+    if not path.is_file():
+        logger.warning(
+            "%s has no %s (an older hf-qret wrote it): the index refresh schedule restarts from the checkpoint's "
+            "index, and an end-of-epoch refresh due at the checkpoint's step is not made.",
+            folder, REFRESH_STATE_NAME,
+        )  # fmt: skip
+        return
+    try:
+        callback.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc}); resume from another checkpoint.") from None
 
 
 def load_anchors(folder: str | os.PathLike, *, bank_optimizer: RowAdam, initial_rows: InitialRows | None) -> None:

@@ -3,9 +3,10 @@
 
 A push is one ``HfApi.create_repo(exist_ok=True)`` and one ``HfApi.upload_folder`` commit of the artifact folder
 (encoder, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``, ``qret_config.json``, the model card), leaving out
-training state (``checkpoint-*/``, optimizer, scheduler, RNG and trainer state, ``training_args.bin``) and
-temporary files. ``upload_folder`` sends binary and large files (the index, the weights, the bank) through the
-Hub's large-file storage (LFS / Xet) on its own.
+what :mod:`hf_qret.artifact`'s manifest says is not part of an artifact (``checkpoint-*/``, optimizer, scheduler, RNG
+and trainer state, pickles such as ``training_args.bin``, the memory-mapped ``bank_mmap.npy`` and temporary files).
+``upload_folder`` sends binary and large files (the index, the weights, the bank) through the Hub's large-file
+storage (LFS / Xet) on its own.
 
 ``QRetTrainer`` itself honours ``TrainingArguments.push_to_hub`` / ``hub_model_id`` / ``hub_strategy`` (its
 mid-training pushes include the index); the callback is for pushing to a repository of its own, with any trainer
@@ -24,7 +25,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .artifact import ARTIFACT_IGNORE_PATTERNS, CONFIG_NAME, INDEX_NAME
+from .artifact import (
+    ARTIFACT_IGNORE_PATTERNS,
+    CONFIG_NAME,
+    INDEX_NAME,
+    artifact_files,
+    copy_artifact_files,
+)
 from .errors import ArtifactError, ConfigError
 
 __all__ = [
@@ -66,7 +73,8 @@ def _check_artifact(folder: Path) -> None:
 def artifact_upload_files(folder: str | os.PathLike, extra_ignore: Sequence[str] = ()) -> list[str]:
     """The files (relative POSIX paths, sorted) that :func:`push_artifact` uploads from ``folder``.
 
-    Applies :data:`ARTIFACT_IGNORE_PATTERNS` and huggingface_hub's own defaults exactly as ``upload_folder`` does.
+    :func:`hf_qret.artifact.artifact_files` less ``extra_ignore`` and huggingface_hub's own defaults, exactly as
+    ``upload_folder`` filters them.
 
     Example:
         >>> artifact_upload_files("runs/scifact")  # doctest: +SKIP
@@ -75,10 +83,8 @@ def artifact_upload_files(folder: str | os.PathLike, extra_ignore: Sequence[str]
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
-    root = Path(folder).expanduser().resolve()
-    paths = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
-    ignore = [*ARTIFACT_IGNORE_PATTERNS, *extra_ignore, *DEFAULT_IGNORE_PATTERNS]
-    return list(filter_repo_objects(paths, ignore_patterns=ignore))
+    paths = artifact_files(Path(folder).expanduser().resolve())
+    return list(filter_repo_objects(paths, ignore_patterns=[*extra_ignore, *DEFAULT_IGNORE_PATTERNS]))
 
 
 def push_artifact(
@@ -368,21 +374,3 @@ def card_main(argv: list[str] | None = None) -> Path:
     path = write_model_card(args.artifact, repo_id=args.repo_id, **_card_kwargs(args))
     print(str(path))
     return path
-
-
-def copy_artifact_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Copies an artifact's files (not its training state: :data:`ARTIFACT_IGNORE_PATTERNS`) from a checkpoint
-    folder into the output folder, each through a temporary name. A mid-training push uploads ``target``."""
-    import shutil
-    from fnmatch import fnmatch
-
-    os.makedirs(target, exist_ok=True)
-    for name in sorted(os.listdir(source)):
-        if any(fnmatch(name, pattern) for pattern in ARTIFACT_IGNORE_PATTERNS):
-            continue
-        src, dst = os.path.join(source, name), os.path.join(target, name)
-        if os.path.isdir(src):
-            shutil.copytree(src, dst, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(src, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)

@@ -31,8 +31,6 @@ __all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
 
 #: What :meth:`QuantizedRetriever.search` can return.
 SEARCH_OUTPUTS = ("tuples", "semantic_search")
-#: Besides the push's ignore patterns (which match paths), folders and working files a copy leaves out.
-_NOT_COPIED = ("runs", "last-checkpoint", ".*", "bank_mmap.npy", "bank_initial_mmap.npy")
 _BANK_KEY = "embeddings"  # the bank's tensor in bank.safetensors
 
 
@@ -427,10 +425,11 @@ class QuantizedRetriever:
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Writes the artifact, with the documents added since loading, to ``save_directory``.
 
-        Another folder gets a copy of the loaded artifact (encoders, model card...) first; the loaded folder itself
-        is updated in place. The doc-id map, the bank (grown with the new documents' embeddings), the corpus (when
-        shipped), ``qret_config.json`` and, last, ``index.faiss`` are each written atomically; an hf-qret model card
-        is re-rendered for the new size (when the ``train`` extra is installed).
+        Another folder gets a copy of the loaded artifact first (encoders, model card...: the files of
+        :func:`hf_qret.artifact.artifact_files`, never checkpoints, pickles or working files); the loaded folder
+        itself is updated in place. The doc-id map, the bank (grown with the new documents' embeddings), the corpus
+        (when shipped), ``qret_config.json`` and, last, ``index.faiss`` are each written atomically; an hf-qret model
+        card is re-rendered for the new size (when the ``train`` extra is installed).
 
         Returns:
             The folder.
@@ -441,16 +440,12 @@ class QuantizedRetriever:
         """
         if self.folder is None:
             raise ArtifactError("this retriever was not loaded from an artifact folder; nothing to copy it from.")
-        import shutil
-
-        from .artifact import ARTIFACT_IGNORE_PATTERNS
+        from .artifact import copy_artifact_files
 
         target = Path(save_directory).expanduser()
         source = self.folder
         if not (target.exists() and target.resolve() == source.resolve()):
-            shutil.copytree(
-                source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ARTIFACT_IGNORE_PATTERNS, *_NOT_COPIED)
-            )
+            copy_artifact_files(source, target)  # the artifact's files only (hf_qret.artifact's manifest)
         config = dict(self.config)
         added = sum(len(rows) for rows in self._added_rows)
         if self._corpus is not None:

@@ -7,13 +7,21 @@ import copy
 import logging
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from .artifact import save_retrieval_files, training_record
+from .artifact import (
+    ARTIFACT_IGNORE_PATTERNS,
+    INITIAL_MMAP_NAME,
+    WORKING_FILE_PATTERNS,
+    copy_artifact_files,
+    save_retrieval_files,
+    training_record,
+)
 from .bank import TargetBank
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import (
@@ -22,6 +30,7 @@ from .checkpoint import (
     load_bank_rows,
     load_mining_index,
     load_optimizer_states,
+    load_refresh_state,
     publish_checkpoint,
     save_training_state,
     staging_folder,
@@ -43,8 +52,6 @@ from .storage import place_bank
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
 
-#: Where a memory-mapped bank's copy of its initial rows goes (copy-on-write mapped) when every row can move.
-INITIAL_MMAP_NAME = "bank_initial_mmap.npy"
 
 logger = logging.getLogger(__name__)
 
@@ -435,6 +442,7 @@ class QRetTrainer(Trainer):
                 initial_rows=self.initial_rows,
                 mining_index=self.index,
                 served_index=self.served_index(),
+                refresh_state=self.refresh_callback.state_dict(),
             )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -469,10 +477,11 @@ class QRetTrainer(Trainer):
         return files
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Resume: the encoder, the bank, the index the run mined from (and its shortlist) and the drift-control
-        anchors of the checkpoint (see :mod:`hf_qret.checkpoint`)."""
+        """Resume: the encoder, the bank, the index the run mined from (and its shortlist), the index refresh schedule
+        and the drift-control anchors of the checkpoint (see :mod:`hf_qret.checkpoint`)."""
         self._load_encoder(resume_from_checkpoint, model)
         files = self._load_bank(resume_from_checkpoint)
+        load_refresh_state(resume_from_checkpoint, self.refresh_callback)
         load_mining_index(resume_from_checkpoint, self.index, files.index.index)
         load_anchors(resume_from_checkpoint, bank_optimizer=self.bank_optimizer, initial_rows=self.initial_rows)
 
@@ -521,19 +530,117 @@ class QRetTrainer(Trainer):
             language=language,
         )
 
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``Trainer.push_to_hub`` for the artifact: saves it (``save_model``: the encoder and the index of the final
+        bank), renders hf-qret's model card and uploads ``args.output_dir`` in one commit, leaving out what
+        :mod:`hf_qret.artifact`'s manifest says is not part of an artifact (checkpoints, training state, pickles such
+        as ``training_args.bin``, working files such as ``bank_mmap.npy``), which the base ``Trainer`` would upload.
+
+        Args:
+            commit_message: The commit's message.
+            blocking: Wait for the upload; else return a ``Future`` of it.
+            token: A Hub token with write access (default: ``args.hub_token``).
+            revision: The branch to commit to (default: ``args.hub_revision``).
+            private: Visibility of a newly created repository.
+            **kwargs: Passed to :meth:`create_model_card` (``language``, ``license``, ``tags``, ``dataset``...).
+
+        Returns:
+            The ``CommitInfo`` of the upload (a ``Future`` of it when not ``blocking``; ``None`` on other processes).
+
+        Example:
+            >>> args = QRetTrainingArguments("out", hub_model_id="me/minilm-scifact-opq16")  # doctest: +SKIP
+            >>> trainer.train(); trainer.push_to_hub(license="apache-2.0")  # doctest: +SKIP
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        model_name = kwargs.pop("model_name", None)
+        if model_name is None and self.args.should_save:
+            model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:  # push_to_hub=False in the arguments
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)  # every process (sharded saving); only the main one uploads
+        if not self.is_world_process_zero():
+            return None
+        model_tags = getattr(self.model, "model_tags", None)
+        if model_tags:
+            tags = kwargs.get("tags") or []
+            tags = [tags] if isinstance(tags, str) else list(tags)
+            kwargs["tags"] = tags + [tag for tag in model_tags if tag not in tags]
+        self.create_model_card(model_name=model_name, **kwargs)
+        self._finish_current_push()
+        return self._upload_artifact(
+            commit_message, token=token, revision=revision or self.args.hub_revision, run_as_future=not blocking
+        )
+
+    def _upload_artifact(self, commit_message: str | None, *, token: str | None, revision: str | None,
+                         run_as_future: bool) -> Any:  # fmt: skip
+        """One ``upload_folder`` commit of ``args.output_dir``'s artifact files (the manifest's ignore patterns),
+        through the ``HfApi`` the base ``Trainer`` uses."""
+        from transformers import trainer as hf_trainer
+
+        return hf_trainer.hf_api().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=self.args.output_dir,
+            commit_message=commit_message,
+            token=token,
+            run_as_future=run_as_future,
+            ignore_patterns=list(ARTIFACT_IGNORE_PATTERNS),
+            revision=revision,
+        )
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Mid-training push (``push_to_hub=True``): the base ``Trainer`` copies only transformers weight files
-        from the checkpoint into ``output_dir`` before uploading it, so copy the rest of the artifact first (the
-        sentence-transformers modules, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``,
-        ``qret_config.json``) and render the model card; training state stays out."""
+        """Mid-training push (``push_to_hub=True``, ``hub_strategy`` other than ``"end"``): copies the checkpoint's
+        artifact files (the sentence-transformers modules, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``,
+        ``qret_config.json``; :func:`hf_qret.artifact.copy_artifact_files`) into ``args.output_dir``, renders the
+        model card and uploads the artifact as :meth:`push_to_hub` does; never training state, pickles or working
+        files. ``hub_strategy="checkpoint"`` / ``"all_checkpoints"`` also upload the whole checkpoint folder (training
+        state included, to resume from) to ``last-checkpoint/`` / ``checkpoint-N/``, which
+        :class:`~hf_qret.retriever.QuantizedRetriever` never downloads."""
         if self._defer_push:  # inside _save_checkpoint: pushed once the checkpoint is in its final folder
             return
         strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
         pushing = self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()
-        if self.is_world_process_zero() and strategy != "end" and pushing:
-            from .hub import copy_artifact_files
-            from .model_card import write_training_card
+        if not self.is_world_process_zero() or strategy == "end" or not pushing:
+            return
+        from transformers import trainer as hf_trainer
+        from transformers.utils import PushInProgress
 
-            copy_artifact_files(checkpoint_folder, self.args.output_dir)
-            write_training_card(self.args.output_dir, self.state.log_history, repo_id=self.hub_model_id)
-        super()._push_from_checkpoint(checkpoint_folder)
+        from .model_card import write_training_card
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        copy_artifact_files(checkpoint_folder, self.args.output_dir)
+        write_training_card(self.args.output_dir, self.state.log_history, repo_id=self.hub_model_id)
+        if getattr(self.args.save_strategy, "value", self.args.save_strategy) == "steps":
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        jobs = [
+            self._upload_artifact(
+                commit_message, token=self.args.hub_token, revision=self.args.hub_revision, run_as_future=True
+            )
+        ]
+        if strategy in ("checkpoint", "all_checkpoints"):
+            jobs.append(
+                hf_trainer.hf_api().upload_folder(
+                    repo_id=self.hub_model_id,
+                    folder_path=checkpoint_folder,
+                    path_in_repo="last-checkpoint" if strategy == "checkpoint" else Path(checkpoint_folder).name,
+                    commit_message=commit_message + ", checkpoint",
+                    token=self.args.hub_token,
+                    run_as_future=True,
+                    ignore_patterns=list(WORKING_FILE_PATTERNS),
+                    revision=self.args.hub_revision,
+                )
+            )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)

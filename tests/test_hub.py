@@ -225,6 +225,53 @@ def test_trainer_push_to_hub_mid_training_and_final_include_the_index(tiny_model
     assert index_rows == 300 and (out / "index.faiss").stat().st_size > 0
 
 
+#: Files in the output folder that are not part of the artifact: the memory-mapped banks (gigabytes, being written),
+#: the bank's scratch file, pickles and a staging folder.
+WORKING_FILES = ("bank_mmap.npy", "bank_initial_mmap.npy", "bank_init.tmp.safetensors", "training_args.bin",
+                 "pytorch_model.bin", "optimizer.pt", "_staging-checkpoint-9/index.faiss")  # fmt: skip
+
+
+def _not_artifact(name: str) -> bool:
+    return "mmap" in name or name.endswith((".bin", ".pt", ".pth", ".pkl")) or name.startswith(("_", "checkpoint-"))
+
+
+def test_trainer_pushes_leave_out_working_files_and_pickles(tiny_model, beir_dir, tmp_path, hub):
+    """QRetTrainer.push_to_hub and its mid-training pushes upload the output folder's artifact files only."""
+    trainer = make_trainer(
+        tiny_model, beir_dir, tmp_path, push_to_hub=True, hub_model_id="me/tiny-qret", hub_strategy="every_save",
+        save_strategy="steps", save_steps=2,
+    )  # fmt: skip
+    out = Path(trainer.args.output_dir)
+    for name in WORKING_FILES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"not part of the artifact")
+    trainer.train()
+    trainer.push_to_hub(commit_message="End of training")
+    messages = [u["commit_message"] for u in hub.uploads]
+    assert messages == ["Training in progress, step 2", "Training in progress, step 4", "End of training"]
+    for upload in hub.uploads:
+        assert upload["folder"] == out.resolve()
+        assert ARTIFACT_FILES <= upload["files"], ARTIFACT_FILES - upload["files"]
+        leaked = {name for name in upload["files"] if _not_artifact(name)}
+        assert not leaked, f"{upload['commit_message']!r} uploads {sorted(leaked)}"
+    assert not (out / "training_args.bin").read_bytes().startswith(b"PK")  # the Trainer pickled no arguments there
+
+
+def test_retriever_copy_and_push_leave_out_working_files(artifact, hub, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(artifact, folder)
+    for name in WORKING_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"not part of the artifact")
+    assert not {name for name in artifact_upload_files(folder) if _not_artifact(name)}
+    retriever = QuantizedRetriever.from_pretrained(folder)
+    saved = retriever.save_pretrained(tmp_path / "saved")
+    copied = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
+    assert ARTIFACT_FILES <= copied and not {name for name in copied if _not_artifact(name)}
+    retriever.push_to_hub("me/tiny-qret")
+    assert ARTIFACT_FILES <= hub.uploads[-1]["files"] and not {n for n in hub.uploads[-1]["files"] if _not_artifact(n)}
+
+
 def test_push_callback_pushes_checkpoints_and_the_final_artifact(tiny_model, beir_dir, tmp_path, hub):
     import faiss
 

@@ -258,3 +258,30 @@ def test_resume_restores_the_mining_shortlist_exactly(tiny_model_dir, two_split_
     assert len(resumed) == 3
     for after, expected in zip(resumed, unbroken[3:]):
         assert torch.equal(after, expected)
+
+
+def test_resume_at_an_epoch_end_refreshes_the_index_as_the_unbroken_run(tiny_model_dir, two_split_dir, tmp_path):
+    """A checkpoint written at an epoch's last step precedes that epoch's end-of-epoch refresh (the Trainer saves at
+    the step, then ends the epoch); the resumed run, which starts at the next epoch, makes that refresh first."""
+    from sentence_transformers import SentenceTransformer
+
+    def run(output, resume=None, **overrides):
+        trainer = _trainer(SentenceTransformer(tiny_model_dir, device="cpu"), two_split_dir, output, max_steps=-1,
+                           num_train_epochs=2, refresh_steps=0, refresh_on_epoch_end=True, with_evaluator=False,
+                           **overrides)  # fmt: skip
+        seen = record_candidates(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, seen
+
+    unbroken, seen_unbroken = run(tmp_path / "a")
+    per_epoch = len(seen_unbroken) // 2
+    assert per_epoch > 1 and unbroken.refresh_callback.refreshes == 2  # at the end of each epoch
+    run(tmp_path / "b", save_strategy="steps", save_steps=per_epoch)
+    checkpoint = tmp_path / "b" / "out" / f"checkpoint-{per_epoch}"  # the first epoch's last step
+    resumed, seen_resumed = run(tmp_path / "c", resume=str(checkpoint))
+    assert len(seen_resumed) == per_epoch
+    for step, (after, expected) in enumerate(zip(seen_resumed, seen_unbroken[per_epoch:]), start=per_epoch + 1):
+        assert torch.equal(after, expected), f"step {step} mined other candidates than the unbroken run"
+    torch.testing.assert_close(resumed.bank.weight, unbroken.bank.weight, rtol=1e-4, atol=1e-5)
+    assert resumed.refresh_callback.refreshes == unbroken.refresh_callback.refreshes
+    assert resumed.index_record() == unbroken.index_record()
