@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
 from typing import Any
 
-from .errors import QRetError
-from .recipe import train_main  # `hf-qret train`: imports the training stack only when it runs
+from .errors import MissingExtraError, QRetError
 
-__all__ = ["main", "train_main", "evaluate_main"]
+__all__ = ["main", "train_main", "evaluate_main", "require_train_extra"]
 
 logger = logging.getLogger("hf_qret")
 
@@ -23,6 +23,67 @@ def _flatten(metrics: dict[str, float], kind: str) -> dict[str, float]:
 
 def _report(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return {kind: _flatten(metrics, kind) for kind in ("flat", "quantized")}
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+#: What ``hf-qret train`` needs of the ``train`` extra: (module, the package that installs it).
+TRAIN_REQUIREMENTS = (
+    ("sentence_transformers", "sentence-transformers"),
+    ("datasets", "datasets"),
+    ("accelerate", "accelerate"),
+    ("yaml", "pyyaml"),
+    ("pytrec_eval", "pytrec_eval-terrier"),
+    ("matplotlib", "matplotlib"),
+)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a module set to None in sys.modules
+        return False
+
+
+def require_train_extra(command: str = "hf-qret train") -> None:
+    """Checks, before anything is loaded, that the ``train`` extra is installed (a serving-only install lacks it).
+
+    Raises:
+        MissingExtraError: Some of its packages are missing; the message names them and the install command.
+
+    Example:
+        >>> require_train_extra()  # with `pip install 'hf-qret[train]'` done, returns None
+    """
+    missing = [package for module, package in TRAIN_REQUIREMENTS if not _installed(module)]
+    if missing:
+        raise MissingExtraError(
+            f"{command} needs the train extra, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+            "installed (serving needs none of it); install it with: pip install 'hf-qret[train]'"
+        )
+
+
+def train_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``hf-qret train CONFIG.yaml [--option value ...]``: the training recipe (:func:`hf_qret.recipe.train_main`),
+    once :func:`require_train_extra` has checked that it can run. Returns the recipe's evaluation.
+
+    Example:
+        >>> train_main(["recipes/scifact.yaml", "--output_dir", "runs/scifact"])  # doctest: +SKIP
+    """
+    require_train_extra()
+    from .recipe import train_main as run_recipe  # imports the training stack only when it runs
+
+    return run_recipe(argv)
+
+
+def _push_main(argv: list[str]) -> Any:
+    from .hub import push_main
+
+    return push_main(argv)
+
+
+def _card_main(argv: list[str]) -> Any:
+    from .hub import card_main
+
+    return card_main(argv)
 
 
 # ------------------------------------------------------------------------------------------------------- evaluate
@@ -99,9 +160,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hf-qret`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .hub import card_main, push_main
-
-    commands = {"train": train_main, "evaluate": evaluate_main, "push": push_main, "card": card_main}
+    # Each command imports what it needs when it runs (``train`` checks the train extra first).
+    commands = {"train": train_main, "evaluate": evaluate_main, "push": _push_main, "card": _card_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             "usage: hf-qret {train,evaluate,push,card} ...\n\n"

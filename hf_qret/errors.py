@@ -22,6 +22,10 @@ class ArtifactError(QRetError, ValueError):
     """A saved artifact (bank, index, doc-id map) is missing, corrupt or inconsistent."""
 
 
+class MissingExtraError(QRetError, ImportError):
+    """A command needs an optional extra (``pip install 'hf-qret[train]'``) that is not installed."""
+
+
 class TrainingDivergedError(QRetError, RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad step changed anything."""
 

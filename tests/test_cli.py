@@ -150,3 +150,26 @@ def test_recipe_user_errors_exit_2_with_one_line_and_no_artifact(tiny_model_dir,
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1
     assert not (out / "index.faiss").exists()
+
+
+@pytest.mark.parametrize(
+    ("missing", "package"),
+    [("sentence_transformers", "sentence-transformers"), ("accelerate", "accelerate"), ("datasets", "datasets")],
+)
+def test_train_on_a_serving_only_install_says_to_install_the_train_extra(missing, package, monkeypatch, capsys, tmp_path):
+    """`hf-qret train` and recipes/train.py check the train extra before anything else (here: before the data)."""
+    import runpy
+
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises, find_spec says absent: as if not installed
+    argv = [str(REPO_ROOT / "recipes" / "scifact.yaml"), "--data_dir", str(tmp_path / "none"), "--output_dir",
+            str(tmp_path / "out")]  # fmt: skip
+    assert main(["train", *argv]) == 2
+    monkeypatch.setattr(sys, "argv", ["recipes/train.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO_ROOT / "recipes" / "train.py"), run_name="__main__")
+    assert exited.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert errors[0].startswith("error: hf-qret train needs the train extra, and ") and package in errors[0]
+    assert errors[0].endswith("pip install 'hf-qret[train]'")
+    assert not (tmp_path / "out").exists()
