@@ -17,7 +17,8 @@ __all__ = ["train_main", "training_verdict", "results_table", "recipe_bank", "MM
 
 logger = logging.getLogger("hf_qret")
 
-#: The memory-mapped working copy of the bank under --output_dir (--bank_mmap).
+#: The memory-mapped working copy of the bank under --output_dir (--bank_mmap); never part of the artifact
+#: (:data:`hf_qret.artifact.WORKING_FILE_PATTERNS`).
 MMAP_BANK_NAME = "bank_mmap.npy"
 
 def results_table(results: dict[str, Any]) -> str:
@@ -167,7 +168,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
-    from .artifact import save_document_encoder, write_json
+    from .artifact import BANK_INIT_SCRATCH_NAME, save_document_encoder, write_json
     from .config import parse_config, resolve_model_path
     from .data import build_pairs_dataset, load_beir
     from .encoder import embedding_dim, encode_texts
@@ -223,7 +224,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     scratch_init = None
     if not init_file and selecting:
         # one file for the run: under several processes the main process writes it, the others read it
-        init_file = scratch_init = str(Path(training_args.output_dir) / "bank_init.tmp.safetensors")
+        init_file = scratch_init = str(Path(training_args.output_dir) / BANK_INIT_SCRATCH_NAME)
     # --bank_mmap: the bank lives in OUTPUT_DIR/bank_mmap.npy (in --bank_dtype), written once per run.
     mmap_path = Path(training_args.output_dir) / MMAP_BANK_NAME if model_args.bank_mmap else None
     if mmap_path is not None and training_args.bank_device == "cuda":

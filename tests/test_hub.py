@@ -489,3 +489,24 @@ def test_recipe_with_push_to_hub_writes_the_card_and_pushes_once(tiny_model_dir,
     meta = front_matter(card)
     assert meta["datasets"] == ["BeIR/scifact"] and "base_model" not in meta  # a local folder is no Hub id
     assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "dev"
+
+
+def test_the_manifest_leaves_out_every_working_and_training_state_file():
+    """One manifest (hf_qret.artifact) for every push, copy and download: what the library writes beside the artifact
+    is never part of it, and what an artifact holds always is."""
+    from hf_qret.artifact import BANK_INIT_SCRATCH_NAME, INITIAL_MMAP_NAME, TRAINING_STATE_NAMES, is_artifact_file
+    from hf_qret.checkpoint import staging_folder
+    from hf_qret.recipe import MMAP_BANK_NAME
+
+    staging = Path(staging_folder("out", 4)).name
+    never = (MMAP_BANK_NAME, "bank_mmap.1.npy", INITIAL_MMAP_NAME, BANK_INIT_SCRATCH_NAME, *TRAINING_STATE_NAMES,
+             "index_refresh_state.json", "training_args.bin", "pytorch_model.bin", "optimizer.pt", "scheduler.pt",
+             "scaler.pt", "rng_state_1.pth", "trainer_state.json", "model.ckpt", "checkpoint-4/index.faiss",
+             "last-checkpoint/bank.safetensors", f"{staging}/index.faiss", "index.faiss.tmp",
+             "_document_encoder.tmp/config.json", "runs/Jan01/events.out.tfevents", ".cache/huggingface/x")  # fmt: skip
+    assert [name for name in never if is_artifact_file(name)] == []
+    always = ("index.faiss", "doc_ids.json", "bank.safetensors", "qret_config.json", "README.md", "model.safetensors",
+              "config.json", "modules.json", "1_Pooling/config.json", "document_encoder/model.safetensors",
+              "corpus.jsonl", "corpus.jsonl.gz", "quality_vs_bytes.png", "eval_results.json", "adapter_config.json",
+              "adapter_model.safetensors")  # fmt: skip
+    assert [name for name in always if not is_artifact_file(name)] == []

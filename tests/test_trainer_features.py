@@ -278,6 +278,8 @@ def test_resume_at_an_epoch_end_refreshes_the_index_as_the_unbroken_run(tiny_mod
     assert per_epoch > 1 and unbroken.refresh_callback.refreshes == 2  # at the end of each epoch
     run(tmp_path / "b", save_strategy="steps", save_steps=per_epoch)
     checkpoint = tmp_path / "b" / "out" / f"checkpoint-{per_epoch}"  # the first epoch's last step
+    saved = json.loads((checkpoint / "index_refresh_state.json").read_text())
+    assert saved["epoch_end_pending"] is True and saved["stale"] is True and saved["refreshes"] == 0
     resumed, seen_resumed = run(tmp_path / "c", resume=str(checkpoint))
     assert len(seen_resumed) == per_epoch
     for step, (after, expected) in enumerate(zip(seen_resumed, seen_unbroken[per_epoch:]), start=per_epoch + 1):
