@@ -97,9 +97,9 @@ class IndexRefreshCallback(TrainerCallback):
         """The refresh schedule's state, JSON-serializable: what a checkpoint saves to resume it exactly.
 
         Example:
-            >>> state = callback.state_dict()  # at the last step of an epoch, before its refresh  # doctest: +SKIP
-            >>> state["last_refresh_step"], state["stale"], state["epoch_end_pending"]  # doctest: +SKIP
-            (-1, True, True)
+            >>> state = callback.state_dict()  # doctest: +SKIP
+            >>> state["stale"], state["epoch_end_pending"]  # at an epoch's last step  # doctest: +SKIP
+            (True, True)
         """
         return {
             "refreshes": self.refreshes,

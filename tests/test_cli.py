@@ -156,7 +156,9 @@ def test_recipe_user_errors_exit_2_with_one_line_and_no_artifact(tiny_model_dir,
     ("missing", "package"),
     [("sentence_transformers", "sentence-transformers"), ("accelerate", "accelerate"), ("datasets", "datasets")],
 )
-def test_train_on_a_serving_only_install_says_to_install_the_train_extra(missing, package, monkeypatch, capsys, tmp_path):
+def test_train_on_a_serving_only_install_says_to_install_the_train_extra(
+    missing, package, monkeypatch, capsys, tmp_path
+):
     """`hf-qret train` and recipes/train.py check the train extra before anything else (here: before the data)."""
     import runpy
 

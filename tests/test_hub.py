@@ -494,7 +494,12 @@ def test_recipe_with_push_to_hub_writes_the_card_and_pushes_once(tiny_model_dir,
 def test_the_manifest_leaves_out_every_working_and_training_state_file():
     """One manifest (hf_qret.artifact) for every push, copy and download: what the library writes beside the artifact
     is never part of it, and what an artifact holds always is."""
-    from hf_qret.artifact import BANK_INIT_SCRATCH_NAME, INITIAL_MMAP_NAME, TRAINING_STATE_NAMES, is_artifact_file
+    from hf_qret.artifact import (
+        BANK_INIT_SCRATCH_NAME,
+        INITIAL_MMAP_NAME,
+        TRAINING_STATE_NAMES,
+        is_artifact_file,
+    )
     from hf_qret.checkpoint import staging_folder
     from hf_qret.recipe import MMAP_BANK_NAME
 
