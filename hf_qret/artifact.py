@@ -395,6 +395,8 @@ def training_record(trainer: Any) -> dict[str, Any]:
     from .peft_utils import adapter_info
 
     base = getattr(trainer.model, "model_card_data", None)
+    verdict = getattr(getattr(trainer, "safety_net", None), "verdict", None)
+    kept_untrained = verdict is not None and verdict.shipped == "untrained"  # the model is that of step 0
     return {
         "base_model": getattr(base, "base_model", None) or getattr(getattr(trainer.model, "config", None), "_name_or_path", None),
         "loss": type(trainer.loss).__name__,
@@ -411,7 +413,13 @@ def training_record(trainer: Any) -> dict[str, Any]:
             if trainer.index.mining_nlist
             else None
         ),
-        "global_step": trainer.state.global_step,
+        "global_step": 0 if kept_untrained else trainer.state.global_step,
+        "safety_net": None if verdict is None else {
+            "metric": verdict.metric,
+            "untrained": verdict.untrained.get(f"untrained_{verdict.metric[len('eval_'):]}"),
+            "trained": verdict.trained.get(f"trained_{verdict.metric[len('eval_'):]}"),
+            "shipped": verdict.shipped,
+        },
         "index_state": trainer.index_record(),
         "adapter": adapter_info(trainer.accelerator.unwrap_model(trainer.model)),
     }

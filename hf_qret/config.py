@@ -240,6 +240,15 @@ class QRetTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the query and positive columns."}
     )
+    keep_untrained_if_better: bool = field(
+        default=True,
+        metadata={
+            "help": "Safety net (needs an evaluator): evaluate the untrained model before the first step and, if "
+            "training ends worse on the evaluator's metric (metric_for_best_model, else the quantized index's "
+            "nDCG@10), restore the untrained encoder, bank and index, warn loudly and say so in eval_results.json "
+            "and the model card. The untrained model is kept in OUTPUT_DIR/_untrained during training."
+        },
+    )
     store_corpus_texts: bool | None = field(
         default=None,
         metadata={
@@ -367,14 +376,6 @@ class DataArguments:
     data_dir: str = field(default="", metadata={"help": "A BEIR folder (corpus, queries, qrels/) or a Hub dataset id."})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on."})
     eval_split: str | None = field(default=None, metadata={"help": "qrels split to evaluate on during/after training."})
-    keep_untrained_if_better: bool = field(
-        default=True,
-        metadata={
-            "help": "Recipe safety: the untrained model is evaluated on --eval_split before training; if the trained "
-            "model ends worse there (nDCG@10 of the quantized index), the recipe warns loudly, says so in the model "
-            "card and ships the untrained model instead."
-        },
-    )
     train_on_eval_split: bool = field(
         default=False,
         metadata={

@@ -1,8 +1,8 @@
 """The training recipe behind ``hf-qret train`` and ``recipes/train.py``: BEIR folder in, artifact out.
 
 The flow, one function per step: load and validate the splits, encode the corpus once into the bank
-(:func:`recipe_bank`, one writer under several processes), train, evaluate before and after, select what ships
-(:func:`training_verdict`), optionally train the shipped model again on train + eval split, then save and card it.
+(:func:`recipe_bank`, one writer under several processes), train with the library's safety net
+(:mod:`hf_qret.safety_net`: evaluated before and after, the untrained model kept if training made it worse), optionally train the shipped model again on train + eval split, then save and card it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from .safety_net import training_verdict
 
 __all__ = ["train_main", "training_verdict", "results_table", "recipe_bank", "MMAP_BANK_NAME"]
 
@@ -53,28 +55,6 @@ def _merged_splits(train_data: Any, eval_data: Any) -> Any:
     queries = {**train_data.queries, **eval_data.queries}
     split = f"{train_data.split}+{eval_data.split}"
     return BeirData(corpus=train_data.corpus, queries=queries, qrels=qrels, split=split, path=train_data.path)
-
-
-def training_verdict(results: dict[str, Any], metric: str = "quantized_ndcg@10") -> tuple[str, str | None]:
-    """Which model the recipe ships, from its before/after evaluation: ``("trained" | "untrained", warning)``.
-
-    Training that ends *below* the untrained model on the evaluation split (``metric`` of the served index) is not
-    shipped: the untrained model is, with a warning saying so. No evaluation: the trained model, no warning.
-
-    Example:
-        >>> training_verdict({"untrained": {"untrained_quantized_ndcg@10": 0.30},
-        ...                   "trained": {"trained_quantized_ndcg@10": 0.20}})[0]
-        'untrained'
-    """
-    before = (results.get("untrained") or {}).get(f"untrained_{metric}")
-    after = (results.get("trained") or {}).get(f"trained_{metric}")
-    if before is None or after is None or after >= before:
-        return "trained", None
-    return "untrained", (
-        f"TRAINING MADE THE MODEL WORSE: {metric} on the evaluation split fell from {before:.4f} (untrained) to "
-        f"{after:.4f} (trained). The artifact is the UNTRAINED model (pretrained encoder, pretrained bank, the index "
-        "evaluated before training); change the training settings (see the README, 'Accuracy options') and train again."
-    )
 
 
 def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
@@ -220,9 +200,8 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     init_file = model_args.bank_init_file
     # A second model (the untrained one shipped instead, or the run on train + eval split) starts from the same
     # encoded corpus: without --bank_init_file it is kept in the output folder for the run and removed after it.
-    selecting = eval_data is not None and (data_args.keep_untrained_if_better or train_on_all)
     scratch_init = None
-    if not init_file and selecting:
+    if not init_file and train_on_all:
         # one file for the run: under several processes the main process writes it, the others read it
         init_file = scratch_init = str(Path(training_args.output_dir) / BANK_INIT_SCRATCH_NAME)
     # --bank_mmap: the bank lives in OUTPUT_DIR/bank_mmap.npy (in --bank_dtype), written once per run.
@@ -271,11 +250,9 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         resume = resume.lower() == "true"
     # With --train_on_eval_split a resumed run resumes the shipped run on train + eval split, not the selection run.
     first_resume = None if train_on_all else (resume or None)
-    untrained_index = None
-    if evaluator is not None and not first_resume:  # a resumed run's checkpoint provides the index; no throw-away build
+    net = trainer.safety_net  # the library's safety net (evaluator + --keep_untrained_if_better): before and after
+    if evaluator is not None and net is None and not first_resume:
         results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
-        if selecting:  # what is shipped if training makes it worse: the index evaluated here
-            untrained_index = index.faiss.clone_index(trainer.index.index)
     trainer.train(resume_from_checkpoint=first_resume)
     if training_args.distill_quantizer:
         results["distill"] = _distill_quantizer(model, trainer, train_data, training_args)
@@ -286,42 +263,38 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         "dataset": dataset_id_from_path(data_args.data_dir),
     }
     notes: list[str] = []
+    shipped = "trained"
     if evaluator is not None:
-        results["trained"] = trainer.evaluate(metric_key_prefix="trained")
+        verdict = net.verdict if net is not None else None
+        if verdict is not None:  # evaluated by the net before the first step and after training
+            results.update(untrained=verdict.untrained, trained=verdict.trained)
+            shipped = verdict.shipped
+            if verdict.warning:
+                notes.append(f"**Warning:** {verdict.warning}")
+        else:
+            results["trained"] = trainer.evaluate(metric_key_prefix="trained")
         results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=data_args.eval_split)
         if trainer.is_world_process_zero():
             print(results_table(results))
-    shipped, warning = training_verdict(results) if data_args.keep_untrained_if_better else ("trained", None)
 
-    def fresh_trainer(data: Any, untrained: bool) -> QRetTrainer:
-        """A new encoder, bank and index from the pretrained state (the untrained index when ``untrained``)."""
+    def fresh_trainer(data: Any) -> QRetTrainer:
+        """A new encoder, bank and index from the pretrained state."""
         # one writer under several processes (the main one writes mmap_path, the others open it), as for the first
         new_bank = recipe_bank(None, data, dim, init_file, bank_dtype, mmap_path)
         new_index_ = QuantizedIndex.from_args(dim, training_args)
-        if untrained:
-            new_index_.replace(untrained_index)
-            new_bank.clear_changed()  # the index encodes exactly these rows
         return QRetTrainer(load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_)
 
-    if shipped == "untrained" or train_on_all:  # the first run's encoder, bank and index are done with
+    if shipped == "trained" and train_on_all:  # the first run's encoder, bank and index are done with
         import gc
 
         del trainer, bank, model, index, encode
         gc.collect()
-
-    if shipped == "untrained":
-        logger.warning("%s", "!" * 100)
-        logger.warning("%s", warning)
-        logger.warning("%s", "!" * 100)
-        notes.append(f"**Warning:** {warning}")
-        trainer = fresh_trainer(train_data, untrained=True)
-    elif train_on_all:
         all_data = _merged_splits(train_data, eval_data)
         logger.info(
             "training the shipped model on %s (%d queries) with the same settings (--train_on_eval_split)",
             all_data.split, len(all_data.qrels),
         )
-        trainer = fresh_trainer(all_data, untrained=False)
+        trainer = fresh_trainer(all_data)
         trainer.train(resume_from_checkpoint=resume or None)
         if training_args.distill_quantizer:
             shipped_model = trainer.accelerator.unwrap_model(trainer.model)

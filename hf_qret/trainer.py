@@ -21,6 +21,7 @@ from .artifact import (
     copy_artifact_files,
     save_retrieval_files,
     training_record,
+    write_json,
 )
 from .bank import TargetBank
 from .callbacks import BankStepCallback, IndexRefreshCallback
@@ -48,6 +49,7 @@ from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .mining import IndexMiner, MinedBatch
 from .optim import FollowScheduler, RowAdam, RowSGD
 from .peft_utils import has_adapter
+from .safety_net import SafetyNetCallback
 from .storage import place_bank
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
@@ -180,6 +182,13 @@ class QRetTrainer(Trainer):
             if restore_strategy is not None:
                 args.eval_strategy = restore_strategy
         self.add_callback(BankStepCallback(self._step_bank))
+        #: The safety net (hf_qret.safety_net): with an evaluator, the untrained model is kept if training hurts it.
+        self.safety_net: SafetyNetCallback | None = next(
+            (cb for cb in self.callback_handler.callbacks if isinstance(cb, SafetyNetCallback)), None
+        )
+        if self.safety_net is None and evaluator is not None and args.keep_untrained_if_better:
+            self.safety_net = SafetyNetCallback()
+            self.add_callback(self.safety_net)  # last: it runs after the index's train-end refresh
         self._bind_callbacks()
         self.bank_optimizer = (RowSGD if args.bank_optimizer == "sgd" else RowAdam)(
             bank,
@@ -410,6 +419,11 @@ class QRetTrainer(Trainer):
         if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
             write_corpus_texts(output_dir, self.corpus_texts)
         save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
+        verdict = self.safety_net.verdict if self.safety_net is not None else None
+        if verdict is not None and os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
+            from .model_card import EVAL_RESULTS_NAME
+
+            write_json(verdict.as_results(), os.path.join(output_dir, EVAL_RESULTS_NAME))  # the card reads it
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Writes the checkpoint into a staging folder and renames it into place: never half-written. A push
@@ -490,9 +504,20 @@ class QRetTrainer(Trainer):
         would load only transformers weights, and not into a sentence-transformers model)."""
         folder = self.state.best_model_checkpoint
         logger.info("Loading the best model from %s (score: %s).", folder, self.state.best_metric)
+        self.restore_snapshot(folder)
+
+    def save_untrained_snapshot(self, folder: str) -> None:
+        """Saves the model as it is now (encoder, bank, served index) for :meth:`restore_snapshot`: the safety
+        net's untrained model. Written by the main process; the others wait."""
+        self._save(folder)
+        self.accelerator.wait_for_everyone()
+
+    def restore_snapshot(self, folder: str) -> None:
+        """Loads encoder, bank and index from a saved folder (a checkpoint or the safety net's snapshot) on every
+        process; the index is that folder's, so nothing is stale."""
         self._load_encoder(folder)
         files = self._load_bank(folder)
-        self.index.replace(files.index.index)  # the index of that step's bank: nothing is stale
+        self.index.replace(files.index.index)
         self.bank.clear_changed()
 
     # ------------------------------------------------------------------ Hub
