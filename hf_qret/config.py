@@ -29,7 +29,7 @@ BANK_UPDATES = ("all", "positives")
 #: The bank's row optimizers and the learning rate each gets when ``bank_learning_rate`` is unset: the two are on
 #: different scales (a row-wise Adam row moves by about the learning rate per coordinate, an SGD row by the learning
 #: rate times its gradient).
-BANK_LEARNING_RATES = {"sgd": 0.2, "adam": 2e-3}
+BANK_LEARNING_RATES = {"adam": 2e-3, "sgd": 0.2}
 BANK_OPTIMIZERS = tuple(BANK_LEARNING_RATES)
 #: What the bank rows learn against: the trained encoder's queries or a frozen pretrained encoder's.
 BANK_QUERIES = ("encoder", "initial")

@@ -68,8 +68,8 @@ class GradientSnapshot(TrainerCallback):
         self.bank = self.trainer.bank.weight.grad.coalesce().to_dense().clone()
 
 
-@pytest.mark.parametrize("bank_update,encoder_targets", [("all", "bank"), ("positives", "initial")])
-def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir, tmp_path, bank_update, encoder_targets):
+@pytest.mark.parametrize("bank_update,bank_queries", [("all", "encoder"), ("positives", "initial")])
+def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir, tmp_path, bank_update, bank_queries):
     """batch 8 x GA 1 and batch 4 x GA 2 give the same gradients and the same step, encoder and bank.
 
     num_negatives = corpus size, so every micro-batch's candidate set is the whole corpus: the accumulated loss is
@@ -85,7 +85,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir
             model, beir_dir, tmp_path / f"b{batch_size}", train_rows=8, callbacks=[snapshot],
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
             num_negatives=300, max_grad_norm=0.0, logging_steps=1, bank_update=bank_update,
-            encoder_targets=encoder_targets,
+            bank_queries=bank_queries,
         )  # fmt: skip
         snapshot.trainer = trainer
         sizes = []
