@@ -45,6 +45,7 @@ def test_load_best_model_at_end_restores_encoder_bank_and_index(tiny_model_dir, 
         eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3, load_best_model_at_end=True,
         metric_for_best_model="eval_quantized_ndcg@10", refresh_steps=5,
         lr_scheduler_type="linear",  # the schedule this degrading run was designed with (the default is constant)
+        bank_optimizer="adam",  # and the bank optimizer: row-wise Adam at 0.5 moves every row far (the default is SGD)
     )  # fmt: skip
     trainer.train()
     logged = [e["eval_quantized_ndcg@10"] for e in trainer.state.log_history if "eval_quantized_ndcg@10" in e]
