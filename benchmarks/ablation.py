@@ -75,7 +75,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "+keep-norm": ("seed + rows keep their initial norm", _with(SEED, bank_keep_norm="true")),
     "default": ("the recipe as shipped (recipes/scifact.yaml)", []),
     "adam-bank": (
-        "the recipe with the bank on row-wise Adam (lr 0.002, its default), the optimizer before issue 16",
+        "the recipe with the bank on row-wise Adam (lr 0.002, its default), the optimizer before SGD",
         ["--bank_optimizer", "adam"],
     ),
     "incremental": (
