@@ -9,7 +9,12 @@ recipe writes (``eval_results.json``). Rows:
 - ``seed``: the seed method (bank rows trained by backprop, negatives mined from the quantized index, codebooks
   retrained at every epoch end, no other option);
 - one row per option added to the seed method alone;
-- ``default``: the recipe as shipped (every option it turns on).
+- ``default``: the recipe as shipped (the library's defaults);
+- one row per default swapped back to what it replaced (``adam-bank``, ``incremental``).
+
+Options that were measured here and retired from the library (quantization-aware scores, learned codebooks, the
+anchor pull, the encoder scored against the pretrained rows, quantizer distillation) are in ``docs/experiments.md``
+with their numbers.
 
 "Seen" claims have a relevant document that was a training positive; "unseen" claims have none. Prints a markdown
 table, then one JSON object as the last line. Results are cached per run folder (``--out``), so an interrupted
@@ -40,10 +45,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "scifact.yaml"
 
-#: The seed method: only the bank and the query encoder train; codebooks retrained at every epoch end.
+#: The seed method: the bank and the query encoder train against each other (one loss), every candidate row moves
+#: (row-wise Adam), codebooks retrained at every epoch end.
 SEED = [
-    "--bank_learning_rate", "0.001", "--refresh_mode", "retrain", "--quantized_score_weight", "0",
-    "--learn_codebooks", "false", "--bank_update", "all", "--encoder_targets", "bank", "--bank_anchor_weight", "0",
+    "--bank_learning_rate", "0.001", "--refresh_mode", "retrain", "--bank_update", "all", "--bank_queries", "encoder",
     "--bank_keep_norm", "false", "--bank_optimizer", "adam",
 ]  # fmt: skip
 
@@ -64,46 +69,20 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "untrained": ("pretrained encoder and bank", None),
     "query-only": ("query encoder trained, bank frozen", _with(SEED, bank_learning_rate="0")),
     "seed": ("seed method: bank + query encoder, codebooks retrained per epoch", SEED),
-    "+quantized-scores": (
-        "seed + scores half against decoded codes (weight 0.5)", _with(SEED, quantized_score_weight="0.5")
-    ),
-    "+codebooks": (
-        "seed + learned PQ centroids (JPQ; implies quantized scores)",
-        _with(SEED, quantized_score_weight="1", learn_codebooks="true"),
-    ),
     "+positives-only": (
         "seed + only rows of training-positive documents move", _with(SEED, bank_update="positives")
     ),
-    "+decoupled": (
-        "seed + query encoder scored against the pretrained targets", _with(SEED, encoder_targets="initial")
-    ),
-    "+anchor": ("seed + pull toward the initial embedding (weight 100)", _with(SEED, bank_anchor_weight="100")),
     "+keep-norm": ("seed + rows keep their initial norm", _with(SEED, bank_keep_norm="true")),
     "default": ("the recipe as shipped (recipes/scifact.yaml)", []),
     "adam-bank": (
-        "the recipe with the bank on row-wise Adam (lr 0.002), the optimizer before issue 16",
-        ["--bank_optimizer", "adam", "--bank_learning_rate", "0.002"],
-    ),
-    "encoder-initial": (
-        "the recipe with the encoder scored against the pretrained rows and the bank against its queries "
-        "(encoder_targets initial, bank_queries encoder: before issue 16)",
-        ["--encoder_targets", "initial", "--bank_queries", "encoder"],
+        "the recipe with the bank on row-wise Adam (lr 0.002, its default), the optimizer before SGD",
+        ["--bank_optimizer", "adam"],
     ),
     "incremental": (
         "the recipe with refresh_mode incremental (the pretrained bank's codebooks kept, moved rows re-encoded)",
         ["--refresh_mode", "incremental"],
     ),
 }
-
-#: name -> (description, base run or None for the untrained model): the base's encoder and bank, with the index's
-#: quantizer distilled from the flat bank (``--distill_quantizer``, applied by benchmarks/distill.py; no retraining).
-#: Their numbers are the mean over ``--distill_seeds`` seeds of the distillation.
-DISTILLED: dict[str, tuple[str, str | None]] = {
-    "untrained+distill": ("pretrained encoder and bank, quantizer distilled from the flat bank", None),
-    "default+distill": ("the recipe as shipped + --distill_quantizer", "default"),
-}
-#: Options of the distilled rows (benchmarks/distill.py flags; the library defaults of the distill_* options).
-DISTILL_OPTIONS: list[str] = []
 
 #: The recipe's 16-byte index and its 8-byte sibling (benchmarks/results/factories.md).
 FACTORIES = ("RQ16x8", "RQ8x8")
@@ -133,41 +112,6 @@ def run_variant(
         raise SystemExit(f"{factory} {name}: the recipe failed (exit {done.returncode}); see {log}")
     print(f"{factory} {name} seed {seed}: trained in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return json.loads(results_file.read_text())
-
-
-def run_distilled(out: Path, factory: str, name: str, bank_file: Path, seeds: list[int], fresh: bool) -> dict:
-    """Applies the quantizer distillation to the base run of ``name`` (training it first if needed); cached."""
-    base = DISTILLED[name][1]
-    folder = out / factory.replace(",", "_") / name.replace("+", "_")
-    results_file = folder / "distill_results.json"
-    if results_file.is_file() and not fresh:
-        return json.loads(results_file.read_text())
-    if base is None:
-        if not bank_file.is_file():  # the corpus is encoded by the first recipe run
-            run_variant(out, factory, "seed", SEED, bank_file, fresh=False)
-        source = ["--untrained", str(bank_file), "--factory", factory]
-    else:
-        run_variant(out, factory, base, VARIANTS[base][1], bank_file, fresh=False)
-        source = ["--artifact", str(out / factory.replace(",", "_") / f"{base}-seed42")]
-    command = [
-        sys.executable, str(REPO / "benchmarks" / "distill.py"), *source, "--data", str(REPO / "recipes" / "data" / "scifact"),
-        "--seeds", *map(str, seeds), "--cache", str(out / "distill_cache"), *DISTILL_OPTIONS,
-    ]  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "distill.log"
-    with open(log, "w") as handle:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=handle, cwd=REPO, env=dict(os.environ), text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{factory} {name}: the distillation failed (exit {done.returncode}); see {log}")
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    tmp = results_file.with_name(results_file.name + ".tmp")
-    tmp.write_text(json.dumps(results))
-    os.replace(tmp, results_file)
-    return results
-
-
-def distilled_row(results: dict) -> dict[str, float]:
-    return {**results["mean"], "flat_all": results["before"]["flat_all"], "seeds": len(results["after"])}
 
 
 def row(results: dict, stage: str) -> dict[str, float | None]:
@@ -202,14 +146,13 @@ def markdown(table: dict[str, dict[str, dict]], descriptions: dict[str, str]) ->
     factories = list(table)
     header = "| variant | seeds | " + " | ".join(f"{f} all | {f} seen | {f} unseen" for f in factories) + " |"
     lines = [header, "|---" * (2 + 3 * len(factories)) + "|"]
-    names = [n for n in [*VARIANTS, *DISTILLED] if any(n in table[f] for f in factories)]
+    names = [n for n in VARIANTS if any(n in table[f] for f in factories)]
     for name in names:
         cells = []
         for factory in factories:
             values = table[factory].get(name)
             cells += [f"{values[s]:.3f}" if values and values.get(s) is not None else "–" for s in ("all", "seen", "unseen")]
-        counts = [table[f][name]["seeds"] for f in factories if name in table[f]]  # a list, or a distilled row's count
-        seeds = "/".join(sorted({str(len(c) if isinstance(c, list) else c) for c in counts}))
+        seeds = "/".join(sorted({str(len(table[f][name]["seeds"])) for f in factories if name in table[f]}))
         lines.append(f"| {name} ({descriptions[name]}) | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -218,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/ablation", help="Folder of the runs (cached results).")
     parser.add_argument("--factories", nargs="+", default=list(FACTORIES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *DISTILLED])
-    parser.add_argument("--distill_seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of distilled rows.")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="Training seeds; cells are means.")
     parser.add_argument("--data_dir", help="Another BEIR folder for the recipe (default: the recipe's SciFact).")
     parser.add_argument("--max_steps", type=int, help="The recipe's --max_steps (default: its epochs).")
@@ -254,15 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
     for factory in args.factories:
         table[factory] = {}
         for name in args.variants:
-            if name in DISTILLED:
-                results = run_distilled(out, factory, name, bank_file, args.distill_seeds, args.fresh)
-                table[factory][name] = distilled_row(results)
-                continue
             untrained = VARIANTS[name][1] is None
             source, stage = (untrained_source, "untrained") if untrained else (name, "trained")
             rows = [row(trained_run(factory, source, seed), stage) for seed in args.seeds]
             table[factory][name] = mean_row(rows, args.seeds)
-    descriptions = {name: description for name, (description, _) in [*VARIANTS.items(), *DISTILLED.items()]}
+    descriptions = {name: description for name, (description, _) in VARIANTS.items()}
     text = markdown(table, descriptions)
     print(text)
     if args.markdown:

@@ -1,7 +1,7 @@
 """The bank's row optimizer in isolation: bank-only training against frozen query embeddings (issue 16).
 
-The recipe's query encoder learns against the pretrained rows (``encoder_targets: initial``) while the bank rows learn
-against the detached queries, so the bank's own dynamics can be replayed without the encoder: the training queries
+The bank rows learn against a frozen pretrained encoder's queries (``bank_queries: initial``, the default), so the
+bank's own dynamics can be replayed without the encoder: the training queries
 are encoded once by the pretrained model, and each step mines candidates from the quantized index, scores them with
 the recipe's loss and steps the bank (row-wise Adam, global-step Adam, Adagrad or SGD; moved rows keep their norm).
 The dev split is then searched flat and through the index retrained on the moved bank, with the pretrained query

@@ -39,7 +39,7 @@ train_dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": 
 relevant = {q: {d for d, score in docs.items() if score > 0} for q, docs in dev.qrels.items()}
 evaluator = InformationRetrievalEvaluator(queries=dev.queries, corpus=corpus, relevant_docs=relevant, name="dev")
 
-args = QRetTrainingArguments(output_dir=cli.output_dir, num_train_epochs=cli.epochs, index_factory="OPQ16,PQ16",
+args = QRetTrainingArguments(output_dir=cli.output_dir, num_train_epochs=cli.epochs,
     max_steps=cli.max_steps,
     per_device_train_batch_size=cli.batch_size,
     learning_rate=2e-5,

@@ -32,7 +32,7 @@ parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
 parser.add_argument("--data_dir", default="recipes/data/scifact")
 parser.add_argument("--eval_split", default="dev")
 parser.add_argument("--output_dir", required=True)
-parser.add_argument("--index_factory", default="OPQ16,PQ16")
+parser.add_argument("--index_factory", default="RQ16x8")
 parser.add_argument("--r", type=int, default=16, help="LoRA rank")
 parser.add_argument("--epochs", type=float, default=4.0)
 parser.add_argument("--max_steps", type=int, default=-1)
@@ -55,7 +55,6 @@ args = QRetTrainingArguments(
     max_steps=cli.max_steps,
     per_device_train_batch_size=cli.batch_size,
     learning_rate=5e-4,  # adapters take a larger learning rate than full fine-tuning
-    bank_learning_rate=1e-3,
     bf16=cli.bf16,
     logging_steps=10,
     save_strategy="no",

@@ -22,7 +22,6 @@ __version__ = "0.1.0"
 
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
-    "InitialRows": "initial_rows",
     "TargetBank": "bank",
     "FollowScheduler": "optim",
     "RowAdam": "optim",
@@ -48,10 +47,8 @@ _EXPORTS: dict[str, str] = {
     "push_artifact": "hub",
     "QuantizedIndex": "index",
     "CandidateCrossEntropyLoss": "loss",
-    "CodebookLearningLoss": "loss",
     "MinedNegativesLoss": "loss",
     "QRetLoss": "loss",
-    "QuantizationAwareLoss": "loss",
     "build_loss": "loss",
     "compute_metrics": "metrics",
     "write_trec_run": "metrics",
@@ -82,7 +79,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .bank import TargetBank
-    from .initial_rows import InitialRows
     from .callbacks import IndexRefreshCallback, RetrievalEvaluationCallback
     from .collator import QRetDataCollator
     from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_config
@@ -93,10 +89,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .index import QuantizedIndex
     from .loss import (
         CandidateCrossEntropyLoss,
-        CodebookLearningLoss,
         MinedNegativesLoss,
         QRetLoss,
-        QuantizationAwareLoss,
         build_loss,
     )
     from .metrics import compute_metrics, write_trec_run

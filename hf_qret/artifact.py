@@ -239,8 +239,9 @@ def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
     """Saves the encoder the bank was built with into ``output_dir/document_encoder/``, so the artifact can encode
     new documents offline (:meth:`hf_qret.retriever.QuantizedRetriever.add_documents`).
 
-    Call it before training changes the model (the recipe does): with ``encoder_targets: initial`` the bank's rows
-    that training did not move are exactly this encoder's embeddings. ``qret_config.json`` records the folder when
+    Call it before training changes the model (the recipe does): the bank's rows that training did not move (every
+    document that is not a training positive, under ``bank_update: positives``) are exactly this encoder's
+    embeddings. ``qret_config.json`` records the folder when
     the artifact is saved. The folder is written under a temporary name and renamed into place.
 
     Args:

@@ -4,7 +4,7 @@ The bank is an ``nn.Module`` whose single parameter is the ``(num_docs, dim)`` m
 trainer gathers the rows of a batch's candidate set with a *sparse* gradient, and :class:`~hf_qret.optim.RowAdam`
 updates only those rows, each with its own optimizer state. How the rows are stored (dtype, memory-mapped files,
 chunked I/O) lives in :mod:`hf_qret.storage`; the bank records which rows changed since the last index refresh
-(:meth:`TargetBank.changed_rows`). :class:`~hf_qret.initial_rows.InitialRows` keeps the pretrained value of the rows that can move.
+(:meth:`TargetBank.changed_rows`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .storage import (
     CHUNK_ROWS,
     NUMPY_STORAGE,
     Float32Rows,
-    FrozenRows,
     RowIds,
     check_bank_shape,
     copy_file_atomic,
@@ -452,26 +451,6 @@ class TargetBank(nn.Module):
             raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
         self.version += 1
         self.mark_all_changed()
-
-    def frozen_copy(self, path: str | os.PathLike | None = None) -> torch.Tensor | FrozenRows:
-        """A fixed copy of the current rows (the trainer's initial rows for drift control).
-
-        A float32 in-RAM bank gives a plain tensor clone. Otherwise the copy keeps the storage dtype and is returned
-        as :class:`FrozenRows` (float32 on indexing); a memory-mapped bank is copied file to file into ``path`` and
-        mapped copy-on-write, so it costs disk, not RAM.
-        """
-        weight = self.weight.detach()
-        if not self.is_mmap:
-            return weight.clone() if weight.dtype == torch.float32 else FrozenRows(weight.clone())
-        if path is None:
-            raise ValueError("a memory-mapped bank needs a file path for its frozen copy.")
-        self.flush()
-        path = Path(path)
-        copy_file_atomic(self._mmap_path, path)
-        tensor, array = open_npy_memmap(path, weight.dtype, mode="c")
-        frozen = FrozenRows(tensor)
-        frozen._mmap = array  # keeps the mapping alive
-        return frozen
 
     def row_norms(self, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """The float32 L2 norm of every row, computed chunk by chunk."""

@@ -5,9 +5,9 @@ A checkpoint folder is an artifact (encoder, ``index.faiss`` = the bank of that 
 
 - ``bank_optimizer.safetensors``: :class:`~hf_qret.optim.RowAdam`'s per-row state and the rows changed since the last
   index refresh;
-- ``loss_optimizer.safetensors``: the loss's own optimizer state, when it has one (learned codebooks);
-- ``bank_anchors.safetensors``: the drift-control anchors (the initial rows and norms), which belong to the run, not
-  to whatever bank a resuming script passes in;
+- ``loss_optimizer.safetensors``: the loss's own optimizer state, when it has one (a custom loss's);
+- ``bank_anchors.safetensors``: the drift-control anchors (the initial row norms ``bank_keep_norm`` keeps), which
+  belong to the run, not to whatever bank a resuming script passes in;
 - ``mining_index.faiss``: the index the run mines from, when it differs from the served ``index.faiss`` (rows moved
   since the last refresh are not re-encoded in it: the method mines from a stale index between refreshes);
 - ``mining_shortlist.faiss``: the mining shortlist's inverted lists, when there is one;
@@ -43,13 +43,11 @@ from .artifact import (
     write_json,
 )
 from .errors import ArtifactError
-from .storage import write_safetensors_streamed
 
 if TYPE_CHECKING:
     from .bank import TargetBank
     from .callbacks import IndexRefreshCallback
     from .index import QuantizedIndex
-    from .initial_rows import InitialRows
     from .loss import QRetLoss
     from .optim import RowAdam
 
@@ -106,7 +104,6 @@ def save_training_state(
     bank: TargetBank,
     bank_optimizer: RowAdam,
     loss: QRetLoss,
-    initial_rows: InitialRows | None,
     mining_index: QuantizedIndex,
     served_index: QuantizedIndex,
     refresh_state: dict[str, Any] | None = None,
@@ -117,7 +114,7 @@ def save_training_state(
 
     Example:
         >>> save_training_state("out/checkpoint-10", bank=bank, bank_optimizer=opt, loss=loss,
-        ...                     initial_rows=None, mining_index=index, served_index=index,
+        ...                     mining_index=index, served_index=index,
         ...                     refresh_state=trainer.refresh_callback.state_dict())  # doctest: +SKIP
     """
     folder = Path(folder)
@@ -129,19 +126,8 @@ def save_training_state(
     loss_state = loss.optimizer_state()
     if loss_state:
         _save_tensors(folder / LOSS_OPTIMIZER_NAME, loss_state)
-    anchors: dict[str, torch.Tensor] = {}
     if bank_optimizer.keep_norms is not None:
-        anchors["norms"] = bank_optimizer.keep_norms
-    if initial_rows is not None:
-        if initial_rows.slot is not None:
-            anchors["rows"] = (initial_rows.slot >= 0).nonzero().squeeze(1)
-            anchors["values"] = initial_rows.values
-        elif isinstance(initial_rows.values, torch.Tensor):
-            anchors["values"] = initial_rows.values
-        else:  # a full copy in a compact dtype (possibly memory mapped): streamed into its own file
-            write_safetensors_streamed(initial_rows.values.storage, folder / ("values." + ANCHORS_NAME))
-    if anchors:
-        _save_tensors(folder / ANCHORS_NAME, anchors)
+        _save_tensors(folder / ANCHORS_NAME, {"norms": bank_optimizer.keep_norms})
     if mining_index is not served_index:
         _write_faiss(mining_index.faiss, mining_index.index, folder / MINING_INDEX_NAME)
     if mining_index.shortlist is not None:
@@ -165,32 +151,8 @@ def load_optimizer_states(
         loss.load_optimizer_state(_load_tensors(path))
 
 
-def load_refresh_state(folder: str | os.PathLike, callback: IndexRefreshCallback) -> None:
-    """Restores the index refresh schedule of a checkpoint into ``callback``; call it after the checkpoint's bank is
-    loaded. A checkpoint without one (written by an older hf-qret) leaves the schedule as it is, with a warning.
-
-    Raises:
-        ArtifactError: The checkpoint's refresh state is unreadable.
-
-    Example:
-        >>> load_refresh_state("out/checkpoint-10", trainer.refresh_callback)  # doctest: +SKIP
-    """
-    path = Path(folder) / REFRESH_STATE_NAME
-    if not path.is_file():
-        logger.warning(
-            "%s has no %s (an older hf-qret wrote it): the index refresh schedule restarts from the checkpoint's "
-            "index, and an end-of-epoch refresh due at the checkpoint's step is not made.",
-            folder, REFRESH_STATE_NAME,
-        )  # fmt: skip
-        return
-    try:
-        callback.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
-        raise ArtifactError(f"{path}: cannot be read ({exc}); resume from another checkpoint.") from None
-
-
-def load_anchors(folder: str | os.PathLike, *, bank_optimizer: RowAdam, initial_rows: InitialRows | None) -> None:
-    """Restores the drift-control anchors of the run (initial rows and norms) from a checkpoint.
+        ...                     mining_index=index, served_index=index,
+        ...                     refresh_state=trainer.refresh_callback.state_dict())  # doctest: +SKIP
 
     Raises:
         ArtifactError: The checkpoint's anchors do not fit this run (another corpus or training set).
@@ -204,7 +166,7 @@ def load_anchors(folder: str | os.PathLike, *, bank_optimizer: RowAdam, initial_
     def mismatch(what: str) -> ArtifactError:
         return ArtifactError(
             f"{path}: the checkpoint's {what} do not fit this run; resume with the same corpus, training data and "
-            "bank_update / encoder_targets / bank_keep_norm options."
+            "bank_keep_norm option."
         )
 
     norms = anchors.get("norms")
@@ -214,25 +176,6 @@ def load_anchors(folder: str | os.PathLike, *, bank_optimizer: RowAdam, initial_
         if norms.shape != bank_optimizer.keep_norms.shape:
             raise mismatch("norms")
         bank_optimizer.keep_norms = norms.to(bank_optimizer.keep_norms.device)
-    if initial_rows is None:
-        return
-    with torch.no_grad():
-        if initial_rows.slot is not None:
-            rows = (initial_rows.slot >= 0).nonzero().squeeze(1)
-            if not torch.equal(anchors.get("rows", torch.empty(0)).long(), rows.long()):
-                raise mismatch("movable rows")
-            initial_rows.values.copy_(anchors["values"].to(initial_rows.values.device))
-            return
-        values = anchors.get("values")
-        if values is None:
-            from safetensors import safe_open
-
-            with safe_open(str(folder / ("values." + ANCHORS_NAME)), framework="pt") as handle:
-                values = handle.get_tensor("embeddings")
-        target = initial_rows.values if isinstance(initial_rows.values, torch.Tensor) else initial_rows.values.storage
-        if tuple(values.shape) != tuple(target.shape):
-            raise mismatch("initial rows")
-        target.copy_(values.to(target.device, target.dtype))
 
 
 def load_mining_index(folder: str | os.PathLike, index: QuantizedIndex, served: Any) -> None:

@@ -1,4 +1,4 @@
-"""FAISS plumbing shared by the index, the mining shortlist and quantizer distillation: the lazy import, the
+"""FAISS plumbing shared by the index and the mining shortlist: the lazy import, the
 vector transforms of an ``IndexPreTransform`` (OPQ), chunked float32 streaming of large banks and the training sample.
 
 FAISS is imported only when one of these runs (``import_faiss``), so importing hf-qret never loads it.

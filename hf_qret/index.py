@@ -429,12 +429,6 @@ class QuantizedIndex:
         self.version += 1
         self._drop_gpu()
 
-    def codebooks_changed(self) -> None:
-        """Call after editing the FAISS codebooks in place (see :class:`~hf_qret.codebook.TrainableCodebooks`)."""
-        self._drop_gpu()
-        if self.shortlist is not None:
-            self.shortlist.sync_codebooks(self.index)
-
     def replace(self, index: Any, shortlist_ivf: Any = None) -> None:
         """Serves another trained FAISS index of the same kind (e.g. a checkpoint's).
 

@@ -1,14 +1,14 @@
 """Training objectives: each query's softmax cross-entropy over its batch's mined candidate set.
 
 The losses follow sentence-transformers' habit of small ``nn.Module``\\ s. :class:`CandidateCrossEntropyLoss` is the
-scoring primitive (scaled dot products, masked, cross-entropy). :class:`MinedNegativesLoss` is the method's default
-loss: given the query embeddings and a :class:`~hf_qret.mining.MinedBatch`, it gathers the candidates' bank rows
-(with a sparse gradient, only for the rows allowed to move), adds the decoupled initial-target term, and masks a
-query's other known positives. :class:`QuantizationAwareLoss` and :class:`CodebookLearningLoss` are its variants that
-score (partly) against what the quantized index stores, and, for the latter, learn the PQ centroids (JPQ-style).
-:func:`build_loss` picks the one :class:`~hf_qret.config.QRetTrainingArguments` asks for.
+scoring primitive (scaled dot products, masked, cross-entropy). :class:`MinedNegativesLoss` is the method's loss:
+given the query embeddings and a :class:`~hf_qret.mining.MinedBatch`, it gathers the candidates' bank rows (with a
+sparse gradient, only for the rows allowed to move), scores the bank rows against the frozen pretrained queries when
+the batch carries them (``bank_queries='initial'``), and masks a query's other known positives. :func:`build_loss`
+makes it from :class:`~hf_qret.config.QRetTrainingArguments`.
 
-Any subclass of :class:`QRetLoss` can be passed to :class:`~hf_qret.trainer.QRetTrainer` as ``loss=``.
+Any subclass of :class:`QRetLoss` can be passed to :class:`~hf_qret.trainer.QRetTrainer` as ``loss=``;
+:func:`resolve_loss` fills in what it leaves to the arguments and refuses what contradicts them.
 """
 
 from __future__ import annotations
@@ -18,19 +18,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .bank import TargetBank
     from .config import QRetTrainingArguments
     from .index import QuantizedIndex
-    from .initial_rows import InitialRows
     from .mining import MinedBatch
 
 __all__ = [
     "CandidateCrossEntropyLoss",
-    "CodebookLearningLoss",
     "MinedNegativesLoss",
     "QRetLoss",
-    "QuantizationAwareLoss",
     "build_loss",
     "resolve_loss",
 ]
@@ -87,8 +86,10 @@ class QRetLoss(nn.Module):
     """Base class of the losses :class:`~hf_qret.trainer.QRetTrainer` takes.
 
     ``forward(query_embeddings, mined)`` returns ``(loss, stats)`` (stats: floats logged with the training loss). The
-    trainer sets the loss's train/eval mode to the model's before calling it. The hooks below let a loss own state
-    of its own (e.g. learned codebooks) without the trainer knowing about it; their defaults do nothing.
+    trainer sets the loss's train/eval mode to the model's before calling it. With ``bank_queries='initial'`` the
+    trainer puts the frozen pretrained encoder's queries in ``mined.bank_queries`` (training only): a loss that
+    trains the bank should score the bank rows against them, as :class:`MinedNegativesLoss` does. The hooks below
+    let a loss own trainable state of its own without the trainer knowing about it; their defaults do nothing.
     """
 
     def forward(self, query_embeddings: torch.Tensor, mined: MinedBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -113,17 +114,22 @@ class MinedNegativesLoss(QRetLoss):
     """The method's loss: each query against the bank rows of its batch's mined candidates.
 
     Candidate rows are gathered from the bank with a sparse gradient when the bank trains; with ``trainable_rows``
-    only those rows get a gradient (the others are scored, but keep their pretrained embedding). With
-    ``initial_targets`` (decoupled scoring) the query encoder learns against the pretrained targets (what documents
-    that never train look like) while the bank rows learn against the detached queries: the loss is the sum of both
-    terms.
+    only those rows get a gradient (the others are scored, but keep their pretrained embedding). When the batch
+    carries ``mined.bank_queries`` (the frozen pretrained encoder's queries, ``bank_queries='initial'``), the query
+    encoder learns against the (detached) bank rows it will be served with while the bank rows learn against those
+    fixed queries: the loss is the sum of both terms. Otherwise one loss trains both sides against each other.
+
+    ``scale``, ``train_bank`` and ``trainable_rows`` left at ``None`` are taken from the training arguments when the
+    loss is passed to :class:`~hf_qret.trainer.QRetTrainer` (``scale``, ``bank_learning_rate``, ``bank_update``); a
+    value given here that contradicts them is refused there (:func:`resolve_loss`).
 
     Args:
-        bank: The :class:`~hf_qret.bank.TargetBank`.
-        scale: Inverse temperature of the softmax.
-        train_bank: Whether candidate rows get a gradient in training (``bank_learning_rate > 0``).
-        trainable_rows: ``(num_docs,)`` mask of the rows that may move (``None``: all of them).
-        initial_targets: The pretrained rows (:class:`~hf_qret.bank.InitialRows`) for decoupled scoring.
+        bank: The :class:`~hf_qret.bank.TargetBank` (the trainer's own).
+        scale: Inverse temperature of the softmax (``None``: the trainer's; 20 outside a trainer).
+        train_bank: Whether candidate rows get a gradient in training (``None``: ``bank_learning_rate > 0`` in a
+            trainer; yes outside one).
+        trainable_rows: ``(num_docs,)`` mask of the rows that may move (``None``: the trainer's ``bank_update``;
+            all of them outside a trainer).
 
     Example:
         >>> import torch
@@ -139,17 +145,21 @@ class MinedNegativesLoss(QRetLoss):
     def __init__(
         self,
         bank: TargetBank,
-        scale: float = 20.0,
-        train_bank: bool = True,
+        scale: float | None = None,
+        train_bank: bool | None = None,
         trainable_rows: torch.Tensor | None = None,
-        initial_targets: InitialRows | None = None,
     ) -> None:
         super().__init__()
         self.bank = bank
-        self.cross_entropy = CandidateCrossEntropyLoss(scale)
-        self.train_bank = bool(train_bank)
+        #: The settings given here (not left to the trainer's arguments); see :func:`resolve_loss`.
+        self.given_settings = frozenset(
+            name
+            for name, value in (("scale", scale), ("train_bank", train_bank), ("trainable_rows", trainable_rows))
+            if value is not None
+        )
+        self.cross_entropy = CandidateCrossEntropyLoss(20.0 if scale is None else scale)
+        self.train_bank = True if train_bank is None else bool(train_bank)
         self.trainable_rows = trainable_rows
-        self.initial_targets = initial_targets
 
     @property
     def scale(self) -> float:
@@ -170,28 +180,17 @@ class MinedNegativesLoss(QRetLoss):
         moving_rows = self.bank.gather(mined.candidates[moving])
         return candidates.index_copy(0, moving.to(candidates.device), moving_rows)
 
-    def scored_targets(self, mined: MinedBatch, rows: torch.Tensor, initial: bool = False) -> torch.Tensor:
-        """What the queries are scored against for candidate ``rows`` (the bank rows themselves here).
-
-        ``initial`` says ``rows`` are the pretrained targets of decoupled scoring. Variants override it.
-        """
+    def scored_targets(self, mined: MinedBatch, rows: torch.Tensor) -> torch.Tensor:
+        """What the queries are scored against for candidate ``rows`` (the bank rows themselves here); subclasses
+        override it to change the scoring."""
         return rows
 
     def forward(self, query_embeddings: torch.Tensor, mined: MinedBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Returns the loss of the batch and its statistics (mean positive rank, candidate count)."""
         targets = self.scored_targets(mined, self.candidate_rows(mined))
-        if self.training and self.train_bank and self.initial_targets is not None:
-            initial = self.initial_targets.rows(mined.candidates).to(targets.device, targets.dtype)
-            initial = self.scored_targets(mined, initial, initial=True)
-            loss, stats = self.cross_entropy(query_embeddings, initial, mined.targets, mined.mask, mined.weights)
-            # The bank rows learn against the detached queries, or (bank_queries='initial') the frozen pretrained ones.
-            bank_queries = query_embeddings if mined.bank_queries is None else mined.bank_queries
-            bank_queries = bank_queries.detach().to(query_embeddings.device, query_embeddings.dtype)
-            bank_loss, _ = self.cross_entropy(bank_queries, targets, mined.targets, mined.mask, mined.weights)
-            return loss + bank_loss, stats
         if self.training and self.train_bank and mined.bank_queries is not None:
-            # bank_queries='initial' with encoder_targets='bank': the encoder follows the bank it will be served with,
-            # the bank rows learn against the frozen pretrained queries.
+            # bank_queries='initial': the encoder follows the bank it will be served with, the bank rows learn
+            # against the frozen pretrained queries.
             loss, stats = self.cross_entropy(query_embeddings, targets.detach(), mined.targets, mined.mask, mined.weights)
             bank_queries = mined.bank_queries.detach().to(query_embeddings.device, query_embeddings.dtype)
             bank_loss, _ = self.cross_entropy(bank_queries, targets, mined.targets, mined.mask, mined.weights)
@@ -199,150 +198,30 @@ class MinedNegativesLoss(QRetLoss):
         return self.cross_entropy(query_embeddings, targets, mined.targets, mined.mask, mined.weights)
 
 
-class QuantizationAwareLoss(MinedNegativesLoss):
-    """Scores (partly) against what the quantized index stores: ``rows + weight * (decoded - rows)``.
-
-    Straight-through: the bank rows get the full gradient, the decoded vectors come from the index's codebooks.
-    Measured worse than the default on SciFact (``benchmarks/results/ablation.md``); kept for other corpora.
-
-    Args:
-        bank: The bank.
-        index: The :class:`~hf_qret.index.QuantizedIndex` over the bank.
-        weight: How much of the score is against the decoded vectors (0..1).
-        **kwargs: :class:`MinedNegativesLoss` arguments.
-    """
-
-    def __init__(self, bank: TargetBank, index: QuantizedIndex, weight: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(bank, **kwargs)
-        self.index = index
-        self.weight = float(weight)
-
-    def decoded(self, mined: MinedBatch, rows: torch.Tensor, initial: bool) -> torch.Tensor:
-        """The vectors the index would store for ``rows``."""
-        return torch.from_numpy(self.index.quantize(rows.detach().float().cpu().numpy()))
-
-    def scored_targets(self, mined: MinedBatch, rows: torch.Tensor, initial: bool = False) -> torch.Tensor:
-        decoded = self.decoded(mined, rows, initial).to(rows.device, rows.dtype)
-        return rows + self.weight * (decoded - rows.detach())
-
-
-class CodebookLearningLoss(QuantizationAwareLoss):
-    """JPQ-style: the candidates' stored vectors are decoded with trainable PQ centroids, which the loss learns.
-
-    The centroids (:class:`~hf_qret.codebook.TrainableCodebooks`) have their own Adam, stepped after every encoder
-    step at ``learning_rate`` times the schedule's ratio, and are written back into the FAISS index (mining and the
-    next refresh use them); refreshes re-encode instead of retraining the codebooks. Measured worse than the default
-    on SciFact, most on documents that never train (``benchmarks/results/ablation.md``); kept for other corpora.
-
-    Args:
-        bank: The bank.
-        index: A ``PQ<M>`` or ``OPQ<M>,PQ<M>`` index over the bank.
-        weight: How much of the score is against the decoded vectors (0..1).
-        learning_rate: The centroids' learning rate.
-        device: Where the centroids live.
-        **kwargs: :class:`MinedNegativesLoss` arguments.
-    """
-
-    def __init__(
-        self,
-        bank: TargetBank,
-        index: QuantizedIndex,
-        weight: float = 1.0,
-        learning_rate: float = 1e-4,
-        device: str | torch.device = "cpu",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(bank, index, weight, **kwargs)
-        self.learning_rate = float(learning_rate)
-        self.device = torch.device(device)
-        self._codebooks: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    @property
-    def codebooks(self) -> Any:
-        """The :class:`~hf_qret.codebook.TrainableCodebooks`, made from the index on first use (once it is built)."""
-        if self._codebooks is None:
-            from .codebook import TrainableCodebooks
-
-            self._codebooks = TrainableCodebooks(self.index).to(self.device)
-            self.optimizer = self._new_optimizer()
-        return self._codebooks
-
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.codebooks.centroids], lr=self.learning_rate)
-
-    def forward(self, query_embeddings: torch.Tensor, mined: MinedBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.codebooks.maybe_sync():
-            self.optimizer = self._new_optimizer()  # retrained codebooks: fresh state
-        return super().forward(query_embeddings, mined)
-
-    def decoded(self, mined: MinedBatch, rows: torch.Tensor, initial: bool) -> torch.Tensor:
-        if initial:  # the pretrained targets are decoded by the index as it stands
-            return super().decoded(mined, rows, initial)
-        decoded = self.codebooks.reconstruct(mined.candidates)
-        return decoded if self.training else decoded.detach()
-
-    def refresh_mode(self, requested: str) -> str:
-        # Learned codebooks are the codebooks: refreshes re-encode the bank with them instead of retraining.
-        return "reencode" if requested == "retrain" else requested
-
-    def after_optimizer_step(self, lr_ratio: float, world_size: int = 1) -> None:
-        if self._codebooks is None:
-            return
-        centroids = self.codebooks.centroids
-        if centroids.grad is not None:
-            if world_size > 1:
-                torch.distributed.all_reduce(centroids.grad)
-                centroids.grad /= world_size
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate * lr_ratio
-            self.optimizer.step()
-            self.codebooks.write_back()  # mining and the next refresh use the learned centroids
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        if self._codebooks is None:
-            return {}
-        state = self.optimizer.state.get(self.codebooks.centroids) or {}
-        return {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
-
-    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.codebooks.maybe_sync()  # the checkpoint's index (and learned centroids) replaced ours
-        self.optimizer = self._new_optimizer()
-        device = self.codebooks.centroids.device
-        self.optimizer.state[self.codebooks.centroids] = {
-            k: (v if k == "step" else v.to(device)) for k, v in state.items()
-        }
-
-
 def build_loss(
     args: QRetTrainingArguments,
     bank: TargetBank,
-    index: QuantizedIndex,
+    index: QuantizedIndex | None = None,
     trainable_rows: torch.Tensor | None = None,
-    initial_rows: InitialRows | None = None,
     scale: float | None = None,
 ) -> QRetLoss:
-    """The loss the training arguments ask for: the default, quantization-aware, or codebook-learning variant.
+    """The method's :class:`MinedNegativesLoss` as the training arguments ask for it.
 
-    ``scale`` overrides ``args.scale`` (the trainer passes :func:`hf_qret.encoder.resolve_scale`'s value).
+    ``scale`` overrides ``args.scale`` (the trainer passes :func:`hf_qret.encoder.resolve_scale`'s value);
+    ``index`` is unused (kept for custom loss factories with the same signature).
 
     Example:
-        >>> loss = build_loss(args, bank, index)  # doctest: +SKIP
+        >>> loss = build_loss(args, bank, index, scale=20.0)  # doctest: +SKIP
     """
-    common: dict[str, Any] = {
-        "scale": args.scale if scale is None else scale,
-        "train_bank": args.bank_learning_rate > 0,
-        "trainable_rows": trainable_rows,
-        "initial_targets": initial_rows if args.encoder_targets == "initial" else None,
-    }
-    if args.learn_codebooks:
-        return CodebookLearningLoss(
-            bank, index, args.quantized_score_weight, args.codebook_learning_rate, device=args.device, **common
-        )
-    if args.quantized_score_weight > 0:
-        return QuantizationAwareLoss(bank, index, args.quantized_score_weight, **common)
-    return MinedNegativesLoss(bank, **common)
+    scale = args.scale if scale is None else scale
+    return MinedNegativesLoss(bank, 20.0 if scale is None else scale, args.bank_learning_rate > 0, trainable_rows)
+
+
+def _conflict(what: str, loss_value: Any, arg: str, arg_value: Any, fix: str) -> ConfigError:
+    return ConfigError(
+        f"the loss passed to QRetTrainer has {what} {loss_value!r} but the training arguments have {arg}="
+        f"{arg_value!r}: {fix}"
+    )
 
 
 def resolve_loss(
@@ -352,25 +231,84 @@ def resolve_loss(
     bank: TargetBank,
     index: QuantizedIndex,
     trainable_rows: torch.Tensor | None = None,
-    initial_rows: InitialRows | None = None,
 ) -> QRetLoss:
-    """The loss a :class:`~hf_qret.trainer.QRetTrainer` trains with: ``loss`` as given (a :class:`QRetLoss`), the
-    default loss scoring with a given :class:`CandidateCrossEntropyLoss`, or :func:`build_loss` from ``args``.
+    """The loss a :class:`~hf_qret.trainer.QRetTrainer` trains with: :func:`build_loss` from ``args``; the default
+    loss scoring with a given :class:`CandidateCrossEntropyLoss`; or a given :class:`QRetLoss`.
+
+    A passed loss never silently drops an argument: what a :class:`MinedNegativesLoss` leaves unset (``scale``,
+    ``train_bank``, ``trainable_rows``) is taken from ``args``, and a setting it (or a
+    :class:`CandidateCrossEntropyLoss`) gives that contradicts ``args`` is refused.
 
     Raises:
+        ConfigError: The passed loss contradicts the arguments: another ``scale`` than ``args.scale``, another bank
+            than the trainer's, a bank that trains (or not) against ``bank_learning_rate``, or rows restricted
+            under ``bank_update='all'``.
         TypeError: ``loss`` is neither.
+
+    Example:
+        >>> resolve_loss(CandidateCrossEntropyLoss(scale=30.0), args, model, bank, index)  # doctest: +SKIP
+        Traceback (most recent call last):
+        hf_qret.errors.ConfigError: the loss passed to QRetTrainer has scale 30.0 but the training arguments ...
     """
     from .encoder import resolve_scale
 
     if loss is None:
         # scale None: 20 for cosine (unit-norm) models, 1 for dot-product models (hf_qret.encoder.resolve_scale)
-        scale = resolve_scale(model, args.scale)
-        loss = build_loss(args, bank, index, trainable_rows, initial_rows, scale=scale)
-    elif isinstance(loss, CandidateCrossEntropyLoss):  # the scoring primitive: use it inside the default loss
-        loss = MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, trainable_rows)
-    elif not isinstance(loss, QRetLoss):
+        return build_loss(args, bank, index, trainable_rows, scale=resolve_scale(model, args.scale))
+    if not isinstance(loss, (QRetLoss, CandidateCrossEntropyLoss)):
         raise TypeError(
             f"loss must be a hf_qret.loss.QRetLoss (forward(query_embeddings, mined) -> (loss, stats)), got "
             f"{type(loss).__name__}; subclass MinedNegativesLoss to change the scoring."
         )
+    given_scale = loss.scale if isinstance(loss, CandidateCrossEntropyLoss) else None
+    if isinstance(loss, MinedNegativesLoss) and "scale" in loss.given_settings:
+        given_scale = loss.scale
+    if given_scale is not None and args.scale is not None and float(given_scale) != float(args.scale):
+        raise _conflict(
+            "scale", given_scale, "scale", args.scale, "set one of them only (or the same value in both)."
+        )
+    if isinstance(loss, CandidateCrossEntropyLoss):  # the scoring primitive: use it inside the default loss
+        resolve_scale(model, given_scale)  # the model's similarity function must allow training at all
+        return MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, trainable_rows)
+    if isinstance(loss, MinedNegativesLoss):
+        _honour_arguments(loss, args, model, bank, trainable_rows)
     return loss
+
+
+def _honour_arguments(
+    loss: MinedNegativesLoss,
+    args: QRetTrainingArguments,
+    model: nn.Module,
+    bank: TargetBank,
+    trainable_rows: torch.Tensor | None,
+) -> None:
+    """Fills in what ``loss`` left to the arguments; refuses what contradicts them (see :func:`resolve_loss`)."""
+    from .encoder import resolve_scale
+
+    if loss.bank is not bank:
+        raise ConfigError(
+            "the loss passed to QRetTrainer scores another TargetBank than the one the trainer trains and indexes: "
+            "build the loss with the trainer's bank (pass the same bank= to QRetTrainer), or leave loss= unset."
+        )
+    given = loss.given_settings
+    loss.cross_entropy.scale = resolve_scale(model, loss.scale if "scale" in given else args.scale)
+    trains = args.bank_learning_rate > 0
+    if "train_bank" in given and loss.train_bank != trains:
+        raise _conflict(
+            "train_bank", loss.train_bank, "bank_learning_rate", args.bank_learning_rate,
+            "set bank_learning_rate to 0 to freeze the bank (or > 0 to train it), or leave train_bank unset.",
+        )  # fmt: skip
+    loss.train_bank = trains
+    if "trainable_rows" in given:
+        if args.bank_update == "all":
+            raise _conflict(
+                "trainable_rows for", f"{int(loss.trainable_rows.sum())} of {len(bank)} rows", "bank_update", "all",
+                "set bank_update='positives', or leave trainable_rows unset.",
+            )  # fmt: skip
+        if tuple(loss.trainable_rows.shape) != (len(bank),):
+            raise ConfigError(
+                f"the loss passed to QRetTrainer has trainable_rows of shape {tuple(loss.trainable_rows.shape)}, "
+                f"not one flag per bank row ({len(bank)}): leave it unset to move the training positives' rows."
+            )
+    else:
+        loss.trainable_rows = trainable_rows

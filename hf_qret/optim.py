@@ -2,7 +2,7 @@
 
 :class:`RowAdam` is a ``torch.optim.Optimizer`` over the bank's single (sparse-gradient) parameter. It keeps
 per-row state (moments and step count) for the rows it has updated only, and owns drift control (moved rows keep
-their initial norm, or are pulled back toward their initial embedding). :class:`FollowScheduler` drives its learning
+their initial norm). :class:`FollowScheduler` drives its learning
 rate with the encoder's schedule, read from the encoder's scheduler itself (warm-up, decay, or a scheduler the user
 passed in ``optimizers=``).
 """
@@ -19,7 +19,6 @@ from .errors import ArtifactError
 
 if TYPE_CHECKING:
     from .bank import TargetBank
-    from .initial_rows import InitialRows
 
 __all__ = ["RowAdam", "RowSGD", "FollowScheduler"]
 
@@ -36,9 +35,8 @@ class RowAdam(torch.optim.Optimizer):
     with the number of touched rows, not with the corpus. The update is computed in float32 whatever the bank's
     storage dtype, and written back in that dtype.
 
-    Drift control runs on the rows a step moved, right after it: ``anchor_weight`` pulls each row back toward its
-    initial embedding, decoupled from Adam (as AdamW decouples weight decay): ``row = initial + (1 - lr *
-    anchor_weight) * (row - initial)``; ``keep_norms`` then rescales each row to its initial norm.
+    Drift control runs on the rows a step moved, right after it: ``keep_norms`` rescales each row to its initial
+    norm.
 
     Args:
         bank: The bank to optimise.
@@ -48,8 +46,6 @@ class RowAdam(torch.optim.Optimizer):
         weight_decay: Decoupled (AdamW-style) weight decay on the updated rows.
         block_rows: Rows of optimizer state allocated at a time.
         keep_norms: ``(num_docs,)`` norms the moved rows are rescaled to (``None``: no norm keeping).
-        anchor: The initial rows (:class:`~hf_qret.initial_rows.InitialRows`) that ``anchor_weight`` pulls toward.
-        anchor_weight: Strength of the pull toward ``anchor`` (0: none).
 
     Example:
         >>> import torch
@@ -77,19 +73,13 @@ class RowAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         block_rows: int = 16384,
         keep_norms: torch.Tensor | None = None,
-        anchor: InitialRows | None = None,
-        anchor_weight: float = 0.0,
     ) -> None:
         if block_rows < 1:
             raise ValueError(f"block_rows must be at least 1, got {block_rows}.")
-        if anchor_weight > 0 and anchor is None:
-            raise ValueError("anchor_weight > 0 needs the initial rows to pull toward (anchor=InitialRows(bank)).")
         super().__init__([bank.weight], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.bank = bank
         self.block_rows = int(block_rows)
         self.keep_norms = keep_norms
-        self.anchor = anchor
-        self.anchor_weight = float(anchor_weight)
         #: ``False``: :meth:`step` updates the state only and leaves the rows to the process that writes them (a
         #: memory-mapped bank shared by several processes: one update per step, written once).
         self.write_rows = True
@@ -221,11 +211,7 @@ class RowAdam(torch.optim.Optimizer):
         return int(rows.numel())
 
     def _control_drift(self, rows: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """The anchor pull and the norm keeping applied to the float32 new values ``current`` of ``rows``."""
-        if self.anchor_weight > 0:
-            initial = self.anchor.rows(rows).to(current.device, current.dtype)
-            shrink = max(0.0, 1.0 - self.lr * self.anchor_weight)
-            current = initial + shrink * (current - initial)
+        """The norm keeping applied to the float32 new values ``current`` of ``rows``."""
         if self.keep_norms is not None:
             norms = self.keep_norms[rows.to(self.keep_norms.device)].to(current.device, current.dtype)
             current = current * (norms.unsqueeze(1) / current.norm(dim=1, keepdim=True).clamp_min(1e-12))
@@ -335,7 +321,7 @@ class RowSGD(RowAdam):
     every touched row by about ``lr`` per coordinate whatever its gradient's size (its first step is
     ``lr * sign(g)``), which on such corpora turns the noise of tiny gradients into large drift (see the README,
     "Accuracy options"). No optimizer state is kept beyond :class:`RowAdam`'s empty row map, so checkpoints keep
-    the same layout. Drift control (``keep_norms``, ``anchor``) and decoupled weight decay work as in
+    the same layout. Drift control (``keep_norms``) and decoupled weight decay work as in
     :class:`RowAdam`.
 
     Example:
@@ -356,12 +342,8 @@ class RowSGD(RowAdam):
         lr: float = 0.2,
         weight_decay: float = 0.0,
         keep_norms: torch.Tensor | None = None,
-        anchor: InitialRows | None = None,
-        anchor_weight: float = 0.0,
     ) -> None:
-        super().__init__(
-            bank, lr=lr, weight_decay=weight_decay, keep_norms=keep_norms, anchor=anchor, anchor_weight=anchor_weight
-        )
+        super().__init__(bank, lr=lr, weight_decay=weight_decay, keep_norms=keep_norms)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> int:

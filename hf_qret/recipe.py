@@ -254,8 +254,6 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if evaluator is not None and net is None and not first_resume:
         results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
     trainer.train(resume_from_checkpoint=first_resume)
-    if training_args.distill_quantizer:
-        results["distill"] = _distill_quantizer(model, trainer, train_data, training_args)
     from .model_card import dataset_id_from_path, hub_base_model
 
     card = {
@@ -296,9 +294,6 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         trainer = fresh_trainer(all_data)
         trainer.train(resume_from_checkpoint=resume or None)
-        if training_args.distill_quantizer:
-            shipped_model = trainer.accelerator.unwrap_model(trainer.model)
-            results["distill_shipped"] = _distill_quantizer(shipped_model, trainer, all_data, training_args)
         notes.append(
             f"The shipped model was trained on the {all_data.split} splits ({len(all_data.qrels)} queries) with the "
             f"settings selected on {eval_data.split}; the numbers above are those of the same recipe trained on "
@@ -324,26 +319,3 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.push_to_hub(commit_message="End of training", **card)
     return results
 
-
-def _distill_quantizer(model: Any, trainer: Any, train_data: Any, training_args: Any) -> dict[str, float]:
-    """Quantizer distillation of the trained index (``--distill_quantizer``), before the artifact is saved.
-
-    Every process computes the same result (same bank, same queries, same seed), so DDP ranks stay identical.
-    """
-    from .distill import distill_from_args, distillation_queries
-
-    queries = distillation_queries(
-        model,
-        training_args.distill_queries,
-        [train_data.queries[q] for q in train_data.qrels],
-        train_data.corpus,
-        trainer.bank.doc_ids,
-    )
-    vectors = trainer.bank.float32_rows()[:]
-    trainer.ensure_index()
-    if trainer.bank.changed_rows().size:  # rows moved since the last refresh: the index must hold the final bank
-        trainer.index.refresh(vectors, mode="reencode")
-        trainer.bank.clear_changed()
-    result = distill_from_args(trainer.index, vectors, queries, training_args)
-    logger.info("quantizer distillation: %s", result.as_dict())
-    return result.as_dict()

@@ -30,7 +30,6 @@ __all__ = [
     "BANK_KEY",
     "CHUNK_ROWS",
     "Float32Rows",
-    "FrozenRows",
     "RowIds",
     "check_bank_shape",
     "copy_file_atomic",
@@ -181,25 +180,6 @@ class Float32Rows:
             key = key.to(self._weight.device)
         part = self._weight[key]
         return np.ascontiguousarray(part.to("cpu", torch.float32).numpy())
-
-
-class FrozenRows:
-    """Fixed rows in a compact storage dtype, indexed like a tensor and returned as float32.
-
-    The trainer keeps the initial bank rows this way for drift control when the bank is not float32 (or is memory
-    mapped), so the copy costs what the bank costs, not a float32 matrix.
-    """
-
-    def __init__(self, storage: torch.Tensor) -> None:
-        self.storage = storage
-
-    @property
-    def device(self) -> torch.device:
-        return self.storage.device
-
-    def __getitem__(self, rows: Any) -> torch.Tensor:
-        return self.storage[rows].float()
-
 
 
 # ---------------------------------------------------------------------------------------------------- file I/O

@@ -44,7 +44,6 @@ from .dropin import prepare_dropin, write_corpus_texts
 from .encoder import configure_encoder, embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from .errors import TrainingDivergedError
 from .index import QuantizedIndex, set_faiss_threads
-from .initial_rows import InitialRows
 from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .mining import IndexMiner, MinedBatch
 from .optim import FollowScheduler, RowAdam, RowSGD
@@ -53,7 +52,6 @@ from .safety_net import SafetyNetCallback
 from .storage import place_bank
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
-
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,8 @@ class QRetTrainer(Trainer):
     Per batch: the model encodes the queries; the miner retrieves each query's top-k rows from the *quantized* index;
     the union over the batch (the *global* batch under DDP) plus the positives is the candidate set; the candidates' bank rows are gathered with a
     sparse gradient; the loss is the cross-entropy of the scaled dot products (other known positives masked). After
-    the encoder's optimizer step the bank's :class:`~hf_qret.optim.RowAdam` updates only the candidate rows, at
+    the encoder's optimizer step the bank's :class:`~hf_qret.optim.RowSGD` (``args.bank_optimizer``) updates only
+    the candidate rows that may move, at
     ``args.bank_learning_rate`` following the encoder's schedule. :class:`~hf_qret.callbacks.IndexRefreshCallback`
     rebuilds the index from the bank (added automatically from ``args.refresh_*``).
 
@@ -84,8 +83,10 @@ class QRetTrainer(Trainer):
         corpus: ``{doc_id: text}``, a ``datasets.Dataset`` with id/text columns or a BEIR folder.
         index: The quantized index; built from ``args.index_factory`` over the bank when omitted.
         loss: A :class:`~hf_qret.loss.QRetLoss`; default :func:`hf_qret.loss.build_loss` from ``args`` (the
-            method's :class:`~hf_qret.loss.MinedNegativesLoss`, or the variant the options ask for). A bare
-            :class:`~hf_qret.loss.CandidateCrossEntropyLoss` is used as the default loss's scoring.
+            method's :class:`~hf_qret.loss.MinedNegativesLoss`). A bare
+            :class:`~hf_qret.loss.CandidateCrossEntropyLoss` is used as the default loss's scoring. What a passed
+            loss leaves unset comes from ``args``; a setting that contradicts ``args`` (e.g. another ``scale``) is
+            a :class:`~hf_qret.errors.ConfigError` (:func:`hf_qret.loss.resolve_loss`).
         evaluator: A :class:`~hf_qret.evaluation.RetrievalEvaluator`, or a sentence-transformers
             ``InformationRetrievalEvaluator`` / ``SequentialEvaluator`` of them (scored through the bank and the
             index), run by :meth:`evaluate`.
@@ -98,7 +99,7 @@ class QRetTrainer(Trainer):
         >>> data = load_beir("recipes/data/scifact", split="train")  # doctest: +SKIP
         >>> model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")  # doctest: +SKIP
         >>> bank = TargetBank.from_encoder(lambda t: model.encode(t), data.doc_texts(), data.doc_ids)  # doctest: +SKIP
-        >>> args = QRetTrainingArguments("out", index_factory="OPQ16,PQ16", num_train_epochs=4)  # doctest: +SKIP
+        >>> args = QRetTrainingArguments("out", num_train_epochs=4)  # RQ16x8, the method's defaults  # doctest: +SKIP
         >>> trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)  # doctest: +SKIP
         >>> trainer.train(); trainer.save_model()  # doctest: +SKIP
     """
@@ -151,12 +152,7 @@ class QRetTrainer(Trainer):
         # bank_update='positives': only the rows of documents that are training positives ever move.
         self.trainable_rows = training_positive_rows(train_dataset, bank) if args.bank_update == "positives" else None
         place_bank(bank, args)
-        # The initial rows, for decoupled scoring and the anchor pull (in the bank's storage dtype; a memory-mapped
-        # bank's copy is a copy-on-write mapped file in the output folder).
-        self.initial_rows: InitialRows | None = None
-        if args.bank_anchor_weight > 0 or args.encoder_targets == "initial":
-            self.initial_rows = InitialRows(bank, self.trainable_rows, os.path.join(args.output_dir, INITIAL_MMAP_NAME))
-        self.loss = resolve_loss(loss, args, model, bank, index, self.trainable_rows, self.initial_rows)
+        self.loss = resolve_loss(loss, args, model, bank, index, self.trainable_rows)
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
 
@@ -195,8 +191,6 @@ class QRetTrainer(Trainer):
             lr=args.bank_learning_rate,
             weight_decay=args.bank_weight_decay,
             keep_norms=bank.row_norms() if args.bank_keep_norm else None,
-            anchor=self.initial_rows,
-            anchor_weight=args.bank_anchor_weight,
         )
         #: bank_queries='initial': a frozen copy of the pretrained encoder, whose queries the bank rows learn against.
         self.frozen_encoder: nn.Module | None = None
@@ -283,14 +277,10 @@ class QRetTrainer(Trainer):
     ) -> MinedBatch:
         """The batch's candidates from the (stale between refreshes) mining index: each query's top
         ``num_negatives`` rows, unioned over the batch (the global batch under DDP when ``global_batch``), plus the
-        positives and the data's hard negatives (``negative_rows``); ``pair_weighting='query'`` weighs each query's
-        n (query, positive) rows 1/n."""
+        positives and the data's hard negatives (``negative_rows``)."""
         self.ensure_index()
         gather = all_gather_rows if global_batch and self.accelerator.num_processes > 1 else None
-        mined = self.miner.mine(query_embeddings, positive_rows, positive_sets, gather, extra_rows=negative_rows)
-        if self.args.pair_weighting == "query" and positive_sets is not None:
-            mined.weights = 1.0 / (positive_sets >= 0).sum(dim=1).clamp(min=1).float()
-        return mined
+        return self.miner.mine(query_embeddings, positive_rows, positive_sets, gather, extra_rows=negative_rows)
 
     def _track(self, loss: torch.Tensor, stats: dict[str, float]) -> None:
         """Stops on a non-finite loss (before the step changes anything); keeps the loss's stats for the next log."""
@@ -453,7 +443,6 @@ class QRetTrainer(Trainer):
                 bank=self.bank,
                 bank_optimizer=self.bank_optimizer,
                 loss=self.loss,
-                initial_rows=self.initial_rows,
                 mining_index=self.index,
                 served_index=self.served_index(),
                 refresh_state=self.refresh_callback.state_dict(),
@@ -497,7 +486,7 @@ class QRetTrainer(Trainer):
         files = self._load_bank(resume_from_checkpoint)
         load_refresh_state(resume_from_checkpoint, self.refresh_callback)
         load_mining_index(resume_from_checkpoint, self.index, files.index.index)
-        load_anchors(resume_from_checkpoint, bank_optimizer=self.bank_optimizer, initial_rows=self.initial_rows)
+        load_anchors(resume_from_checkpoint, bank_optimizer=self.bank_optimizer)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's encoder, bank and served index (the base ``Trainer``

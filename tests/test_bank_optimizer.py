@@ -101,3 +101,18 @@ def test_the_trainer_uses_the_configured_bank_optimizer(tiny_model, beir_dir, tm
     assert not torch.equal(before, trainer.bank.weight.detach())
     with pytest.raises(ConfigError, match="bank_optimizer must be one of adam, sgd"):
         QRetTrainingArguments(str(tmp_path), bank_optimizer="lion", use_cpu=True, report_to="none")
+
+
+def test_the_bank_learning_rate_follows_the_bank_optimizer_unless_set(tmp_path):
+    """Unset, bank_learning_rate is the bank optimizer's own scale (SGD 0.2, row-wise Adam 0.002); set, it is kept."""
+    from hf_qret.config import BANK_LEARNING_RATES, parse_config
+
+    def args(**options):
+        return QRetTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", **options)
+
+    assert args().bank_optimizer == "sgd" and args().bank_learning_rate == BANK_LEARNING_RATES["sgd"] == 0.2
+    assert args(bank_optimizer="adam").bank_learning_rate == BANK_LEARNING_RATES["adam"] == 2e-3
+    assert args(bank_optimizer="adam", bank_learning_rate=0.01).bank_learning_rate == 0.01
+    assert args(bank_learning_rate=0.0).bank_learning_rate == 0.0  # 0 freezes the bank, it is not "unset"
+    *_, parsed = parse_config(["--output_dir", str(tmp_path), "--bank_optimizer", "adam", "--use_cpu", "true"])
+    assert parsed.bank_learning_rate == 2e-3

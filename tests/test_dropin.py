@@ -68,8 +68,8 @@ class GradientSnapshot(TrainerCallback):
         self.bank = self.trainer.bank.weight.grad.coalesce().to_dense().clone()
 
 
-@pytest.mark.parametrize("bank_update,encoder_targets", [("all", "bank"), ("positives", "initial")])
-def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir, tmp_path, bank_update, encoder_targets):
+@pytest.mark.parametrize("bank_update,bank_queries", [("all", "encoder"), ("positives", "initial")])
+def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir, tmp_path, bank_update, bank_queries):
     """batch 8 x GA 1 and batch 4 x GA 2 give the same gradients and the same step, encoder and bank.
 
     num_negatives = corpus size, so every micro-batch's candidate set is the whole corpus: the accumulated loss is
@@ -85,7 +85,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_model_dir, beir_dir
             model, beir_dir, tmp_path / f"b{batch_size}", train_rows=8, callbacks=[snapshot],
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
             num_negatives=300, max_grad_norm=0.0, logging_steps=1, bank_update=bank_update,
-            encoder_targets=encoder_targets,
+            bank_queries=bank_queries,
         )  # fmt: skip
         snapshot.trainer = trainer
         sizes = []
@@ -207,7 +207,7 @@ def test_converted_sentence_transformers_script_runs(tiny_model_dir, beir_dir, t
             "--max_steps", "3", "--batch_size", "8"]  # fmt: skip
     asked, real = [], hf_qret.QRetTrainingArguments
 
-    def small_index_args(*args, index_factory, **kwargs):  # OPQ16,PQ16 over 300 tiny vectors is slow and pointless
+    def small_index_args(*args, index_factory=None, **kwargs):  # RQ16x8 over 300 tiny vectors is slow and pointless
         asked.append(index_factory)
         return real(*args, index_factory="PQ4", **kwargs)
 
@@ -216,7 +216,7 @@ def test_converted_sentence_transformers_script_runs(tiny_model_dir, beir_dir, t
     trainer = scope["trainer"]
     assert isinstance(trainer, QRetTrainer) and trainer.state.global_step == 3
     assert "eval_dev_quantized_ndcg@10" in capsys.readouterr().out  # the InformationRetrievalEvaluator, via the index
-    assert asked == ["OPQ16,PQ16"] and trainer.bank.doc_ids == list(scope["corpus"])
+    assert asked == [None] and trainer.bank.doc_ids == list(scope["corpus"])  # no index named: the library's default
     assert {"index.faiss", "doc_ids.json", "bank.safetensors", "modules.json", "corpus.jsonl"} <= set(os.listdir(out))
     retriever = QuantizedRetriever.from_pretrained(out, device="cpu")
     hits = retriever.search(["protein gene"], k=5)[0]
@@ -230,7 +230,7 @@ def test_conversion_diff_is_current():
     diff = "".join(difflib.unified_diff(before, after, *names))
     assert (EXAMPLES / "convert_sentence_transformers.diff").read_text() == diff
     changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
-    assert len(changed) <= 6  # the class swap, the index option and corpus= in place of the loss: nothing else
+    assert len(changed) <= 6  # the class swaps and corpus= in place of the loss: nothing else
 
 
 def test_accelerate_multi_gpu_config_loads():

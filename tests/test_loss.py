@@ -1,4 +1,4 @@
-"""Unit tests of hf_qret.loss.CandidateCrossEntropyLoss."""
+"""hf_qret.loss: CandidateCrossEntropyLoss, and a loss passed to QRetTrainer honouring or refusing the arguments."""
 
 from __future__ import annotations
 
@@ -106,3 +106,73 @@ def test_float32_inputs_and_candidate_dtype_cast():
     expected = F.cross_entropy(20.0 * q32 @ candidates.detach().float().T, targets)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- a loss passed to QRetTrainer
+
+
+@pytest.fixture()
+def passed_loss_setup(tiny_model, beir_dir, tmp_path):
+    """A trainer factory taking ``loss=``, over one bank of the synthetic corpus."""
+    from functools import partial
+
+    from hf_qret import QRetTrainer, TargetBank, build_pairs_dataset, load_beir
+    from hf_qret.encoder import encode_texts
+
+    from test_trainer import make_args
+
+    data = load_beir(beir_dir, split="train")
+    bank = TargetBank.from_encoder(partial(encode_texts, tiny_model), data.doc_texts(), data.doc_ids)
+
+    def trainer(loss, **overrides):
+        args = make_args(tmp_path, **overrides)
+        return QRetTrainer(tiny_model, args, train_dataset=build_pairs_dataset(data), bank=bank, loss=loss)
+
+    return trainer, bank
+
+
+def test_a_passed_loss_with_another_scale_than_the_arguments_is_refused(passed_loss_setup):
+    from hf_qret.errors import ConfigError
+    from hf_qret.loss import MinedNegativesLoss
+
+    trainer, bank = passed_loss_setup
+    with pytest.raises(ConfigError, match=r"scale 30\.0 but the training arguments have scale=20\.0"):
+        trainer(CandidateCrossEntropyLoss(scale=30.0), scale=20.0)
+    with pytest.raises(ConfigError, match=r"scale 30\.0 but the training arguments have scale=20\.0"):
+        trainer(MinedNegativesLoss(bank, scale=30.0), scale=20.0)
+    assert trainer(CandidateCrossEntropyLoss(scale=30.0)).loss.scale == 30.0  # args.scale unset: the loss's own
+    assert trainer(CandidateCrossEntropyLoss(scale=20.0), scale=20.0).loss.scale == 20.0  # the same: no conflict
+
+
+def test_a_passed_loss_takes_what_it_leaves_unset_from_the_arguments(passed_loss_setup):
+    """MinedNegativesLoss(bank) in a trainer trains what the arguments say: positives-only rows, the model's scale
+    (or args.scale), a frozen bank at bank_learning_rate 0, the frozen pretrained queries for the bank's term."""
+    from hf_qret.loss import MinedNegativesLoss
+
+    trainer, bank = passed_loss_setup
+    loss = MinedNegativesLoss(bank)
+    default = trainer(loss)
+    assert default.loss is loss and default.args.bank_update == "positives"
+    assert loss.trainable_rows is default.trainable_rows and 0 < int(loss.trainable_rows.sum()) < len(bank)
+    assert loss.scale == 20.0 and loss.train_bank and default.frozen_encoder is not None
+    assert trainer(MinedNegativesLoss(bank), scale=7.0).loss.scale == 7.0
+    assert trainer(MinedNegativesLoss(bank), bank_update="all").loss.trainable_rows is None
+    assert trainer(MinedNegativesLoss(bank), bank_learning_rate=0.0).loss.train_bank is False
+
+
+def test_a_passed_loss_that_contradicts_the_arguments_is_refused(passed_loss_setup):
+    from hf_qret import TargetBank
+    from hf_qret.errors import ConfigError
+    from hf_qret.loss import MinedNegativesLoss
+
+    trainer, bank = passed_loss_setup
+    with pytest.raises(ConfigError, match=r"train_bank True but the training arguments have bank_learning_rate=0\.0"):
+        trainer(MinedNegativesLoss(bank, train_bank=True), bank_learning_rate=0.0)
+    some_rows = torch.zeros(len(bank), dtype=torch.bool)
+    some_rows[:3] = True
+    with pytest.raises(ConfigError, match=r"trainable_rows for '3 of 300 rows' .* bank_update='all'"):
+        trainer(MinedNegativesLoss(bank, trainable_rows=some_rows), bank_update="all")
+    assert trainer(MinedNegativesLoss(bank, trainable_rows=some_rows)).loss.trainable_rows is some_rows
+    other = TargetBank(bank.weight.detach().clone(), list(bank.doc_ids))
+    with pytest.raises(ConfigError, match="another TargetBank"):
+        trainer(MinedNegativesLoss(other))

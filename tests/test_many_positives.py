@@ -1,4 +1,4 @@
-"""Issue 16 (NFCorpus, ~43 positives per query): per-query pair weighting and frozen bank queries."""
+"""Many positives per query (NFCorpus, ~43): weighted examples and frozen bank queries."""
 
 from __future__ import annotations
 
@@ -34,11 +34,10 @@ def test_bank_rows_learn_against_the_given_bank_queries():
 
     def grads(bank_queries):
         bank = TargetBank(rows.clone(), [str(i) for i in range(6)])
-        initial = type("Initial", (), {"rows": lambda self, r: rows[r]})()
         mined = IndexMiner.candidates_from(torch.tensor([[2, 3], [4, 5]]).numpy(), torch.tensor([0, 1]))
         mined.bank_queries = bank_queries
         queries.grad = None
-        loss, _ = MinedNegativesLoss(bank, initial_targets=initial)(queries, mined)
+        loss, _ = MinedNegativesLoss(bank)(queries, mined)
         loss.backward()
         return bank.weight.grad.to_dense(), queries.grad.clone()
 
@@ -53,7 +52,7 @@ def test_bank_rows_learn_against_the_given_bank_queries():
 
 
 def test_encoder_follows_the_bank_that_learns_against_frozen_queries():
-    """bank_queries='initial', encoder_targets='bank': the encoder's term scores the (detached) bank rows, the bank's
+    """bank_queries='initial': the encoder's term scores the (detached) bank rows, the bank's
     term scores the rows against the frozen queries."""
     torch.manual_seed(1)
     rows = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
@@ -85,20 +84,6 @@ def record_batches(trainer) -> list:
     return seen
 
 
-def test_query_weighting_weighs_each_pair_by_one_over_its_query_positives(tiny_model, beir_dir, tmp_path):
-    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, max_steps=2, pair_weighting="query")
-    seen = record_batches(trainer)
-    trainer.train()
-    weights = torch.cat([mined.weights for _, mined in seen])
-    sizes = torch.cat([1.0 / mined.weights for _, mined in seen])
-    assert set(sizes.round().tolist()) == {1.0, 2.0}  # the synthetic queries have one or two positives
-    assert torch.all(weights <= 1.0)
-    default, _ = make_trainer(tiny_model, beir_dir, tmp_path / "default", max_steps=1)
-    seen = record_batches(default)
-    default.train()
-    assert all(mined.weights is None for _, mined in seen)
-
-
 def test_initial_bank_queries_come_from_the_frozen_pretrained_encoder(tiny_model_dir, beir_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -124,8 +109,6 @@ def test_initial_bank_queries_come_from_the_frozen_pretrained_encoder(tiny_model
         torch.testing.assert_close(a, b)
 
 
-def test_new_options_are_validated(tmp_path):
-    with pytest.raises(ConfigError, match="pair_weighting"):
-        QRetTrainingArguments(output_dir=str(tmp_path), pair_weighting="doc", report_to="none")
+def test_bank_queries_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="bank_queries"):
         QRetTrainingArguments(output_dir=str(tmp_path), bank_queries="bank", report_to="none")

@@ -19,7 +19,7 @@ from hf_qret.index import QuantizedIndex
 
 from conftest import REPO_ROOT, synthetic_beir, write_beir
 
-# 351 documents: the BEIR folder size that made the default OPQ16,PQ16 abort inside FAISS k-means (exit 134 / 139).
+# 351 documents: the BEIR folder size that made OPQ16,PQ16 (the default then) abort inside FAISS k-means (exit 134 / 139).
 BUILD_351 = """
 import numpy as np
 from hf_qret.index import QuantizedIndex
@@ -36,11 +36,25 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def test_default_factory_on_351_vectors_builds_instead_of_aborting():
+def test_opq_factory_on_351_vectors_builds_instead_of_aborting():
     done = subprocess.run([sys.executable, "-c", BUILD_351], capture_output=True, text=True, env=_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]  # FAISS used to kill the process here (SIGABRT / SIGSEGV)
     assert "BUILT PQ16 16 351" in done.stdout  # OPQ dropped, same 16 bytes per vector
     assert "training 'PQ16' instead" in done.stderr
+
+
+@pytest.mark.parametrize("rows, dim, fitted", [(100, 32, "RQ16x6"), (3, 8, "RQ16x1")])
+def test_the_default_factory_trains_on_tiny_corpora(tmp_path, rows, dim, fitted):
+    """The default index (RQ16x8) gets as many bits per codebook as the rows allow, and refreshes."""
+    from hf_qret.config import QRetTrainingArguments
+
+    args = QRetTrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+    x = np.random.default_rng(0).standard_normal((rows, dim)).astype("float32")
+    index = QuantizedIndex.from_args(dim, args)
+    index.build(x)
+    index.refresh(x, mode=args.refresh_mode)
+    assert args.index_factory == "RQ16x8" and index.factory == fitted and index.ntotal == rows
+    assert index.search(x[:2], min(rows, 3))[1].shape == (2, min(rows, 3))
 
 
 @pytest.mark.parametrize(
