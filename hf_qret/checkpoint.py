@@ -151,8 +151,32 @@ def load_optimizer_states(
         loss.load_optimizer_state(_load_tensors(path))
 
 
-        ...                     mining_index=index, served_index=index,
-        ...                     refresh_state=trainer.refresh_callback.state_dict())  # doctest: +SKIP
+def load_refresh_state(folder: str | os.PathLike, callback: IndexRefreshCallback) -> None:
+    """Restores the index refresh schedule of a checkpoint into ``callback``; call it after the checkpoint's bank is
+    loaded. A checkpoint without one (written by an older hf-qret) leaves the schedule as it is, with a warning.
+
+    Raises:
+        ArtifactError: The checkpoint's refresh state is unreadable.
+
+    Example:
+        >>> load_refresh_state("out/checkpoint-10", trainer.refresh_callback)  # doctest: +SKIP
+    """
+    path = Path(folder) / REFRESH_STATE_NAME
+    if not path.is_file():
+        logger.warning(
+            "%s has no %s (an older hf-qret wrote it): the index refresh schedule restarts from the checkpoint's "
+            "index, and an end-of-epoch refresh due at the checkpoint's step is not made.",
+            folder, REFRESH_STATE_NAME,
+        )  # fmt: skip
+        return
+    try:
+        callback.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc}); resume from another checkpoint.") from None
+
+
+def load_anchors(folder: str | os.PathLike, *, bank_optimizer: RowAdam) -> None:
+    """Restores the drift-control anchors of the run (the initial row norms) from a checkpoint.
 
     Raises:
         ArtifactError: The checkpoint's anchors do not fit this run (another corpus or training set).
