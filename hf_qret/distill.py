@@ -347,7 +347,7 @@ def distillation_queries(
     texts = list(train_queries) if source in ("train", "both") else []
     if source in ("pseudo", "both"):
         texts += pseudo_query_texts(corpus, doc_ids)
-    return encode_texts(model, texts, batch_size=batch_size, desc="Encoding distillation queries")
+    return encode_texts(model, texts, batch_size=batch_size, desc="Encoding distillation queries", role="query")
 
 
 def distill_from_args(
