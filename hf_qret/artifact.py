@@ -161,7 +161,9 @@ def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
 
     Call it before training changes the model (the recipe does): with ``encoder_targets: initial`` the bank's rows
     that training did not move are exactly this encoder's embeddings. ``qret_config.json`` records the folder when
-    the artifact is saved. The folder is written under a temporary name and renamed into place.
+    the artifact is saved. The folder is written under a temporary name and renamed into place. A cosine
+    sentence-transformers model without a ``Normalize`` module gets one first (:func:`hf_qret.encoder.configure_encoder`,
+    what the trainer does too), so the saved encoder returns the unit vectors the bank holds.
 
     Args:
         output_dir: The artifact folder (the training run's ``output_dir``).
@@ -176,6 +178,9 @@ def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
     """
     import shutil
 
+    from .encoder import configure_encoder
+
+    configure_encoder(model)  # a cosine model gets its Normalize module first, as training gives it one
     target = Path(output_dir) / DOCUMENT_ENCODER_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"_{DOCUMENT_ENCODER_DIR}.tmp")  # "_*" is never pushed
