@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_beir, write_beir
+from test_st_dropin import ir_evaluator, st_args, st_data  # noqa: F401  (st_data is a fixture)
 
 from hf_qret import QRetTrainer, QuantizedRetriever
 from hf_qret.artifact import save_document_encoder
 from hf_qret.encoder import configure_encoder, embed, encode_texts
 from hf_qret.errors import ConfigError
-
-from conftest import synthetic_beir, write_beir
-from test_st_dropin import ir_evaluator, st_args, st_data  # noqa: F401  (st_data is a fixture)
 
 QUERIES = ["insulin resistance in mice", "a vaccine trial", "sleep and memory"]
 PROMPTS = {"query": "query: ", "document": "passage: "}
@@ -83,7 +82,7 @@ def test_prompted_queries_are_the_same_vectors_in_training_evaluation_and_servin
 
 
 def test_prompted_documents_are_the_same_vectors_in_the_bank_and_add_documents(prompted_run, st_data):  # noqa: F811
-    trainer, initial_bank, out = prompted_run
+    _, initial_bank, out = prompted_run
     corpus = st_data[0]
     texts = list(corpus.values())[:5]
     # the bank was encoded as sentence-transformers' encode_document encodes (the "passage: " prompt, unit vectors)
@@ -114,7 +113,7 @@ def test_an_evaluator_prompt_other_than_the_trained_one_is_refused(tiny_model_di
 def test_a_cosine_model_without_normalize_ships_one(prompted_run):
     from sentence_transformers import SentenceTransformer
 
-    trainer, _, out = prompted_run
+    _, _, out = prompted_run
     modules = json.loads((out / "modules.json").read_text())
     assert modules[-1]["type"].endswith("Normalize")
     served = QuantizedRetriever.from_pretrained(out, "cpu").encode_queries(QUERIES)
@@ -127,10 +126,10 @@ def test_a_cosine_model_without_normalize_ships_one(prompted_run):
 def plain_artifact(tiny_model_dir, tmp_path_factory):
     """The recipe (2 steps) on a plain transformers folder (no modules.json, no --pooling) over 200 documents;
     the other 100 are left to add."""
+    from test_cli import recipe_argv
     from transformers import AutoModel, AutoTokenizer
 
     from hf_qret.cli import train_main
-    from test_cli import recipe_argv
 
     base = tmp_path_factory.mktemp("plain")
     plain = base / "plain_bert"
@@ -186,9 +185,8 @@ def test_plain_folder_artifact_agrees_with_sentence_transformers(plain_artifact)
 
 def test_plain_transformers_encoder_is_saved_as_a_sentence_transformer(tiny_model_dir, beir_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoModel, AutoTokenizer
-
     from test_similarity import trainer_for
+    from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModel.from_pretrained(tiny_model_dir)
