@@ -9,13 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_beir, write_beir
-from test_st_dropin import ir_evaluator, st_args, st_data  # noqa: F401  (st_data is a fixture)
 
 from hf_qret import QRetTrainer, QuantizedRetriever
 from hf_qret.artifact import save_document_encoder
 from hf_qret.encoder import configure_encoder, embed, encode_texts
 from hf_qret.errors import ConfigError
+
+from conftest import synthetic_beir, write_beir
+from test_st_dropin import ir_evaluator, st_args, st_data  # noqa: F401  (st_data is a fixture)
 
 QUERIES = ["insulin resistance in mice", "a vaccine trial", "sleep and memory"]
 PROMPTS = {"query": "query: ", "document": "passage: "}
