@@ -42,7 +42,7 @@ cli = parser.parse_args()
 
 train, dev = load_beir(cli.data_dir, split="train"), load_beir(cli.data_dir, split=cli.eval_split)
 model = SentenceTransformer(resolve_model_path(cli.model))
-bank = TargetBank.from_encoder(partial(encode_texts, model), train.doc_texts(), train.doc_ids)  # before the adapter
+bank = TargetBank.from_encoder(partial(encode_texts, model, role="document"), train.doc_texts(), train.doc_ids)  # before the adapter
 
 # LoRA on the attention projections of the transformers backbone (model[0].model becomes a peft.PeftModel).
 lora = LoraConfig(r=cli.r, lora_alpha=2 * cli.r, lora_dropout=0.1, target_modules=["query", "value"])

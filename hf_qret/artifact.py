@@ -228,6 +228,14 @@ def save_retrieval_files(
     if (output_dir / DOCUMENT_ENCODER_DIR / "modules.json").is_file():
         config["document_encoder"] = DOCUMENT_ENCODER_DIR
     config.update(extra_config or {})
+    if config.get("pooling") and (output_dir / "config.json").is_file():
+        # a plain transformers encoder: saved with the modules of its pooling and normalisation, so that
+        # SentenceTransformer(OUT) embeds as it was trained and served
+        from .sentence_encoder import write_sentence_transformer_modules
+
+        write_sentence_transformer_modules(
+            output_dir, config["pooling"], config.get("normalize", True) is not False, config.get("max_seq_length")
+        )
     write_json(bank.doc_ids if isinstance(bank.doc_ids, list) else list(bank.doc_ids), output_dir / DOC_IDS_NAME)
     if save_bank:
         bank.save(output_dir / BANK_NAME)
@@ -242,7 +250,9 @@ def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
     Call it before training changes the model (the recipe does): the bank's rows that training did not move (every
     document that is not a training positive, under ``bank_update: positives``) are exactly this encoder's
     embeddings. ``qret_config.json`` records the folder when
-    the artifact is saved. The folder is written under a temporary name and renamed into place.
+    the artifact is saved. The folder is written under a temporary name and renamed into place. A cosine
+    sentence-transformers model without a ``Normalize`` module gets one first (:func:`hf_qret.encoder.configure_encoder`,
+    what the trainer does too), so the saved encoder returns the unit vectors the bank holds.
 
     Args:
         output_dir: The artifact folder (the training run's ``output_dir``).
@@ -257,6 +267,9 @@ def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
     """
     import shutil
 
+    from .encoder import configure_encoder
+
+    configure_encoder(model)  # a cosine model gets its Normalize module first, as training gives it one
     target = Path(output_dir) / DOCUMENT_ENCODER_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"_{DOCUMENT_ENCODER_DIR}.tmp")  # "_*" is never pushed
@@ -391,8 +404,15 @@ def load_shipped_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] 
 
 def training_record(trainer: Any) -> dict[str, Any]:
     """What ``qret_config.json`` records about a :class:`~hf_qret.trainer.QRetTrainer`'s run: the base model, loss,
-    scale, similarity, pooling, mining and learning-rate settings, the step and how the index was built."""
-    from .encoder import get_pooling, similarity_function
+    scale, similarity, how texts are embedded (pooling, normalisation, the query and document prompts), mining and
+    learning-rate settings, the step and how the index was built.
+
+    ``prompts`` is ``{"query": {"name", "text"}, "document": {"name", "text"}}`` (:func:`hf_qret.embedding.prompt_record`):
+    the prompts training, the bank and the evaluators used, which :class:`~hf_qret.QuantizedRetriever` applies to
+    queries and added documents. ``normalize``: whether the embeddings are unit vectors.
+    """
+    from .embedding import prompt_record
+    from .encoder import get_pooling, normalizes_embeddings, similarity_function
     from .peft_utils import adapter_info
 
     base = getattr(trainer.model, "model_card_data", None)
@@ -404,6 +424,9 @@ def training_record(trainer: Any) -> dict[str, Any]:
         "scale": getattr(trainer.loss, "scale", None),
         "similarity": similarity_function(trainer.model),
         "pooling": get_pooling(trainer.model),  # a plain encoder's pooling (None: the sentence-transformers modules)
+        "normalize": normalizes_embeddings(trainer.model),
+        "prompts": prompt_record(trainer.model),
+        "max_seq_length": _max_seq_length(trainer),
         "num_negatives": trainer.miner.num_negatives,
         "bank_learning_rate": trainer.args.bank_learning_rate,
         "learning_rate": trainer.args.learning_rate,
@@ -424,3 +447,15 @@ def training_record(trainer: Any) -> dict[str, Any]:
         "index_state": trainer.index_record(),
         "adapter": adapter_info(trainer.accelerator.unwrap_model(trainer.model)),
     }
+
+
+def _max_seq_length(trainer: Any) -> int | None:
+    """The truncation length queries were trained with."""
+    from .encoder import _unwrap, is_sentence_transformer, plain_max_length
+
+    model = _unwrap(trainer.model)
+    if is_sentence_transformer(model) or hasattr(model, "max_seq_length"):
+        value = getattr(model, "max_seq_length", None)
+        return int(value) if value else None
+    tokenizer = getattr(trainer, "processing_class", None)
+    return plain_max_length(tokenizer) if tokenizer is not None else None

@@ -289,7 +289,7 @@ class TargetBank(nn.Module):
         Example:
             >>> from functools import partial
             >>> from hf_qret.encoder import encode_texts
-            >>> bank = TargetBank.from_encoder(partial(encode_texts, model), texts, ids)  # doctest: +SKIP
+            >>> bank = TargetBank.from_encoder(partial(encode_texts, model, role="document"), texts, ids)  # doctest: +SKIP
         """
         if mmap_path is None:
             return cls(torch.as_tensor(np.asarray(encode(list(texts)), dtype=np.float32)), doc_ids, dtype)

@@ -189,6 +189,9 @@ def encoder_fingerprint(model: nn.Module, tokenizer: Any = None) -> str:
     )
     digest.update(f"{type(base).__name__}|{name}|{getattr(base, 'max_seq_length', None)}|".encode())
     digest.update(f"{type(tokenizer).__name__ if tokenizer is not None else None}|".encode())
+    from .embedding import prompt_for
+
+    digest.update(f"{prompt_for(base, 'document')!r}|".encode())  # the documents' prompt changes the rows
     remaining = _FINGERPRINT_BYTES
     for param_name, param in base.named_parameters():
         digest.update(f"{param_name}{tuple(param.shape)}".encode())
@@ -252,7 +255,7 @@ def encode_bank(
                     return TargetBank.from_file(rows_path, docs.ids, dtype=dtype)
         rows = encode_texts(
             model, docs.texts, batch_size=batch_size, tokenizer=tokenizer, show_progress_bar=True,
-            desc="Encoding corpus",
+            desc="Encoding corpus", role="document",
         )
         if output_dir is not None and _is_main_process():
             rows_path.parent.mkdir(parents=True, exist_ok=True)

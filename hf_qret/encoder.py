@@ -5,6 +5,12 @@ in batches without gradients (:func:`encode_texts`).
 A plain transformers encoder is pooled (``mean`` over its attention mask, the recipe of all-MiniLM-L6-v2 and most
 sentence embedding models, or ``cls``: the first token; see :func:`set_pooling`) and L2-normalised.
 
+Pooling and normalisation are :func:`hf_qret.embedding.pool`, the function the serving encoder
+(:class:`~hf_qret.sentence_encoder.SentenceEncoder`) calls too. Texts are given a ``role`` (``"query"`` or
+``"document"``): the model's prompt for that role (sentence-transformers v6's ``model.prompts``, as ``encode_query`` /
+``encode_document`` choose it, :func:`hf_qret.embedding.prompt_for`) is prepended before tokenization, in the
+collator (queries), the bank's encoding (documents), the evaluators (queries) and the retriever.
+
 How the embeddings are compared (:func:`similarity_function`) decides the loss's default scale
 (:func:`resolve_scale`): unit-norm embeddings (cosine) get 20, dot-product models (TAS-B, Contriever,
 ``msmarco-*-dot``: ``similarity_fn_name="dot"`` and no ``Normalize`` module) get 1, the sentence-transformers
@@ -21,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .embedding import pool, prompt_for
 from .errors import ConfigError
 
 __all__ = [
@@ -30,6 +37,8 @@ __all__ = [
     "encode_texts",
     "embedding_dim",
     "make_tokenize_fn",
+    "normalizes_embeddings",
+    "plain_max_length",
     "POOLINGS",
     "set_pooling",
     "get_pooling",
@@ -71,25 +80,66 @@ def _has_own_pipeline(model: nn.Module) -> bool:
     return is_sentence_transformer(model) or isinstance(_unwrap(model), SentenceEncoder)
 
 
-def make_tokenize_fn(model: nn.Module, tokenizer: Any = None, max_length: int | None = None) -> Callable[[list[str]], dict]:
-    """A function that turns a list of texts into model inputs (tensors on the CPU)."""
+def plain_max_length(tokenizer: Any, max_length: int | None = None) -> int:
+    """The truncation length of a plain transformers encoder: ``max_length``, else the tokenizer's
+    ``model_max_length`` capped at 512."""
+    return int(max_length or min(getattr(tokenizer, "model_max_length", 512) or 512, 512))
+
+
+def _prompt_text(model: nn.Module, role: str | None, prompt: str | None) -> str:
+    if prompt is not None:
+        return str(prompt)
+    return prompt_for(model, role) if role is not None else ""
+
+
+def make_tokenize_fn(
+    model: nn.Module,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    *,
+    role: str | None = None,
+    prompt: str | None = None,
+) -> Callable[[list[str]], dict]:
+    """A function that turns a list of texts into model inputs (tensors on the CPU).
+
+    Args:
+        model: A ``SentenceTransformer``, a :class:`~hf_qret.sentence_encoder.SentenceEncoder` or a transformers
+            encoder.
+        tokenizer: A transformers encoder's tokenizer.
+        max_length: A transformers encoder's truncation length (default: :func:`plain_max_length`).
+        role: ``"query"`` or ``"document"``: prepend the model's prompt for that role
+            (:func:`hf_qret.embedding.prompt_for`); ``None``: no prompt.
+        prompt: An explicit prompt text, instead of the model's (``""``: none).
+
+    Example:
+        >>> to_tokens = make_tokenize_fn(model, role="query")  # doctest: +SKIP
+        >>> batch = to_tokens(["does aspirin prevent stroke?"])  # doctest: +SKIP
+    """
     base = _unwrap(model)
+    text_prompt = _prompt_text(base, role, prompt)
     if _has_own_pipeline(base) and tokenizer is None:
+        if text_prompt:
+            return lambda texts: base.preprocess(list(texts), prompt=text_prompt)
         return lambda texts: base.preprocess(list(texts))
     if tokenizer is None:
         raise ValueError("a transformers encoder needs its tokenizer: pass processing_class=AutoTokenizer(...).")
-    limit = max_length or min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
-    return lambda texts: tokenizer(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    limit = plain_max_length(tokenizer, max_length)
+    return lambda texts: tokenizer(
+        [text_prompt + str(t) for t in texts], padding=True, truncation=True, max_length=limit, return_tensors="pt"
+    )
 
 
-def tokenize(model: nn.Module, texts: Sequence[str], tokenizer: Any = None, max_length: int | None = None) -> dict:
-    """Tokenizes ``texts`` for ``model``."""
-    return make_tokenize_fn(model, tokenizer, max_length)(list(texts))
-
-
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+def tokenize(
+    model: nn.Module,
+    texts: Sequence[str],
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    *,
+    role: str | None = None,
+    prompt: str | None = None,
+) -> dict:
+    """Tokenizes ``texts`` for ``model`` (with the ``role``'s prompt; see :func:`make_tokenize_fn`)."""
+    return make_tokenize_fn(model, tokenizer, max_length, role=role, prompt=prompt)(list(texts))
 
 
 def set_pooling(model: nn.Module, pooling: str) -> None:
@@ -128,9 +178,12 @@ def get_pooling(model: nn.Module) -> str | None:
 
 
 def configure_encoder(model: nn.Module, pooling: str | None = None) -> None:
-    """Checks that ``model``'s similarity is one hf-qret trains for and applies ``pooling`` (``None``: keep the
-    model's) to a plain transformers encoder; what :class:`~hf_qret.trainer.QRetTrainer` does with
-    ``args.pooling``.
+    """Prepares ``model`` for training and serving, before anything is encoded: checks that its similarity is one
+    hf-qret trains for, applies ``pooling`` (``None``: keep the model's) to a plain transformers encoder, and gives a
+    cosine sentence-transformers model without a ``Normalize`` module one, so the model itself returns the unit
+    vectors hf-qret trains and indexes (a saved artifact then carries the ``Normalize`` module and
+    ``SentenceTransformer(OUT).encode`` returns the vectors the retriever serves). What
+    :class:`~hf_qret.trainer.QRetTrainer` does with ``args.pooling``; calling it again changes nothing.
 
     Raises:
         ConfigError: a euclidean/manhattan model, ``pooling`` given for a sentence-transformers model, or a
@@ -139,10 +192,15 @@ def configure_encoder(model: nn.Module, pooling: str | None = None) -> None:
     Example:
         >>> configure_encoder(model, "cls")  # doctest: +SKIP
     """
-    similarity_function(model)
+    similarity = similarity_function(model)
+    base = _unwrap(model)
+    if is_sentence_transformer(base) and similarity == "cosine" and not _has_normalize(base):
+        from sentence_transformers.sentence_transformer.modules import Normalize
+
+        base.append(Normalize())
     if pooling is None:
         return
-    chosen = getattr(_unwrap(model), _POOLING_ATTR, None)
+    chosen = getattr(base, _POOLING_ATTR, None)
     if chosen is not None and chosen != pooling and not is_sentence_transformer(model):
         raise ConfigError(
             f"pooling {pooling!r} differs from the {chosen!r} pooling set on the model with set_pooling (the bank "
@@ -159,6 +217,22 @@ def _normalizes_output(model: nn.Module) -> bool:
     """Whether :func:`embed` must L2-normalise a sentence-transformers model's output: its similarity is cosine
     but no ``Normalize`` module does it (dot products of unit vectors are then its cosine scores)."""
     return not _has_normalize(model) and similarity_function(model) == "cosine"
+
+
+def normalizes_embeddings(model: nn.Module) -> bool:
+    """Whether :func:`embed` returns unit vectors for ``model``: a cosine model (``Normalize`` module, cosine
+    ``similarity_fn_name``, a plain transformers encoder) does, a dot-product model does not.
+
+    Example:
+        >>> normalizes_embeddings(model)  # doctest: +SKIP
+        True
+    """
+    base = _unwrap(model)
+    from .sentence_encoder import SentenceEncoder
+
+    if isinstance(base, SentenceEncoder):
+        return bool(base.normalize)
+    return similarity_function(base) == "cosine"
 
 
 def similarity_function(model: nn.Module) -> str:
@@ -206,26 +280,37 @@ def resolve_scale(model: nn.Module, scale: float | None) -> float:
     return DEFAULT_SCALES[similarity_function(model)]
 
 
-def embed(model: nn.Module, features: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
-    """Embeds a tokenized batch (keeps the autograd graph).
+def embed(model: nn.Module, features: dict[str, torch.Tensor], normalize: bool | None = None) -> torch.Tensor:
+    """Embeds a tokenized batch (keeps the autograd graph): the one embedding function of training and serving.
 
-    A sentence-transformers model returns its own ``sentence_embedding`` (its modules decide pooling and
-    normalisation; a cosine model without a ``Normalize`` module is L2-normalised here); any other encoder is
-    pooled as :func:`set_pooling` chose (``mean`` by default, or ``cls``) and, when ``normalize``, L2-normalised.
+    A sentence-transformers model (or a :class:`~hf_qret.sentence_encoder.SentenceEncoder`) returns its own
+    ``sentence_embedding``; any other encoder is pooled as :func:`set_pooling` chose (``mean`` by default, or
+    ``cls``) with :func:`hf_qret.embedding.pool`, the pooling the serving encoder runs.
+
+    Args:
+        model: The encoder.
+        features: A batch from :func:`tokenize` / :func:`make_tokenize_fn` (prompts are applied there).
+        normalize: ``None``: the model's rule (:func:`normalizes_embeddings`: a cosine sentence-transformers model
+            without a ``Normalize`` module and a plain encoder are L2-normalised, a dot-product model is not);
+            ``True`` / ``False``: unit vectors / the model's raw output.
+
+    Example:
+        >>> vectors = embed(model, tokenize(model, ["a query"], role="query"))  # doctest: +SKIP
     """
     if _has_own_pipeline(model):
         embeddings = model(dict(features))["sentence_embedding"]
-        if normalize and is_sentence_transformer(model) and _normalizes_output(_unwrap(model)):
-            embeddings = nn.functional.normalize(embeddings, dim=-1)
-        return embeddings
+        base = _unwrap(model)
+        if normalize is None:
+            normalize = is_sentence_transformer(base) and _normalizes_output(base)
+        elif normalize:  # unless the model already did
+            from .sentence_encoder import SentenceEncoder
+
+            normalize = not (_has_normalize(base) or (isinstance(base, SentenceEncoder) and base.normalize))
+        return nn.functional.normalize(embeddings, p=2, dim=-1) if normalize else embeddings
     accepted = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     output = model(**accepted)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-    if get_pooling(model) == "cls":
-        pooled = hidden[:, 0]
-    else:
-        pooled = _mean_pool(hidden, features["attention_mask"])
-    return nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+    return pool(hidden, features["attention_mask"], get_pooling(model) or "mean", normalize is not False)
 
 
 def embedding_dim(model: nn.Module) -> int:
@@ -246,14 +331,31 @@ def encode_texts(
     max_length: int | None = None,
     show_progress_bar: bool = False,
     desc: str = "Encoding",
+    *,
+    role: str | None = None,
+    prompt: str | None = None,
+    normalize: bool | None = None,
 ) -> np.ndarray:
-    """Encodes ``texts`` in batches without gradients, longest first for little padding.
+    """Encodes ``texts`` in batches without gradients, longest first for little padding: :func:`tokenize` and
+    :func:`embed`, the functions training uses.
+
+    Args:
+        model: The encoder.
+        texts: The texts.
+        batch_size: Texts per batch.
+        tokenizer: A transformers encoder's tokenizer.
+        max_length: A transformers encoder's truncation length.
+        show_progress_bar: Show a progress bar.
+        desc: Its label.
+        role: ``"query"`` or ``"document"``: prepend the model's prompt for that role; ``None``: no prompt.
+        prompt: An explicit prompt text instead of the model's.
+        normalize: See :func:`embed`.
 
     Returns:
         ``(len(texts), dim)`` float32 embeddings in the order of ``texts``.
 
     Example:
-        >>> emb = encode_texts(model, ["a claim", "another claim"])  # doctest: +SKIP
+        >>> emb = encode_texts(model, ["a claim", "another claim"], role="document")  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
@@ -264,7 +366,7 @@ def encode_texts(
     was_training = base.training
     base.eval()
     device = next(base.parameters()).device
-    to_tokens = make_tokenize_fn(base, tokenizer, max_length)
+    to_tokens = make_tokenize_fn(base, tokenizer, max_length, role=role, prompt=prompt)
     order = np.argsort([-len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), embedding_dim(base)), dtype=np.float32)
     try:
@@ -272,7 +374,7 @@ def encode_texts(
             rows = order[start : start + batch_size]
             features = to_tokens([texts[i] for i in rows])
             features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
-            out[rows] = embed(base, features).float().cpu().numpy()
+            out[rows] = embed(base, features, normalize).float().cpu().numpy()
     finally:
         base.train(was_training)
     return out

@@ -34,6 +34,10 @@ def search_run(
 class RetrievalEvaluator:
     """Encodes queries with the model and scores retrieval from the flat bank and from the quantized index.
 
+    Queries are encoded as training and serving encode them (:func:`hf_qret.encoder.encode_texts` with
+    ``role="query"``): with the model's query prompt (sentence-transformers' ``model.prompts``, as ``encode_query``
+    picks it), so the metric scores the query encoding that is trained and served.
+
     Metric keys are ``flat_<metric>`` and ``quantized_<metric>`` (``ndcg@10``, ``recall@100``, ``mrr@10``). When
     ``seen_doc_ids`` (the training positives) is given, every metric is also reported on the queries with at least
     one seen relevant document (``..._seen``) and on the rest (``..._unseen``).
@@ -82,7 +86,9 @@ class RetrievalEvaluator:
         self, model: nn.Module, bank: TargetBank, index: QuantizedIndex, tokenizer: Any = None
     ) -> dict[str, dict[str, dict[str, float]]]:
         """The flat and quantized runs: ``{"flat": run, "quantized": run}``."""
-        query_embeddings = encode_texts(model, self.queries, batch_size=self.batch_size, tokenizer=tokenizer)
+        query_embeddings = encode_texts(
+            model, self.queries, batch_size=self.batch_size, tokenizer=tokenizer, role="query"
+        )
         flat = QuantizedIndex(bank.dim, "Flat", use_gpu=index.use_gpu)
         flat.add(bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy())
         return {

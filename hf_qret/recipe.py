@@ -151,7 +151,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from .artifact import BANK_INIT_SCRATCH_NAME, save_document_encoder, write_json
     from .config import parse_config, resolve_model_path
     from .data import build_pairs_dataset, load_beir
-    from .encoder import embedding_dim, encode_texts
+    from .encoder import configure_encoder, embedding_dim, encode_texts
     from .errors import ConfigError
     from .evaluation import RetrievalEvaluator
     from .index import QuantizedIndex, set_faiss_threads
@@ -187,6 +187,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
             ) from None
         if model_args.max_seq_length:
             model.max_seq_length = model_args.max_seq_length
+        configure_encoder(model)  # before the bank and the document encoder: a cosine model gets its Normalize
         return model
 
     model = load_model()
@@ -196,7 +197,10 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         save_document_encoder(training_args.output_dir, model)
 
     # 2. The bank: encoded once (or read from --bank_init_file).
-    encode = partial(encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus")
+    encode = partial(
+        encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus",
+        role="document",
+    )
     init_file = model_args.bank_init_file
     # A second model (the untrained one shipped instead, or the run on train + eval split) starts from the same
     # encoded corpus: without --bank_init_file it is kept in the output folder for the run and removed after it.

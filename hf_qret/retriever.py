@@ -1,5 +1,10 @@
 """Search with a trained artifact: the query encoder plus the quantized index, loaded in one call from a local
-folder or a Hub repository."""
+folder or a Hub repository.
+
+Queries and added documents are embedded as training embedded them (:func:`hf_qret.encoder.encode_texts`): with the
+query / document prompts and the normalisation ``qret_config.json`` records (an artifact written before they were
+recorded: the encoder's own prompts and sentence-transformers' rules, as before).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from .artifact import (
     resolve_artifact,
     write_json,
 )
+from .embedding import recorded_prompt
 from .encoder import embedding_dim, encode_texts
 from .errors import ArtifactError, DataError
 
@@ -60,9 +66,11 @@ class QuantizedRetriever:
         ArtifactError: The encoder's dimension differs from the index's.
 
     Example:
-        >>> retriever = QuantizedRetriever.from_pretrained("out/scifact")  # doctest: +SKIP
+        >>> retriever = QuantizedRetriever.from_pretrained("out/scifact", "cpu")  # doctest: +SKIP
         >>> retriever.search(["Vitamin D lowers cancer risk"], k=3)  # doctest: +SKIP
         [[('4983', 0.61), ('1130', 0.58), ('77', 0.55)]]
+        >>> retriever.search("Vitamin D lowers cancer risk", k=1)  # one query: its hits  # doctest: +SKIP
+        [('4983', 0.61)]
     """
 
     def __init__(
@@ -99,10 +107,10 @@ class QuantizedRetriever:
     def from_pretrained(
         cls,
         repo_id_or_path: str | os.PathLike,
-        revision: str | None = None,
         device: str | None = None,
-        load_bank: bool = False,
         *,
+        revision: str | None = None,
+        load_bank: bool = False,
         nprobe: int | None = None,
         ef_search: int | None = None,
         use_gpu: bool | None = None,
@@ -122,8 +130,9 @@ class QuantizedRetriever:
 
         Args:
             repo_id_or_path: A local artifact folder (works with ``HF_HUB_OFFLINE=1``) or a Hub model id.
+            device: Torch device of the query encoder (default: CUDA when available); the second positional
+                parameter, as in ``SentenceTransformer(name, device)``. Everything after it is keyword-only.
             revision: Hub revision (branch, tag or commit).
-            device: Torch device of the query encoder (default: CUDA when available).
             load_bank: Also load the full-precision bank (``retriever.files.bank``).
             nprobe: IVF lists visited per query (IVF indexes).
             ef_search: HNSW search depth (HNSW indexes).
@@ -142,7 +151,7 @@ class QuantizedRetriever:
             ArtifactError: Not an hf-qret artifact, a file is missing or corrupt, or the parts disagree.
 
         Example:
-            >>> retriever = QuantizedRetriever.from_pretrained("me/minilm-scifact-opq16", nprobe=16)  # doctest: +SKIP
+            >>> retriever = QuantizedRetriever.from_pretrained("me/minilm-scifact-opq16", "cuda", nprobe=16)  # doctest: +SKIP
         """
         folder = resolve_artifact(repo_id_or_path, revision, token, cache_dir)
         if not (folder / CONFIG_NAME).is_file():
@@ -204,22 +213,41 @@ class QuantizedRetriever:
 
     # ------------------------------------------------------------------ search
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        """``(len(queries), dim)`` float32 query embeddings."""
+        """``(len(queries), dim)`` float32 query embeddings, exactly as training and evaluation embedded queries:
+        with the query prompt ``qret_config.json`` records (else the encoder's own, as ``encode_query`` picks it),
+        pooled and normalised as trained.
+
+        Example:
+            >>> retriever.encode_queries(["does aspirin prevent stroke?"]).shape  # doctest: +SKIP
+            (1, 384)
+        """
         if isinstance(queries, str):
             raise TypeError("encode_queries takes a list of strings; wrap a single query as [query].")
-        return encode_texts(self.model, list(queries), batch_size=self.batch_size)
+        return self._encode(self.model, list(queries), "query", self.batch_size)
+
+    def _encode(self, model: Any, texts: list[str], role: str, batch_size: int) -> np.ndarray:
+        normalize = self.config.get("normalize")
+        return encode_texts(
+            model,
+            texts,
+            batch_size=batch_size,
+            role=role,
+            prompt=recorded_prompt(self.config, role),
+            normalize=None if normalize is None else bool(normalize),
+        )
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search: ``(scores, rows)``."""
         return self.index.search(embeddings, k)
 
     def search(
-        self, queries: Sequence[str], k: int = 10, *, return_text: bool = False, output: str = "tuples"
-    ) -> list[list[Any]]:
+        self, queries: str | Sequence[str], k: int = 10, *, return_text: bool = False, output: str = "tuples"
+    ) -> list[list[Any]] | list[Any]:
         """The top-``k`` hits of each query, best first (fewer only if the corpus is smaller).
 
         Args:
-            queries: The query texts.
+            queries: The query texts, or one query as a string: then the hits of that query are returned (a list
+                of hits, not a list of lists), as ``SentenceTransformer.encode`` returns one embedding for a string.
             k: Hits per query.
             return_text: Also return each document's text (the artifact must ship ``corpus.jsonl``: trained with
                 ``corpus=`` / text pairs, or ``store_corpus_texts=True``, or ``hf-qret push --corpus``).
@@ -235,9 +263,11 @@ class QuantizedRetriever:
             [[('1234', 0.71), ('98', 0.66)]]
             >>> retriever.search(["does aspirin prevent stroke?"], k=1, output="semantic_search")  # doctest: +SKIP
             [[{'corpus_id': '1234', 'score': 0.71}]]
+            >>> retriever.search("does aspirin prevent stroke?", k=2)  # doctest: +SKIP
+            [('1234', 0.71), ('98', 0.66)]
         """
         if isinstance(queries, str):
-            raise TypeError("search takes a list of strings; wrap a single query as [query].")
+            return self.search([queries], k, return_text=return_text, output=output)[0]
         if int(k) < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
         if output not in SEARCH_OUTPUTS:
@@ -256,9 +286,12 @@ class QuantizedRetriever:
         ]
         return [[self._format_hit(doc_id, score, return_text, output) for doc_id, score in row] for row in hits]
 
-    def semantic_search(self, queries: Sequence[str], top_k: int = 10, return_text: bool = False) -> list[list[dict]]:
+    def semantic_search(
+        self, queries: str | Sequence[str], top_k: int = 10, return_text: bool = False
+    ) -> list[list[dict]] | list[dict]:
         """``search(queries, k=top_k, output="semantic_search")``: for code written against
-        ``sentence_transformers.util.semantic_search`` (``corpus_id`` is the document id).
+        ``sentence_transformers.util.semantic_search`` (``corpus_id`` is the document id); a single string gives
+        that query's hits.
 
         Example:
             >>> retriever.semantic_search(["does aspirin prevent stroke?"], top_k=1)  # doctest: +SKIP
@@ -312,7 +345,8 @@ class QuantizedRetriever:
         self._document_encoder = model
 
     def add_documents(self, texts: Sequence[str], ids: Sequence[str], batch_size: int = 64) -> None:
-        """Adds documents to the served index: encodes them with the :attr:`document_encoder`, appends their codes
+        """Adds documents to the served index: encodes them with the :attr:`document_encoder` as the bank's rows were
+        encoded (the document prompt and normalisation ``qret_config.json`` records), appends their codes
         with the index's current codebooks (nothing is retrained), and extends the doc-id map (and the corpus and
         bank, when loaded). :meth:`save_pretrained` / :meth:`push_to_hub` write the grown artifact.
 
@@ -351,7 +385,7 @@ class QuantizedRetriever:
             seen: set[str] = set()
             repeated = next(i for i in ids if i in seen or seen.add(i))
             raise DataError(f"the id {repeated!r} is given twice; document ids must be unique.")
-        embeddings = encode_texts(self.document_encoder, texts, batch_size=batch_size)
+        embeddings = self._encode(self.document_encoder, texts, "document", batch_size)
         self._load_shipped_corpus()  # before the doc ids grow: the file lists only the old ones
         self.index.add(embeddings)
         self.files.doc_ids.extend(ids)

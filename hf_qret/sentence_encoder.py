@@ -6,6 +6,8 @@ and peft (17 s on 2 cores). A served artifact's encoder is almost always the thr
 ``AutoModel`` / ``AutoTokenizer`` and pools as sentence-transformers does (same tokenization, same embeddings, tested
 against ``SentenceTransformer``). :func:`load_encoder` falls back to ``SentenceTransformer`` for anything else
 (extra modules such as ``Dense``, a peft adapter, other pooling modes).
+
+Pooling, normalisation and prompts are :mod:`hf_qret.embedding`'s, the functions training uses too.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .embedding import POOLING_MODES, pool
 from .errors import ArtifactError
 
-__all__ = ["SentenceEncoder", "load_encoder", "pooled_sentence_transformer"]
+__all__ = ["SentenceEncoder", "load_encoder", "pooled_sentence_transformer", "write_sentence_transformer_modules"]
 
-_POOLING_MODES = ("mean", "cls", "max")
+_POOLING_MODES = POOLING_MODES
 _OLD_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 _OTHER_OLD_POOLING_KEYS = (
     "pooling_mode_mean_sqrt_len_tokens",
@@ -81,21 +84,35 @@ def _folder_layout(folder: Path) -> dict[str, Any] | None:
         return None
     if settings.get("module_output_name", "token_embeddings") != "token_embeddings":
         return None
-    pooling = _pooling_mode(_read(folder / str(modules[1].get("path") or "") / "config.json"))
-    if pooling is None:
+    pooling_config = _read(folder / str(modules[1].get("path") or "") / "config.json")
+    pooling = _pooling_mode(pooling_config)
+    if pooling is None or pooling_config.get("include_prompt", True) is False:
+        return None  # prompt tokens left out of the pooling: sentence-transformers' prompt_length handling
+    st_config = _read(folder / "config_sentence_transformers.json")
+    similarity = st_config.get("similarity_fn_name") or "cosine"
+    if similarity not in ("cosine", "dot"):
         return None
+    prompts = st_config.get("prompts")
     return {
         "path": transformer_dir,
         "pooling": pooling,
-        "normalize": kinds[-1] == "Normalize",
+        # hf-qret's rule (hf_qret.encoder.embed): a cosine model's embeddings are unit vectors, Normalize or not
+        "normalize": kinds[-1] == "Normalize" or similarity == "cosine",
         "max_seq_length": settings.get("max_seq_length"),
         "do_lower_case": bool(settings.get("do_lower_case", False)),
+        "prompts": {str(k): "" if v is None else str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {},
+        "default_prompt_name": st_config.get("default_prompt_name"),
     }
 
 
 class SentenceEncoder(nn.Module):
-    """A transformers encoder with the pooling (mean, CLS or max) and normalisation of a sentence-transformers
-    folder: embeddings equal to ``SentenceTransformer(folder)``'s, without importing sentence-transformers.
+    """A transformers encoder with the pooling (mean, CLS or max), normalisation and prompts of a
+    sentence-transformers folder: embeddings equal to ``SentenceTransformer(folder)``'s (``encode_query`` /
+    ``encode_document``'s with prompts), without importing sentence-transformers.
+
+    A folder whose ``similarity_fn_name`` is cosine is L2-normalised even without a ``Normalize`` module: hf-qret
+    trains and indexes a cosine model's unit vectors (:func:`hf_qret.encoder.embed`), whose inner products are the
+    model's cosine scores.
 
     Args:
         model: The transformers ``AutoModel``.
@@ -104,6 +121,9 @@ class SentenceEncoder(nn.Module):
         normalize: L2-normalise the pooled embedding.
         max_seq_length: Truncation length (default: the tokenizer's ``model_max_length``).
         do_lower_case: Lower-case texts before tokenizing.
+        prompts: Prompt name to text, as sentence-transformers' ``model.prompts``
+            (:func:`hf_qret.embedding.prompt_for` picks the query and document prompts).
+        default_prompt_name: The prompt used when no query / document prompt name is defined.
 
     Example:
         >>> encoder = SentenceEncoder.from_folder("runs/scifact")  # doctest: +SKIP
@@ -119,6 +139,8 @@ class SentenceEncoder(nn.Module):
         normalize: bool = True,
         max_seq_length: int | None = None,
         do_lower_case: bool = False,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
     ) -> None:
         super().__init__()
         if pooling not in _POOLING_MODES:
@@ -128,6 +150,8 @@ class SentenceEncoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.do_lower_case = do_lower_case
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
         limit = max_seq_length or getattr(tokenizer, "model_max_length", None)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if not limit or limit > 1_000_000:  # tokenizers without a limit report a huge sentinel
@@ -146,7 +170,16 @@ class SentenceEncoder(nn.Module):
         path = str(layout["path"])
         model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        encoder = cls(model, tokenizer, layout["pooling"], layout["normalize"], layout["max_seq_length"], layout["do_lower_case"])
+        encoder = cls(
+            model,
+            tokenizer,
+            layout["pooling"],
+            layout["normalize"],
+            layout["max_seq_length"],
+            layout["do_lower_case"],
+            prompts=layout["prompts"],
+            default_prompt_name=layout["default_prompt_name"],
+        )
         encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return encoder.eval()
 
@@ -158,9 +191,10 @@ class SentenceEncoder(nn.Module):
         """The dimension of the embeddings."""
         return int(self.model.config.hidden_size)
 
-    def preprocess(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenizes ``texts`` as sentence-transformers does (stripped, padded, truncated to ``max_seq_length``)."""
-        cleaned = [str(text).strip() for text in texts]
+    def preprocess(self, texts: Sequence[str], prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """Tokenizes ``texts`` as sentence-transformers does (``prompt`` prepended, padded, truncated to
+        ``max_seq_length``)."""
+        cleaned = [(prompt or "") + str(text).strip() for text in texts]
         if self.do_lower_case:
             cleaned = [text.lower() for text in cleaned]
         return self.tokenizer(
@@ -171,22 +205,15 @@ class SentenceEncoder(nn.Module):
         """``{"sentence_embedding": (batch, dim), "token_embeddings": ...}`` of a tokenized batch."""
         inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         hidden = self.model(**inputs, return_dict=True).last_hidden_state
-        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        elif self.pooling == "max":
-            pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
-        else:
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        if self.normalize:
-            pooled = nn.functional.normalize(pooled, p=2, dim=-1)
+        pooled = pool(hidden, features["attention_mask"], self.pooling, self.normalize)
         return {"sentence_embedding": pooled, "token_embeddings": hidden}
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> Any:
-        """``(len(texts), dim)`` float32 numpy embeddings (see :func:`hf_qret.encoder.encode_texts`)."""
+    def encode(self, texts: Sequence[str], batch_size: int = 64, role: str | None = None) -> Any:
+        """``(len(texts), dim)`` float32 numpy embeddings (see :func:`hf_qret.encoder.encode_texts`); ``role``
+        ``"query"`` / ``"document"`` prepends the prompt ``encode_query`` / ``encode_document`` would."""
         from .encoder import encode_texts
 
-        return encode_texts(self, list(texts), batch_size=batch_size)
+        return encode_texts(self, list(texts), batch_size=batch_size, role=role)
 
 
 def load_encoder(
@@ -256,3 +283,56 @@ def pooled_sentence_transformer(
     transformer = Transformer(model_path, model_kwargs=model_kwargs)
     pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
     return SentenceTransformer(modules=[transformer, pool, Normalize()], device=device)
+
+
+def write_sentence_transformer_modules(
+    folder: str | os.PathLike, pooling: str = "mean", normalize: bool = True, max_seq_length: int | None = None
+) -> None:
+    """Makes a saved plain transformers model folder a sentence-transformers folder (Transformer → Pooling →
+    Normalize): writes ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/`` and, when ``normalize``,
+    ``2_Normalize/``, next to the model's own files, without importing sentence-transformers.
+
+    Then ``SentenceTransformer(folder)`` (and :class:`SentenceEncoder`) embed as hf-qret trained the plain encoder
+    (``pooling``, unit vectors), instead of sentence-transformers' default for a plain folder (mean pooling, no
+    normalisation). A folder that already has ``modules.json`` is left alone.
+
+    Example:
+        >>> write_sentence_transformer_modules("runs/plain-bert", "cls")  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    if (folder / "modules.json").is_file():
+        return
+    if pooling not in _POOLING_MODES:
+        raise ValueError(f"pooling must be one of {_POOLING_MODES}, got {pooling!r}.")
+    config = _read(folder / "config.json")
+    dim = config.get("hidden_size") or config.get("dim") or config.get("d_model")
+
+    def write(path: Path, content: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    settings: dict[str, Any] = {
+        "transformer_task": "feature-extraction",
+        "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        "module_output_name": "token_embeddings",
+    }
+    if max_seq_length:
+        settings["max_seq_length"] = int(max_seq_length)
+    write(folder / "sentence_bert_config.json", settings)
+    write(folder / "1_Pooling" / "config.json", {"embedding_dimension": dim, "pooling_mode": pooling, "include_prompt": True})
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"},
+    ]
+    if normalize:
+        write(folder / "2_Normalize" / "config.json", {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.normalize.Normalize"})
+    if not (folder / "config_sentence_transformers.json").is_file():
+        write(
+            folder / "config_sentence_transformers.json",
+            {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+             "similarity_fn_name": "cosine" if normalize else "dot"},
+        )  # fmt: skip
+    write(folder / "modules.json", modules)  # last: a folder with modules.json is complete

@@ -6,6 +6,10 @@ trained *bank* through the *quantized index*, so that number would measure a sys
 :class:`~hf_qret.evaluation.RetrievalEvaluator` over the bank: its queries are encoded with the model, its corpus ids
 are mapped to bank rows (by id, else by text) and its metrics are reported for the flat bank and the quantized index,
 named after the evaluator (``eval_dev_quantized_ndcg@10``, ``eval_dev_flat_mrr@10``...).
+
+Its queries are encoded with the model's query prompt, the one training and the retriever use; an evaluator whose
+explicit ``query_prompt`` / ``query_prompt_name`` (or corpus prompt) names another text is refused
+(:func:`check_prompts`) rather than scored on a query encoding nobody serves.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any
 
 from torch import nn
 
+from .embedding import model_prompts, prompt_for
 from .errors import ConfigError
 from .evaluation import RetrievalEvaluator
 
-__all__ = ["EvaluatorGroup", "check_evaluator", "evaluator_documents", "adapt_evaluator"]
+__all__ = ["EvaluatorGroup", "check_evaluator", "check_prompts", "evaluator_documents", "adapt_evaluator"]
 
 #: Maps an evaluator document (id, text or ``None``) to its bank id, ``None`` when the bank does not hold it.
 Resolver = Callable[[str, "str | None"], "str | None"]
@@ -129,19 +134,46 @@ def _metrics_of(evaluator: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names)) or ("ndcg@10", "recall@100", "mrr@10")
 
 
-def _query_prefix(evaluator: Any, model: nn.Module | None) -> str:
-    if getattr(evaluator, "query_prompt", None):
-        return str(evaluator.query_prompt)
-    name = getattr(evaluator, "query_prompt_name", None)
+def _explicit_prompt(evaluator: Any, model: nn.Module | None, side: str) -> str | None:
+    """The prompt an evaluator asks for explicitly (``{side}_prompt`` or ``{side}_prompt_name``), else ``None``."""
+    prompt = getattr(evaluator, f"{side}_prompt", None)
+    if prompt is not None:
+        return str(prompt)
+    name = getattr(evaluator, f"{side}_prompt_name", None)
     if not name:
-        return ""
-    prompts = getattr(model, "prompts", None) or {}
+        return None
+    prompts, _ = model_prompts(model)
     if name not in prompts:
         raise ConfigError(
-            f"InformationRetrievalEvaluator {evaluator.name!r} asks for the query prompt {name!r}, which the model "
-            f"does not define (its prompts: {sorted(prompts)}); add it to model.prompts or pass query_prompt."
+            f"InformationRetrievalEvaluator {evaluator.name!r} asks for the {side} prompt {name!r}, which the model "
+            f"does not define (its prompts: {sorted(prompts)}); add it to model.prompts or pass {side}_prompt."
         )
-    return str(prompts[name])
+    return prompts[name]
+
+
+def check_prompts(evaluator: Any, model: nn.Module | None) -> None:
+    """Refuses an ``InformationRetrievalEvaluator`` whose explicit query (or corpus) prompt differs from the one
+    training uses (the model's query / document prompt, :func:`hf_qret.embedding.prompt_for`).
+
+    The trainer scores an evaluator with the queries encoded as they are trained and served, and its corpus as the
+    bank's rows, which were encoded with the document prompt: a metric over another query encoding would measure a
+    model nobody serves. An evaluator without explicit prompts uses the model's, as sentence-transformers' does
+    (``encode_query`` / ``encode_document``).
+
+    Raises:
+        ConfigError: The prompts differ; the message names both.
+    """
+    for side, role, what in (("query", "query", "queries"), ("corpus", "document", "documents")):
+        asked = _explicit_prompt(evaluator, model, side)
+        used = prompt_for(model, role) if model is not None else ""
+        if asked is not None and asked != used:
+            raise ConfigError(
+                f"InformationRetrievalEvaluator {evaluator.name!r} encodes its {what} with the {side} prompt "
+                f"{asked!r}, but training encodes {what} with {used!r} (the model's {role} prompt, "
+                f"model.prompts={model_prompts(model)[0]!r}); the metric would score an encoding that is neither "
+                f"trained nor served. Drop {side}_prompt / {side}_prompt_name from the evaluator, or set the model's "
+                f"{role!r} prompt (model.prompts[{role!r}] = {asked!r}) before training."
+            )
 
 
 def _adapt_ir(evaluator: Any, resolve: Resolver, model: nn.Module | None) -> RetrievalEvaluator:
@@ -168,8 +200,8 @@ def _adapt_ir(evaluator: Any, resolve: Resolver, model: nn.Module | None) -> Ret
             doc_id = str(doc_id)
             docs[mapped.get(doc_id) or resolve(doc_id, None) or doc_id] = 1
         qrels[str(query_id)] = docs
-    prefix = _query_prefix(evaluator, model)
-    queries = {str(q): prefix + str(text) for q, text in zip(evaluator.queries_ids, evaluator.queries)}
+    check_prompts(evaluator, model)  # the queries are encoded with the model's query prompt, as trained
+    queries = {str(q): str(text) for q, text in zip(evaluator.queries_ids, evaluator.queries)}
     cutoffs = [int(m.partition("@")[2]) for m in _metrics_of(evaluator)]
     return RetrievalEvaluator(
         queries,
@@ -188,7 +220,7 @@ def adapt_evaluator(evaluator: Any, resolve: Resolver, model: nn.Module | None =
         evaluator: A :class:`~hf_qret.evaluation.RetrievalEvaluator`, an ``InformationRetrievalEvaluator`` or a
             ``SequentialEvaluator`` of them.
         resolve: Maps an evaluator document (id, text) to its bank id; ``None`` when the bank lacks it.
-        model: The model, for the evaluator's ``query_prompt_name``.
+        model: The model: its prompts are checked against the evaluator's (:func:`check_prompts`).
 
     Returns:
         A :class:`~hf_qret.evaluation.RetrievalEvaluator` or an :class:`EvaluatorGroup` of them, called as

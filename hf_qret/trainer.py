@@ -159,7 +159,7 @@ class QRetTrainer(Trainer):
         processing_class = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None:
             tokenizer = None if is_sentence_transformer(model) else processing_class
-            kwargs["data_collator"] = QRetDataCollator(make_tokenize_fn(model, tokenizer), bank)
+            kwargs["data_collator"] = QRetDataCollator(make_tokenize_fn(model, tokenizer, role="query"), bank)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(cb, IndexRefreshCallback) for cb in callbacks):
             mode = self.loss.refresh_mode(args.refresh_mode)

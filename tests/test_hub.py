@@ -380,8 +380,7 @@ def test_round_trip_through_a_hub_repo_layout(artifact, tmp_path, monkeypatch):
     # ... and the folder is a plain transformers model as well
     auto = AutoModel.from_pretrained(str(snapshot))
     assert auto.config.hidden_size == 32
-    with pytest.raises(TypeError, match="list of strings"):
-        remote.search("one query")
+    assert remote.search(queries[0], k=10) == hits[0]  # one query as a string: its hits, as ST's encode(str)
 
 
 def test_retriever_corpus_and_search_params(artifact, tmp_path):
