@@ -130,3 +130,21 @@ def test_verdict_and_stage_names():
     worse = {"untrained": {"untrained_quantized_ndcg@10": 0.3}, "trained": {"trained_quantized_ndcg@10": 0.2}}
     assert training_verdict(worse)[0] == "untrained"
     assert training_verdict({"untrained": {"untrained_quantized_ndcg@10": 0.3}}) == ("trained", None)
+
+
+def test_the_untrained_model_is_the_step_0_point_of_load_best_model_at_end(tiny_model, beir_dir, tmp_path, monkeypatch):
+    """No checkpoint beats the untrained model: none is "best", nothing is loaded, the untrained model is kept."""
+    _hurt_after_training(monkeypatch, -0.5)
+    trainer, _ = make_trainer(
+        tiny_model, beir_dir, tmp_path, evaluator=_evaluator(beir_dir), eval_strategy="steps", eval_steps=3,
+        save_strategy="steps", save_steps=3, load_best_model_at_end=True, metric_for_best_model="quantized_ndcg@10",
+    )  # fmt: skip
+    trainer.ensure_index()
+    weights, bank, _ = _state(trainer)
+    trainer.train()
+    step0 = next(e["eval_quantized_ndcg@10"] for e in trainer.state.log_history if e.get("step") == 0)
+    assert trainer.state.best_metric == step0 and trainer.state.best_model_checkpoint is None
+    assert trainer.safety_net.verdict.shipped == "untrained"
+    after_weights, after_bank, _ = _state(trainer)
+    assert all(torch.equal(weights[k], after_weights[k]) for k in weights)
+    torch.testing.assert_close(after_bank, bank)

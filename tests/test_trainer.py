@@ -269,4 +269,4 @@ def test_evaluation_callback_schedules_each_step_once(tiny_model, beir_dir, tmp_
     )
     trainer.train()  # 6 steps end part-way through the first epoch: step 6 is a step *and* the epoch's end
     steps = [entry["step"] for entry in trainer.state.log_history if "eval_quantized_ndcg@10" in entry]
-    assert steps == [3, 6]
+    assert steps == [0, 3, 6]  # step 0: the safety net's evaluation before training

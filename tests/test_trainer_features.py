@@ -46,6 +46,7 @@ def test_load_best_model_at_end_restores_encoder_bank_and_index(tiny_model_dir, 
         metric_for_best_model="eval_quantized_ndcg@10", refresh_steps=5,
         lr_scheduler_type="linear",  # the schedule this degrading run was designed with (the default is constant)
         bank_optimizer="adam",  # and the bank optimizer: row-wise Adam at 0.5 moves every row far (the default is SGD)
+        keep_untrained_if_better=False,  # the checkpoints' own selection (tests/test_safety_net.py: with step 0)
     )  # fmt: skip
     trainer.train()
     logged = [e["eval_quantized_ndcg@10"] for e in trainer.state.log_history if "eval_quantized_ndcg@10" in e]
