@@ -19,6 +19,7 @@ from .artifact import (
     INITIAL_MMAP_NAME,
     WORKING_FILE_PATTERNS,
     copy_artifact_files,
+    save_document_encoder,
     save_retrieval_files,
     training_record,
     write_json,
@@ -126,6 +127,8 @@ class QRetTrainer(Trainer):
             raise TypeError("QRetTrainer needs QRetTrainingArguments (a TrainingArguments subclass) as `args`.")
         configure_encoder(model, args.pooling)  # plain encoders: --pooling (mean | cls), before any encoding
         # Drop-in (hf_qret.dropin): text pairs, a bank built from corpus=, sentence-transformers evaluators.
+        #: The trainer encodes the bank itself (corpus= / text pairs): its model, untrained, is the document encoder.
+        self.encodes_bank = bank is None
         ready = prepare_dropin(model, args, train_dataset, bank=bank, corpus=corpus, evaluator=evaluator,
                                eval_dataset=kwargs.get("eval_dataset"), tokenizer=kwargs.get("processing_class"))
         bank, train_dataset, evaluator = ready.bank, ready.train_dataset, ready.evaluator
@@ -217,7 +220,20 @@ class QRetTrainer(Trainer):
         (whose index is loaded instead)."""
         if not resume_from_checkpoint:
             self.ensure_index()
+            self._save_document_encoder()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_document_encoder(self) -> None:
+        """When the trainer encoded the bank (``corpus=`` / text pairs), saves the untrained model as the artifact's
+        document encoder before the first step, so ``QuantizedRetriever.add_documents`` encodes new documents as the
+        bank's were (the recipe does the same). A ``bank=`` built elsewhere: call
+        :func:`hf_qret.artifact.save_document_encoder` with its encoder yourself."""
+        model = self.accelerator.unwrap_model(self.model)
+        untrained = self.state.global_step == 0
+        if untrained and self.encodes_bank and self.args.should_save and is_sentence_transformer(model):
+            if not has_adapter(model):
+                save_document_encoder(self.args.output_dir, model)
+        self.accelerator.wait_for_everyone()
 
     def served_index(self) -> QuantizedIndex:
         """The index of the bank as it is now, as it would be served: the mining index with the rows moved since its

@@ -409,3 +409,25 @@ def test_default_schedule_is_constant_so_the_bank_keeps_its_learning_rate(tmp_pa
 
     assert QRetTrainingArguments(output_dir=str(tmp_path)).lr_scheduler_type == SchedulerType.CONSTANT
     assert QRetTrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="linear").lr_scheduler_type == "linear"
+
+
+def test_a_drop_in_artifact_grows_with_the_bank_encoder(tiny_model, st_data, tmp_path):
+    """The trainer that encoded the bank saves that (untrained) model as the document encoder: add_documents encodes
+    a new document exactly as the bank's rows were encoded."""
+    import numpy as np
+
+    from hf_qret import QuantizedRetriever
+    from hf_qret.encoder import encode_texts
+
+    corpus, pairs, _, _ = st_data
+    trainer = QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus)
+    doc_id = next(iter(corpus))
+    untrained_row = trainer.bank.float32_rows()[[trainer.bank.row_of(doc_id)]][0].copy()
+    trainer.train()
+    trainer.save_model()
+    retriever = QuantizedRetriever.from_pretrained(tmp_path / "out", "cpu", load_bank=True)
+    assert retriever.config["document_encoder"] == "document_encoder"
+    encoded = encode_texts(retriever.document_encoder, [corpus[doc_id]], role="document")[0]
+    np.testing.assert_allclose(encoded, untrained_row, atol=1e-5)
+    retriever.add_documents([corpus[doc_id]], ["copy-of-" + doc_id])
+    assert retriever.index.ntotal == len(corpus) + 1
