@@ -181,7 +181,8 @@ class SafetyNetCallback(TrainerCallback):
         if self.untrained_metrics is None:
             return
         trainer = self.trainer
-        trained = trainer.evaluate()
+        # the model as it ends (after the train-end refresh), measured without a second log entry for the last step
+        trained = trainer.retrieval_metrics("eval")
         key = self._metric_key(trained)
         metric = key[len("eval_") :]
         untrained = stage_metrics(self.untrained_metrics, "untrained")
