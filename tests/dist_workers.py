@@ -65,6 +65,7 @@ def ddp_train_main() -> None:
     args = QRetTrainingArguments(
         output_dir=str(out / "run"), index_factory="PQ4", num_negatives=8, per_device_train_batch_size=4,
         max_steps=3, learning_rate=1e-3, bank_learning_rate=1e-2, report_to="none", save_strategy="no", seed=0,
+        bank_optimizer="adam",  # row-wise Adam: per-row step counts and moments to compare across processes
         use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
     )  # fmt: skip
     trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)
@@ -110,6 +111,7 @@ def ddp_mmap_main() -> None:
         args = QRetTrainingArguments(
             output_dir=str(out / kind), index_factory="PQ4", num_negatives=8, per_device_train_batch_size=4,
             max_steps=3, learning_rate=1e-3, bank_learning_rate=1e-2, report_to="none", save_strategy="no", seed=0,
+            bank_optimizer="adam",  # row-wise Adam: per-row step counts and moments to compare across processes
             use_cpu=True, dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
         )  # fmt: skip
         rank = args.process_index  # forms the process group

@@ -102,7 +102,8 @@ def test_metric_equals_the_evaluation_callback_numbers(tiny_model, beir_dir, tmp
     runs = evaluator.runs
     evaluator.runs = lambda *args, **kwargs: searched.append(runs(*args, **kwargs)) or searched[-1]
     schedule = RetrievalEvaluationCallback(every_n_steps=3, on_epoch_end=False)
-    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, evaluator=evaluator, callbacks=[schedule])
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, evaluator=evaluator, callbacks=[schedule],
+                              keep_untrained_if_better=False)  # only the scheduled evaluations  # fmt: skip
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "eval_quantized_ndcg@10" in entry]
     assert [entry["step"] for entry in logged] == [3, 6] and len(searched) == 2
