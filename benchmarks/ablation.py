@@ -69,9 +69,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "untrained": ("pretrained encoder and bank", None),
     "query-only": ("query encoder trained, bank frozen", _with(SEED, bank_learning_rate="0")),
     "seed": ("seed method: bank + query encoder, codebooks retrained per epoch", SEED),
-    "+positives-only": (
-        "seed + only rows of training-positive documents move", _with(SEED, bank_update="positives")
-    ),
+    "+positives-only": ("seed + only rows of training-positive documents move", _with(SEED, bank_update="positives")),
     "+keep-norm": ("seed + rows keep their initial norm", _with(SEED, bank_keep_norm="true")),
     "default": ("the recipe as shipped (recipes/scifact.yaml)", []),
     "adam-bank": (
@@ -89,7 +87,13 @@ FACTORIES = ("RQ16x8", "RQ8x8")
 
 
 def run_variant(
-    out: Path, factory: str, name: str, overrides: list[str], bank_file: Path, fresh: bool, seed: int = 42,
+    out: Path,
+    factory: str,
+    name: str,
+    overrides: list[str],
+    bank_file: Path,
+    fresh: bool,
+    seed: int = 42,
     recipe_options: list[str] | None = None,
 ) -> dict:
     """Trains one variant with one seed (unless its results are cached) and returns its ``eval_results.json``."""
@@ -151,7 +155,9 @@ def markdown(table: dict[str, dict[str, dict]], descriptions: dict[str, str]) ->
         cells = []
         for factory in factories:
             values = table[factory].get(name)
-            cells += [f"{values[s]:.3f}" if values and values.get(s) is not None else "–" for s in ("all", "seen", "unseen")]
+            cells += [
+                f"{values[s]:.3f}" if values and values.get(s) is not None else "–" for s in ("all", "seen", "unseen")
+            ]
         seeds = "/".join(sorted({str(len(table[f][name]["seeds"])) for f in factories if name in table[f]}))
         lines.append(f"| {name} ({descriptions[name]}) | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -30,14 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_qret.bank import TargetBank  # noqa: E402
+from hf_qret.bank.core import TargetBank  # noqa: E402
 from hf_qret.data import build_pairs_dataset, load_beir  # noqa: E402
-from hf_qret.distributed import row_gradients  # noqa: E402
-from hf_qret.evaluation import RetrievalEvaluator, search_run  # noqa: E402
-from hf_qret.index import QuantizedIndex  # noqa: E402
-from hf_qret.loss import CandidateCrossEntropyLoss  # noqa: E402
-from hf_qret.mining import IndexMiner  # noqa: E402
-from hf_qret.optim import RowAdam, RowSGD  # noqa: E402
+from hf_qret.evaluation.evaluator import RetrievalEvaluator, search_run  # noqa: E402
+from hf_qret.index.core import QuantizedIndex  # noqa: E402
+from hf_qret.index.mining import IndexMiner  # noqa: E402
+from hf_qret.training.distributed import row_gradients  # noqa: E402
+from hf_qret.training.loss import CandidateCrossEntropyLoss  # noqa: E402
+from hf_qret.training.optim import RowAdam, RowSGD  # noqa: E402
 
 
 class GlobalStepAdam(RowAdam):
@@ -82,7 +82,7 @@ def make_optimizer(kind: str, bank: TargetBank, lr: float, norms: torch.Tensor) 
     if kind == "adam-global":
         return GlobalStepAdam(bank, lr=lr, keep_norms=norms)
     if kind.startswith("adam-eps"):
-        return RowAdam(bank, lr=lr, eps=float(kind[len("adam-eps"):]), keep_norms=norms)
+        return RowAdam(bank, lr=lr, eps=float(kind[len("adam-eps") :]), keep_norms=norms)
     if kind == "adam":
         return RowAdam(bank, lr=lr, keep_norms=norms)
     raise SystemExit(f"unknown optimizer {kind!r}: adam, adam-global, adam-eps<EPS>, adagrad or sgd")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from sentence_transformers import SentenceTransformer
 
         from hf_qret.config import resolve_model_path
-        from hf_qret.encoder import encode_texts
+        from hf_qret.serving.encoder import encode_texts
 
         model = SentenceTransformer(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), device="cpu")
         TargetBank.from_encoder(lambda t: encode_texts(model, t), train.doc_texts(), train.doc_ids).save(args.bank)
@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def evaluate(bank: TargetBank, index: QuantizedIndex) -> dict[str, float]:
         flat = QuantizedIndex(bank.dim, "Flat")
         flat.add(bank.float32_rows())
-        runs = {kind: search_run(dev_q, dev_ids, searcher, bank.doc_ids) for kind, searcher in (("flat", flat), ("quantized", index))}
+        runs = {
+            kind: search_run(dev_q, dev_ids, searcher, bank.doc_ids)
+            for kind, searcher in (("flat", flat), ("quantized", index))
+        }
         scores = evaluator.score(runs)
         return {k: round(scores[k], 4) for k in keys if k in scores}
 

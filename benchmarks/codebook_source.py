@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args(argv)
 
-    from hf_qret.artifact import INDEX_NAME, load_retrieval_files
+    from hf_qret.bank.storage import read_bank_file
     from hf_qret.cli import evaluate_main
-    from hf_qret.faiss_ops import import_faiss
-    from hf_qret.storage import read_bank_file
+    from hf_qret.index.faiss_ops import import_faiss
+    from hf_qret.serving.artifact import INDEX_NAME, load_retrieval_files
 
     faiss = import_faiss()
     source = Path(args.artifact)

@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from sentence_transformers import SentenceTransformer
 
+    from hf_qret.bank.storage import read_bank_file
     from hf_qret.config import resolve_model_path
     from hf_qret.data import load_beir
-    from hf_qret.faiss_ops import import_faiss, set_faiss_threads
-    from hf_qret.metrics import compute_metrics
-    from hf_qret.storage import read_bank_file
+    from hf_qret.evaluation.metrics import compute_metrics
+    from hf_qret.index.faiss_ops import import_faiss, set_faiss_threads
 
     faiss = import_faiss()
     set_faiss_threads(args.threads)

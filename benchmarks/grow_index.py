@@ -60,9 +60,14 @@ def split_corpus(data: Path, out: Path, seed: int = 0) -> tuple[list[str], list[
             handle.write(json.dumps({"_id": doc_id, **train.corpus[doc_id]}, ensure_ascii=False) + "\n")
     queries = next(p for p in (data / "queries.jsonl", data / "queries.jsonl.gz") if p.is_file())
     opener = gzip.open if queries.suffix == ".gz" else open
-    with opener(queries, "rt", encoding="utf-8") as source, open(out / "queries.jsonl", "w", encoding="utf-8") as target:
+    with (
+        opener(queries, "rt", encoding="utf-8") as source,
+        open(out / "queries.jsonl", "w", encoding="utf-8") as target,
+    ):
         target.write(source.read())
-    (out / "qrels" / "train.tsv").write_text((data / "qrels" / "train.tsv").read_text(encoding="utf-8"), encoding="utf-8")
+    (out / "qrels" / "train.tsv").write_text(
+        (data / "qrels" / "train.tsv").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     return base, added
 
 
@@ -77,7 +82,9 @@ def slice_bank(full_init: Path, all_ids: list[str], base: list[str], target: Pat
 def evaluate(artifact: Path, data: Path) -> dict:
     from hf_qret.cli import evaluate_main
 
-    return evaluate_main([str(artifact), "--data", str(data), "--split", "dev", "--seen-qrels", str(data / "qrels" / "train.tsv")])
+    return evaluate_main(
+        [str(artifact), "--data", str(data), "--split", "dev", "--seen-qrels", str(data / "qrels" / "train.tsv")]
+    )
 
 
 def train(data_dir: Path, output_dir: Path, seed: int, bank_init: Path | None) -> float:
@@ -92,8 +99,8 @@ def train(data_dir: Path, output_dir: Path, seed: int, bank_init: Path | None) -
 
 def rebuilt(grown: Path, target: Path) -> Path:
     """The grown artifact with its index trained again over all of its rows (same encoder, same bank)."""
-    from hf_qret.artifact import INDEX_NAME, load_retrieval_files
-    from hf_qret.index import QuantizedIndex
+    from hf_qret.index.core import QuantizedIndex
+    from hf_qret.serving.artifact import INDEX_NAME, load_retrieval_files
 
     if target.exists():
         shutil.rmtree(target)
@@ -110,7 +117,9 @@ def quantized(result: dict, slice_: str | None = None) -> float:
     return part["quantized"]["ndcg@10"]
 
 
-def one_seed(seed: int, data: Path, out: Path, half_data: Path, base: list[str], added: list[str], bank_init: Path | None) -> dict:
+def one_seed(
+    seed: int, data: Path, out: Path, half_data: Path, base: list[str], added: list[str], bank_init: Path | None
+) -> dict:
     from hf_qret import QuantizedRetriever
     from hf_qret.data import doc_text, load_beir
 
@@ -167,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     base, added = split_corpus(data, out / "data")
     runs = []
     for seed in args.seeds:
-        runs.append(one_seed(seed, data, out, out / "data", base, added, Path(args.bank_init) if args.bank_init else None))
+        runs.append(
+            one_seed(seed, data, out, out / "data", base, added, Path(args.bank_init) if args.bank_init else None)
+        )
         summary = {
             "benchmark": "grow_index",
             "index_factory": runs[0]["results"]["full"]["index_factory"],

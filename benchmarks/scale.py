@@ -8,11 +8,11 @@ copy of the whole corpus never exists. Then, timing each part:
    (streamed in 64k-row chunks).
 2. ``mine_qps``: ``--queries`` queries (noisy copies of random bank rows) searched like training does it, batches
    of ``--batch`` queries for the top ``--k`` rows (``mine_qps_one_batch``: all queries in one search call). With
-   ``--mining_nlist`` the queries go through the mining shortlist (:class:`~hf_qret.shortlist.MiningShortlist`);
+   ``--mining_nlist`` the queries go through the mining shortlist (:class:`~hf_qret.index.shortlist.MiningShortlist`);
    ``shortlist_topk_overlap`` is the share of the whole index's top ``--k`` it finds (first 512 queries).
 3. ``step_ms``: the bank side of a training step, median over the timed steps: gather the batch's positives and
    mined candidates (the union, ~3,000 rows for 32 x 100) as float32, a scaled dot-product cross-entropy with random
-   query vectors (``requires_grad``), backward (sparse row gradients), :class:`~hf_qret.optim.RowAdam` step. No
+   query vectors (``requires_grad``), backward (sparse row gradients), :class:`~hf_qret.training.optim.RowAdam` step. No
    transformer encoder.
 4. ``refresh_s``: ``incremental`` index refresh after the ``--steps`` training steps (``refreshed_rows`` = rows the
    steps changed); ``--full_refresh`` also times a full re-encode (``full_reencode_s``).
@@ -46,9 +46,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_qret.bank import TargetBank  # noqa: E402
-from hf_qret.optim import RowAdam  # noqa: E402
-from hf_qret.index import QuantizedIndex, set_faiss_threads  # noqa: E402
+from hf_qret.bank.core import TargetBank  # noqa: E402
+from hf_qret.index.core import QuantizedIndex, set_faiss_threads  # noqa: E402
+from hf_qret.training.optim import RowAdam  # noqa: E402
 
 CHUNK = 16384  # rows generated at a time (a few MB of float32 temporaries)
 

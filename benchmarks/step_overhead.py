@@ -40,7 +40,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def timed_run(in_batch: bool, steps: int, warmup: int, batch_size: int, num_negatives: int, factory: str) -> list[float]:
+def timed_run(
+    in_batch: bool, steps: int, warmup: int, batch_size: int, num_negatives: int, factory: str
+) -> list[float]:
     from sentence_transformers import SentenceTransformer
 
     from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir

@@ -30,13 +30,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
     from hf_qret.config import resolve_model_path
     from hf_qret.data import doc_text
-    from hf_qret.encoder import encode_texts
+    from hf_qret.serving.encoder import encode_texts
 
     data = load_beir(REPO / "recipes" / "data" / "scifact", split="train")
     pairs = build_pairs_dataset(data)
@@ -68,8 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
         bank_encode = time.perf_counter() - start
         qret_trainer = QRetTrainer(
             model,
-            QRetTrainingArguments(output_dir=f"{out}/qret", index_factory=args.index_factory,
-                                  opq_niter=args.opq_niter, refresh_on_epoch_end=True, **common),  # fmt: skip
+            QRetTrainingArguments(
+                output_dir=f"{out}/qret",
+                index_factory=args.index_factory,
+                opq_niter=args.opq_niter,
+                refresh_on_epoch_end=True,
+                **common,
+            ),  # fmt: skip
             train_dataset=pairs,
             bank=bank,
         )

@@ -24,8 +24,8 @@ from hf_qret import (
     load_beir,
 )
 from hf_qret.config import resolve_model_path
-from hf_qret.encoder import encode_texts
-from hf_qret.peft_utils import add_adapter
+from hf_qret.serving.encoder import encode_texts
+from hf_qret.serving.peft_utils import add_adapter
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
@@ -42,7 +42,9 @@ cli = parser.parse_args()
 
 train, dev = load_beir(cli.data_dir, split="train"), load_beir(cli.data_dir, split=cli.eval_split)
 model = SentenceTransformer(resolve_model_path(cli.model))
-bank = TargetBank.from_encoder(partial(encode_texts, model, role="document"), train.doc_texts(), train.doc_ids)  # before the adapter
+bank = TargetBank.from_encoder(
+    partial(encode_texts, model, role="document"), train.doc_texts(), train.doc_ids
+)  # before the adapter
 
 # LoRA on the attention projections of the transformers backbone (model[0].model becomes a peft.PeftModel).
 lora = LoraConfig(r=cli.r, lora_alpha=2 * cli.r, lora_dropout=0.1, target_modules=["query", "value"])

@@ -63,4 +63,8 @@ trainer.train()
 print(trainer.evaluate())
 trainer.save_model()
 # corpus texts ship with the artifact: documents come back, not only ids
-print(QuantizedRetriever.from_pretrained(cli.output_dir).search([dev.queries[next(iter(dev.queries))]], k=3, return_text=True))
+print(
+    QuantizedRetriever.from_pretrained(cli.output_dir).search(
+        [dev.queries[next(iter(dev.queries))]], k=3, return_text=True
+    )
+)

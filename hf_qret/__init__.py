@@ -22,13 +22,13 @@ __version__ = "0.1.0"
 
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
-    "TargetBank": "bank",
-    "FollowScheduler": "optim",
-    "RowAdam": "optim",
-    "RowSGD": "optim",
-    "IndexRefreshCallback": "callbacks",
-    "RetrievalEvaluationCallback": "callbacks",
-    "QRetDataCollator": "collator",
+    "TargetBank": "bank.core",
+    "FollowScheduler": "training.optim",
+    "RowAdam": "training.optim",
+    "RowSGD": "training.optim",
+    "IndexRefreshCallback": "training.callbacks",
+    "RetrievalEvaluationCallback": "training.callbacks",
+    "QRetDataCollator": "training.collator",
     "DataArguments": "config",
     "ModelArguments": "config",
     "QRetTrainingArguments": "config",
@@ -42,23 +42,23 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "errors",
     "DataError": "errors",
     "QRetError": "errors",
-    "RetrievalEvaluator": "evaluation",
-    "PushToHubCallback": "hub",
-    "push_artifact": "hub",
-    "QuantizedIndex": "index",
-    "CandidateCrossEntropyLoss": "loss",
-    "MinedNegativesLoss": "loss",
-    "QRetLoss": "loss",
-    "build_loss": "loss",
-    "compute_metrics": "metrics",
-    "write_trec_run": "metrics",
-    "render_model_card": "model_card",
-    "write_model_card": "model_card",
-    "IndexMiner": "mining",
-    "MinedBatch": "mining",
-    "QuantizedRetriever": "retriever",
-    "SentenceEncoder": "sentence_encoder",
-    "QRetTrainer": "trainer",
+    "RetrievalEvaluator": "evaluation.evaluator",
+    "PushToHubCallback": "hub.callback",
+    "push_artifact": "hub.push",
+    "QuantizedIndex": "index.core",
+    "CandidateCrossEntropyLoss": "training.loss",
+    "MinedNegativesLoss": "training.loss",
+    "QRetLoss": "training.loss",
+    "build_loss": "training.loss",
+    "compute_metrics": "evaluation.metrics",
+    "write_trec_run": "evaluation.metrics",
+    "render_model_card": "hub.model_card",
+    "write_model_card": "hub.model_card",
+    "IndexMiner": "index.mining",
+    "MinedBatch": "index.mining",
+    "QuantizedRetriever": "serving.retriever",
+    "SentenceEncoder": "serving.sentence_encoder",
+    "QRetTrainer": "training.trainer",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS, key=str.lower)]
@@ -78,25 +78,26 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
-    from .bank import TargetBank
-    from .callbacks import IndexRefreshCallback, RetrievalEvaluationCallback
-    from .collator import QRetDataCollator
+    from .bank.core import TargetBank
     from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_config
     from .data import BeirData, build_pairs_dataset, carve_dev_split, load_beir, load_qrels
     from .errors import ArtifactError, ConfigError, DataError, QRetError
-    from .evaluation import RetrievalEvaluator
-    from .hub import PushToHubCallback, push_artifact
-    from .index import QuantizedIndex
-    from .loss import (
+    from .evaluation.evaluator import RetrievalEvaluator
+    from .evaluation.metrics import compute_metrics, write_trec_run
+    from .hub.callback import PushToHubCallback
+    from .hub.model_card import render_model_card, write_model_card
+    from .hub.push import push_artifact
+    from .index.core import QuantizedIndex
+    from .index.mining import IndexMiner, MinedBatch
+    from .serving.retriever import QuantizedRetriever
+    from .serving.sentence_encoder import SentenceEncoder
+    from .training.callbacks import IndexRefreshCallback, RetrievalEvaluationCallback
+    from .training.collator import QRetDataCollator
+    from .training.loss import (
         CandidateCrossEntropyLoss,
         MinedNegativesLoss,
         QRetLoss,
         build_loss,
     )
-    from .metrics import compute_metrics, write_trec_run
-    from .mining import IndexMiner, MinedBatch
-    from .model_card import render_model_card, write_model_card
-    from .optim import FollowScheduler, RowAdam, RowSGD
-    from .retriever import QuantizedRetriever
-    from .sentence_encoder import SentenceEncoder
-    from .trainer import QRetTrainer
+    from .training.optim import FollowScheduler, RowAdam, RowSGD
+    from .training.trainer import QRetTrainer

@@ -75,13 +75,13 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _push_main(argv: list[str]) -> Any:
-    from .hub import push_main
+    from .hub.cli import push_main
 
     return push_main(argv)
 
 
 def _card_main(argv: list[str]) -> Any:
-    from .hub import card_main
+    from .hub.cli import card_main
 
     return card_main(argv)
 
@@ -105,9 +105,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from .data import load_beir, load_qrels
     from .errors import DataError
-    from .evaluation import RetrievalEvaluator
-    from .metrics import write_trec_run
-    from .retriever import QuantizedRetriever
+    from .evaluation.evaluator import RetrievalEvaluator
+    from .evaluation.metrics import write_trec_run
+    from .serving.retriever import QuantizedRetriever
 
     data = load_beir(args.data, split=args.split)
     retriever = QuantizedRetriever.from_pretrained(args.artifact, load_bank=True)

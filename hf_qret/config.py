@@ -9,9 +9,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .encoder import POOLINGS
 from .errors import ConfigError
-from .index import REFRESH_MODES, check_index_options
+from .index.core import REFRESH_MODES, check_index_options
+from .serving.encoder import POOLINGS
 
 __all__ = [
     "BANK_LEARNING_RATES",
@@ -33,7 +33,7 @@ BANK_LEARNING_RATES = {"adam": 2e-3, "sgd": 0.2}
 BANK_OPTIMIZERS = tuple(BANK_LEARNING_RATES)
 #: What the bank rows learn against: the trained encoder's queries or a frozen pretrained encoder's.
 BANK_QUERIES = ("encoder", "initial")
-#: Storage dtypes of the bank (see hf_qret.bank.BANK_DTYPES).
+#: Storage dtypes of the bank (see hf_qret.bank.core.BANK_DTYPES).
 BANK_DTYPES = ("fp32", "bf16", "fp16")
 #: Where the bank lives.
 BANK_DEVICES = ("auto", "cpu", "cuda")
@@ -91,7 +91,7 @@ class QRetTrainingArguments(TrainingArguments):
             "help": "faiss.index_factory string of the quantized index (inner product). Default 'RQ16x8': a residual "
             "quantizer of 16 bytes per vector (SciFact untrained: 0.649 nDCG@10 of flat 0.670; OPQ16,PQ16: 0.557). "
             "Others: e.g. RQ8x8, PQ16, OPQ16,PQ16, IVF64,PQ16. Too few rows for the factory: it is adapted and "
-            "says so (hf_qret.factory.fit_factory)."
+            "says so (hf_qret.index.factory.fit_factory)."
         },
     )
     index_search_params: str | None = field(
@@ -242,7 +242,9 @@ class QRetTrainingArguments(TrainingArguments):
         if self.bank_queries not in BANK_QUERIES:
             raise ConfigError(f"bank_queries must be one of {', '.join(BANK_QUERIES)}, got {self.bank_queries!r}.")
         if self.scale is not None and self.scale <= 0:
-            raise ConfigError(f"scale must be > 0 (or unset: 20 for cosine models, 1 for dot models), got {self.scale}.")
+            raise ConfigError(
+                f"scale must be > 0 (or unset: 20 for cosine models, 1 for dot models), got {self.scale}."
+            )
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}.")
         if self.bank_learning_rate is None:  # after the bank_optimizer check: its own scale

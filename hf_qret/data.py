@@ -23,7 +23,7 @@ from .errors import ConfigError, DataError
 if TYPE_CHECKING:
     import torch
 
-    from .bank import TargetBank
+    from .bank.core import TargetBank
 
 __all__ = [
     "BeirData",
@@ -94,9 +94,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path}:{line_no}: malformed JSON ({exc.msg}); fix or remove that line."
-                    ) from None
+                    raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg}); fix or remove that line.") from None
                 if not isinstance(record, dict) or "_id" not in record:
                     raise DataError(f'{path}:{line_no}: each line must be a JSON object with an "_id" field.')
                 yield line_no, record
@@ -235,7 +233,11 @@ def load_beir(path_or_repo: str | os.PathLike, split: str = "test", revision: st
         if found is None:
             raise DataError(f"{folder}: no {name} (or {name}.gz); a BEIR folder needs corpus, queries and qrels/.")
     if qrels_path is None:
-        available = sorted(p.name.split(".")[0] for p in (folder / "qrels").glob("*.tsv*")) if (folder / "qrels").is_dir() else []
+        available = (
+            sorted(p.name.split(".")[0] for p in (folder / "qrels").glob("*.tsv*"))
+            if (folder / "qrels").is_dir()
+            else []
+        )
         raise DataError(
             f"{folder}: no qrels/{split}.tsv; available splits: {', '.join(available) or 'none'}. "
             "Pick one of them or add the file."
@@ -305,7 +307,9 @@ def build_pairs_dataset(data: BeirData, min_relevance: int = 1):
             rows["positive_id"].append(doc_id)
             rows["positive_ids"].append(positives)
     if not rows["query"]:
-        raise DataError(f"{data.path}: split {data.split!r} has no relevant (score >= {min_relevance}) pairs to train on.")
+        raise DataError(
+            f"{data.path}: split {data.split!r} has no relevant (score >= {min_relevance}) pairs to train on."
+        )
     return Dataset.from_dict(rows)
 
 

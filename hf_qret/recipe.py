@@ -2,7 +2,7 @@
 
 The flow, one function per step: load and validate the splits, encode the corpus once into the bank
 (:func:`recipe_bank`, one writer under several processes), train with the library's safety net
-(:mod:`hf_qret.safety_net`: evaluated before and after, the untrained model kept if training made it worse), optionally train the shipped model again on train + eval split, then save and card it.
+(:mod:`hf_qret.training.safety_net`: evaluated before and after, the untrained model kept if training made it worse), optionally train the shipped model again on train + eval split, then save and card it.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .safety_net import training_verdict
+from .training.safety_net import training_verdict
 
 __all__ = ["train_main", "training_verdict", "results_table", "recipe_bank", "MMAP_BANK_NAME"]
 
 logger = logging.getLogger("hf_qret")
 
 #: The memory-mapped working copy of the bank under --output_dir (--bank_mmap); never part of the artifact
-#: (:data:`hf_qret.artifact.WORKING_FILE_PATTERNS`).
+#: (:data:`hf_qret.serving.artifact.WORKING_FILE_PATTERNS`).
 MMAP_BANK_NAME = "bank_mmap.npy"
+
 
 def results_table(results: dict[str, Any]) -> str:
     """Markdown table of the recipe's before/after metrics (flat bank vs quantized index)."""
@@ -33,7 +34,11 @@ def results_table(results: dict[str, Any]) -> str:
     for stage in ("untrained", "trained"):
         metrics = results.get(stage) or {}
         flat_size = results.get("flat_bytes_per_vector", "fp32")
-        for kind, label, size in (("flat", "Flat (fp32)", flat_size), ("quantized", results.get("index_factory"), bytes_per_vector)):
+        for kind, label, size in (
+            ("flat", "Flat (fp32)", flat_size),
+            ("quantized", results.get("index_factory"), bytes_per_vector),
+        ):
+
             def value(name: str) -> str:
                 found = metrics.get(f"{stage}_{kind}_{name}")
                 return "–" if found is None else f"{found:.3f}"
@@ -72,24 +77,22 @@ def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
             f"--pooling {pooling} applies to a plain transformers model folder; {model_path!r} is a "
             "sentence-transformers model (or not a local folder), whose own Pooling module decides: drop --pooling."
         )
-    from .sentence_encoder import pooled_sentence_transformer
+    from .serving.sentence_encoder import pooled_sentence_transformer
 
     return pooled_sentence_transformer(model_path, pooling, device)
 
 
-def recipe_bank(
-    encode: Any, data: Any, dim: int, init_file: str | None, dtype: str, mmap_path: Path | None
-) -> Any:
+def recipe_bank(encode: Any, data: Any, dim: int, init_file: str | None, dtype: str, mmap_path: Path | None) -> Any:
     """The recipe's bank, from ``--bank_init_file`` or by encoding the corpus once per run.
 
     Under several processes (``torchrun``, ``accelerate launch``) the corpus is encoded once, split across the
-    processes (:func:`hf_qret.distributed.encode_corpus`), and every file (the init file, ``bank_mmap.npy``) is
+    processes (:func:`hf_qret.training.distributed.encode_corpus`), and every file (the init file, ``bank_mmap.npy``) is
     written by one process while the others wait, then open it.
     """
     import torch
 
-    from .bank import TargetBank
-    from .distributed import barrier, encode_corpus, process_rank, world_size
+    from .bank.core import TargetBank
+    from .training.distributed import barrier, encode_corpus, process_rank, world_size
 
     ids = data.doc_ids
     if world_size() == 1:  # one process: stream the encoding straight into the bank
@@ -148,14 +151,14 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
-    from .artifact import BANK_INIT_SCRATCH_NAME, save_document_encoder, write_json
     from .config import parse_config, resolve_model_path
     from .data import build_pairs_dataset, load_beir
-    from .encoder import configure_encoder, embedding_dim, encode_texts
     from .errors import ConfigError
-    from .evaluation import RetrievalEvaluator
-    from .index import QuantizedIndex, set_faiss_threads
-    from .trainer import QRetTrainer
+    from .evaluation.evaluator import RetrievalEvaluator
+    from .index.core import QuantizedIndex, set_faiss_threads
+    from .serving.artifact import BANK_INIT_SCRATCH_NAME, save_document_encoder, write_json
+    from .serving.encoder import configure_encoder, embedding_dim, encode_texts
+    from .training.trainer import QRetTrainer
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # `torchrun --nproc_per_node N` on CPUs: without this the Trainer sees N independent single-process runs
@@ -198,7 +201,11 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 2. The bank: encoded once (or read from --bank_init_file).
     encode = partial(
-        encode_texts, model, batch_size=model_args.doc_batch_size, show_progress_bar=True, desc="Encoding corpus",
+        encode_texts,
+        model,
+        batch_size=model_args.doc_batch_size,
+        show_progress_bar=True,
+        desc="Encoding corpus",
         role="document",
     )
     init_file = model_args.bank_init_file
@@ -219,8 +226,13 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)
     logger.info(
         "bank: %d x %d %s%s; index %r: %d bytes/vector (fp32: %d)",
-        len(bank), dim, bank_dtype, f" memory-mapped from {mmap_path}" if mmap_path else "",
-        training_args.index_factory, index.bytes_per_vector, 4 * dim,
+        len(bank),
+        dim,
+        bank_dtype,
+        f" memory-mapped from {mmap_path}" if mmap_path else "",
+        training_args.index_factory,
+        index.bytes_per_vector,
+        4 * dim,
     )
 
     evaluator = None
@@ -258,7 +270,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if evaluator is not None and net is None and not first_resume:
         results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
     trainer.train(resume_from_checkpoint=first_resume)
-    from .model_card import dataset_id_from_path, hub_base_model
+    from .hub.model_card import dataset_id_from_path, hub_base_model
 
     card = {
         "finetuned_from": hub_base_model(model_args.model_name_or_path),
@@ -284,7 +296,9 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         # one writer under several processes (the main one writes mmap_path, the others open it), as for the first
         new_bank = recipe_bank(None, data, dim, init_file, bank_dtype, mmap_path)
         new_index_ = QuantizedIndex.from_args(dim, training_args)
-        return QRetTrainer(load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_)
+        return QRetTrainer(
+            load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_
+        )
 
     if shipped == "trained" and train_on_all:  # the first run's encoder, bank and index are done with
         import gc
@@ -294,7 +308,8 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         all_data = _merged_splits(train_data, eval_data)
         logger.info(
             "training the shipped model on %s (%d queries) with the same settings (--train_on_eval_split)",
-            all_data.split, len(all_data.qrels),
+            all_data.split,
+            len(all_data.qrels),
         )
         trainer = fresh_trainer(all_data)
         trainer.train(resume_from_checkpoint=resume or None)
@@ -313,7 +328,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if evaluator is not None and trainer.is_world_process_zero():
         write_json(results, Path(training_args.output_dir) / "eval_results.json")
     if scratch_init is not None:
-        from .distributed import barrier, process_rank
+        from .training.distributed import barrier, process_rank
 
         barrier()  # every process is done reading it
         if process_rank() == 0 and os.path.isfile(scratch_init):
@@ -322,4 +337,3 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", **card)
     return results
-

@@ -23,9 +23,10 @@ def main() -> None:
     args = parser.parse_args()
     args.target.mkdir(parents=True, exist_ok=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
-        with open(args.source / name, "rb") as src, gzip.GzipFile(
-            args.target / f"{name}.gz", "wb", compresslevel=9, mtime=0
-        ) as dst:
+        with (
+            open(args.source / name, "rb") as src,
+            gzip.GzipFile(args.target / f"{name}.gz", "wb", compresslevel=9, mtime=0) as dst,
+        ):
             shutil.copyfileobj(src, dst)
     train, dev = carve_dev_split(load_qrels(args.source / "qrels" / "train.tsv"), args.dev_fraction, args.seed)
     write_qrels(train, args.target / "qrels" / "train.tsv")

@@ -14,9 +14,11 @@ def reduce_rows_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    # hf_qret/distributed.py needs only torch: load it alone, not the package (transformers & co. take seconds)
+    # hf_qret/training/distributed.py needs only torch: load it alone, not the package (transformers & co. take seconds)
     package = importlib.util.find_spec("hf_qret").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("_hf_qret_distributed", os.path.join(package, "distributed.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_hf_qret_distributed", os.path.join(package, "training", "distributed.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     all_reduce_row_grad = module.all_reduce_row_grad
@@ -56,7 +58,7 @@ def ddp_train_main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
-    from hf_qret.encoder import encode_texts
+    from hf_qret.serving.encoder import encode_texts
 
     model_dir, beir_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     model = SentenceTransformer(model_dir, device="cpu")
@@ -100,8 +102,8 @@ def ddp_mmap_main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
-    from hf_qret.distributed import barrier
-    from hf_qret.encoder import encode_texts
+    from hf_qret.serving.encoder import encode_texts
+    from hf_qret.training.distributed import barrier
 
     model_dir, beir_dir, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
     data = load_beir(beir_dir, split="train")

@@ -36,7 +36,10 @@ def test_cells_are_means_over_seeds_and_each_seed_trains_once(ablation, tmp_path
         folder = Path(command[command.index("--output_dir") + 1])
         seed = int(command[command.index("--seed") + 1])
         folder.mkdir(parents=True, exist_ok=True)
-        results = {"untrained": _results("untrained", 0.30, None), "trained": _results("trained", 0.30 + seed / 1000, None)}
+        results = {
+            "untrained": _results("untrained", 0.30, None),
+            "trained": _results("trained", 0.30 + seed / 1000, None),
+        }
         (folder / "eval_results.json").write_text(json.dumps(results))
         return subprocess.CompletedProcess(command, 0)
 

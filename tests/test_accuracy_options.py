@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_trainer import make_trainer
 
 from hf_qret import QRetTrainingArguments
 from hf_qret.errors import ConfigError
-
-from test_trainer import make_trainer
 
 
 def test_unknown_bank_update_is_refused(tmp_path):
@@ -41,7 +40,9 @@ def test_positives_only_update_leaves_negatives_untouched(tiny_model, beir_dir, 
     counts = torch.zeros(len(before), dtype=torch.int64)
     for rows in batch_positives:
         counts[rows] += 1
-    assert len(batch_positives) == 4 and counts.sum() > 0 and torch.equal(trainer.bank_optimizer.row_steps.cpu(), counts)
+    assert (
+        len(batch_positives) == 4 and counts.sum() > 0 and torch.equal(trainer.bank_optimizer.row_steps.cpu(), counts)
+    )
 
 
 def test_drift_control_keeps_norms(tiny_model_dir, beir_dir, tmp_path):
@@ -68,7 +69,7 @@ def test_positives_only_needs_the_training_positives():
     from datasets import Dataset
 
     from hf_qret import TargetBank
-    from hf_qret.trainer import training_positive_rows
+    from hf_qret.training.trainer import training_positive_rows
 
     bank = TargetBank(torch.zeros(3, 4), ["a", "b", "c"])
     rows = training_positive_rows(Dataset.from_dict({"positive_id": ["c"], "positive_ids": [["c", "a"]]}), bank)

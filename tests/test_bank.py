@@ -1,4 +1,4 @@
-"""Unit tests of hf_qret.bank: the TargetBank and the row-wise Adam optimiser."""
+"""Unit tests of hf_qret.bank.core: the TargetBank and the row-wise Adam optimiser."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_qret.bank import TargetBank
-from hf_qret.optim import RowAdam
+from hf_qret.bank.core import TargetBank
 from hf_qret.errors import ArtifactError
+from hf_qret.training.optim import RowAdam
 
 LR, BETAS, EPS = 0.05, (0.9, 0.999), 1e-8
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from hf_qret import QRetTrainingArguments
-from hf_qret.bank import TargetBank
+from hf_qret.bank.core import TargetBank
 from hf_qret.errors import ConfigError
-from hf_qret.loss import CandidateCrossEntropyLoss
-from hf_qret.optim import RowAdam, RowSGD
+from hf_qret.training.loss import CandidateCrossEntropyLoss
+from hf_qret.training.optim import RowAdam, RowSGD
 
 
 def _bank(n: int = 6, dim: int = 4, seed: int = 0) -> TargetBank:

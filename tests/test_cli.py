@@ -10,27 +10,37 @@ from pathlib import Path
 
 import pytest
 import pytrec_eval
+from conftest import REPO_ROOT, synthetic_beir, write_beir
 
 from hf_qret.cli import evaluate_main, main, train_main
 from hf_qret.errors import ConfigError, DataError
-
-from conftest import REPO_ROOT, synthetic_beir, write_beir
 
 
 def recipe_argv(model_dir: str, data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
         str(REPO_ROOT / "recipes" / "scifact.yaml"),
-        "--model_name_or_path", model_dir,
-        "--data_dir", str(data_dir),
-        "--eval_split", "dev",
-        "--output_dir", str(out),
-        "--index_factory", "PQ4",
-        "--num_negatives", "8",
-        "--per_device_train_batch_size", "8",
-        "--max_steps", "4",
-        "--logging_steps", "2",
-        "--use_cpu", "true",
-        "--dataloader_pin_memory", "false",
+        "--model_name_or_path",
+        model_dir,
+        "--data_dir",
+        str(data_dir),
+        "--eval_split",
+        "dev",
+        "--output_dir",
+        str(out),
+        "--index_factory",
+        "PQ4",
+        "--num_negatives",
+        "8",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "2",
+        "--use_cpu",
+        "true",
+        "--dataloader_pin_memory",
+        "false",
         *extra,
     ]
 
@@ -44,7 +54,14 @@ def trained(tiny_model_dir, two_split_dir, tmp_path):
 
 def test_recipe_trains_and_writes_the_artifact(trained):
     out, results, _ = trained
-    for name in ("index.faiss", "doc_ids.json", "bank.safetensors", "qret_config.json", "modules.json", "eval_results.json"):
+    for name in (
+        "index.faiss",
+        "doc_ids.json",
+        "bank.safetensors",
+        "qret_config.json",
+        "modules.json",
+        "eval_results.json",
+    ):
         assert (out / name).is_file(), name
     assert results["bytes_per_vector"] == 4
     assert set(results) >= {"untrained", "trained"}
@@ -89,7 +106,13 @@ def test_evaluate_seen_unseen_slices(trained, capsys):
 def test_evaluate_refuses_another_corpus(trained, tmp_path):
     out, _, _ = trained
     corpus, queries, qrels = synthetic_beir(num_docs=120, seed=3)
-    other = write_beir(tmp_path / "other", corpus, queries, {q: d for q, d in qrels.items() if all(int(x[1:]) < 120 for x in d)}, "test")
+    other = write_beir(
+        tmp_path / "other",
+        corpus,
+        queries,
+        {q: d for q, d in qrels.items() if all(int(x[1:]) < 120 for x in d)},
+        "test",
+    )
     with pytest.raises(DataError, match="does not match the artifact"):
         evaluate_main([str(out), "--data", str(other), "--split", "test"])
 
@@ -143,7 +166,10 @@ def test_recipe_user_errors_exit_2_with_one_line_and_no_artifact(tiny_model_dir,
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "recipes" / "train.py"), *recipe_argv(tiny_model_dir, data_dir, out, *extra)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

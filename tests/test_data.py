@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import synthetic_beir, write_beir
+
 from hf_qret.data import (
     BeirData,
     build_pairs_dataset,

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_trainer import make_args
 from torch import nn
 from transformers import TrainerCallback
 
 from hf_qret import QRetTrainer, QuantizedIndex, QuantizedRetriever, TargetBank, build_pairs_dataset, load_beir
-from hf_qret.encoder import _unwrap, embedding_dim, encode_texts, is_sentence_transformer
-
-from test_trainer import make_args
+from hf_qret.serving.encoder import _unwrap, embedding_dim, encode_texts, is_sentence_transformer
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -325,7 +324,10 @@ def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tw
     assert not list(out.glob("_staging*"))
     # each process's RNG state is in the checkpoint (a resume on 2 processes needs both), written before it moved
     for step in (2, 4):
-        assert {p.name for p in (out / f"checkpoint-{step}").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+        assert {p.name for p in (out / f"checkpoint-{step}").glob("rng_state*")} == {
+            "rng_state_0.pth",
+            "rng_state_1.pth",
+        }
     assert (out / "index.faiss").is_file() and (out / "eval_results.json").is_file()
 
 

@@ -1,4 +1,4 @@
-"""The IR metrics as an ``evaluate`` metric module: loads offline from the package, equals hf_qret.metrics (pytrec_eval)
+"""The IR metrics as an ``evaluate`` metric module: loads offline from the package, equals hf_qret.evaluation.metrics (pytrec_eval)
 and the numbers the trainer's retrieval evaluation logs."""
 
 from __future__ import annotations
@@ -7,13 +7,12 @@ import math
 import random
 
 import pytest
+from test_trainer import make_trainer
 
 from hf_qret import RetrievalEvaluationCallback, RetrievalEvaluator, load_beir
-from hf_qret.evaluate_metric import IR_RETRIEVAL_PATH
-from hf_qret.ir_metric import compute_ir_metrics, load_ir_metric, to_metric_inputs
-from hf_qret.metrics import compute_metrics
-
-from test_trainer import make_trainer
+from hf_qret.evaluation.evaluate_metric import IR_RETRIEVAL_PATH
+from hf_qret.evaluation.ir_metric import compute_ir_metrics, load_ir_metric, to_metric_inputs
+from hf_qret.evaluation.metrics import compute_metrics
 
 ALL_METRICS = ["ndcg@10", "recall@100", "mrr@10", "precision@5", "map@100", "ndcg@3"]
 

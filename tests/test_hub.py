@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_trainer import make_args as trainer_test_args
 
 from hf_qret import (
     ArtifactError,
@@ -23,11 +24,9 @@ from hf_qret import (
     build_pairs_dataset,
     load_beir,
 )
-from hf_qret.encoder import encode_texts
-from hf_qret.hub import artifact_upload_files, push_artifact, push_main
-from hf_qret.model_card import front_matter, is_qret_model_card, render_model_card, write_model_card
-
-from test_trainer import make_args as trainer_test_args
+from hf_qret.hub.model_card import front_matter, is_qret_model_card, render_model_card, write_model_card
+from hf_qret.hub.push import artifact_upload_files, push_artifact
+from hf_qret.serving.encoder import encode_texts
 
 # The encoder (tiny BERT as sentence-transformers) + the retrieval files: what every push must contain.
 ARTIFACT_FILES = {
@@ -143,7 +142,9 @@ def artifact(tiny_model_dir, tmp_path_factory) -> Path:
     out = base / "out"
     trainer.save_model(str(out))
     (out / "eval_results.json").write_text(json.dumps(METRICS))
-    write_model_card(out, base_model="sentence-transformers/all-MiniLM-L6-v2", datasets=["BeIR/scifact"], eval_split="dev")
+    write_model_card(
+        out, base_model="sentence-transformers/all-MiniLM-L6-v2", datasets=["BeIR/scifact"], eval_split="dev"
+    )
     for name in TRAINING_STATE | {"training_args.bin", "index.faiss.tmp"}:
         (out / name).write_bytes(b"state")
     (out / "checkpoint-2").mkdir()
@@ -384,10 +385,10 @@ def test_round_trip_through_a_hub_repo_layout(artifact, tmp_path, monkeypatch):
 
 
 def test_retriever_corpus_and_search_params(artifact, tmp_path):
-    from hf_qret.errors import ConfigError
-    from hf_qret.hub import write_corpus
-
     from conftest import synthetic_beir, write_beir
+
+    from hf_qret.errors import ConfigError
+    from hf_qret.hub.cli import write_corpus
 
     folder = tmp_path / "a"
     shutil.copytree(artifact, folder)
@@ -491,16 +492,16 @@ def test_recipe_with_push_to_hub_writes_the_card_and_pushes_once(tiny_model_dir,
 
 
 def test_the_manifest_leaves_out_every_working_and_training_state_file():
-    """One manifest (hf_qret.artifact) for every push, copy and download: what the library writes beside the artifact
+    """One manifest (hf_qret.serving.artifact) for every push, copy and download: what the library writes beside the artifact
     is never part of it, and what an artifact holds always is."""
-    from hf_qret.artifact import (
+    from hf_qret.recipe import MMAP_BANK_NAME
+    from hf_qret.serving.artifact import (
         BANK_INIT_SCRATCH_NAME,
         INITIAL_MMAP_NAME,
         TRAINING_STATE_NAMES,
         is_artifact_file,
     )
-    from hf_qret.checkpoint import staging_folder
-    from hf_qret.recipe import MMAP_BANK_NAME
+    from hf_qret.training.checkpoint import staging_folder
 
     staging = Path(staging_folder("out", 4)).name
     never = (MMAP_BANK_NAME, "bank_mmap.1.npy", INITIAL_MMAP_NAME, BANK_INIT_SCRATCH_NAME, *TRAINING_STATE_NAMES,

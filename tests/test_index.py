@@ -1,4 +1,4 @@
-"""Unit tests of hf_qret.index.QuantizedIndex on small random clustered vectors (CPU FAISS)."""
+"""Unit tests of hf_qret.index.core.QuantizedIndex on small random clustered vectors (CPU FAISS)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hf_qret.errors import ArtifactError, ConfigError
-from hf_qret.index import QuantizedIndex
+from hf_qret.index.core import QuantizedIndex
 
 DIM, N = 32, 2000
 FACTORIES = ["PQ8", "OPQ8,PQ8", "IVF16,PQ8", "HNSW16,SQ8", "SQ8", "Flat"]

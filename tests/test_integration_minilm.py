@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, SCIFACT_DIR, minilm_path
 
 from hf_qret.data import load_beir, write_qrels
-
-from conftest import REPO_ROOT, SCIFACT_DIR, minilm_path
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +55,8 @@ def test_encoding_matches_sentence_transformers_and_scores_like_minilm(scifact_s
     from sentence_transformers import SentenceTransformer
 
     from hf_qret import RetrievalEvaluator, TargetBank
-    from hf_qret.encoder import encode_texts
-    from hf_qret.index import QuantizedIndex
+    from hf_qret.index.core import QuantizedIndex
+    from hf_qret.serving.encoder import encode_texts
 
     model = SentenceTransformer(minilm_path(), device="cpu")
     data = load_beir(scifact_sample, split="dev")
@@ -86,13 +85,20 @@ def test_recipe_with_minilm_trains_for_the_16_byte_index(scifact_sample, tmp_pat
     results = train_main(
         [
             str(REPO_ROOT / "recipes" / "scifact.yaml"),
-            "--data_dir", str(scifact_sample),
-            "--eval_split", "train",
-            "--output_dir", str(out),
-            "--index_factory", "PQ16",
-            "--num_train_epochs", "3",
-            "--use_cpu", "true",
-            "--dataloader_pin_memory", "false",
+            "--data_dir",
+            str(scifact_sample),
+            "--eval_split",
+            "train",
+            "--output_dir",
+            str(out),
+            "--index_factory",
+            "PQ16",
+            "--num_train_epochs",
+            "3",
+            "--use_cpu",
+            "true",
+            "--dataloader_pin_memory",
+            "false",
         ]
     )
     before, after = results["untrained"], results["trained"]

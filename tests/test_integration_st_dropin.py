@@ -6,10 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import SCIFACT_DIR, minilm_path
 
 from hf_qret.data import doc_text, load_beir
-
-from conftest import SCIFACT_DIR, minilm_path
 
 pytestmark = pytest.mark.integration
 

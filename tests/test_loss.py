@@ -1,4 +1,4 @@
-"""hf_qret.loss: CandidateCrossEntropyLoss, and a loss passed to QRetTrainer honouring or refusing the arguments."""
+"""hf_qret.training.loss: CandidateCrossEntropyLoss, and a loss passed to QRetTrainer honouring or refusing the arguments."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_qret.loss import CandidateCrossEntropyLoss
+from hf_qret.training.loss import CandidateCrossEntropyLoss
 
 
 def _inputs(batch: int = 4, num_candidates: int = 9, dim: int = 6, seed: int = 0):
@@ -116,10 +116,10 @@ def passed_loss_setup(tiny_model, beir_dir, tmp_path):
     """A trainer factory taking ``loss=``, over one bank of the synthetic corpus."""
     from functools import partial
 
-    from hf_qret import QRetTrainer, TargetBank, build_pairs_dataset, load_beir
-    from hf_qret.encoder import encode_texts
-
     from test_trainer import make_args
+
+    from hf_qret import QRetTrainer, TargetBank, build_pairs_dataset, load_beir
+    from hf_qret.serving.encoder import encode_texts
 
     data = load_beir(beir_dir, split="train")
     bank = TargetBank.from_encoder(partial(encode_texts, tiny_model), data.doc_texts(), data.doc_ids)
@@ -133,7 +133,7 @@ def passed_loss_setup(tiny_model, beir_dir, tmp_path):
 
 def test_a_passed_loss_with_another_scale_than_the_arguments_is_refused(passed_loss_setup):
     from hf_qret.errors import ConfigError
-    from hf_qret.loss import MinedNegativesLoss
+    from hf_qret.training.loss import MinedNegativesLoss
 
     trainer, bank = passed_loss_setup
     with pytest.raises(ConfigError, match=r"scale 30\.0 but the training arguments have scale=20\.0"):
@@ -147,7 +147,7 @@ def test_a_passed_loss_with_another_scale_than_the_arguments_is_refused(passed_l
 def test_a_passed_loss_takes_what_it_leaves_unset_from_the_arguments(passed_loss_setup):
     """MinedNegativesLoss(bank) in a trainer trains what the arguments say: positives-only rows, the model's scale
     (or args.scale), a frozen bank at bank_learning_rate 0, the frozen pretrained queries for the bank's term."""
-    from hf_qret.loss import MinedNegativesLoss
+    from hf_qret.training.loss import MinedNegativesLoss
 
     trainer, bank = passed_loss_setup
     loss = MinedNegativesLoss(bank)
@@ -163,7 +163,7 @@ def test_a_passed_loss_takes_what_it_leaves_unset_from_the_arguments(passed_loss
 def test_a_passed_loss_that_contradicts_the_arguments_is_refused(passed_loss_setup):
     from hf_qret import TargetBank
     from hf_qret.errors import ConfigError
-    from hf_qret.loss import MinedNegativesLoss
+    from hf_qret.training.loss import MinedNegativesLoss
 
     trainer, bank = passed_loss_setup
     with pytest.raises(ConfigError, match=r"train_bank True but the training arguments have bank_learning_rate=0\.0"):

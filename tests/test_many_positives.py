@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_trainer import make_trainer
 
 from hf_qret import QRetTrainingArguments, TargetBank
-from hf_qret.encoder import embed
 from hf_qret.errors import ConfigError
-from hf_qret.loss import CandidateCrossEntropyLoss, MinedNegativesLoss
-from hf_qret.mining import IndexMiner
-
-from test_trainer import make_trainer
+from hf_qret.index.mining import IndexMiner
+from hf_qret.serving.encoder import embed
+from hf_qret.training.loss import CandidateCrossEntropyLoss, MinedNegativesLoss
 
 
 def test_weights_make_a_weighted_mean_of_the_examples():
@@ -89,13 +88,17 @@ def test_initial_bank_queries_come_from_the_frozen_pretrained_encoder(tiny_model
 
     model = SentenceTransformer(tiny_model_dir, device="cpu")
     pretrained = SentenceTransformer(tiny_model_dir, device="cpu").eval()
-    trainer, _ = make_trainer(model, beir_dir, tmp_path, max_steps=4, bank_queries="initial", refresh_on_epoch_end=False)
+    trainer, _ = make_trainer(
+        model, beir_dir, tmp_path, max_steps=4, bank_queries="initial", refresh_on_epoch_end=False
+    )
     seen = record_batches(trainer)
     batches = []
     original = trainer.compute_loss
 
     def compute_loss(model, inputs, *args, **kwargs):
-        batches.append({k: v.clone() for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+        batches.append(
+            {k: v.clone() for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        )
         return original(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = compute_loss

@@ -1,4 +1,4 @@
-"""hf_qret.metrics (pytrec_eval based) cross-checked against an independent plain-Python implementation."""
+"""hf_qret.evaluation.metrics (pytrec_eval based) cross-checked against an independent plain-Python implementation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from hf_qret.metrics import DEFAULT_METRICS, compute_metrics, per_query_metrics, write_trec_run
+from hf_qret.evaluation.metrics import DEFAULT_METRICS, compute_metrics, per_query_metrics, write_trec_run
 
 TOL = 1e-9
 
@@ -26,7 +26,7 @@ class _Desc:
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def __lt__(self, other: "_Desc") -> bool:
+    def __lt__(self, other: _Desc) -> bool:
         return self.text > other.text
 
     def __eq__(self, other: object) -> bool:
@@ -70,7 +70,9 @@ def _random_case(seed: int = 0, num_queries: int = 50, num_docs: int = 400):
         retrieved = [doc_ids[i] for i in rng.choice(num_docs, size=length, replace=False)]
         scores = (rng.permutation(length) + 1) / 7.0  # distinct, gaps >= 0.14: no ties, survive %.6f
         run[qid] = {d: float(s) for d, s in zip(retrieved, scores)}
-        judged_in_run = [retrieved[i] for i in rng.choice(length, size=min(length, int(rng.integers(0, 6))), replace=False)]
+        judged_in_run = [
+            retrieved[i] for i in rng.choice(length, size=min(length, int(rng.integers(0, 6))), replace=False)
+        ]
         judged_outside = [doc_ids[i] for i in rng.choice(num_docs, size=int(rng.integers(0, 4)), replace=False)]
         judged = dict.fromkeys(judged_in_run + judged_outside)
         rels = {d: int(rng.integers(0, 4)) for d in judged}
@@ -152,7 +154,9 @@ def test_ties_follow_trec_eval_order():
     run = {"q": {"dA": 0.5, "dB": 0.5, "dC": 0.5}}
     qrels = {"q": {"dA": 1}}
     # trec_eval itself ranks ties by document id descending: dC, dB, dA
-    assert pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)["q"]["recip_rank"] == pytest.approx(1 / 3)
+    assert pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)["q"]["recip_rank"] == pytest.approx(
+        1 / 3
+    )
     values = compute_metrics(run, qrels, ["mrr@2", "mrr@3"])
     assert values["mrr@2"] == 0.0
     assert values["mrr@3"] == pytest.approx(1 / 3, abs=TOL)

@@ -1,4 +1,4 @@
-"""Unit tests of hf_qret.mining.IndexMiner over a Flat index (exact search, so retrieval is predictable)."""
+"""Unit tests of hf_qret.index.mining.IndexMiner over a Flat index (exact search, so retrieval is predictable)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_qret.index import QuantizedIndex
-from hf_qret.mining import IndexMiner, MinedBatch
+from hf_qret.index.core import QuantizedIndex
+from hf_qret.index.mining import IndexMiner, MinedBatch
 
 DIM = 12
 
@@ -134,31 +134,33 @@ def test_random_batches_match_brute_force():
         mined = miner.mine(queries, positive_rows, padded)
         np.testing.assert_array_equal(mined.retrieved, exact_top)
         _check_invariants(mined, positive_rows)
-        expected = _expected_mask(mined.candidates.tolist(), positive_rows.tolist(), [[int(r) for r in s] for s in sets])
+        expected = _expected_mask(
+            mined.candidates.tolist(), positive_rows.tolist(), [[int(r) for r in s] for s in sets]
+        )
         np.testing.assert_array_equal(mined.mask.numpy(), expected)
         assert mined.mask.any()
 
 
 def test_num_negatives_larger_than_index_clamps_and_warns_once(eye_index, caplog):
     miner = IndexMiner(eye_index, num_negatives=50)
-    with caplog.at_level(logging.WARNING, logger="hf_qret.mining"):
+    with caplog.at_level(logging.WARNING, logger="hf_qret.index.mining"):
         first = miner.mine(np.stack([_query(0, 1)]), torch.tensor([0]))
         second = miner.mine(np.stack([_query(2, 3), _query(5, 6)]), torch.tensor([2, 5]))
     assert first.retrieved.shape == (1, DIM)
     assert second.retrieved.shape == (2, DIM)
     assert sorted(first.retrieved[0].tolist()) == list(range(DIM))
     assert first.candidates.tolist() == list(range(DIM))
-    warnings = [r for r in caplog.records if r.name == "hf_qret.mining" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "hf_qret.index.mining" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "num_negatives=50" in warnings[0].getMessage()
 
 
 def test_num_negatives_within_index_does_not_warn(eye_index, caplog):
     miner = IndexMiner(eye_index, num_negatives=DIM)
-    with caplog.at_level(logging.WARNING, logger="hf_qret.mining"):
+    with caplog.at_level(logging.WARNING, logger="hf_qret.index.mining"):
         mined = miner.mine(np.stack([_query(0, 1)]), torch.tensor([0]))
     assert mined.retrieved.shape == (1, DIM)
-    assert not [r for r in caplog.records if r.name == "hf_qret.mining"]
+    assert not [r for r in caplog.records if r.name == "hf_qret.index.mining"]
 
 
 @pytest.mark.parametrize("k", [0, -1, -100])

@@ -11,22 +11,21 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_beir, write_beir
+from test_dropin import run_example
+from test_trainer import make_args
 
 from hf_qret import QRetTrainer, QuantizedRetriever, TargetBank, build_pairs_dataset, load_beir
-from hf_qret.encoder import encode_texts
-from hf_qret.peft_utils import (
+from hf_qret.serving.encoder import encode_texts
+from hf_qret.serving.peft_utils import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    add_adapter,
     adapter_base_model,
+    add_adapter,
     backbone,
     has_adapter,
     merge_adapter,
 )
-
-from conftest import synthetic_beir, write_beir
-from test_dropin import run_example
-from test_trainer import make_args
 
 TEXTS = ["protein gene", "virus vaccine immune", "insulin diabetes risk"]
 

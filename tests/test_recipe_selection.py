@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from hf_qret.recipe import train_main, training_verdict
-from hf_qret.data import load_beir
-from hf_qret.trainer import QRetTrainer
-
 from test_cli import recipe_argv
+
+from hf_qret.data import load_beir
+from hf_qret.recipe import train_main, training_verdict
+from hf_qret.training.trainer import QRetTrainer
 
 
 def _pretrained_weights(model_dir: str) -> dict[str, torch.Tensor]:
@@ -78,9 +77,10 @@ def test_a_run_that_gets_worse_ships_the_untrained_model_loudly(
     pretrained = _pretrained_weights(tiny_model_dir)
     shipped = _artifact_weights(out)
     assert all(torch.equal(pretrained[k], shipped[k]) for k in pretrained)
-    from hf_qret.bank import TargetBank
-    from hf_qret.encoder import encode_texts
     from sentence_transformers import SentenceTransformer
+
+    from hf_qret.bank.core import TargetBank
+    from hf_qret.serving.encoder import encode_texts
 
     data = load_beir(two_split_dir, split="train")
     model = SentenceTransformer(tiny_model_dir, device="cpu")
@@ -99,7 +99,9 @@ def test_a_run_that_improves_ships_the_trained_model(tiny_model_dir, two_split_d
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = original(self, eval_dataset, ignore_keys, metric_key_prefix)
-        return {k: (v + 0.5 if "ndcg" in k and _after_training(self, metric_key_prefix) else v) for k, v in metrics.items()}
+        return {
+            k: (v + 0.5 if "ndcg" in k and _after_training(self, metric_key_prefix) else v) for k, v in metrics.items()
+        }
 
     monkeypatch.setattr(QRetTrainer, "evaluate", evaluate)
     out = tmp_path / "out"
@@ -120,7 +122,9 @@ def test_train_on_eval_split_ships_a_model_trained_on_both_splits(tiny_model_dir
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = original(self, eval_dataset, ignore_keys, metric_key_prefix)
-        return {k: (v + 0.5 if "ndcg" in k and _after_training(self, metric_key_prefix) else v) for k, v in metrics.items()}
+        return {
+            k: (v + 0.5 if "ndcg" in k and _after_training(self, metric_key_prefix) else v) for k, v in metrics.items()
+        }
 
     monkeypatch.setattr(QRetTrainer, "evaluate", evaluate)
     monkeypatch.setattr(QRetTrainer, "train", train)
@@ -141,7 +145,7 @@ def test_train_on_eval_split_ships_a_model_trained_on_both_splits(tiny_model_dir
     rows = [doc_ids.index(d) for d in dev_only]
     from sentence_transformers import SentenceTransformer
 
-    from hf_qret.encoder import encode_texts
+    from hf_qret.serving.encoder import encode_texts
 
     model = SentenceTransformer(tiny_model_dir, device="cpu")
     initial = encode_texts(model, [dev.doc_texts()[r] for r in rows])

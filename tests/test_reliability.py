@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_cli import recipe_argv
+from test_trainer import make_trainer
 
 from hf_qret.cli import evaluate_main, main, train_main
 from hf_qret.errors import ArtifactError, TrainingDivergedError
-
-from test_cli import recipe_argv
-from test_trainer import make_trainer
 
 
 @pytest.fixture()
@@ -27,21 +25,55 @@ def test_checkpoints_hold_everything_and_no_staging_is_left(tiny_model, beir_dir
     trainer.train()
     out = Path(trainer.args.output_dir)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6"]
-    for name in ("bank.safetensors", "bank_optimizer.safetensors", "index.faiss", "doc_ids.json", "qret_config.json",
-                 "optimizer.pt", "scheduler.pt", "trainer_state.json", "model.safetensors"):
+    for name in (
+        "bank.safetensors",
+        "bank_optimizer.safetensors",
+        "index.faiss",
+        "doc_ids.json",
+        "qret_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "model.safetensors",
+    ):
         assert (out / "checkpoint-3" / name).is_file(), name
     assert not any(p.name.startswith("_staging") for p in out.iterdir())
 
 
 def test_recipe_resume_continues_as_if_nothing_happened(tiny_model_dir, data_dir, tmp_path):
     # (--keep_untrained_if_better false: the tiny random model's dev score is noise, and this run must train)
-    unbroken = train_main(recipe_argv(tiny_model_dir, data_dir, tmp_path / "a", "--max_steps", "8",
-                                      "--refresh_steps", "3", "--save_steps", "4", "--keep_untrained_if_better", "false"))
+    unbroken = train_main(
+        recipe_argv(
+            tiny_model_dir,
+            data_dir,
+            tmp_path / "a",
+            "--max_steps",
+            "8",
+            "--refresh_steps",
+            "3",
+            "--save_steps",
+            "4",
+            "--keep_untrained_if_better",
+            "false",
+        )
+    )
     checkpoint = tmp_path / "a" / "checkpoint-4"
     assert (checkpoint / "bank.safetensors").is_file()
-    resumed = train_main(recipe_argv(tiny_model_dir, data_dir, tmp_path / "b", "--max_steps", "8",
-                                     "--refresh_steps", "3", "--resume_from_checkpoint", str(checkpoint),
-                                     "--keep_untrained_if_better", "false"))
+    resumed = train_main(
+        recipe_argv(
+            tiny_model_dir,
+            data_dir,
+            tmp_path / "b",
+            "--max_steps",
+            "8",
+            "--refresh_steps",
+            "3",
+            "--resume_from_checkpoint",
+            str(checkpoint),
+            "--keep_untrained_if_better",
+            "false",
+        )
+    )
     for key, value in unbroken["trained"].items():
         assert resumed["trained"][key] == pytest.approx(value, abs=1e-4), key
     from safetensors.torch import load_file
@@ -78,17 +110,24 @@ def test_bank_file_with_wrong_rows_or_dimension_is_refused(tiny_model_dir, data_
         train_main(recipe_argv(tiny_model_dir, data_dir, tmp_path / "o1", "--bank_init_file", str(wrong_rows)))
     wrong_dim = tmp_path / "dim.npy"
     np.save(wrong_dim, np.zeros((300, 16), dtype=np.float32))
-    assert main(["train", *recipe_argv(tiny_model_dir, data_dir, tmp_path / "o2", "--bank_init_file", str(wrong_dim))]) == 2
+    assert (
+        main(["train", *recipe_argv(tiny_model_dir, data_dir, tmp_path / "o2", "--bank_init_file", str(wrong_dim))])
+        == 2
+    )
     assert "the bank has dimension 16" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "index.faiss").exists()
 
 
 def test_bank_init_file_is_created_then_reused(tiny_model_dir, data_dir, tmp_path):
     cache = tmp_path / "cache" / "bank.npy"
-    train_main(recipe_argv(tiny_model_dir, data_dir, tmp_path / "o1", "--max_steps", "1", "--bank_init_file", str(cache)))
+    train_main(
+        recipe_argv(tiny_model_dir, data_dir, tmp_path / "o1", "--max_steps", "1", "--bank_init_file", str(cache))
+    )
     first = np.load(cache, allow_pickle=False)
     assert first.shape == (300, 32)
-    train_main(recipe_argv(tiny_model_dir, data_dir, tmp_path / "o2", "--max_steps", "1", "--bank_init_file", str(cache)))
+    train_main(
+        recipe_argv(tiny_model_dir, data_dir, tmp_path / "o2", "--max_steps", "1", "--bank_init_file", str(cache))
+    )
     np.testing.assert_array_equal(np.load(cache, allow_pickle=False), first)
 
 
@@ -124,8 +163,9 @@ def test_damaged_artifact_is_a_clear_error(tiny_model_dir, data_dir, tmp_path, c
 
 
 def test_fp16_loss_scaling_is_refused_naming_bf16(tmp_path, monkeypatch):
-    from hf_qret.errors import ConfigError
     from test_trainer import make_args
+
+    from hf_qret.errors import ConfigError
 
     # The bank's row gradients are never unscaled and its step would run on a skipped (overflowed) encoder step.
     with pytest.raises(ConfigError, match=r"fp16 mixed precision \(--fp16\) is not supported.*Use bf16=True"):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_trainer import make_trainer
 
 from hf_qret import QuantizedRetriever
-from hf_qret.artifact import load_retrieval_files
-from hf_qret.index import QuantizedIndex
-
-from test_trainer import make_trainer
+from hf_qret.index.core import QuantizedIndex
+from hf_qret.serving.artifact import load_retrieval_files
 
 
 def test_residual_index_codes_update_in_place_like_a_full_reencode():
@@ -28,7 +27,9 @@ def test_residual_index_codes_update_in_place_like_a_full_reencode():
 
 
 @pytest.mark.parametrize("refresh_mode", ["retrain", "incremental"])
-def test_trainer_with_a_residual_index_saves_an_index_in_sync_with_its_bank(tiny_model, beir_dir, tmp_path, refresh_mode):
+def test_trainer_with_a_residual_index_saves_an_index_in_sync_with_its_bank(
+    tiny_model, beir_dir, tmp_path, refresh_mode
+):
     trainer, data = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ4x4", refresh_mode=refresh_mode,
                                  refresh_steps=3, bank_update="all", max_steps=4)  # fmt: skip
     trainer.train()

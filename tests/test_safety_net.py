@@ -7,11 +7,10 @@ import json
 import faiss
 import numpy as np
 import torch
+from test_trainer import make_trainer
 
 from hf_qret import QuantizedRetriever, RetrievalEvaluator
-from hf_qret.safety_net import UNTRAINED_DIR, SafetyNetCallback, stage_metrics, training_verdict
-
-from test_trainer import make_trainer
+from hf_qret.training.safety_net import UNTRAINED_DIR, SafetyNetCallback, stage_metrics, training_verdict
 
 
 def _evaluator(beir_dir):

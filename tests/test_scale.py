@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_qret.bank import RowIds, TargetBank, _StagedGather
-from hf_qret.optim import RowAdam
-from hf_qret.callbacks import IndexRefreshCallback
+from hf_qret.bank.core import RowIds, TargetBank, _StagedGather
 from hf_qret.config import ModelArguments, QRetTrainingArguments, parse_config
 from hf_qret.errors import ArtifactError, ConfigError
-from hf_qret.index import QuantizedIndex
+from hf_qret.index.core import QuantizedIndex
+from hf_qret.training.callbacks import IndexRefreshCallback
+from hf_qret.training.optim import RowAdam
 
 LR, BETAS, EPS = 0.05, (0.9, 0.999), 1e-8
 
@@ -321,7 +321,7 @@ def test_from_file_into_a_mmap_working_copy(tmp_path, source, caplog):
         path = tmp_path / "init.safetensors"
         TargetBank(init, None).save(path)
     original = path.read_bytes()
-    with caplog.at_level(logging.INFO, logger="hf_qret.bank"):
+    with caplog.at_level(logging.INFO, logger="hf_qret.bank.core"):
         bank = TargetBank.from_file(path, [f"d{i}" for i in range(12)], dtype="fp16", mmap_path=tmp_path / "work.npy")
     assert "working file" in caplog.text and str(tmp_path / "work.npy") in caplog.text
     assert bank.is_mmap and bank.dtype == torch.float16 and bank.row_of("d3") == 3
@@ -434,7 +434,7 @@ def test_incremental_refresh_falls_back_for_hnsw_and_handles_no_rows(caplog):
     vectors = _clustered()
     index = QuantizedIndex(DIM, "HNSW16,SQ8", use_gpu=False)
     index.build(vectors)
-    with caplog.at_level(logging.INFO, logger="hf_qret.index"):
+    with caplog.at_level(logging.INFO, logger="hf_qret.index.core"):
         assert index.refresh(vectors, mode="incremental", rows=np.array([3, 4])) == N
     assert "falls back to a full re-encode" in caplog.text and "IndexHNSW" in caplog.text
     with pytest.raises(ConfigError, match="cannot be updated in place"):
@@ -489,9 +489,24 @@ def test_scale_config_errors(tmp_path, options, message):
 
 def test_scale_options_parse_from_the_command_line(tmp_path):
     model_args, _, args = parse_config(
-        ["--output_dir", str(tmp_path), "--bank_dtype", "bf16", "--bank_device", "cpu", "--bank_mmap", "true",
-         "--refresh_mode", "incremental", "--faiss_threads", "1", "--bank_pin_memory", "true",
-         "--opq_niter", "20"]  # fmt: skip
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--bank_dtype",
+            "bf16",
+            "--bank_device",
+            "cpu",
+            "--bank_mmap",
+            "true",
+            "--refresh_mode",
+            "incremental",
+            "--faiss_threads",
+            "1",
+            "--bank_pin_memory",
+            "true",
+            "--opq_niter",
+            "20",
+        ]  # fmt: skip
     )
     assert args.opq_niter == 20
     assert (args.bank_dtype, args.bank_device, args.refresh_mode) == ("bf16", "cpu", "incremental")
@@ -525,7 +540,6 @@ def test_trainer_fp16_bank_with_incremental_refresh(tiny_model, beir_dir, tmp_pa
 
 def test_trainer_resume_with_incremental_refresh_is_exact(tiny_model_dir, beir_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
-
     from test_trainer import make_trainer
 
     options = dict(refresh_mode="incremental", refresh_steps=2, refresh_on_epoch_end=False, bank_dtype="bf16",
@@ -545,9 +559,9 @@ def test_trainer_resume_with_incremental_refresh_is_exact(tiny_model_dir, beir_d
 
 
 def test_recipe_fp16_mmap_incremental(tiny_model_dir, two_split_dir, tmp_path):
-    from hf_qret.cli import train_main
-
     from test_cli import recipe_argv
+
+    from hf_qret.cli import train_main
 
     out = tmp_path / "out"
     results = train_main(recipe_argv(tiny_model_dir, two_split_dir, out, "--bank_dtype", "fp16", "--refresh_mode",
@@ -565,9 +579,7 @@ def test_recipe_fp16_mmap_incremental(tiny_model_dir, two_split_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bank_update", ["all", "positives"])
-def test_trainer_half_bank_with_drift_control_and_incremental_refresh(
-    tiny_model, beir_dir, tmp_path, bank_update
-):
+def test_trainer_half_bank_with_drift_control_and_incremental_refresh(tiny_model, beir_dir, tmp_path, bank_update):
     from test_trainer import make_trainer
 
     trainer, _ = make_trainer(

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from hf_qret.cli import train_main
-from hf_qret.encoder import encode_texts
-from hf_qret.errors import ArtifactError, DataError
-
 from conftest import REPO_ROOT, synthetic_beir, write_beir
 from test_cli import recipe_argv
+
+from hf_qret.cli import train_main
+from hf_qret.errors import ArtifactError, DataError
+from hf_qret.serving.encoder import encode_texts
 
 #: What serving must not import (the training stack).
 TRAINING_STACK = ("transformers.trainer", "peft", "datasets", "evaluate", "accelerate", "matplotlib")
@@ -41,7 +40,7 @@ def test_serving_import_skips_the_training_stack():
     loaded = run_python(
         "import json, sys\n"
         "from hf_qret import QuantizedRetriever\n"
-        "import hf_qret.retriever\n"
+        "import hf_qret.serving.retriever\n"
         f"print(json.dumps({{m: m in sys.modules for m in {TRAINING_STACK + ('sentence_transformers',)!r}}}))\n"
     )
     assert not any(loaded.values()), loaded
@@ -61,7 +60,7 @@ def test_lazy_package_exposes_every_public_name():
 def test_sentence_encoder_embeds_exactly_like_sentence_transformers(tiny_model_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from hf_qret.sentence_encoder import SentenceEncoder, load_encoder
+    from hf_qret.serving.sentence_encoder import SentenceEncoder, load_encoder
 
     texts = ["  Protein Gene cell ", "virus " * 200, "x"]  # stripped, truncated at max_seq_length, padded
     encoder = SentenceEncoder.from_folder(tiny_model_dir, "cpu")
@@ -205,7 +204,9 @@ def test_add_documents_needs_a_document_encoder(half_artifact, tmp_path, tiny_mo
         retriever.add_documents(["a text"], ["new"])
     # ... or one given explicitly, and a shipped corpus grows with the index
     (bare / "corpus.jsonl").write_text(json.dumps({"_id": retriever.doc_ids[0], "title": "T", "text": "x"}) + "\n")
-    retriever = QuantizedRetriever.from_pretrained(bare, device="cpu", document_encoder=tiny_model_dir, load_corpus=False)
+    retriever = QuantizedRetriever.from_pretrained(
+        bare, device="cpu", document_encoder=tiny_model_dir, load_corpus=False
+    )
     retriever.add_documents(["a new text"], ["new"])
     retriever.save_pretrained(bare)
     reloaded = QuantizedRetriever.from_pretrained(bare, device="cpu")
@@ -237,8 +238,8 @@ def test_serving_and_growing_skip_the_training_stack(half_artifact):
 def test_the_evaluator_computes_metrics_without_the_evaluate_module():
     result = run_python(
         "import json, sys\n"
-        "from hf_qret.evaluation import RetrievalEvaluator\n"
-        "from hf_qret.metrics import compute_metrics\n"
+        "from hf_qret.evaluation.evaluator import RetrievalEvaluator\n"
+        "from hf_qret.evaluation.metrics import compute_metrics\n"
         "qrels = {'q1': {'d1': 1}, 'q2': {'d3': 1}}\n"
         "runs = {'quantized': {'q1': {'d1': 0.5, 'd2': 0.9}, 'q2': {'d3': 0.1}}}\n"
         "evaluator = RetrievalEvaluator({'q1': 'a', 'q2': 'b'}, qrels, seen_doc_ids=['d1'])\n"

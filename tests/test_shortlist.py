@@ -1,4 +1,4 @@
-"""The mining shortlist: inverted lists over a flat (O)PQ index's own codes (hf_qret.shortlist)."""
+"""The mining shortlist: inverted lists over a flat (O)PQ index's own codes (hf_qret.index.shortlist)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_qret.errors import ConfigError
-from hf_qret.index import QuantizedIndex
+from hf_qret.index.core import QuantizedIndex
 
 DIM, N, NLIST = 32, 3000, 16
 
@@ -127,7 +127,6 @@ def test_more_lists_than_training_rows_is_refused():
 def test_trainer_mines_through_the_shortlist_like_the_whole_index(tiny_model_dir, beir_dir, tmp_path):
     """Probing every list, training is the same as without a shortlist: same candidates, same bank."""
     from sentence_transformers import SentenceTransformer
-
     from test_trainer import make_trainer, record_candidates
 
     options = dict(refresh_mode="incremental", refresh_steps=2, refresh_on_epoch_end=False, faiss_threads=1)
@@ -152,7 +151,6 @@ def test_trainer_mines_through_the_shortlist_like_the_whole_index(tiny_model_dir
 
 def test_trainer_resume_rebuilds_the_shortlist(tiny_model_dir, beir_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
-
     from test_trainer import make_trainer
 
     options = dict(refresh_mode="incremental", refresh_steps=2, refresh_on_epoch_end=False, max_steps=6,

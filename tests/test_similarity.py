@@ -10,9 +10,11 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from test_trainer import make_args
 
 from hf_qret import QRetTrainer, QuantizedRetriever, TargetBank, build_pairs_dataset, load_beir
-from hf_qret.encoder import (
+from hf_qret.errors import ConfigError
+from hf_qret.serving.encoder import (
     configure_encoder,
     embed,
     encode_texts,
@@ -22,9 +24,6 @@ from hf_qret.encoder import (
     similarity_function,
     tokenize,
 )
-from hf_qret.errors import ConfigError
-
-from test_trainer import make_args
 
 TEXTS = ["insulin resistance in mice", "a vaccine trial", "sleep and memory"]
 
@@ -119,10 +118,10 @@ def test_pooling_is_refused_for_a_sentence_transformer(tiny_model, beir_dir, tmp
 
 
 def test_recipe_pooling_cls_on_a_plain_folder(tiny_model_dir, two_split_dir, tmp_path):
+    from test_cli import recipe_argv
     from transformers import AutoModel, AutoTokenizer
 
     from hf_qret.cli import train_main
-    from test_cli import recipe_argv
 
     plain = tmp_path / "plain_bert"  # config.json + weights + tokenizer, no modules.json
     AutoModel.from_pretrained(tiny_model_dir).save_pretrained(plain)

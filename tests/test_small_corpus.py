@@ -12,17 +12,16 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, synthetic_beir, write_beir
 
 from hf_qret.errors import ConfigError
-from hf_qret.factory import OPQ_MIN_ROWS, fit_factory
-from hf_qret.index import QuantizedIndex
-
-from conftest import REPO_ROOT, synthetic_beir, write_beir
+from hf_qret.index.core import QuantizedIndex
+from hf_qret.index.factory import OPQ_MIN_ROWS, fit_factory
 
 # 351 documents: the BEIR folder size that made OPQ16,PQ16 (the default then) abort inside FAISS k-means (exit 134 / 139).
 BUILD_351 = """
 import numpy as np
-from hf_qret.index import QuantizedIndex
+from hf_qret.index.core import QuantizedIndex
 x = np.random.default_rng(0).standard_normal((351, 384)).astype("float32")
 x /= np.linalg.norm(x, axis=1, keepdims=True)
 index = QuantizedIndex(384, "OPQ16,PQ16")
@@ -78,7 +77,9 @@ def test_fit_factory(factory, rows, fitted):
 
 
 def test_factories_that_cannot_fit_are_refused_with_what_would_work():
-    with pytest.raises(ConfigError, match=r"'IVF1024,PQ16' cannot be trained on 351 rows: IVF1024 needs at least 1024.*'IVF9,PQ16'"):
+    with pytest.raises(
+        ConfigError, match=r"'IVF1024,PQ16' cannot be trained on 351 rows: IVF1024 needs at least 1024.*'IVF9,PQ16'"
+    ):
         fit_factory("IVF1024,PQ16", 351)
     with pytest.raises(ConfigError, match=r"'PQ16x4fs' cannot be trained on 10 rows"):
         fit_factory("PQ16x4fs", 10)
@@ -91,7 +92,7 @@ def test_factories_that_cannot_fit_are_refused_with_what_would_work():
 def test_adapted_bits_are_the_built_index_and_survive_refreshes(caplog):
     x = np.random.default_rng(0).standard_normal((200, 32)).astype("float32")
     index = QuantizedIndex(32, "PQ8")
-    with caplog.at_level(logging.WARNING, logger="hf_qret.index"):
+    with caplog.at_level(logging.WARNING, logger="hf_qret.index.core"):
         index.build(x)
         index.refresh(x, mode="retrain")
     assert index.factory == "PQ8x7" and index.requested_factory == "PQ8" and index.bytes_per_vector == 7

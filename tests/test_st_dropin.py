@@ -12,18 +12,16 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
-
-from hf_qret import QRetTrainer, QRetTrainingArguments, QuantizedRetriever, TargetBank
-from hf_qret.collator import QRetDataCollator
-from hf_qret.corpus import CACHE_DIR, DocumentSet, load_corpus, text_doc_id
-from hf_qret.data import TextColumns, doc_text, pairs_from_texts, text_columns
-from hf_qret.encoder import encode_texts, make_tokenize_fn
-from hf_qret.errors import ArtifactError, ConfigError, DataError
-
 from conftest import synthetic_beir, write_beir
+from datasets import Dataset
 from test_trainer import make_args
 
+from hf_qret import QRetTrainer, QRetTrainingArguments, QuantizedRetriever, TargetBank
+from hf_qret.data import TextColumns, doc_text, pairs_from_texts, text_columns
+from hf_qret.errors import ArtifactError, ConfigError, DataError
+from hf_qret.serving.encoder import encode_texts, make_tokenize_fn
+from hf_qret.training.collator import QRetDataCollator
+from hf_qret.training.corpus import CACHE_DIR, DocumentSet, load_corpus, text_doc_id
 
 #: What a sentence-transformers script leaves at the library's defaults (test_trainer's arguments set them).
 _LIBRARY_DEFAULTS = {
@@ -66,7 +64,11 @@ def test_contract_text_pairs_corpus_and_ir_evaluator(tiny_model, st_data, tmp_pa
     corpus, pairs, dev, _ = st_data
     out = tmp_path / "out"
     trainer = QRetTrainer(
-        model=tiny_model, args=st_args(tmp_path), train_dataset=pairs, corpus=corpus, evaluator=ir_evaluator(corpus, dev)
+        model=tiny_model,
+        args=st_args(tmp_path),
+        train_dataset=pairs,
+        corpus=corpus,
+        evaluator=ir_evaluator(corpus, dev),
     )
     assert trainer.bank.doc_ids == list(corpus)  # every positive text is a corpus document: no extra rows
     trainer.train()
@@ -87,7 +89,7 @@ def test_contract_text_pairs_corpus_and_ir_evaluator(tiny_model, st_data, tmp_pa
     assert retriever.semantic_search(["protein gene"], top_k=2, return_text=True)[0][0]["text"] == corpus[hits[0][0][0]]
     lines = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
     assert [line["_id"] for line in lines] == json.loads((out / "doc_ids.json").read_text())
-    from hf_qret.hub import artifact_upload_files
+    from hf_qret.hub.push import artifact_upload_files
 
     uploaded = artifact_upload_files(out)
     assert "corpus.jsonl" in uploaded and (out / CACHE_DIR).is_dir()
@@ -109,7 +111,9 @@ def test_search_output_checks(tiny_model, st_data, tmp_path):
 # ------------------------------------------------------------------------------------------ 1. column convention
 def test_text_columns_follow_sentence_transformers_positions():
     assert text_columns(Dataset.from_dict({"q": ["a"], "d": ["b"]})).negatives == ()
-    tuples = Dataset.from_dict({"anchor": ["a"], "positive": ["b"], "negative_1": ["c"], "negative_2": ["d"], "scores": [[1.0, 0.5, 0.2]]})
+    tuples = Dataset.from_dict(
+        {"anchor": ["a"], "positive": ["b"], "negative_1": ["c"], "negative_2": ["d"], "scores": [[1.0, 0.5, 0.2]]}
+    )
     assert text_columns(tuples).negatives == ("negative_1", "negative_2")  # scores are labels, not inputs
     assert text_columns(Dataset.from_dict({"query": ["a"], "positive_id": ["d1"]})) is None  # hf-qret's id rows
     with pytest.raises(DataError, match="labeled format"):
@@ -158,7 +162,12 @@ def test_collator_without_negatives_adds_no_negative_rows(tiny_model):
     bank = TargetBank(torch.randn(3, 32), ["a", "b", "c"])
     collate = QRetDataCollator(make_tokenize_fn(tiny_model), bank)
     assert "negative_rows" not in collate([{"query": "q", "positive_id": "a"}])
-    batch = collate([{"query": "q", "positive_id": "a", "negative_ids": ["c"]}, {"query": "r", "positive_id": "b", "negative_ids": []}])
+    batch = collate(
+        [
+            {"query": "q", "positive_id": "a", "negative_ids": ["c"]},
+            {"query": "r", "positive_id": "b", "negative_ids": []},
+        ]
+    )
     assert batch["negative_rows"].tolist() == [[2], [-1]]
 
 
@@ -187,8 +196,15 @@ def test_id_rows_keep_working_with_corpus(tiny_model, beir_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------ 2. the bank
 def test_bank_from_corpus_plus_training_texts_with_stable_ids(tiny_model, st_data, tmp_path):
     corpus, pairs, _, _ = st_data
-    extra = Dataset.from_dict({"anchor": ["new query", "again"], "positive": ["a brand new document", "  a brand new document "]})
-    rows = Dataset.from_dict({"anchor": list(pairs["anchor"]) + ["new query", "again"], "positive": list(pairs["positive"]) + list(extra["positive"])})
+    extra = Dataset.from_dict(
+        {"anchor": ["new query", "again"], "positive": ["a brand new document", "  a brand new document "]}
+    )
+    rows = Dataset.from_dict(
+        {
+            "anchor": list(pairs["anchor"]) + ["new query", "again"],
+            "positive": list(pairs["positive"]) + list(extra["positive"]),
+        }
+    )
     trainer = QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=rows, corpus=corpus)
     new_id = text_doc_id("a brand new document")
     assert trainer.bank.doc_ids == list(corpus) + [new_id]  # deduplicated by (stripped) text
@@ -224,16 +240,20 @@ def test_no_bank_no_corpus_no_texts_is_a_config_error(tiny_model, beir_dir, tmp_
     from hf_qret import build_pairs_dataset, load_beir
 
     with pytest.raises(ConfigError, match="needs the documents"):
-        QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=build_pairs_dataset(load_beir(beir_dir, split="train")))
+        QRetTrainer(
+            tiny_model, st_args(tmp_path), train_dataset=build_pairs_dataset(load_beir(beir_dir, split="train"))
+        )
 
 
 def test_bank_is_encoded_once_and_cached_in_the_output_folder(tiny_model, st_data, tmp_path, monkeypatch):
-    import hf_qret.encoder
+    import hf_qret.serving.encoder
 
     corpus, pairs, _, _ = st_data
     calls = []
-    real = hf_qret.encoder.encode_texts
-    monkeypatch.setattr(hf_qret.encoder, "encode_texts", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = hf_qret.serving.encoder.encode_texts
+    monkeypatch.setattr(
+        hf_qret.serving.encoder, "encode_texts", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
+    )
     first = QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus)
     assert calls == [len(corpus)]
     assert (tmp_path / "out" / CACHE_DIR / "bank_init.npy").is_file()
@@ -248,15 +268,21 @@ def test_bank_is_encoded_once_and_cached_in_the_output_folder(tiny_model, st_dat
 def test_resume_does_not_encode_again(tiny_model_dir, st_data, tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
-    import hf_qret.encoder
+    import hf_qret.serving.encoder
 
     corpus, pairs, _, _ = st_data
     args = dict(save_strategy="steps", save_steps=2, max_steps=4)
-    QRetTrainer(SentenceTransformer(tiny_model_dir, device="cpu"), st_args(tmp_path, **args), train_dataset=pairs, corpus=corpus).train()
+    QRetTrainer(
+        SentenceTransformer(tiny_model_dir, device="cpu"), st_args(tmp_path, **args), train_dataset=pairs, corpus=corpus
+    ).train()
     calls = []
-    real = hf_qret.encoder.encode_texts
-    monkeypatch.setattr(hf_qret.encoder, "encode_texts", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    trainer = QRetTrainer(SentenceTransformer(tiny_model_dir, device="cpu"), st_args(tmp_path, **args), train_dataset=pairs, corpus=corpus)
+    real = hf_qret.serving.encoder.encode_texts
+    monkeypatch.setattr(
+        hf_qret.serving.encoder, "encode_texts", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
+    )
+    trainer = QRetTrainer(
+        SentenceTransformer(tiny_model_dir, device="cpu"), st_args(tmp_path, **args), train_dataset=pairs, corpus=corpus
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert trainer.state.global_step == 4 and calls == []
 
@@ -305,7 +331,7 @@ def test_evaluator_documents_are_mapped_by_id_or_by_text(tiny_model, st_data, tm
     assert trainer.bank.doc_ids == list(corpus)  # mapped by text: nothing added
     renamed_metrics = trainer.evaluate()
     trainer.evaluator = None
-    from hf_qret.st_evaluation import adapt_evaluator, bank_resolver
+    from hf_qret.training.st_evaluation import adapt_evaluator, bank_resolver
 
     trainer.evaluator = adapt_evaluator(ir_evaluator(corpus, dev, name="renamed"), bank_resolver(set(corpus), None))
     assert trainer.evaluate() == renamed_metrics
@@ -314,25 +340,41 @@ def test_evaluator_documents_are_mapped_by_id_or_by_text(tiny_model, st_data, tm
 def test_evaluator_documents_missing_from_the_corpus_are_added_or_refused(tiny_model, st_data, tmp_path):
     corpus, pairs, dev, _ = st_data
     eval_corpus = dict(corpus, extra1="an evaluation-only document")
-    trainer = QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus, evaluator=ir_evaluator(eval_corpus, dev))
+    trainer = QRetTrainer(
+        tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus, evaluator=ir_evaluator(eval_corpus, dev)
+    )
     assert trainer.bank.doc_ids[-1] == "extra1"
     bank = TargetBank.from_encoder(partial(encode_texts, tiny_model), list(corpus.values()), list(corpus))
     with pytest.raises(ConfigError, match="1 of its 301 corpus documents are not in the bank"):
-        QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, bank=bank, corpus=corpus, evaluator=ir_evaluator(eval_corpus, dev))
+        QRetTrainer(
+            tiny_model,
+            st_args(tmp_path),
+            train_dataset=pairs,
+            bank=bank,
+            corpus=corpus,
+            evaluator=ir_evaluator(eval_corpus, dev),
+        )
 
 
 def test_unsupported_evaluator_fails_at_construction(tiny_model, st_data, tmp_path, monkeypatch):
-    import hf_qret.encoder
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator, SequentialEvaluator
 
+    import hf_qret.serving.encoder
+
     corpus, pairs, dev, _ = st_data
-    monkeypatch.setattr(hf_qret.encoder, "encode_texts", lambda *a, **k: pytest.fail("encoded before refusing"))
+    monkeypatch.setattr(hf_qret.serving.encoder, "encode_texts", lambda *a, **k: pytest.fail("encoded before refusing"))
     similarity = EmbeddingSimilarityEvaluator(["a", "b"], ["c", "d"], [0.1, 0.9])
     for evaluator in (similarity, SequentialEvaluator([ir_evaluator(corpus, dev), similarity])):
         with pytest.raises(ConfigError, match="cannot score a EmbeddingSimilarityEvaluator"):
             QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus, evaluator=evaluator)
     with pytest.raises(ConfigError, match="truncate_dim"):
-        QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus, evaluator=ir_evaluator(corpus, dev, truncate_dim=16))
+        QRetTrainer(
+            tiny_model,
+            st_args(tmp_path),
+            train_dataset=pairs,
+            corpus=corpus,
+            evaluator=ir_evaluator(corpus, dev, truncate_dim=16),
+        )
 
 
 def test_sequential_evaluator_names_and_metric_for_best_model(tiny_model, st_data, tmp_path):
@@ -340,8 +382,12 @@ def test_sequential_evaluator_names_and_metric_for_best_model(tiny_model, st_dat
 
     corpus, pairs, dev, _ = st_data
     half = dict(list(dev[0].items())[:10])
-    evaluator = SequentialEvaluator([ir_evaluator(corpus, dev, name="dev"), ir_evaluator(corpus, (half, dev[1]), name="half")])
-    args = st_args(tmp_path, eval_strategy="steps", eval_steps=2, max_steps=4, metric_for_best_model="dev_quantized_ndcg@10")
+    evaluator = SequentialEvaluator(
+        [ir_evaluator(corpus, dev, name="dev"), ir_evaluator(corpus, (half, dev[1]), name="half")]
+    )
+    args = st_args(
+        tmp_path, eval_strategy="steps", eval_steps=2, max_steps=4, metric_for_best_model="dev_quantized_ndcg@10"
+    )
     trainer = QRetTrainer(tiny_model, args, train_dataset=pairs, corpus=corpus, evaluator=evaluator)
     trainer.train()
     metrics = trainer.evaluate()
@@ -368,7 +414,10 @@ def test_automodel_with_tokenizer_and_text_pairs(tiny_model_dir, st_data, tmp_pa
         processing_class=tokenizer,
     )
     np.testing.assert_allclose(
-        trainer.bank.numpy()[:4], encode_texts(model, list(corpus.values())[:4], tokenizer=tokenizer), rtol=1e-4, atol=1e-5
+        trainer.bank.numpy()[:4],
+        encode_texts(model, list(corpus.values())[:4], tokenizer=tokenizer),
+        rtol=1e-4,
+        atol=1e-5,
     )
     trainer.train()
     assert "eval_dev_quantized_ndcg@10" in trainer.evaluate()
@@ -417,7 +466,7 @@ def test_a_drop_in_artifact_grows_with_the_bank_encoder(tiny_model, st_data, tmp
     import numpy as np
 
     from hf_qret import QuantizedRetriever
-    from hf_qret.encoder import encode_texts
+    from hf_qret.serving.encoder import encode_texts
 
     corpus, pairs, _, _ = st_data
     trainer = QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus)

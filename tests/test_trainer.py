@@ -19,7 +19,7 @@ from hf_qret import (
     build_pairs_dataset,
     load_beir,
 )
-from hf_qret.encoder import encode_texts
+from hf_qret.serving.encoder import encode_texts
 
 
 def make_args(tmp_path, **overrides) -> QRetTrainingArguments:
@@ -217,9 +217,7 @@ def test_plain_transformers_encoder_with_tokenizer(tiny_model_dir, beir_dir, tmp
     model = AutoModel.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     data = load_beir(beir_dir, split="train")
-    bank = TargetBank.from_encoder(
-        partial(encode_texts, model, tokenizer=tokenizer), data.doc_texts(), data.doc_ids
-    )
+    bank = TargetBank.from_encoder(partial(encode_texts, model, tokenizer=tokenizer), data.doc_texts(), data.doc_ids)
     trainer = QRetTrainer(
         model, make_args(tmp_path), train_dataset=build_pairs_dataset(data), bank=bank, processing_class=tokenizer
     )
@@ -239,7 +237,11 @@ def test_user_refresh_callback_replaces_the_default(tiny_model, beir_dir, tmp_pa
     index.build(bank.numpy())
     callback = IndexRefreshCallback(bank, index, every_n_steps=3, on_epoch_end=False)
     trainer = QRetTrainer(
-        tiny_model, make_args(tmp_path), train_dataset=build_pairs_dataset(data), bank=bank, index=index,
+        tiny_model,
+        make_args(tmp_path),
+        train_dataset=build_pairs_dataset(data),
+        bank=bank,
+        index=index,
         callbacks=[callback],
     )
     assert trainer.refresh_callback is callback

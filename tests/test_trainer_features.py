@@ -11,13 +11,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
-from hf_qret import QRetTrainer, RetrievalEvaluator, TargetBank, build_pairs_dataset, load_beir
-from hf_qret.artifact import load_retrieval_files
-from hf_qret.encoder import encode_texts
+from test_trainer import make_args, record_candidates
 from transformers import TrainerCallback
 
-from test_trainer import make_args, record_candidates
+from hf_qret import QRetTrainer, RetrievalEvaluator, TargetBank, build_pairs_dataset, load_beir
+from hf_qret.serving.artifact import load_retrieval_files
+from hf_qret.serving.encoder import encode_texts
 
 
 def _trainer(model, folder: Path, tmp_path: Path, bank: TargetBank | None = None, **overrides) -> QRetTrainer:
@@ -229,7 +228,7 @@ def test_resume_takes_the_kept_norms_from_the_checkpoint(tiny_model_dir, two_spl
 def test_resume_builds_no_index_it_would_throw_away(tiny_model_dir, two_split_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from hf_qret.index import QuantizedIndex
+    from hf_qret.index.core import QuantizedIndex
 
     first = _trainer(SentenceTransformer(tiny_model_dir, device="cpu"), two_split_dir, tmp_path / "a", max_steps=2,
                      save_strategy="steps", save_steps=2, with_evaluator=False)  # fmt: skip

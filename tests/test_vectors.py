@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from hf_qret import QRetTrainer, QuantizedRetriever
-from hf_qret.artifact import save_document_encoder
-from hf_qret.encoder import configure_encoder, embed, encode_texts
-from hf_qret.errors import ConfigError
-
 from conftest import synthetic_beir, write_beir
 from test_st_dropin import ir_evaluator, st_args, st_data  # noqa: F401  (st_data is a fixture)
+
+from hf_qret import QRetTrainer, QuantizedRetriever
+from hf_qret.errors import ConfigError
+from hf_qret.serving.artifact import save_document_encoder
+from hf_qret.serving.encoder import configure_encoder, embed, encode_texts
 
 QUERIES = ["insulin resistance in mice", "a vaccine trial", "sleep and memory"]
 PROMPTS = {"query": "query: ", "document": "passage: "}
@@ -47,7 +46,7 @@ def prompted_run(tiny_model_dir, st_data, tmp_path):  # noqa: F811
 
 
 def test_prompted_queries_are_the_same_vectors_in_training_evaluation_and_serving(prompted_run, monkeypatch):
-    import hf_qret.evaluation
+    import hf_qret.evaluation.evaluator
 
     trainer, _, out = prompted_run
     model = trainer.model
@@ -61,13 +60,13 @@ def test_prompted_queries_are_the_same_vectors_in_training_evaluation_and_servin
     np.testing.assert_allclose(trained, reference, rtol=1e-5, atol=1e-6)
     # evaluation: the adapted InformationRetrievalEvaluator encodes its queries as training does
     seen: list[np.ndarray] = []
-    original = hf_qret.evaluation.encode_texts
+    original = hf_qret.evaluation.evaluator.encode_texts
 
     def recording(*args, **kwargs):
         seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(hf_qret.evaluation, "encode_texts", recording)
+    monkeypatch.setattr(hf_qret.evaluation.evaluator, "encode_texts", recording)
     evaluator = trainer.evaluator.evaluators[0] if hasattr(trainer.evaluator, "evaluators") else trainer.evaluator
     evaluator.queries, evaluator.query_ids = list(QUERIES), ["a", "b", "c"]
     evaluator.qrels = {"a": {"d0": 1}, "b": {"d0": 1}, "c": {"d0": 1}}
@@ -211,4 +210,7 @@ def test_device_is_the_second_positional_parameter_and_search_takes_one_query(pl
     hits = retriever.search("protein gene cell", k=3)
     assert hits == retriever.search(["protein gene cell"], k=3)[0]
     assert len(hits) == 3 and all(isinstance(doc_id, str) for doc_id, _ in hits)
-    assert retriever.semantic_search("protein gene cell", top_k=2) == retriever.semantic_search(["protein gene cell"], 2)[0]
+    assert (
+        retriever.semantic_search("protein gene cell", top_k=2)
+        == retriever.semantic_search(["protein gene cell"], 2)[0]
+    )

@@ -1,0 +1,487 @@
+"""The TargetBank: corpus embeddings computed once, then trained by backpropagation as a memory buffer.
+
+The bank is an ``nn.Module`` whose single parameter is the ``(num_docs, dim)`` matrix of target embeddings. The
+trainer gathers the rows of a batch's candidate set with a *sparse* gradient, and :class:`~hf_qret.training.optim.RowAdam`
+updates only those rows, each with its own optimizer state. How the rows are stored (dtype, memory-mapped files,
+chunked I/O) lives in :mod:`hf_qret.bank.storage`; the bank records which rows changed since the last index refresh
+(:meth:`TargetBank.changed_rows`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, ConfigError
+from .storage import (
+    BANK_DTYPES,
+    BANK_KEY,
+    CHUNK_ROWS,
+    NUMPY_STORAGE,
+    Float32Rows,
+    RowIds,
+    check_bank_shape,
+    copy_file_atomic,
+    create_npy_memmap,
+    dtype_name,
+    open_npy_memmap,
+    read_bank_chunks,
+    read_bank_file,
+    storage_dtype,
+    write_npy,
+    write_safetensors_streamed,
+)
+
+__all__ = ["TargetBank", "RowIds", "Float32Rows", "BANK_DTYPES", "storage_dtype"]
+
+logger = logging.getLogger(__name__)
+
+
+class _StagedGather(torch.autograd.Function):
+    """Gathers rows of a bank kept on another device (CPU) and moves them to the compute device as float32.
+
+    The gradient comes back as a sparse ``(num_docs, dim)`` tensor on the bank's device, like ``embedding(...,
+    sparse=True)``. With ``pin`` the rows are staged in page-locked memory, so the copy to the GPU is asynchronous.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.bank_shape = tuple(weight.shape)
+        ctx.bank_dtype = weight.dtype
+        ctx.bank_device = weight.device
+        staged = torch.empty((rows.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=pin)
+        torch.index_select(weight, 0, rows, out=staged)
+        return staged.to(device, non_blocking=pin).float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (rows,) = ctx.saved_tensors
+        values = grad.to(ctx.bank_device, ctx.bank_dtype)
+        sparse = torch.sparse_coo_tensor(rows.unsqueeze(0), values, ctx.bank_shape, check_invariants=False)
+        return sparse, None, None, None
+
+
+class TargetBank(nn.Module):
+    """Trainable target (document) embeddings, one row per document.
+
+    Args:
+        embeddings: ``(num_docs, dim)`` initial embeddings (copied).
+        doc_ids: Document id of each row, in row order; ``None`` uses the row numbers (``"0"``, ``"1"``, ...)
+            without storing one string per row (see :class:`RowIds`).
+        dtype: Storage dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``. Gathered rows are always float32.
+
+    Example:
+        >>> import torch
+        >>> bank = TargetBank(torch.randn(4, 8), ["a", "b", "c", "d"])
+        >>> rows = bank.gather(torch.tensor([2, 0]))
+        >>> rows.shape
+        torch.Size([2, 8])
+        >>> bank.row_of("c")
+        2
+        >>> TargetBank(torch.randn(4, 8), None, dtype="bf16").gather(torch.tensor([1])).dtype
+        torch.float32
+    """
+
+    def __init__(
+        self,
+        embeddings: torch.Tensor | np.ndarray,
+        doc_ids: Sequence[str] | None,
+        dtype: str | torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        dtype = storage_dtype(dtype)
+        embeddings = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
+        self._check_shape(tuple(embeddings.shape), doc_ids)
+        self.weight = nn.Parameter(embeddings.detach().to(dtype).clone().contiguous())
+        self._setup(doc_ids)
+
+    # ------------------------------------------------------------------ setup
+    _check_shape = staticmethod(check_bank_shape)
+
+    def _setup(self, doc_ids: Sequence[str] | None) -> None:
+        count = int(self.weight.shape[0])
+        if doc_ids is None or isinstance(doc_ids, RowIds):
+            self.doc_ids: Sequence[str] = RowIds(count)
+            self._row_of: dict[str, int] | None = None
+        else:
+            self.doc_ids = [str(d) for d in doc_ids]
+            self._row_of = {d: i for i, d in enumerate(self.doc_ids)}
+            if len(self._row_of) != len(self.doc_ids):
+                raise ArtifactError("the doc-id list of the bank has duplicates; every row needs a unique document id.")
+        #: Incremented by every optimizer step that changes rows; the index refresh compares it.
+        self.version = 0
+        #: Where gathered rows are returned (``None``: the bank's device); set by the trainer for a CPU bank.
+        self.compute_device: torch.device | None = None
+        #: Stage gathered rows in page-locked memory before copying them to ``compute_device``.
+        self.pin_memory = False
+        self._mmap: np.memmap | None = None
+        self._mmap_path: Path | None = None
+        # Rows changed since the last index refresh (1 byte per row, always on the CPU).
+        self._changed = torch.zeros(count, dtype=torch.bool)
+
+    @classmethod
+    def _from_storage(
+        cls,
+        storage: torch.Tensor,
+        doc_ids: Sequence[str] | None,
+        mmap: np.memmap | None = None,
+        path: Path | None = None,
+    ) -> TargetBank:
+        """Wraps ``storage`` without copying it."""
+        cls._check_shape(tuple(storage.shape), doc_ids)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.weight = nn.Parameter(storage)
+        self._setup(doc_ids)
+        self._mmap = mmap
+        self._mmap_path = path
+        return self
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension."""
+        return self.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the rows."""
+        return self.weight.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the row storage."""
+        return self.weight.numel() * self.weight.element_size()
+
+    @property
+    def is_mmap(self) -> bool:
+        """Whether the rows live in a memory-mapped file (:attr:`mmap_path`)."""
+        return self._mmap is not None
+
+    @property
+    def mmap_path(self) -> Path | None:
+        """The ``.npy`` file backing a memory-mapped bank."""
+        return self._mmap_path
+
+    def row_of(self, doc_id: str) -> int:
+        """The row index of ``doc_id``."""
+        row = self._row_of.get(doc_id) if self._row_of is not None else self.doc_ids.row_of(doc_id)
+        if row is None:
+            raise KeyError(f"document {doc_id!r} is not in the bank ({len(self)} documents).") from None
+        return row
+
+    def rows_of(self, doc_ids: Sequence[str]) -> list[int]:
+        """Row indices of several document ids."""
+        return [self.row_of(d) for d in doc_ids]
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The float32 embeddings of ``rows``, differentiable with a sparse gradient w.r.t. the bank.
+
+        Rows are returned on :attr:`compute_device` when it is set (a CPU bank feeding a GPU), else on the bank's
+        device.
+        """
+        weight = self.weight
+        target = self.compute_device
+        if target is not None and torch.device(target) != weight.device:
+            pin = self.pin_memory and weight.device.type == "cpu" and torch.device(target).type == "cuda"
+            return _StagedGather.apply(weight, rows.to(weight.device), torch.device(target), pin)
+        gathered = nn.functional.embedding(rows.to(weight.device), weight, sparse=True)
+        return gathered if gathered.dtype == torch.float32 else gathered.float()
+
+    def numpy(self) -> np.ndarray:
+        """A float32 ``(num_docs, dim)`` copy for FAISS (the whole bank: prefer :meth:`float32_rows` at scale)."""
+        return np.ascontiguousarray(self.weight.detach().to("cpu", torch.float32).numpy())
+
+    def float32_rows(self) -> Float32Rows:
+        """A float32 view converted chunk by chunk (see :class:`Float32Rows`); what the index refresh reads."""
+        return Float32Rows(self.weight)
+
+    def iter_float32(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(start_row, float32 rows)`` chunks of the whole bank."""
+        view = self.float32_rows()
+        for start in range(0, len(self), chunk_rows):
+            yield start, view[start : start + chunk_rows]
+
+    # ------------------------------------------------------------------ changed rows
+    def mark_changed(self, rows: torch.Tensor) -> None:
+        """Records that ``rows`` changed (the optimizer calls it); the next incremental refresh re-encodes them."""
+        self._changed[rows.detach().to("cpu", torch.long)] = True
+
+    def mark_all_changed(self) -> None:
+        """Records every row as changed (for example after loading rows from a checkpoint)."""
+        self._changed.fill_(True)
+
+    def changed_rows(self) -> np.ndarray:
+        """The sorted rows changed since the last :meth:`clear_changed` (``int64``)."""
+        return self._changed.nonzero().squeeze(1).numpy()
+
+    @property
+    def num_changed(self) -> int:
+        """How many rows changed since the last refresh."""
+        return int(self._changed.sum())
+
+    def clear_changed(self) -> None:
+        """Forgets the changed rows (the index was refreshed from the current bank)."""
+        self._changed.fill_(False)
+
+    def set_changed(self, rows: torch.Tensor | np.ndarray) -> None:
+        """Replaces the changed-row record by ``rows`` (restoring a checkpoint)."""
+        self._changed.fill_(False)
+        self._changed[torch.as_tensor(np.asarray(rows), dtype=torch.long)] = True
+
+    # ------------------------------------------------------------------ storage
+    def to_storage(
+        self, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> TargetBank:
+        """Casts the rows to ``dtype`` and/or moves them to ``device``, in place (no-op when nothing changes).
+
+        Raises:
+            ConfigError: The bank is memory mapped: its file fixes the dtype and it stays on the CPU.
+        """
+        dtype = storage_dtype(dtype) if dtype is not None else self.weight.dtype
+        device = torch.device(device) if device is not None else self.weight.device
+        if dtype == self.weight.dtype and device == self.weight.device:
+            return self
+        if self.is_mmap:
+            raise ConfigError(
+                f"the bank is memory mapped from {self._mmap_path} ({dtype_name(self.weight.dtype)}, CPU); it cannot "
+                f"become {dtype_name(dtype)} on {device}: create the mmap file with that dtype, or turn bank_mmap off."
+            )
+        self.weight.data = self.weight.data.to(device, dtype)
+        return self
+
+    def flush(self) -> None:
+        """Writes the dirty pages of a memory-mapped bank to its file (no-op otherwise)."""
+        if self._mmap is not None:
+            self._mmap.flush()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_encoder(
+        cls,
+        encode: Callable[[list[str]], torch.Tensor | np.ndarray],
+        texts: Sequence[str],
+        doc_ids: Sequence[str] | None,
+        dtype: str | torch.dtype = torch.float32,
+        mmap_path: str | os.PathLike | None = None,
+        chunk_texts: int = CHUNK_ROWS,
+    ) -> TargetBank:
+        """Builds the bank by encoding the corpus once.
+
+        Args:
+            encode: Maps a list of texts to their ``(n, dim)`` embeddings, for example
+                :func:`hf_qret.serving.encoder.encode_texts` bound to a model (batched, with a progress bar).
+            texts: The document texts, in row order.
+            doc_ids: The document ids, in row order (``None``: row numbers).
+            dtype: Storage dtype (``"fp32"``, ``"bf16"``, ``"fp16"``).
+            mmap_path: Write the rows into this ``.npy`` file, ``chunk_texts`` texts at a time, and memory-map it
+                (see :meth:`open_mmap`); ``None`` keeps the bank in RAM.
+
+        Example:
+            >>> from functools import partial
+            >>> from hf_qret.serving.encoder import encode_texts
+            >>> bank = TargetBank.from_encoder(partial(encode_texts, model, role="document"), texts, ids)  # doctest: +SKIP
+        """
+        if mmap_path is None:
+            return cls(torch.as_tensor(np.asarray(encode(list(texts)), dtype=np.float32)), doc_ids, dtype)
+        texts = list(texts)
+        first = np.asarray(encode(texts[:chunk_texts]), dtype=np.float32)
+        bank = cls.create_mmap(mmap_path, len(texts), first.shape[1], doc_ids, dtype)
+        bank.write_rows(0, first)
+        for start in range(chunk_texts, len(texts), chunk_texts):
+            bank.write_rows(start, np.asarray(encode(texts[start : start + chunk_texts]), dtype=np.float32))
+        bank.flush()
+        return bank
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        doc_ids: Sequence[str] | None,
+        dtype: str | torch.dtype = torch.float32,
+        mmap_path: str | os.PathLike | None = None,
+    ) -> TargetBank:
+        """Loads initial embeddings from a ``.npy`` file (no pickle) or a safetensors file (key ``embeddings``).
+
+        Args:
+            path: The file.
+            doc_ids: The document ids, in row order (``None``: row numbers).
+            dtype: Storage dtype of the bank (the file's rows are cast).
+            mmap_path: Instead of loading the rows into RAM, write them once into this ``.npy`` working file (in
+                ``dtype``, streamed in chunks: a plain file copy when ``path`` is already a ``.npy`` of that dtype)
+                and memory-map it. Training then updates the working file, never ``path``.
+
+        Example:
+            >>> bank = TargetBank.from_file(
+            ...     "bank.npy", doc_ids, dtype="fp16", mmap_path="out/bank_mmap.npy"
+            ... )  # doctest: +SKIP
+        """
+        dtype = storage_dtype(dtype)
+        if mmap_path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ArtifactError(f"{path}: no such bank file; pass a .npy or .safetensors file of embeddings.")
+            return cls._mmap_from_file(path, doc_ids, dtype, Path(mmap_path))
+        return cls(read_bank_file(Path(path)), doc_ids, dtype)
+
+    @classmethod
+    def _mmap_from_file(cls, path: Path, doc_ids: Sequence[str] | None, dtype: torch.dtype, target: Path) -> TargetBank:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shape, file_dtype, chunks = read_bank_chunks(path)
+            cls._check_shape(shape, doc_ids)
+            size = shape[0] * shape[1] * NUMPY_STORAGE[dtype].itemsize
+            if file_dtype == NUMPY_STORAGE[dtype] and dtype != torch.bfloat16:
+                chunks.close()
+                logger.info("bank: copying %s to the memory-mapped working file %s (%.2f GB)", path, target, size / 1e9)
+                copy_file_atomic(path, target)
+                return cls.open_mmap(target, doc_ids, dtype)
+            logger.info(
+                "bank: converting %s to the memory-mapped %s working file %s (%d x %d, %.2f GB), once per run",
+                path, dtype_name(dtype), target, shape[0], shape[1], size / 1e9,
+            )  # fmt: skip
+            write_npy(target, shape, dtype, chunks)
+        except ArtifactError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
+        return cls.open_mmap(target, doc_ids, dtype)
+
+    @classmethod
+    def zeros(
+        cls,
+        num_docs: int,
+        dim: int,
+        doc_ids: Sequence[str] | None = None,
+        dtype: str | torch.dtype = torch.float32,
+        mmap_path: str | os.PathLike | None = None,
+    ) -> TargetBank:
+        """A zero bank to fill with :meth:`write_rows` chunk by chunk (in RAM, or in a new mmap file).
+
+        Example:
+            >>> bank = TargetBank.zeros(1000, 8, dtype="fp16")
+            >>> bank.write_rows(0, torch.ones(10, 8)); bank.dtype, int(bank.weight.float().sum())
+            (torch.float16, 80)
+        """
+        if mmap_path is not None:
+            return cls.create_mmap(mmap_path, num_docs, dim, doc_ids, dtype)
+        storage = torch.zeros(int(num_docs), int(dim), dtype=storage_dtype(dtype))
+        return cls._from_storage(storage, doc_ids)
+
+    @classmethod
+    def create_mmap(
+        cls,
+        path: str | os.PathLike,
+        num_docs: int,
+        dim: int,
+        doc_ids: Sequence[str] | None = None,
+        dtype: str | torch.dtype = torch.float32,
+    ) -> TargetBank:
+        """A zero-filled bank backed by a new memory-mapped ``.npy`` file (a sparse file: no RAM, little disk).
+
+        Fill it with :meth:`write_rows` (chunk by chunk: the rows never need to fit in RAM at once).
+
+        Example:
+            >>> bank = TargetBank.create_mmap("bank.npy", 10_000_000, 384, dtype="fp16")  # doctest: +SKIP
+            >>> bank.write_rows(0, first_chunk)  # doctest: +SKIP
+        """
+        path = Path(path)
+        dtype = storage_dtype(dtype)
+        cls._check_shape((int(num_docs), int(dim)), doc_ids)
+        create_npy_memmap(path, (int(num_docs), int(dim)), dtype)
+        return cls.open_mmap(path, doc_ids, dtype)
+
+    @classmethod
+    def open_mmap(
+        cls, path: str | os.PathLike, doc_ids: Sequence[str] | None, dtype: str | torch.dtype | None = None
+    ) -> TargetBank:
+        """Opens a ``.npy`` file as a bank **in place**: the parameter is backed by the file's memory map.
+
+        Reads and updates touch only the rows involved; the OS pages the file in and out, so the bank may be larger
+        than RAM. Updates are written to the file (call :meth:`flush` to force them to disk). A float32 or float16
+        file keeps its dtype; a bf16 bank is stored as the raw ``uint16`` bits (pass ``dtype="bf16"``).
+
+        Example:
+            >>> bank = TargetBank.open_mmap("out/bank_mmap.npy", doc_ids)  # doctest: +SKIP
+        """
+        path = Path(path)
+        tensor, array = open_npy_memmap(path, storage_dtype(dtype) if dtype is not None else None)
+        return cls._from_storage(tensor, doc_ids, mmap=array, path=path)
+
+    @torch.no_grad()
+    def write_rows(self, start: int, rows: np.ndarray | torch.Tensor) -> None:
+        """Overwrites rows ``start .. start + len(rows)`` (cast to the storage dtype); marks them changed."""
+        values = torch.as_tensor(rows) if not torch.is_tensor(rows) else rows
+        end = start + values.shape[0]
+        self.weight[start:end].copy_(values.to(self.weight.device))
+        self._changed[start:end] = True
+
+    @torch.no_grad()
+    def load_rows_from_file(self, path: str | os.PathLike) -> None:
+        """Copies the rows of a saved bank file into this bank's storage, chunk by chunk (resuming a checkpoint).
+
+        Raises:
+            ArtifactError: The file is unreadable or has another shape.
+        """
+        path = Path(path)
+        try:
+            shape, _, chunks = read_bank_chunks(path)
+            if tuple(shape) != tuple(self.weight.shape):
+                raise ArtifactError(
+                    f"{path}: the saved bank is {tuple(shape)} but this bank is {tuple(self.weight.shape)}; "
+                    "resume with the same corpus and model."
+                )
+            start = 0
+            for chunk in chunks:
+                chunk = torch.as_tensor(chunk) if not torch.is_tensor(chunk) else chunk
+                self.weight[start : start + chunk.shape[0]].copy_(chunk.to(self.weight.device))
+                start += chunk.shape[0]
+        except ArtifactError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
+        self.version += 1
+        self.mark_all_changed()
+
+    def row_norms(self, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+        """The float32 L2 norm of every row, computed chunk by chunk."""
+        weight = self.weight.detach()
+        if weight.dtype == torch.float32 and not self.is_mmap:
+            return weight.norm(dim=1)
+        return torch.cat(
+            [weight[s : s + chunk_rows].float().norm(dim=1) for s in range(0, weight.shape[0], chunk_rows)]
+        )
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the embeddings atomically: ``.npy`` (float32) for a ``.npy`` path, else safetensors (key
+        ``embeddings``, in the storage dtype). A memory-mapped bank is streamed in chunks."""
+        path = Path(path)
+        if path.suffix == ".npy":
+            write_npy(path, tuple(self.weight.shape), torch.float32, (c for _, c in self.iter_float32()))
+        elif self.is_mmap:
+            write_safetensors_streamed(self.weight, path)
+        else:
+            from safetensors.torch import save_file
+
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({BANK_KEY: self.weight.detach().to("cpu").contiguous()}, str(tmp))
+            os.replace(tmp, path)
+
+    def check_dim(self, dim: int, what: str = "the encoder") -> None:
+        """Raises a clear error when the bank dimension differs from ``dim``."""
+        if self.dim != dim:
+            raise ArtifactError(
+                f"the bank has dimension {self.dim} but {what} produces {dim}-d embeddings; "
+                "build the bank with the same encoder."
+            )

@@ -1,0 +1,362 @@
+"""How a :class:`~hf_qret.bank.core.TargetBank` is stored: dtypes, memory-mapped ``.npy`` files and chunked file I/O.
+
+The bank's rows can be ``float32``, ``bfloat16`` or ``float16`` (numpy has no bfloat16: a bf16 ``.npy`` holds the raw
+``uint16`` bit patterns), kept in RAM or in a memory-mapped ``.npy`` file, and read or written in chunks of
+:data:`CHUNK_ROWS` rows so that a bank larger than RAM is never materialised as one float32 array. Files are always
+written to a temporary name and renamed, and never unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    from ..config import QRetTrainingArguments
+    from .core import TargetBank
+
+__all__ = [
+    "BANK_DTYPES",
+    "BANK_KEY",
+    "CHUNK_ROWS",
+    "Float32Rows",
+    "RowIds",
+    "check_bank_shape",
+    "copy_file_atomic",
+    "create_npy_memmap",
+    "dtype_name",
+    "npy_chunks",
+    "open_npy_memmap",
+    "place_bank",
+    "read_bank_chunks",
+    "read_bank_file",
+    "storage_dtype",
+    "to_storage_array",
+    "write_npy",
+    "write_safetensors_streamed",
+]
+
+logger = logging.getLogger("hf_qret.bank.core")
+
+#: The safetensors key of the bank's embeddings.
+BANK_KEY = "embeddings"
+
+#: Storage dtypes of the bank, by their config name.
+BANK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+# numpy has no bfloat16: a bf16 memory-mapped bank is a .npy of its raw uint16 bit patterns.
+NUMPY_STORAGE = {torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2")}
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+#: Rows read or written at a time when the bank is streamed (files, FAISS): 64k rows of 384-d fp32 = 96 MiB.
+CHUNK_ROWS = 65536
+
+
+def storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Maps ``"fp32"``/``"bf16"``/``"fp16"`` (or a ``torch.dtype``) to the bank's storage dtype.
+
+    Example:
+        >>> storage_dtype("fp16")
+        torch.float16
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in NUMPY_STORAGE:
+            raise ConfigError(f"bank dtype {dtype} is not supported; use one of {', '.join(BANK_DTYPES)}.")
+        return dtype
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in BANK_DTYPES:
+        raise ConfigError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {dtype!r}.")
+    return BANK_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name (``"fp32"``, ``"bf16"``, ``"fp16"``) of a storage dtype."""
+    return next(name for name, value in BANK_DTYPES.items() if value == dtype)
+
+
+def check_bank_shape(shape: tuple[int, ...], doc_ids: Sequence[str] | None) -> None:
+    """Raises a clear error unless ``shape`` is a 2-D ``(num_docs, dim)`` matrix with one row per id."""
+    if len(shape) != 2:
+        raise ArtifactError(f"bank embeddings must be a 2-D (num_docs, dim) matrix, got shape {shape}.")
+    if doc_ids is not None and shape[0] != len(doc_ids):
+        raise ArtifactError(
+            f"the bank has {shape[0]} rows but {len(doc_ids)} document ids were given; "
+            "re-encode the corpus or pass the doc-id list the bank was built from."
+        )
+
+
+class RowIds(Sequence):
+    """The document ids ``"0"``, ``"1"``, ... ``"n-1"`` (row numbers), without one Python string per row.
+
+    Ten million id strings and their lookup table take over 1 GB; pass ``doc_ids=None`` to :class:`TargetBank` when
+    the corpus is identified by row numbers.
+
+    Example:
+        >>> ids = RowIds(3)
+        >>> list(ids), ids[1], ids == ["0", "1", "2"]
+        (['0', '1', '2'], '1', True)
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return [str(i) for i in range(self.count)[item]]
+        return str(range(self.count)[item])
+
+    def __iter__(self) -> Iterator[str]:
+        return (str(i) for i in range(self.count))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RowIds):
+            return other.count == self.count
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == self.count and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(("RowIds", self.count))
+
+    def __repr__(self) -> str:
+        return f"RowIds({self.count})"
+
+    def row_of(self, doc_id: str) -> int | None:
+        """The row of ``doc_id``, ``None`` when it is not a row number of this range."""
+        if isinstance(doc_id, str) and doc_id.isdigit() and (doc_id == "0" or not doc_id.startswith("0")):
+            row = int(doc_id)
+            if row < self.count:
+                return row
+        return None
+
+
+class Float32Rows:
+    """A read-only float32 numpy view of a bank's rows, converted only for the rows asked for.
+
+    FAISS needs float32 rows; slicing this object (``rows[a:b]`` or ``rows[index_array]``) returns exactly those rows
+    as a C-contiguous float32 array, so a float16 or memory-mapped bank can be indexed in chunks without ever making a
+    float32 copy of the whole bank. For a float32 CPU bank a slice may share memory with the bank.
+
+    Example:
+        >>> import torch
+        >>> rows = Float32Rows(torch.eye(3, dtype=torch.float16))
+        >>> rows.shape, rows[1:3].dtype
+        ((3, 3), dtype('float32'))
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self._weight = weight.detach()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self._weight.shape[0]), int(self._weight.shape[1]))
+
+    def __len__(self) -> int:
+        return int(self._weight.shape[0])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, np.ndarray):
+            key = torch.from_numpy(np.asarray(key, dtype=np.int64))
+        if torch.is_tensor(key):
+            key = key.to(self._weight.device)
+        part = self._weight[key]
+        return np.ascontiguousarray(part.to("cpu", torch.float32).numpy())
+
+
+# ---------------------------------------------------------------------------------------------------- file I/O
+def _read_npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)  # (shape, fortran_order, dtype)
+    return np.lib.format.read_array_header_2_0(handle)
+
+
+def npy_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> tuple[tuple[int, int], np.dtype, Iterator[np.ndarray]]:
+    """Shape, dtype and a chunk iterator of a 2-D C-ordered ``.npy`` file, read with plain file reads (no mmap)."""
+    handle = open(path, "rb")
+    try:
+        shape, fortran_order, dtype = _read_npy_header(handle)
+    except Exception:
+        handle.close()
+        raise
+    if fortran_order or len(shape) != 2 or dtype.hasobject:
+        handle.close()
+        raise ArtifactError(f"{path}: a bank .npy must be a 2-D C-ordered numeric matrix; re-save it with np.save.")
+
+    def chunks() -> Iterator[np.ndarray]:
+        with handle:
+            for start in range(0, shape[0], chunk_rows):
+                count = min(chunk_rows, shape[0] - start)
+                data = np.fromfile(handle, dtype=dtype, count=count * shape[1])
+                if data.size != count * shape[1]:
+                    raise ArtifactError(f"{path}: the file is truncated; re-create it.")
+                yield data.reshape(count, shape[1])
+
+    return (int(shape[0]), int(shape[1])), dtype, chunks()
+
+
+def read_bank_chunks(path: Path) -> tuple[tuple[int, int], np.dtype | None, Iterator[Any]]:
+    """Shape, the ``.npy`` dtype (``None`` for safetensors) and a chunk iterator of a saved bank file.
+
+    Raises:
+        ArtifactError: A safetensors file without the ``embeddings`` tensor.
+    """
+    if path.suffix == ".npy":
+        return npy_chunks(path)
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt")
+    if BANK_KEY not in handle.keys():
+        raise ArtifactError(f"{path}: no {BANK_KEY!r} tensor; found {sorted(handle.keys())}.")
+    sliced = handle.get_slice(BANK_KEY)
+    shape = tuple(sliced.get_shape())
+    return shape, None, (sliced[start : start + CHUNK_ROWS] for start in range(0, shape[0], CHUNK_ROWS))
+
+
+def read_bank_file(path: Path) -> torch.Tensor:
+    """The whole embedding matrix of a ``.npy`` (float32, no pickle) or safetensors (key ``embeddings``) file.
+
+    Raises:
+        ArtifactError: The file is missing, unreadable, or has no ``embeddings`` tensor.
+    """
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such bank file; pass a .npy or .safetensors file of embeddings.")
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.asarray(np.load(path, allow_pickle=False), dtype=np.float32))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = sorted(handle.keys())
+            if BANK_KEY not in keys:
+                raise ArtifactError(f"{path}: no {BANK_KEY!r} tensor; found {keys}.")
+            return handle.get_tensor(BANK_KEY)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt file for the user
+        raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
+
+
+def to_storage_array(chunk: np.ndarray | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A chunk of rows converted to the on-disk numpy layout of ``dtype`` (raw uint16 for bf16)."""
+    tensor = torch.as_tensor(chunk) if not torch.is_tensor(chunk) else chunk
+    tensor = tensor.detach().to("cpu", dtype).contiguous()
+    if dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().view(NUMPY_STORAGE[dtype])
+
+
+def write_npy(target: Path, shape: tuple[int, int], dtype: torch.dtype, chunks: Any) -> None:
+    """Streams chunks of rows into a new ``.npy`` file (temp name, then rename) with plain writes."""
+    tmp = target.with_name(target.name + ".tmp")
+    header = {"descr": np.lib.format.dtype_to_descr(NUMPY_STORAGE[dtype]), "fortran_order": False, "shape": shape}
+    written = 0
+    with open(tmp, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for chunk in chunks:
+            array = to_storage_array(chunk, dtype)
+            if array.ndim != 2 or array.shape[1] != shape[1]:
+                raise ArtifactError(f"a chunk of shape {array.shape} does not fit a {shape} bank.")
+            handle.write(memoryview(array).cast("B"))
+            written += array.shape[0]
+    if written != shape[0]:
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"{target}: wrote {written} rows for a bank of {shape[0]}; the source is truncated.")
+    os.replace(tmp, target)
+
+
+def write_safetensors_streamed(weight: torch.Tensor, path: Path) -> None:
+    """Writes ``weight`` as a safetensors file (key ``embeddings``) chunk by chunk, to a temp name then renamed."""
+    weight = weight.detach()
+    tmp = path.with_name(path.name + ".tmp")
+    nbytes = weight.numel() * weight.element_size()
+    header = {BANK_KEY: {"dtype": _SAFETENSORS_DTYPE[weight.dtype], "shape": list(weight.shape),
+                         "data_offsets": [0, nbytes]}}  # fmt: skip
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(tmp, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for start in range(0, weight.shape[0], CHUNK_ROWS):
+            handle.write(memoryview(to_storage_array(weight[start : start + CHUNK_ROWS], weight.dtype)).cast("B"))
+    os.replace(tmp, path)
+
+
+def copy_file_atomic(source: Path, target: Path) -> None:
+    """Copies ``source`` to ``target`` through a temporary name (one per process: processes copying the same file
+    at once never write into each other's copy)."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------------- memory maps
+def create_npy_memmap(path: Path, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Creates a zero-filled ``.npy`` file of ``shape`` (a sparse file: no RAM, little disk), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=NUMPY_STORAGE[dtype], shape=shape)
+    del array
+    os.replace(tmp, path)
+
+
+def open_npy_memmap(path: Path, dtype: torch.dtype | None = None, mode: str = "r+") -> tuple[torch.Tensor, np.memmap]:
+    """Maps a bank ``.npy`` file: ``(tensor backed by the map, the map)``.
+
+    ``mode="r+"`` writes updates to the file; ``"c"`` maps it copy-on-write (updates stay in this process).
+
+    Raises:
+        ArtifactError: The file is missing, not a C-ordered float32/float16 (or bf16 bits) matrix, or not ``dtype``.
+    """
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such bank file; create it with TargetBank.create_mmap or from_file.")
+    try:
+        array = np.load(path, mmap_mode=mode, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ArtifactError(f"{path}: cannot be memory-mapped as a bank ({exc}); re-create it.") from None
+    found = {np.dtype("<f4"): torch.float32, np.dtype("<f2"): torch.float16}.get(array.dtype)
+    if array.dtype == np.dtype("<u2") and dtype == torch.bfloat16:
+        found = torch.bfloat16
+    if found is None or (dtype is not None and dtype != found) or not array.flags["C_CONTIGUOUS"]:
+        raise ArtifactError(
+            f"{path}: a memory-mapped bank must be a C-ordered float32, float16 (or uint16 bf16 bits) .npy, "
+            f"found {array.dtype}{'' if dtype is None else f' for bank_dtype {dtype_name(dtype)}'}; convert it "
+            "with TargetBank.from_file(..., mmap_path=...)."
+        )
+    tensor = torch.from_numpy(array)
+    if found == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor, array
+
+
+def place_bank(bank: TargetBank, args: QRetTrainingArguments) -> None:
+    """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale")."""
+    device = torch.device(args.device)
+    if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
+        target = torch.device("cpu")
+    else:
+        target = device
+    if bank.dtype != storage_dtype(args.bank_dtype) and not bank.is_mmap:
+        logger.info("bank: storing the rows as %s (bank_dtype)", args.bank_dtype)
+    bank.to_storage(args.bank_dtype, target)
+    bank.compute_device = None if target == device else device
+    bank.pin_memory = bool(args.bank_pin_memory)

@@ -1,0 +1,141 @@
+"""Pushing artifacts to the Hugging Face Hub: :func:`push_artifact` (used by serving, by the training
+callback in :mod:`hf_qret.hub.callback` and by the commands in :mod:`hf_qret.hub.cli`).
+
+A push is one ``HfApi.create_repo(exist_ok=True)`` and one ``HfApi.upload_folder`` commit of the artifact folder
+(encoder, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``, ``qret_config.json``, the model card), leaving out
+what :mod:`hf_qret.serving.artifact`'s manifest says is not part of an artifact (``checkpoint-*/``, optimizer, scheduler, RNG
+and trainer state, pickles such as ``training_args.bin``, the memory-mapped ``bank_mmap.npy`` and temporary files).
+``upload_folder`` sends binary and large files (the index, the weights, the bank) through the Hub's large-file
+storage (LFS / Xet) on its own.
+
+``QRetTrainer`` itself honours ``TrainingArguments.push_to_hub`` / ``hub_model_id`` / ``hub_strategy`` (its
+mid-training pushes include the index); the callback is for pushing to a repository of its own, with any trainer
+setup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError, ConfigError
+from ..serving.artifact import (
+    ARTIFACT_IGNORE_PATTERNS,
+    CONFIG_NAME,
+    INDEX_NAME,
+    artifact_files,
+    copy_artifact_files,
+)
+
+__all__ = [
+    "ARTIFACT_IGNORE_PATTERNS",
+    "copy_artifact_files",
+    "artifact_upload_files",
+    "push_artifact",
+]
+
+
+def _api(api: Any = None) -> Any:
+    if api is not None:
+        return api
+    from huggingface_hub import HfApi
+
+    from .. import __version__
+
+    return HfApi(library_name="hf-qret", library_version=__version__)
+
+
+def _check_artifact(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such folder; pass the --output_dir of a training run.")
+    missing = [name for name in (CONFIG_NAME, INDEX_NAME) if not (folder / name).is_file()]
+    if missing:
+        raise ArtifactError(
+            f"{folder}: missing {', '.join(missing)}; this is not a saved hf-qret artifact (run training with "
+            "save_model, or pick a checkpoint-N folder)."
+        )
+
+
+def artifact_upload_files(folder: str | os.PathLike, extra_ignore: Sequence[str] = ()) -> list[str]:
+    """The files (relative POSIX paths, sorted) that :func:`push_artifact` uploads from ``folder``.
+
+    :func:`hf_qret.serving.artifact.artifact_files` less ``extra_ignore`` and huggingface_hub's own defaults, exactly as
+    ``upload_folder`` filters them.
+
+    Example:
+        >>> artifact_upload_files("runs/scifact")  # doctest: +SKIP
+        ['1_Pooling/config.json', 'README.md', 'bank.safetensors', 'config.json', 'doc_ids.json', 'index.faiss', ...]
+    """
+    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+    paths = artifact_files(Path(folder).expanduser().resolve())
+    return list(filter_repo_objects(paths, ignore_patterns=[*extra_ignore, *DEFAULT_IGNORE_PATTERNS]))
+
+
+def push_artifact(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    *,
+    extra_ignore: Sequence[str] = (),
+    run_as_future: bool = False,
+    api: Any = None,
+) -> Any:
+    """Creates (if needed) the model repository and uploads the artifact folder in one commit.
+
+    Args:
+        folder: A saved artifact (``save_model`` output or a ``checkpoint-N`` folder).
+        repo_id: ``"user/name"`` (or ``"name"`` for the token's own namespace).
+        private: Visibility of a newly created repository (``None``: the Hub's default); no effect if it exists.
+        revision: Branch to commit to; created from the default branch when it does not exist.
+        token: A Hub token with write access (default: the logged-in one).
+        commit_message: Defaults to ``"Upload hf-qret artifact (<factory>, <bytes> bytes/vector)"``.
+        extra_ignore: More ``fnmatch`` patterns to leave out.
+        run_as_future: Return a ``concurrent.futures.Future`` instead of waiting for the upload.
+        api: An ``HfApi`` to use (default: a new one).
+
+    Returns:
+        The ``CommitInfo`` of the upload (or a ``Future`` of it).
+
+    Raises:
+        ArtifactError: ``folder`` is not a saved artifact.
+
+    Example:
+        >>> push_artifact("runs/scifact", "me/minilm-scifact-opq16", private=True)  # doctest: +SKIP
+        CommitInfo(commit_url='https://huggingface.co/me/minilm-scifact-opq16/commit/...', ...)
+    """
+    folder = Path(folder).expanduser()
+    _check_artifact(folder)
+    if not repo_id or not str(repo_id).strip():
+        raise ConfigError("no repository id; pass --repo-id USER/NAME (or set hub_model_id).")
+    if commit_message is None:
+        try:
+            config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            commit_message = (
+                f"Upload hf-qret artifact ({config.get('index_factory')}, {config.get('bytes_per_vector')} "
+                "bytes/vector)"
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ArtifactError(f"{folder / CONFIG_NAME}: corrupt JSON; re-create the artifact.") from None
+    api = _api(api)
+    repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+    repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        revision=revision,
+        token=token,
+        commit_message=commit_message,
+        ignore_patterns=[*ARTIFACT_IGNORE_PATTERNS, *extra_ignore],
+        run_as_future=run_as_future,
+    )

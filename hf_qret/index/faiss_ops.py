@@ -1,0 +1,162 @@
+"""FAISS plumbing shared by the index and the mining shortlist: the lazy import, the
+vector transforms of an ``IndexPreTransform`` (OPQ), chunked float32 streaming of large banks and the training sample.
+
+FAISS is imported only when one of these runs (``import_faiss``), so importing hf-qret never loads it.
+
+Example:
+    >>> import numpy as np
+    >>> [chunk.shape for chunk in chunks(np.ones((5, 2), dtype=np.float16), chunk_rows=2)]
+    [(2, 2), (2, 2), (1, 2)]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CHUNK_ROWS",
+    "MAX_TRAIN_ROWS",
+    "import_faiss",
+    "set_faiss_threads",
+    "split_pretransform",
+    "apply_transforms",
+    "set_opq_iterations",
+    "nested_indexes",
+    "disable_polysemous_training",
+    "fit_training_to_sample",
+    "encode_chunk_rows",
+    "chunks",
+    "train_sample",
+    "as_float32",
+]
+
+logger = logging.getLogger("hf_qret.index.core")
+
+#: Rows encoded (added, updated) per FAISS call when vectors are streamed.
+CHUNK_ROWS = 65536
+#: Training sample size cap: PQ/OPQ training uses at most 65,536 points per codebook and IVF 256 per list anyway.
+MAX_TRAIN_ROWS = 262144
+
+
+def import_faiss() -> Any:
+    """Imports FAISS, with an install hint when it is missing."""
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError(
+            "hf-qret needs FAISS: `pip install 'hf-qret[cpu]'` (faiss-cpu) or `pip install 'hf-qret[gpu]'`."
+        ) from None
+    return faiss
+
+
+def nested_indexes(faiss: Any, index: Any, depth: int = 4) -> Iterator[Any]:
+    """``index`` and the indexes it wraps (``.index`` of a pre-transform / IVF refine, ``.storage`` of HNSW), each
+    downcast, outermost first, at most ``depth`` levels."""
+    for _ in range(depth):
+        if index is None:
+            return
+        index = faiss.downcast_index(index)
+        yield index
+        index = getattr(index, "index", None) or getattr(index, "storage", None)
+
+
+def disable_polysemous_training(faiss: Any, index: Any) -> None:
+    # index_factory turns on polysemous training for PQ codes: an expensive extra optimisation of the code
+    # assignment that only Hamming-filtered search uses, which hf-qret never does.
+    for node in nested_indexes(faiss, index):
+        if hasattr(node, "do_polysemous_training"):
+            node.do_polysemous_training = False
+
+
+def split_pretransform(faiss: Any, index: Any) -> tuple[list[Any], Any]:
+    """The vector transforms of an ``IndexPreTransform`` (e.g. OPQ; ``[]`` for any other index) and the index that
+    holds the codes, both downcast."""
+    top = faiss.downcast_index(index)
+    if not isinstance(top, faiss.IndexPreTransform):
+        return [], top
+    transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
+    return transforms, faiss.downcast_index(top.index)
+
+
+def apply_transforms(transforms: list[Any], vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` (float32) through every transform of :func:`split_pretransform`, in order."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    for transform in transforms:
+        vectors = np.ascontiguousarray(transform.apply(vectors), dtype=np.float32)
+    return vectors
+
+
+def set_opq_iterations(faiss: Any, index: Any, niter: int) -> None:
+    """Sets ``niter`` on every OPQ rotation of a fresh index."""
+    for transform in split_pretransform(faiss, index)[0]:
+        if isinstance(transform, faiss.OPQMatrix):
+            transform.niter = int(niter)
+
+
+def as_float32(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+
+
+def encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
+    """Rows per encoding call that keep FAISS's temporary tables near ``budget`` bytes.
+
+    Product quantizers encode a batch through a ``(rows, M, ksub)`` float32 distance table (1 GB for 65,536 rows of
+    ``PQ16``), so PQ-based indexes are fed smaller chunks.
+    """
+    for node in nested_indexes(faiss, index):
+        pq = getattr(node, "pq", None)
+        if pq is not None:
+            per_row = int(pq.M) * int(pq.ksub) * 4 + 4 * int(node.d)
+            return int(min(CHUNK_ROWS, max(1024, budget // per_row)))
+    return CHUNK_ROWS
+
+
+def chunks(vectors: Any, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """Float32 chunks of an array or array-like; a small ndarray is passed whole, as before."""
+    count = len(vectors)
+    if isinstance(vectors, np.ndarray) and count <= chunk_rows:
+        yield as_float32(vectors)
+        return
+    for start in range(0, count, chunk_rows):
+        yield as_float32(vectors[start : start + chunk_rows])
+
+
+def train_sample(vectors: Any, max_rows: int | None, seed: int = 1234) -> np.ndarray:
+    """All rows (as before) when there are at most ``max_rows``, else a fixed random sample of ``max_rows`` rows."""
+    count = len(vectors)
+    if max_rows is None or count <= max_rows:
+        return as_float32(vectors[:] if not isinstance(vectors, np.ndarray) else vectors)
+    rows = np.sort(np.random.default_rng(seed).choice(count, size=int(max_rows), replace=False))
+    logger.info("training the index on a random sample of %d of %d rows", max_rows, count)
+    parts = [as_float32(vectors[rows[i : i + CHUNK_ROWS]]) for i in range(0, len(rows), CHUNK_ROWS)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def set_faiss_threads(threads: int) -> None:
+    """Sets FAISS's OpenMP thread count (``0`` or less: leave FAISS's default).
+
+    Example:
+        >>> set_faiss_threads(2)  # doctest: +SKIP
+    """
+    if threads and threads > 0:
+        import_faiss().omp_set_num_threads(int(threads))
+
+
+def fit_training_to_sample(faiss: Any, index: Any, num_rows: int) -> None:
+    """Adapts a fresh index's training to a sample of ``num_rows`` rows, where FAISS would fail on it.
+
+    A residual quantizer (``RQ...``) trains progressively over PCA-rotated dimensions (FAISS's default), which needs
+    at least as many rows as dimensions (``PCA matrix cannot output 384 dimensions``); on fewer rows it trains its
+    codebooks over all dimensions at once (``Train_default``).
+    """
+    for node in nested_indexes(faiss, index):
+        rq = getattr(node, "rq", None)
+        if rq is not None and num_rows < int(node.d) and hasattr(faiss, "ResidualQuantizer"):
+            rq.train_type = faiss.ResidualQuantizer.Train_default
+            logger.info(
+                "residual quantizer on %d rows (< %d dimensions): codebooks trained without PCA", num_rows, node.d
+            )

@@ -1,0 +1,466 @@
+"""The on-disk artifact: a sentence-transformers model folder plus the quantized index, the doc-id map, the bank and a
+JSON config of how they were built.
+
+Layout of ``OUT/``::
+
+    OUT/
+      config.json, model.safetensors, modules.json, ...   # the query encoder (SentenceTransformer(OUT) loads it)
+      index.faiss                                         # the quantized index over the trained bank
+      doc_ids.json                                        # row -> document id
+      bank.safetensors                                    # the trained bank (key "embeddings")
+      qret_config.json                                    # how the index and bank were built
+      document_encoder/                                   # the encoder the bank was built with (add_documents)
+
+The files written here (index, doc-id map, bank, config) go to a temporary name and are renamed into place; the
+encoder's own files are written in place by its ``save_pretrained``. Loading never unpickles anything.
+
+What belongs to an artifact, and what never does (checkpoints, training state, pickles, working files such as the
+memory-mapped bank), is this module's manifest: :data:`ARTIFACT_IGNORE_PATTERNS`, :func:`artifact_files`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..bank.core import TargetBank
+from ..errors import ArtifactError
+from ..index.core import QuantizedIndex
+
+__all__ = [
+    "ARTIFACT_IGNORE_PATTERNS",
+    "TRAINING_STATE_NAMES",
+    "is_artifact_file",
+    "artifact_files",
+    "copy_artifact_files",
+    "INDEX_NAME",
+    "DOC_IDS_NAME",
+    "BANK_NAME",
+    "CONFIG_NAME",
+    "DOCUMENT_ENCODER_DIR",
+    "write_json",
+    "save_document_encoder",
+    "save_retrieval_files",
+    "load_retrieval_files",
+    "training_record",
+    "resolve_artifact",
+    "check_encoder_files",
+    "load_shipped_corpus",
+    "CORPUS_NAMES",
+    "PICKLE_PATTERNS",
+    "RetrievalFiles",
+]
+
+INDEX_NAME = "index.faiss"
+DOC_IDS_NAME = "doc_ids.json"
+BANK_NAME = "bank.safetensors"
+CONFIG_NAME = "qret_config.json"
+#: Subfolder holding the (pretrained) encoder the bank's rows were computed with: new documents are encoded with it.
+DOCUMENT_ENCODER_DIR = "document_encoder"
+#: Where an artifact may ship its document texts (BEIR ``{"_id", "title", "text"}`` lines).
+CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
+_ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+FORMAT_VERSION = 1
+
+# ------------------------------------------------------------------------------------------- the artifact manifest
+# An artifact folder is everything under it except what the patterns below match (``fnmatch`` on the relative POSIX
+# path, ``*`` crossing ``/``, as ``huggingface_hub`` matches them): the encoder's own files (whatever its
+# ``save_pretrained`` writes), the retrieval files above, ``document_encoder/``, the shipped corpus and the model card.
+# Every path that writes, copies, pushes or downloads an artifact applies them: ``hf_qret.hub`` (``push_artifact``,
+# ``PushToHubCallback``, ``hf-qret push``), ``QRetTrainer.push_to_hub`` and its mid-training pushes,
+# ``copy_artifact_files`` and ``QuantizedRetriever.save_pretrained`` / ``push_to_hub`` / ``from_pretrained``.
+
+#: hf-qret's own training state in a checkpoint (:mod:`hf_qret.training.checkpoint` writes them).
+BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
+LOSS_OPTIMIZER_NAME = "loss_optimizer.safetensors"
+ANCHORS_NAME = "bank_anchors.safetensors"
+MINING_INDEX_NAME = "mining_index.faiss"
+SHORTLIST_NAME = "mining_shortlist.faiss"
+REFRESH_STATE_NAME = "index_refresh_state.json"
+TRAINING_STATE_NAMES: tuple[str, ...] = (
+    BANK_OPTIMIZER_NAME,
+    LOSS_OPTIMIZER_NAME,
+    ANCHORS_NAME,
+    "values." + ANCHORS_NAME,
+    MINING_INDEX_NAME,
+    SHORTLIST_NAME,
+    REFRESH_STATE_NAME,
+)
+#: The base ``Trainer``'s checkpoint state (``training_args.bin`` is matched by :data:`PICKLE_PATTERNS`).
+TRAINER_STATE_PATTERNS: tuple[str, ...] = (
+    "trainer_state.json",
+    "optimizer.*",
+    "scheduler.*",
+    "scaler.*",
+    "rng_state*",
+    "global_step*",
+)
+#: Pickled files: never pushed, copied or downloaded (hf-qret never unpickles anything).
+PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
+#: Checkpoint folders of a run (their artifact files are pushed from the output folder, not from there).
+CHECKPOINT_PATTERNS: tuple[str, ...] = ("checkpoint-*", "last-checkpoint", "last-checkpoint/*")
+#: The memory-mapped working copy of the bank (``--bank_mmap``) and of its initial rows, under ``--output_dir``.
+MMAP_BANK_NAME = "bank_mmap.npy"
+INITIAL_MMAP_NAME = "bank_initial_mmap.npy"
+#: Where the recipe writes the encoded corpus before it becomes the bank.
+BANK_INIT_SCRATCH_NAME = "bank_init.tmp.safetensors"
+#: Working files: memory-mapped banks (gigabytes, written while training), files being written (``*.tmp``),
+#: staging folders (``_*``: ``_staging-checkpoint-N``, ``_document_encoder.tmp``), hidden folders and logs.
+WORKING_FILE_PATTERNS: tuple[str, ...] = (
+    "bank_mmap*.npy",
+    INITIAL_MMAP_NAME,
+    "bank_init.tmp*",
+    "*.tmp",
+    "_*",
+    ".*",
+    "runs/*",
+)
+#: Everything that is not part of an artifact: never pushed, copied, or read back from a download.
+ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
+    *CHECKPOINT_PATTERNS,
+    *TRAINER_STATE_PATTERNS,
+    *TRAINING_STATE_NAMES,
+    *PICKLE_PATTERNS,
+    *WORKING_FILE_PATTERNS,
+)
+
+
+def is_artifact_file(path: str) -> bool:
+    """Whether the file at ``path`` (relative to the artifact folder, ``/``-separated) belongs to the artifact.
+
+    Example:
+        >>> is_artifact_file("index.faiss"), is_artifact_file("bank_mmap.npy"), is_artifact_file("training_args.bin")
+        (True, False, False)
+    """
+    from fnmatch import fnmatch
+
+    return not any(fnmatch(path, pattern) for pattern in ARTIFACT_IGNORE_PATTERNS)
+
+
+def artifact_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the artifact in ``folder``: relative POSIX paths, sorted, without :data:`ARTIFACT_IGNORE_PATTERNS`.
+
+    Example:
+        >>> artifact_files("runs/scifact")  # doctest: +SKIP
+        ['1_Pooling/config.json', 'README.md', 'bank.safetensors', 'config.json', 'doc_ids.json', 'index.faiss', ...]
+    """
+    root = Path(folder)
+    paths = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(path for path in paths if is_artifact_file(path))
+
+
+def copy_artifact_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Copies the artifact in ``source`` (a checkpoint or an artifact folder) into ``target``: the files of
+    :func:`artifact_files`, each to a temporary name renamed into place. Returns the copied paths.
+
+    Example:
+        >>> copy_artifact_files("runs/scifact/checkpoint-500", "runs/scifact")  # doctest: +SKIP
+        ['1_Pooling/config.json', 'bank.safetensors', 'config.json', 'doc_ids.json', 'index.faiss', ...]
+    """
+    import shutil
+
+    source, target = Path(source), Path(target)
+    if not source.is_dir():
+        raise ArtifactError(f"{source}: no such artifact folder; pass the --output_dir of a training run.")
+    names = artifact_files(source)
+    for name in names:
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(source / name, tmp)
+        os.replace(tmp, destination)
+    return names
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Writes JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing {what}; the folder is not a complete hf-qret artifact.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt {what} ({exc}); re-create the artifact.") from None
+
+
+def save_retrieval_files(
+    output_dir: str | os.PathLike,
+    bank: TargetBank,
+    index: QuantizedIndex,
+    extra_config: dict[str, Any] | None = None,
+    save_bank: bool = True,
+) -> None:
+    """Writes the index, doc-id map, bank and ``qret_config.json`` next to a saved encoder.
+
+    The index goes last, so a folder with an ``index.faiss`` has everything else too.
+    """
+    from .. import __version__
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if index.ntotal != len(bank):
+        raise ArtifactError(
+            f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows; refresh the index first."
+        )
+    config = {
+        "format_version": FORMAT_VERSION,
+        "hf_qret_version": __version__,
+        "index_factory": index.factory,
+        "index_search_params": index.search_params,
+        "metric": "inner_product",
+        "dim": bank.dim,
+        "num_vectors": len(bank),
+        "bytes_per_vector": index.bytes_per_vector,
+        "index_file": INDEX_NAME,
+        "doc_ids_file": DOC_IDS_NAME,
+        "bank_file": BANK_NAME if save_bank else None,
+    }
+    if (output_dir / DOCUMENT_ENCODER_DIR / "modules.json").is_file():
+        config["document_encoder"] = DOCUMENT_ENCODER_DIR
+    config.update(extra_config or {})
+    if config.get("pooling") and (output_dir / "config.json").is_file():
+        # a plain transformers encoder: saved with the modules of its pooling and normalisation, so that
+        # SentenceTransformer(OUT) embeds as it was trained and served
+        from .sentence_encoder import write_sentence_transformer_modules
+
+        write_sentence_transformer_modules(
+            output_dir, config["pooling"], config.get("normalize", True) is not False, config.get("max_seq_length")
+        )
+    write_json(bank.doc_ids if isinstance(bank.doc_ids, list) else list(bank.doc_ids), output_dir / DOC_IDS_NAME)
+    if save_bank:
+        bank.save(output_dir / BANK_NAME)
+    write_json(config, output_dir / CONFIG_NAME)
+    index.save(output_dir / INDEX_NAME)
+
+
+def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
+    """Saves the encoder the bank was built with into ``output_dir/document_encoder/``, so the artifact can encode
+    new documents offline (:meth:`hf_qret.serving.retriever.QuantizedRetriever.add_documents`).
+
+    Call it before training changes the model (the recipe does): the bank's rows that training did not move (every
+    document that is not a training positive, under ``bank_update: positives``) are exactly this encoder's
+    embeddings. ``qret_config.json`` records the folder when
+    the artifact is saved. The folder is written under a temporary name and renamed into place. A cosine
+    sentence-transformers model without a ``Normalize`` module gets one first (:func:`hf_qret.serving.encoder.configure_encoder`,
+    what the trainer does too), so the saved encoder returns the unit vectors the bank holds.
+
+    Args:
+        output_dir: The artifact folder (the training run's ``output_dir``).
+        model: A ``SentenceTransformer`` (or any model with ``save_pretrained``).
+
+    Returns:
+        The ``document_encoder`` folder.
+
+    Example:
+        >>> save_document_encoder("runs/api", model)  # before trainer.train()  # doctest: +SKIP
+        PosixPath('runs/api/document_encoder')
+    """
+    import shutil
+
+    from .encoder import configure_encoder
+
+    configure_encoder(model)  # a cosine model gets its Normalize module first, as training gives it one
+    target = Path(output_dir) / DOCUMENT_ENCODER_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"_{DOCUMENT_ENCODER_DIR}.tmp")  # "_*" is never pushed
+    shutil.rmtree(tmp, ignore_errors=True)
+    save = getattr(model, "save_pretrained", None)
+    if save is None:
+        raise TypeError(f"cannot save a {type(model).__name__} as the document encoder; pass a SentenceTransformer.")
+    save(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+@dataclass
+class RetrievalFiles:
+    """What :func:`load_retrieval_files` returns."""
+
+    config: dict[str, Any]
+    doc_ids: list[str]
+    index: QuantizedIndex
+    bank: TargetBank | None
+
+
+def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> RetrievalFiles:
+    """Reads and cross-checks an artifact's index, doc-id map (and bank).
+
+    Raises:
+        ArtifactError: A file is missing or corrupt, or the index size, doc-id map and bank disagree.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact folder; pass the --output_dir of a training run.")
+    config = _read_json(folder / CONFIG_NAME, "qret_config.json")
+    doc_ids = _read_json(folder / config.get("doc_ids_file", DOC_IDS_NAME), "doc-id map")
+    if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
+        raise ArtifactError(f"{folder / DOC_IDS_NAME}: the doc-id map must be a JSON list of strings.")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ArtifactError(f"{folder / DOC_IDS_NAME}: the doc-id map has duplicate ids; re-create the artifact.")
+    index = QuantizedIndex.load(
+        folder / config.get("index_file", INDEX_NAME), config.get("index_factory"), config.get("index_search_params")
+    )
+    if index.ntotal != len(doc_ids):
+        raise ArtifactError(
+            f"{folder}: the index holds {index.ntotal} vectors but the doc-id map lists {len(doc_ids)} documents; "
+            "the artifact is inconsistent, re-create it."
+        )
+    if config.get("dim") is not None and index.dim != int(config["dim"]):
+        raise ArtifactError(f"{folder}: the index has dimension {index.dim}, the config says {config['dim']}.")
+    bank = None
+    if load_bank and config.get("bank_file"):
+        bank = TargetBank.from_file(folder / config["bank_file"], doc_ids)
+    return RetrievalFiles(config=config, doc_ids=doc_ids, index=index, bank=bank)
+
+
+def resolve_artifact(
+    repo_id_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any
+) -> Path:
+    """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (without what
+    is not part of an artifact, :data:`ARTIFACT_IGNORE_PATTERNS`: pickles, checkpoints, working files); one
+    :class:`ArtifactError` saying what to do when it is neither."""
+    folder = Path(repo_id_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    text = str(repo_id_or_path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                ignore_patterns=list(ARTIFACT_IGNORE_PATTERNS),
+            )
+        )
+    except HFValidationError:
+        raise ArtifactError(
+            f"{text}: no such artifact folder, and not a Hub model id (USER/NAME); pass the --output_dir of a "
+            "training run or a Hub repository id."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ArtifactError(
+            f"{text}: not a local folder and not in the Hub cache, and the Hub cannot be reached (or HF_HUB_OFFLINE "
+            "is set); download it once online or pass a local artifact folder."
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ArtifactError(
+            f"{text}: cannot download it from the Hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check the repository id, revision and token, or pass a local artifact folder."
+        ) from None
+
+
+def check_encoder_files(folder: Path) -> None:
+    """Refuses an artifact whose encoder is missing or has only pickled weights (never loaded)."""
+    if not any((folder / name).is_file() for name in ("modules.json", "config.json", "adapter_config.json")):
+        raise ArtifactError(f"{folder}: no encoder (modules.json / config.json); the artifact is incomplete.")
+    has_safetensors = any((folder / name).is_file() for name in _ENCODER_WEIGHTS) or any(
+        folder.glob("*/model.safetensors")
+    )
+    if not has_safetensors:
+        raise ArtifactError(
+            f"{folder}: the encoder has no safetensors weights; hf-qret never loads pickled weights "
+            "(pytorch_model.bin). Re-save the model with safe_serialization=True."
+        )
+
+
+def load_shipped_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] | None:
+    """The document texts an artifact ships (``corpus.jsonl[.gz]``), checked against its doc ids; ``None`` if none."""
+    from ..data import _read_jsonl, doc_text
+
+    path = next((folder / name for name in CORPUS_NAMES if (folder / name).is_file()), None)
+    if path is None:
+        return None
+    known = set(doc_ids)
+    corpus: dict[str, str] = {}
+    try:
+        for line_no, record in _read_jsonl(path):
+            doc_id = str(record["_id"])
+            if doc_id not in known:
+                raise ArtifactError(
+                    f"{path}:{line_no}: document {doc_id!r} is not in doc_ids.json; the shipped corpus belongs to "
+                    "another index, re-create the artifact."
+                )
+            corpus[doc_id] = doc_text(record)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # DataError from a malformed line
+        raise ArtifactError(f"{path}: unreadable corpus ({exc}); delete it or re-create the artifact.") from None
+    return corpus
+
+
+def training_record(trainer: Any) -> dict[str, Any]:
+    """What ``qret_config.json`` records about a :class:`~hf_qret.training.trainer.QRetTrainer`'s run: the base model, loss,
+    scale, similarity, how texts are embedded (pooling, normalisation, the query and document prompts), mining and
+    learning-rate settings, the step and how the index was built.
+
+    ``prompts`` is ``{"query": {"name", "text"}, "document": {"name", "text"}}`` (:func:`hf_qret.serving.embedding.prompt_record`):
+    the prompts training, the bank and the evaluators used, which :class:`~hf_qret.QuantizedRetriever` applies to
+    queries and added documents. ``normalize``: whether the embeddings are unit vectors.
+    """
+    from .embedding import prompt_record
+    from .encoder import get_pooling, normalizes_embeddings, similarity_function
+    from .peft_utils import adapter_info
+
+    base = getattr(trainer.model, "model_card_data", None)
+    verdict = getattr(getattr(trainer, "safety_net", None), "verdict", None)
+    kept_untrained = verdict is not None and verdict.shipped == "untrained"  # the model is that of step 0
+    return {
+        "base_model": getattr(base, "base_model", None)
+        or getattr(getattr(trainer.model, "config", None), "_name_or_path", None),
+        "loss": type(trainer.loss).__name__,
+        "scale": getattr(trainer.loss, "scale", None),
+        "similarity": similarity_function(trainer.model),
+        "pooling": get_pooling(trainer.model),  # a plain encoder's pooling (None: the sentence-transformers modules)
+        "normalize": normalizes_embeddings(trainer.model),
+        "prompts": prompt_record(trainer.model),
+        "max_seq_length": _max_seq_length(trainer),
+        "num_negatives": trainer.miner.num_negatives,
+        "bank_learning_rate": trainer.args.bank_learning_rate,
+        "learning_rate": trainer.args.learning_rate,
+        "refresh_mode": trainer.args.refresh_mode,
+        "opq_niter": trainer.index.opq_niter,
+        "mining_shortlist": (
+            {"nlist": trainer.index.mining_nlist, "nprobe": trainer.index.mining_nprobe}
+            if trainer.index.mining_nlist
+            else None
+        ),
+        "global_step": 0 if kept_untrained else trainer.state.global_step,
+        "safety_net": None
+        if verdict is None
+        else {
+            "metric": verdict.metric,
+            "untrained": verdict.untrained.get(f"untrained_{verdict.metric[len('eval_') :]}"),
+            "trained": verdict.trained.get(f"trained_{verdict.metric[len('eval_') :]}"),
+            "shipped": verdict.shipped,
+        },
+        "index_state": trainer.index_record(),
+        "adapter": adapter_info(trainer.accelerator.unwrap_model(trainer.model)),
+    }
+
+
+def _max_seq_length(trainer: Any) -> int | None:
+    """The truncation length queries were trained with."""
+    from .encoder import _unwrap, is_sentence_transformer, plain_max_length
+
+    model = _unwrap(trainer.model)
+    if is_sentence_transformer(model) or hasattr(model, "max_seq_length"):
+        value = getattr(model, "max_seq_length", None)
+        return int(value) if value else None
+    tokenizer = getattr(trainer, "processing_class", None)
+    return plain_max_length(tokenizer) if tokenizer is not None else None

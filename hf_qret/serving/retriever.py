@@ -1,0 +1,570 @@
+"""Search with a trained artifact: the query encoder plus the quantized index, loaded in one call from a local
+folder or a Hub repository.
+
+Queries and added documents are embedded as training embedded them (:func:`hf_qret.serving.encoder.encode_texts`): with the
+query / document prompts and the normalisation ``qret_config.json`` records (an artifact written before they were
+recorded: the encoder's own prompts and sentence-transformers' rules, as before).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError, DataError
+from .artifact import (
+    CONFIG_NAME,
+    CORPUS_NAMES,
+    DOC_IDS_NAME,
+    INDEX_NAME,
+    PICKLE_PATTERNS,
+    RetrievalFiles,
+    check_encoder_files,
+    load_retrieval_files,
+    load_shipped_corpus,
+    resolve_artifact,
+    write_json,
+)
+from .embedding import recorded_prompt
+from .encoder import embedding_dim, encode_texts
+
+__all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
+
+#: What :meth:`QuantizedRetriever.search` can return.
+SEARCH_OUTPUTS = ("tuples", "semantic_search")
+_BANK_KEY = "embeddings"  # the bank's tensor in bank.safetensors
+
+
+def _search_string(nprobe: int | None, ef_search: int | None, params: str | None) -> str | None:
+    parts = [params] if params else []
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+        if value is not None:
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            parts.append(f"{name}={int(value)}")
+    return ",".join(parts) or None
+
+
+class QuantizedRetriever:
+    """A query encoder and the quantized index of its corpus.
+
+    Args:
+        model: The query encoder (a ``SentenceTransformer`` or a transformers encoder).
+        files: The artifact's index, doc-id map and config (:func:`hf_qret.serving.artifact.load_retrieval_files`).
+        batch_size: Query encoding batch size.
+        corpus: Document id to text, when the artifact ships ``corpus.jsonl``.
+        nprobe: IVF lists to visit per query (IVF indexes only).
+        ef_search: HNSW search depth (HNSW indexes only).
+        folder: The artifact folder it was loaded from.
+
+    Raises:
+        ArtifactError: The encoder's dimension differs from the index's.
+
+    Example:
+        >>> retriever = QuantizedRetriever.from_pretrained("out/scifact", "cpu")  # doctest: +SKIP
+        >>> retriever.search(["Vitamin D lowers cancer risk"], k=3)  # doctest: +SKIP
+        [[('4983', 0.61), ('1130', 0.58), ('77', 0.55)]]
+        >>> retriever.search("Vitamin D lowers cancer risk", k=1)  # one query: its hits  # doctest: +SKIP
+        [('4983', 0.61)]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        files: RetrievalFiles,
+        batch_size: int = 64,
+        *,
+        corpus: dict[str, str] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        folder: str | os.PathLike | None = None,
+    ) -> None:
+        self.model = model
+        self.files = files
+        self.index = files.index
+        self.config = files.config
+        self.batch_size = batch_size
+        self.folder = Path(folder) if folder is not None else None
+        self._corpus = corpus
+        self._device: str | None = None
+        self._document_encoder: Any = None
+        self._added_rows: list[np.ndarray] = []  # embeddings of documents added since loading, for the bank file
+        dim = embedding_dim(model)
+        if dim != self.index.dim:
+            raise ArtifactError(
+                f"the query encoder produces {dim}-d embeddings but the index holds {self.index.dim}-d vectors; "
+                "the artifact is inconsistent, re-create it."
+            )
+        if nprobe is not None or ef_search is not None:
+            self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        device: str | None = None,
+        *,
+        revision: str | None = None,
+        load_bank: bool = False,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        use_gpu: bool | None = None,
+        load_corpus: bool = True,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 64,
+        merge_adapter: bool = False,
+        document_encoder: Any = None,
+    ) -> QuantizedRetriever:
+        """Loads an artifact folder, or downloads a Hub repository with ``snapshot_download`` first.
+
+        Everything is checked before it is used: the index size against the doc-id map, the index dimension
+        against the config and the encoder, the shipped corpus against the doc ids. Nothing is unpickled: the
+        encoder and the bank load from safetensors, the index with ``faiss.read_index``, the rest is JSON; pickled
+        files are not even downloaded.
+
+        Args:
+            repo_id_or_path: A local artifact folder (works with ``HF_HUB_OFFLINE=1``) or a Hub model id.
+            device: Torch device of the query encoder (default: CUDA when available); the second positional
+                parameter, as in ``SentenceTransformer(name, device)``. Everything after it is keyword-only.
+            revision: Hub revision (branch, tag or commit).
+            load_bank: Also load the full-precision bank (``retriever.files.bank``).
+            nprobe: IVF lists visited per query (IVF indexes).
+            ef_search: HNSW search depth (HNSW indexes).
+            use_gpu: ``None`` searches on a GPU copy of the index when FAISS has GPUs and the index type runs
+                there; ``False`` never.
+            load_corpus: Read ``corpus.jsonl`` when the artifact ships it (``retriever.corpus``).
+            token: Hub token for private repositories.
+            cache_dir: Hub cache folder.
+            batch_size: Query encoding batch size.
+            merge_adapter: When the artifact holds a peft adapter (``adapter_config.json``; loaded attached, on
+                the base model its config names), merge it into the base weights for faster queries.
+            document_encoder: The encoder new documents are encoded with (:meth:`add_documents`): a model or a
+                sentence-transformers folder. Default: the artifact's own ``document_encoder/`` folder.
+
+        Raises:
+            ArtifactError: Not an hf-qret artifact, a file is missing or corrupt, or the parts disagree.
+
+        Example:
+            >>> retriever = QuantizedRetriever.from_pretrained("me/minilm-scifact-opq16", "cuda", nprobe=16)  # doctest: +SKIP
+        """
+        folder = resolve_artifact(repo_id_or_path, revision, token, cache_dir)
+        if not (folder / CONFIG_NAME).is_file():
+            raise ArtifactError(f"{folder}: no {CONFIG_NAME}; this is not an hf-qret artifact folder.")
+        check_encoder_files(folder)
+        files = load_retrieval_files(folder, load_bank=load_bank)
+        if use_gpu is not None:
+            files.index.use_gpu = use_gpu
+        corpus = load_shipped_corpus(folder, files.doc_ids) if load_corpus else None
+        from .sentence_encoder import load_encoder
+
+        # A plain Transformer/Pooling/Normalize folder loads with transformers alone (no sentence-transformers import,
+        # so no training stack); anything else (a peft adapter, extra modules, cls pooling of a plain transformers
+        # folder, as qret_config.json records it) with SentenceTransformer.
+        model = load_encoder(folder, device, pooling=files.config.get("pooling"))
+        if merge_adapter:
+            from .peft_utils import merge_adapter as merge
+
+            model = merge(model)
+        retriever = cls(
+            model, files, batch_size=batch_size, corpus=corpus, nprobe=nprobe, ef_search=ef_search, folder=folder
+        )
+        retriever._device = device
+        if document_encoder is not None:
+            retriever.document_encoder = document_encoder
+        return retriever
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def doc_ids(self) -> list[str]:
+        """Document id of each index row."""
+        return self.files.doc_ids
+
+    @property
+    def corpus(self) -> dict[str, str] | None:
+        """Document id to text (title and text joined) when the artifact ships ``corpus.jsonl``, else ``None``."""
+        return self._corpus
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Bytes one document takes in the index."""
+        return self.index.bytes_per_vector
+
+    @property
+    def search_params(self) -> str | None:
+        """The FAISS runtime parameters in effect (e.g. ``"nprobe=16"``)."""
+        return self.index.search_params
+
+    def set_search_params(
+        self, nprobe: int | None = None, ef_search: int | None = None, params: str | None = None
+    ) -> None:
+        """Sets FAISS runtime parameters: ``nprobe`` (IVF), ``ef_search`` (HNSW) or a raw ``params`` string.
+
+        Raises:
+            ConfigError: The parameter does not apply to this index type.
+
+        Example:
+            >>> retriever.set_search_params(nprobe=32)  # doctest: +SKIP
+        """
+        self.index.set_search_params(_search_string(nprobe, ef_search, params))
+
+    # ------------------------------------------------------------------ search
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        """``(len(queries), dim)`` float32 query embeddings, exactly as training and evaluation embedded queries:
+        with the query prompt ``qret_config.json`` records (else the encoder's own, as ``encode_query`` picks it),
+        pooled and normalised as trained.
+
+        Example:
+            >>> retriever.encode_queries(["does aspirin prevent stroke?"]).shape  # doctest: +SKIP
+            (1, 384)
+        """
+        if isinstance(queries, str):
+            raise TypeError("encode_queries takes a list of strings; wrap a single query as [query].")
+        return self._encode(self.model, list(queries), "query", self.batch_size)
+
+    def _encode(self, model: Any, texts: list[str], role: str, batch_size: int) -> np.ndarray:
+        normalize = self.config.get("normalize")
+        return encode_texts(
+            model,
+            texts,
+            batch_size=batch_size,
+            role=role,
+            prompt=recorded_prompt(self.config, role),
+            normalize=None if normalize is None else bool(normalize),
+        )
+
+    def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Raw FAISS search: ``(scores, rows)``."""
+        return self.index.search(embeddings, k)
+
+    def search(
+        self, queries: str | Sequence[str], k: int = 10, *, return_text: bool = False, output: str = "tuples"
+    ) -> list[list[Any]] | list[Any]:
+        """The top-``k`` hits of each query, best first (fewer only if the corpus is smaller).
+
+        Args:
+            queries: The query texts, or one query as a string: then the hits of that query are returned (a list
+                of hits, not a list of lists), as ``SentenceTransformer.encode`` returns one embedding for a string.
+            k: Hits per query.
+            return_text: Also return each document's text (the artifact must ship ``corpus.jsonl``: trained with
+                ``corpus=`` / text pairs, or ``store_corpus_texts=True``, or ``hf-qret push --corpus``).
+            output: ``"tuples"``: ``(doc_id, score)`` (``(doc_id, score, text)`` with ``return_text``);
+                ``"semantic_search"``: ``{"corpus_id": doc_id, "score": score}`` dicts (plus ``"text"``), the shape
+                of ``sentence_transformers.util.semantic_search`` with the document id as ``corpus_id``.
+
+        Raises:
+            ArtifactError: ``return_text`` on an artifact without document texts.
+
+        Example:
+            >>> retriever.search(["does aspirin prevent stroke?"], k=2)  # doctest: +SKIP
+            [[('1234', 0.71), ('98', 0.66)]]
+            >>> retriever.search(["does aspirin prevent stroke?"], k=1, output="semantic_search")  # doctest: +SKIP
+            [[{'corpus_id': '1234', 'score': 0.71}]]
+            >>> retriever.search("does aspirin prevent stroke?", k=2)  # doctest: +SKIP
+            [('1234', 0.71), ('98', 0.66)]
+        """
+        if isinstance(queries, str):
+            return self.search([queries], k, return_text=return_text, output=output)[0]
+        if int(k) < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        if output not in SEARCH_OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(SEARCH_OUTPUTS)}, got {output!r}.")
+        if return_text and self._corpus is None:
+            raise ArtifactError(
+                "this artifact ships no document texts (corpus.jsonl), so search cannot return them; train with "
+                "corpus= (or store_corpus_texts=True), or add them with `hf-qret push --corpus DIR`."
+            )
+        if not queries:
+            return []
+        scores, rows = self.search_embeddings(self.encode_queries(queries), k)
+        hits = [
+            [(self.doc_ids[r], float(s)) for s, r in zip(score_row, row) if r >= 0]
+            for score_row, row in zip(scores, rows)
+        ]
+        return [[self._format_hit(doc_id, score, return_text, output) for doc_id, score in row] for row in hits]
+
+    def semantic_search(
+        self, queries: str | Sequence[str], top_k: int = 10, return_text: bool = False
+    ) -> list[list[dict]] | list[dict]:
+        """``search(queries, k=top_k, output="semantic_search")``: for code written against
+        ``sentence_transformers.util.semantic_search`` (``corpus_id`` is the document id); a single string gives
+        that query's hits.
+
+        Example:
+            >>> retriever.semantic_search(["does aspirin prevent stroke?"], top_k=1)  # doctest: +SKIP
+            [[{'corpus_id': '1234', 'score': 0.71}]]
+        """
+        return self.search(queries, k=top_k, return_text=return_text, output="semantic_search")
+
+    def _format_hit(self, doc_id: str, score: float, return_text: bool, output: str) -> Any:
+        if output == "semantic_search":
+            hit: dict[str, Any] = {"corpus_id": doc_id, "score": score}
+            if return_text:
+                hit["text"] = self._corpus.get(doc_id)
+            return hit
+        return (doc_id, score, self._corpus.get(doc_id)) if return_text else (doc_id, score)
+
+    # ------------------------------------------------------------------ growing the index
+    @property
+    def document_encoder(self) -> Any:
+        """The encoder the bank was built with (loaded on first use from the artifact's ``document_encoder/``).
+
+        Raises:
+            ArtifactError: The artifact records no document encoder and none was given.
+        """
+        if self._document_encoder is None:
+            from .artifact import DOCUMENT_ENCODER_DIR
+            from .sentence_encoder import load_encoder
+
+            name = self.config.get("document_encoder")
+            path = self.folder / str(name) if (self.folder is not None and name) else None
+            if path is None or not path.is_dir():
+                raise ArtifactError(
+                    f"{self.folder}: the artifact has no document encoder ({DOCUMENT_ENCODER_DIR}/, recorded in "
+                    f"{CONFIG_NAME}), so new documents cannot be encoded like its bank; pass document_encoder= (the "
+                    "model the bank was encoded with) to from_pretrained, or re-train with the recipe, which saves it."
+                )
+            self._document_encoder = load_encoder(path, self._device, what="document encoder")
+        return self._document_encoder
+
+    @document_encoder.setter
+    def document_encoder(self, model: Any) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from .sentence_encoder import load_encoder
+
+            model = load_encoder(model, self._device, what="document encoder")
+        dim = embedding_dim(model)
+        if dim != self.index.dim:
+            raise ArtifactError(
+                f"the document encoder produces {dim}-d embeddings but the index holds {self.index.dim}-d vectors; "
+                "pass the encoder the bank was built with."
+            )
+        self._document_encoder = model
+
+    def add_documents(self, texts: Sequence[str], ids: Sequence[str], batch_size: int = 64) -> None:
+        """Adds documents to the served index: encodes them with the :attr:`document_encoder` as the bank's rows were
+        encoded (the document prompt and normalisation ``qret_config.json`` records), appends their codes
+        with the index's current codebooks (nothing is retrained), and extends the doc-id map (and the corpus and
+        bank, when loaded). :meth:`save_pretrained` / :meth:`push_to_hub` write the grown artifact.
+
+        Args:
+            texts: The documents' texts (title and text joined, as the corpus was encoded).
+            ids: Their ids, new to the index and unique.
+            batch_size: Document encoding batch size.
+
+        Raises:
+            DataError: An id is already in the index or repeated, or ``texts`` and ``ids`` differ in length.
+            ArtifactError: The artifact has no document encoder (see :attr:`document_encoder`).
+
+        Example:
+            >>> retriever = QuantizedRetriever.from_pretrained("runs/scifact")  # doctest: +SKIP
+            >>> retriever.add_documents(["A new abstract about vitamin D."], ["new-1"])  # doctest: +SKIP
+            >>> retriever.save_pretrained("runs/scifact-grown")  # doctest: +SKIP
+        """
+        if isinstance(texts, str) or isinstance(ids, str):
+            raise TypeError("add_documents takes lists: texts=[text, ...], ids=[doc_id, ...].")
+        texts, ids = list(texts), list(ids)
+        if len(texts) != len(ids):
+            raise DataError(f"add_documents got {len(texts)} texts but {len(ids)} ids; give one id per text.")
+        bad = [i for i in ids if not isinstance(i, str) or not i]
+        if bad:
+            raise DataError(f"document ids must be non-empty strings; got {bad[0]!r}.")
+        if not ids:
+            return
+        known = set(self.doc_ids)
+        taken = [i for i in ids if i in known]
+        if taken:
+            raise DataError(
+                f"{len(taken)} of the {len(ids)} ids are already in the index (first: {taken[0]!r}); document ids "
+                "must be unique, give new ids (updating an existing document is not supported)."
+            )
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            repeated = next(i for i in ids if i in seen or seen.add(i))
+            raise DataError(f"the id {repeated!r} is given twice; document ids must be unique.")
+        embeddings = self._encode(self.document_encoder, texts, "document", batch_size)
+        self._load_shipped_corpus()  # before the doc ids grow: the file lists only the old ones
+        self.index.add(embeddings)
+        self.files.doc_ids.extend(ids)
+        if self.files.bank is not None:
+            from ..bank.core import TargetBank
+
+            bank = self.files.bank
+            rows = np.concatenate([bank.float32_rows()[: len(bank)], embeddings])
+            self.files.bank = TargetBank(rows, self.files.doc_ids, dtype=bank.weight.dtype)
+        self._added_rows.append(embeddings)
+        if self._corpus is not None:
+            self._corpus.update(zip(ids, texts))
+
+    def retrain_index(self) -> None:
+        """Trains the index's codebooks again on every row it serves (the artifact's trained bank plus the documents
+        added since) and re-encodes them all. Neither the query encoder nor any bank row changes: no model training.
+
+        :meth:`add_documents` codes new documents with the codebooks trained on the rows the artifact was built on.
+        After growing by a large share, train them again: on SciFact, an artifact trained over half of the corpus
+        and grown by the other half (``benchmarks/grow_index.py``, ``RQ16x8``) scored dev nDCG@10 0.801 as grown
+        and 0.821 after ``retrain_index()``, against 0.825 for the recipe trained over the whole corpus.
+
+        Raises:
+            ArtifactError: The artifact has no bank (``bank.safetensors``) to train on.
+
+        Example:
+            >>> retriever.add_documents(texts, ids); retriever.retrain_index()  # doctest: +SKIP
+            >>> retriever.save_pretrained("runs/scifact-grown")  # doctest: +SKIP
+        """
+        rows = self._bank_rows()
+        if len(rows) != self.index.ntotal:
+            raise ArtifactError(
+                f"the bank has {len(rows)} rows but the index {self.index.ntotal}; the artifact is inconsistent, "
+                "re-create it."
+            )
+        if self.config.get("opq_niter"):
+            self.index.opq_niter = int(self.config["opq_niter"])
+        self.index.build(rows)
+        self.config.update(index_factory=self.index.factory, bytes_per_vector=self.index.bytes_per_vector)
+
+    def _bank_rows(self) -> np.ndarray:
+        """Every served row as float32: the loaded (or stored) bank plus the rows added since loading."""
+        if self.files.bank is not None:
+            return np.ascontiguousarray(self.files.bank.float32_rows()[:], dtype=np.float32)
+        name = self.config.get("bank_file")
+        if not name or self.folder is None or not (self.folder / name).is_file():
+            raise ArtifactError(
+                f"{self.folder}: no bank (bank.safetensors) to train the index on; load an artifact saved with its bank."
+            )
+        import torch
+
+        return np.ascontiguousarray(self._grown_bank(self.folder / name, torch.float32).numpy())
+
+    def _grown_bank(self, source: Path, dtype: Any = None) -> Any:
+        """The stored bank's rows followed by the rows added since loading, as one tensor (``dtype``: the stored
+        one by default)."""
+        import torch
+
+        from ..bank.storage import read_bank_file
+
+        stored = read_bank_file(source)
+        dtype = stored.dtype if dtype is None else dtype
+        added = [torch.from_numpy(rows).to(dtype) for rows in self._added_rows]
+        return torch.cat([stored.to(dtype), *added]) if added else stored.to(dtype)
+
+    def _load_shipped_corpus(self) -> None:
+        # A shipped corpus.jsonl must grow with the index; read it now if from_pretrained skipped it.
+        if self._corpus is None and self.folder is not None:
+            self._corpus = load_shipped_corpus(self.folder, self.doc_ids)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Writes the artifact, with the documents added since loading, to ``save_directory``.
+
+        Another folder gets a copy of the loaded artifact first (encoders, model card...: the files of
+        :func:`hf_qret.serving.artifact.artifact_files`, never checkpoints, pickles or working files); the loaded folder
+        itself is updated in place. The doc-id map, the bank (grown with the new documents' embeddings), the corpus
+        (when shipped), ``qret_config.json`` and, last, ``index.faiss`` are each written atomically; an hf-qret model
+        card is re-rendered for the new size (when the ``train`` extra is installed).
+
+        Returns:
+            The folder.
+
+        Example:
+            >>> retriever.save_pretrained("runs/scifact-grown")  # doctest: +SKIP
+            PosixPath('runs/scifact-grown')
+        """
+        if self.folder is None:
+            raise ArtifactError("this retriever was not loaded from an artifact folder; nothing to copy it from.")
+        from .artifact import copy_artifact_files
+
+        target = Path(save_directory).expanduser()
+        source = self.folder
+        if not (target.exists() and target.resolve() == source.resolve()):
+            copy_artifact_files(source, target)  # the artifact's files only (hf_qret.serving.artifact's manifest)
+        config = dict(self.config)
+        added = sum(len(rows) for rows in self._added_rows)
+        if self._corpus is not None:
+            _write_corpus(target / "corpus.jsonl", self.doc_ids, self._corpus)
+            stale = target / "corpus.jsonl.gz"
+            if stale.exists():
+                stale.unlink()
+        if config.get("bank_file"):
+            self._write_bank(source / config["bank_file"], target / config["bank_file"])
+        write_json(self.doc_ids, target / config.get("doc_ids_file", DOC_IDS_NAME))
+        config["num_vectors"] = len(self.doc_ids)
+        config["documents_added"] = int(config.get("documents_added") or 0) + added
+        write_json(config, target / CONFIG_NAME)
+        self.index.save(target / config.get("index_file", INDEX_NAME))
+        self.config.update(config)
+        self._added_rows = []
+        self.folder = target
+        self._refresh_card(target)
+        return target
+
+    def _write_bank(self, source: Path, target: Path) -> None:
+        from safetensors.torch import save_file
+
+        if self.files.bank is not None:
+            self.files.bank.save(target)
+            return
+        if not self._added_rows and source.resolve() == target.resolve():
+            return
+        grown = self._grown_bank(source)
+        if len(grown) != len(self.doc_ids):
+            added = sum(map(len, self._added_rows))
+            raise ArtifactError(
+                f"{source}: the bank has {len(grown) - added} rows, the index {len(self.doc_ids) - added}."
+            )
+        tmp = target.with_name(target.name + ".tmp")
+        save_file({_BANK_KEY: grown.contiguous()}, str(tmp))
+        os.replace(tmp, target)
+
+    @staticmethod
+    def _refresh_card(folder: Path) -> None:
+        try:
+            from ..hub.model_card import MODEL_CARD_NAME, is_qret_model_card, write_model_card
+
+            if is_qret_model_card(folder / MODEL_CARD_NAME):
+                write_model_card(folder)
+        except ImportError as exc:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "README.md not re-rendered (%s); `pip install 'hf-qret[train]'` and run `hf-qret card %s`.", exc, folder
+            )
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    token: str | bool | None = None, commit_message: str | None = None) -> Any:  # fmt: skip
+        """Saves the artifact (with the added documents) into a temporary folder and pushes it in one commit
+        (:func:`hf_qret.hub.push.push_artifact`).
+
+        Example:
+            >>> retriever.push_to_hub("me/minilm-scifact-opq16")  # doctest: +SKIP
+        """
+        import tempfile
+
+        from ..hub.push import push_artifact
+
+        folder, unsaved, config = self.folder, list(self._added_rows), dict(self.config)
+        with tempfile.TemporaryDirectory(prefix="hf-qret-push-") as tmp:
+            try:
+                saved = self.save_pretrained(Path(tmp) / "artifact")
+                return push_artifact(
+                    saved, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+                )
+            finally:  # the loaded folder still lacks the added documents: a later save_pretrained writes them
+                self.folder, self._added_rows = folder, unsaved
+                self.config.clear()
+                self.config.update(config)
+
+
+def _write_corpus(path: Path, doc_ids: Sequence[str], corpus: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for doc_id in doc_ids:
+            if doc_id in corpus:
+                handle.write(
+                    json.dumps({"_id": doc_id, "title": "", "text": corpus[doc_id]}, ensure_ascii=False) + "\n"
+                )
+    os.replace(tmp, path)

@@ -1,0 +1,74 @@
+"""Batches of (query, positive document) pairs for :class:`~hf_qret.training.trainer.QRetTrainer`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..bank.core import TargetBank
+
+__all__ = ["QRetDataCollator"]
+
+
+class QRetDataCollator:
+    """Tokenizes the queries of a batch and maps positive document ids to bank rows.
+
+    Each example is a mapping with ``query`` (text), ``positive_id`` (document id) and, optionally,
+    ``positive_ids`` (every relevant document id of that query, to mask them out as negatives) and ``negative_ids``
+    (hard-negative document ids; they join the batch's mined candidates).
+
+    The batch holds the tokenized queries plus ``positive_rows`` ``(B,)`` and ``positive_sets`` ``(B, M)``
+    (``-1``-padded), and ``negative_rows`` ``(B, N)`` (``-1``-padded) when some example has hard negatives.
+
+    Args:
+        tokenize_fn: Maps a list of query texts to model inputs.
+        bank: The target bank (its doc-id to row map).
+        query_column: Name of the query text column.
+        positive_column: Name of the positive document id column.
+        positives_column: Name of the column listing all positives of the query.
+        negatives_column: Name of the column listing hard-negative document ids.
+
+    Example:
+        >>> collate = QRetDataCollator(model.preprocess, bank)  # doctest: +SKIP
+        >>> batch = collate([{"query": "q", "positive_id": "d1", "positive_ids": ["d1", "d7"]}])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        tokenize_fn: Callable[[list[str]], Mapping[str, Any]],
+        bank: TargetBank,
+        query_column: str = "query",
+        positive_column: str = "positive_id",
+        positives_column: str = "positive_ids",
+        negatives_column: str = "negative_ids",
+    ) -> None:
+        self.tokenize_fn = tokenize_fn
+        self.bank = bank
+        self.query_column = query_column
+        self.positive_column = positive_column
+        self.positives_column = positives_column
+        self.negatives_column = negatives_column
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        for name in (self.query_column, self.positive_column):
+            if name not in features[0]:
+                raise KeyError(
+                    f"training examples need a {name!r} column; got {sorted(features[0])}. "
+                    "Build them with hf_qret.data.build_pairs_dataset or rename your columns."
+                )
+        batch = dict(self.tokenize_fn([str(f[self.query_column]) for f in features]))
+        positive_rows = [self.bank.row_of(str(f[self.positive_column])) for f in features]
+        sets = [
+            self.bank.rows_of([str(d) for d in f.get(self.positives_column) or [f[self.positive_column]]])
+            for f in features
+        ]
+        width = max(len(s) for s in sets)
+        batch["positive_rows"] = torch.tensor(positive_rows, dtype=torch.long)
+        batch["positive_sets"] = torch.tensor([s + [-1] * (width - len(s)) for s in sets], dtype=torch.long)
+        negatives = [self.bank.rows_of([str(d) for d in f.get(self.negatives_column) or []]) for f in features]
+        width = max(len(n) for n in negatives)
+        if width:
+            batch["negative_rows"] = torch.tensor([n + [-1] * (width - len(n)) for n in negatives], dtype=torch.long)
+        return batch
