@@ -21,7 +21,7 @@ table, then one JSON object as the last line. Results are cached per run folder 
 ablation resumes where it stopped; ``--fresh`` retrains everything.
 
     python benchmarks/ablation.py --out runs/ablation [--factories RQ16x8 RQ8x8] [--variants seed default]
-        [--seeds 42 43 44] [--data_dir ../shared/data/nfcorpus --max_steps 600]
+        [--seeds 42 43 44] [--data_dir path/to/nfcorpus --max_steps 600]
         [--markdown benchmarks/results/ablation.md] [--json]
 
 Each cell is the mean over ``--seeds`` (FAISS training and the data order vary with the seed; the JSON line keeps

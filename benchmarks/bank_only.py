@@ -1,4 +1,4 @@
-"""The bank's row optimizer in isolation: bank-only training against frozen query embeddings (issue 16).
+"""The bank's row optimizer in isolation: bank-only training against frozen query embeddings.
 
 The bank rows learn against a frozen pretrained encoder's queries (``bank_queries: initial``, the default), so the
 bank's own dynamics can be replayed without the encoder: the training queries
@@ -7,7 +7,7 @@ the recipe's loss and steps the bank (row-wise Adam, global-step Adam, Adagrad o
 The dev split is then searched flat and through the index retrained on the moved bank, with the pretrained query
 encoder: what the bank alone does to retrieval. A variant takes ~1-2 minutes on a loaded 2-core machine.
 
-    python benchmarks/bank_only.py --data /work/shared/data/nfcorpus --bank runs/nf/bank.safetensors \\
+    python benchmarks/bank_only.py --data path/to/nfcorpus --bank runs/nf/bank.safetensors \\
         --steps 600 --variants adam:0.002 sgd:0.2 adam-global:0.002 adam-eps1e-3:0.002 adagrad:0.01
     python benchmarks/bank_only.py --data recipes/data/scifact --bank runs/sf/bank.safetensors --epochs 4 \\
         --positives_only --variants adam:0.002 sgd:0.2
@@ -104,7 +104,7 @@ def encode_queries(data_dir: str, cache: Path, train, dev) -> tuple[np.ndarray, 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/work/shared/data/nfcorpus", help="BEIR folder with train and dev qrels")
+    parser.add_argument("--data", required=True, help="BEIR folder with train and dev qrels")
     parser.add_argument("--bank", required=True, help="the encoded corpus (.safetensors), written when missing")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=0, help="train this many epochs instead of --steps")

@@ -4,7 +4,7 @@ No training: all-MiniLM-L6-v2 encodes the corpus and the dev queries once, then 
 (inner product), searched, and scored with hf-qret's metrics (pytrec_eval). Prints one JSON line per factory.
 
     python benchmarks/factories.py --data recipes/data/scifact --split dev --bank_init runs/bank_init.safetensors
-    python benchmarks/factories.py --data ../shared/data/nfcorpus --split dev RQ16x8 OPQ16,PQ16
+    python benchmarks/factories.py --data path/to/nfcorpus --split dev RQ16x8 OPQ16,PQ16
 
 ``--bank_init``: the corpus already encoded (a recipe run's ``--bank_init_file``); without it the corpus is encoded.
 Results: ``benchmarks/results/factories.md``.

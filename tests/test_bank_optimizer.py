@@ -43,7 +43,7 @@ def test_row_sgd_matches_torch_sgd_per_row():
 
 
 def test_a_tiny_gradient_moves_a_row_by_lr_under_adam_but_hardly_under_sgd():
-    # Issue 16, point 3: a row's first Adam step is lr * sign(g): a 1e-6 gradient moves it as far as a 1.0 one.
+    # A row's first Adam step is lr * sign(g): a 1e-6 gradient moves it as far as a 1.0 one.
     for optimizer, tiny_moves_like_large in ((RowAdam, True), (RowSGD, False)):
         bank = TargetBank(torch.zeros(2, 3), ["a", "b"])
         opt = optimizer(bank, lr=0.01)
@@ -57,7 +57,7 @@ def test_a_tiny_gradient_moves_a_row_by_lr_under_adam_but_hardly_under_sgd():
 
 
 def test_far_negatives_that_are_touched_every_step_do_not_drift_under_sgd():
-    # NFCorpus's shape (issue 16): on a small corpus every row is mined, so every row gets a gradient at every step,
+    # NFCorpus's shape: on a small corpus every row is mined, so every row gets a gradient at every step,
     # most of them tiny (a far negative's softmax weight). RowAdam moves each of them by ~lr per coordinate per step;
     # RowSGD by what the gradient asks for.
     generator = torch.Generator().manual_seed(0)

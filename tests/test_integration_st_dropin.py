@@ -1,4 +1,4 @@
-"""Integration (issue 14): a sentence-transformers script converted by the class swap trains the real
+"""Integration: a sentence-transformers script converted by the class swap trains the real
 all-MiniLM-L6-v2 on a SciFact sample: text pairs, the corpus as ``{doc_id: text}``, InformationRetrievalEvaluators."""
 
 from __future__ import annotations

@@ -50,15 +50,15 @@ def _after_training(trainer, metric_key_prefix: str) -> bool:
 @pytest.fixture()
 def degrading(monkeypatch):
     """Every evaluation after training scores lower than the untrained one (a forced-degrading run)."""
-    original = QRetTrainer.evaluate
+    original = QRetTrainer.retrieval_metrics
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = original(self, eval_dataset, ignore_keys, metric_key_prefix)
+    def retrieval_metrics(self, metric_key_prefix="eval"):
+        metrics = original(self, metric_key_prefix)
         if _after_training(self, metric_key_prefix):
             metrics = {k: (v - 0.5 if "ndcg" in k else v) for k, v in metrics.items()}
         return metrics
 
-    monkeypatch.setattr(QRetTrainer, "evaluate", evaluate)
+    monkeypatch.setattr(QRetTrainer, "retrieval_metrics", retrieval_metrics)
 
 
 @pytest.mark.parametrize("train_on_eval_split", ["false", "true"])
@@ -95,15 +95,15 @@ def test_a_run_that_gets_worse_ships_the_untrained_model_loudly(
 
 
 def test_a_run_that_improves_ships_the_trained_model(tiny_model_dir, two_split_dir, tmp_path, monkeypatch):
-    original = QRetTrainer.evaluate
+    original = QRetTrainer.retrieval_metrics
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = original(self, eval_dataset, ignore_keys, metric_key_prefix)
+    def retrieval_metrics(self, metric_key_prefix="eval"):
+        metrics = original(self, metric_key_prefix)
         return {
             k: (v + 0.5 if "ndcg" in k and _after_training(self, metric_key_prefix) else v) for k, v in metrics.items()
         }
 
-    monkeypatch.setattr(QRetTrainer, "evaluate", evaluate)
+    monkeypatch.setattr(QRetTrainer, "retrieval_metrics", retrieval_metrics)
     out = tmp_path / "out"
     results = train_main(recipe_argv(tiny_model_dir, two_split_dir, out, "--train_on_eval_split", "false"))
     assert results["shipped"] == "trained" and results["trained_on"] == ["train"]
@@ -112,7 +112,7 @@ def test_a_run_that_improves_ships_the_trained_model(tiny_model_dir, two_split_d
 
 
 def test_train_on_eval_split_ships_a_model_trained_on_both_splits(tiny_model_dir, two_split_dir, tmp_path, monkeypatch):
-    original = QRetTrainer.evaluate
+    original = QRetTrainer.retrieval_metrics
     trained_sets: list[set[str]] = []
     original_train = QRetTrainer.train
 
@@ -120,13 +120,13 @@ def test_train_on_eval_split_ships_a_model_trained_on_both_splits(tiny_model_dir
         trained_sets.append(set(self.train_dataset["query_id"]))
         return original_train(self, *args, **kwargs)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = original(self, eval_dataset, ignore_keys, metric_key_prefix)
+    def retrieval_metrics(self, metric_key_prefix="eval"):
+        metrics = original(self, metric_key_prefix)
         return {
             k: (v + 0.5 if "ndcg" in k and _after_training(self, metric_key_prefix) else v) for k, v in metrics.items()
         }
 
-    monkeypatch.setattr(QRetTrainer, "evaluate", evaluate)
+    monkeypatch.setattr(QRetTrainer, "retrieval_metrics", retrieval_metrics)
     monkeypatch.setattr(QRetTrainer, "train", train)
     out = tmp_path / "out"
     results = train_main(recipe_argv(

@@ -1,5 +1,5 @@
 """Serving like a library: the light import path, the transformers-only encoder, and growing a trained index with
-``QuantizedRetriever.add_documents`` (issue 15)."""
+``QuantizedRetriever.add_documents``."""
 
 from __future__ import annotations
 

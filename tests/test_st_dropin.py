@@ -1,4 +1,4 @@
-"""Issue 14: a sentence-transformers (or plain transformers) script runs under QRetTrainer by swapping the trainer and
+"""A sentence-transformers (or plain transformers) script runs under QRetTrainer by swapping the trainer and
 arguments classes: text-pair data, corpus= instead of a bank, sentence-transformers evaluators, documents back from
 search."""
 
