@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .bank.storage import BANK_DTYPES
 from .errors import ConfigError
 from .index.core import REFRESH_MODES, check_index_options
 from .serving.encoder import POOLINGS
@@ -33,8 +34,6 @@ BANK_LEARNING_RATES = {"adam": 2e-3, "sgd": 0.2}
 BANK_OPTIMIZERS = tuple(BANK_LEARNING_RATES)
 #: What the bank rows learn against: the trained encoder's queries or a frozen pretrained encoder's.
 BANK_QUERIES = ("encoder", "initial")
-#: Storage dtypes of the bank (see hf_qret.bank.core.BANK_DTYPES).
-BANK_DTYPES = ("fp32", "bf16", "fp16")
 #: Where the bank lives.
 BANK_DEVICES = ("auto", "cpu", "cuda")
 

@@ -28,7 +28,7 @@ from ..bank.core import TargetBank
 from ..data import pairs_from_texts, text_columns, texts_of
 from ..errors import ConfigError, DataError
 from ..serving.encoder import is_sentence_transformer
-from .corpus import DocumentSet, encode_bank, load_corpus
+from .corpus import DocumentSet, document_encode, encode_bank, encoder_fingerprint, load_corpus
 from .st_evaluation import adapt_evaluator, bank_resolver, check_evaluator, evaluator_documents
 
 __all__ = ["DropIn", "prepare_dropin"]
@@ -135,14 +135,18 @@ def prepare_dropin(
         if extra:
             logger.info("bank: added %d document(s) of the evaluator's corpus that are not in the corpus", extra)
         logger.info("bank: %d documents (%d from the corpus)", len(docs), in_corpus)
+        getattr(args, "device", None)  # forms the process group: under several processes each encodes a share
         bank = encode_bank(
-            model,
-            docs,
-            args.output_dir,
-            tokenizer=tokenizer,
-            batch_size=CORPUS_BATCH_SIZE,
+            document_encode(model, CORPUS_BATCH_SIZE, tokenizer),
+            docs.texts,
+            docs.ids,
             dtype=args.bank_dtype,
-            main_process_first=getattr(args, "main_process_first", None),
+            cache_dir=args.output_dir,
+            cache_key={
+                "num_docs": len(docs),
+                "documents": docs.digest(),
+                "encoder": encoder_fingerprint(model, tokenizer),
+            },
         )
         members: Any = docs
         id_of_text = docs.id_of
