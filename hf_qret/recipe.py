@@ -21,7 +21,12 @@ logger = logging.getLogger("hf_qret")
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown table of the recipe's before/after metrics (flat bank vs quantized index)."""
+    """Markdown table of the recipe's before/after metrics (flat bank vs quantized index).
+
+    Example:
+        >>> print(results_table({"index_factory": "PQ4", "bytes_per_vector": 4}).splitlines()[0])
+        | model | index | bytes/vector | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 seen | nDCG@10 unseen |
+    """
     bytes_per_vector = results.get("bytes_per_vector")
     lines = [
         "| model | index | bytes/vector | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 seen | nDCG@10 unseen |",
@@ -66,6 +71,11 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     there ships the untrained model, loudly (``--keep_untrained_if_better``). With ``--train_on_eval_split`` the
     shipped model is then trained again, with the same settings, on the training plus the evaluation split (the
     printed numbers are those of the run that did not see the evaluation split). Returns the evaluation.
+
+    Example:
+        >>> results = train_main(["recipes/scifact.yaml", "--output_dir", "runs/scifact"])  # doctest: +SKIP
+        >>> results["shipped"]  # doctest: +SKIP
+        'trained'
     """
     import torch
     from transformers import set_seed

@@ -99,6 +99,7 @@ class PushToHubCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_save(self, args, state, control, **kwargs):
+        """Pushes the checkpoint just saved (``every_save``), with a model card of the latest evaluation; not the run's last save, which :meth:`on_train_end` pushes."""
         if not state.is_world_process_zero or not self._pushes_checkpoints(args):
             return
         if self.trainer is not None and state.max_steps and state.global_step >= state.max_steps:
@@ -113,6 +114,7 @@ class PushToHubCallback(TrainerCallback):
         self._push(args, folder, f"Training in progress, step {state.global_step}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Refreshes the index from the final bank, saves the trainer's artifact to ``args.output_dir``, renders its card and pushes it."""
         trainer = self.trainer
         if trainer is None:
             logger.warning(

@@ -54,6 +54,8 @@ class GrowingMixin:
 
     @document_encoder.setter
     def document_encoder(self, model: Any) -> None:
+        """Sets the document encoder: a model or a sentence-transformers folder (loaded with
+        :func:`hf_qret.serving.sentence_encoder.load_encoder`), of the index's dimension."""
         if isinstance(model, (str, os.PathLike)):
             from .sentence_encoder import load_encoder
 

@@ -193,6 +193,7 @@ class SentenceEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the encoder's weights."""
         return next(self.parameters()).device
 
     def get_sentence_embedding_dimension(self) -> int:

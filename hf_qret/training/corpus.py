@@ -190,7 +190,12 @@ class DocumentSet:
 
 
 def encoder_fingerprint(model: nn.Module, tokenizer: Any = None) -> str:
-    """A cheap identity of an encoder: its class, name, parameter shapes and the first 64 MiB of its weights."""
+    """A cheap identity of an encoder: its class, name, parameter shapes and the first 64 MiB of its weights.
+
+    Example:
+        >>> encoder_fingerprint(model) == encoder_fingerprint(model)  # doctest: +SKIP
+        True
+    """
     from ..serving.encoder import _unwrap
 
     base = _unwrap(model)

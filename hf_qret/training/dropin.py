@@ -41,7 +41,13 @@ CORPUS_BATCH_SIZE = 64
 
 @dataclass
 class DropIn:
-    """What :func:`prepare_dropin` hands the trainer."""
+    """What :func:`prepare_dropin` hands the trainer.
+
+    Example:
+        >>> ready = prepare_dropin(model, args, pairs, corpus={"d1": "text"})  # doctest: +SKIP
+        >>> isinstance(ready, DropIn)  # doctest: +SKIP
+        True
+    """
 
     bank: TargetBank
     train_dataset: Any
@@ -193,7 +199,11 @@ def prepare_dropin(
 
 
 def write_corpus_texts(output_dir: Any, texts: dict[str, str]) -> None:
-    """Writes ``OUTPUT_DIR/corpus.jsonl`` (``{"_id", "text"}`` lines in bank row order), atomically, no pickle."""
+    """Writes ``OUTPUT_DIR/corpus.jsonl`` (``{"_id", "text"}`` lines in bank row order), atomically, no pickle.
+
+    Example:
+        >>> write_corpus_texts("runs/out", {"d1": "a text"})  # doctest: +SKIP
+    """
     import json
     import os
     from pathlib import Path

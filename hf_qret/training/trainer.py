@@ -360,6 +360,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         return {f"{metric_key_prefix}_{key}": value for key, value in scores.items()}
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.evaluation_loop``, with the retrieval metrics added when :meth:`evaluate` runs both."""
         output = super().evaluation_loop(*args, **kwargs)
         prefix = getattr(self, "_retrieval_prefix", None)
         if prefix is not None:
