@@ -7,6 +7,7 @@ The training-side half of :mod:`hf_qret.hub` (a ``transformers.TrainerCallback``
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------- callback
+@dataclass(eq=False)
 class PushToHubCallback(TrainerCallback):
     """Pushes the artifact to a Hub repository: every saved checkpoint (optionally) and the final artifact.
 
@@ -50,25 +52,19 @@ class PushToHubCallback(TrainerCallback):
         >>> trainer.train()  # pushes each checkpoint and, at the end, the final artifact  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        repo_id: str | None = None,
-        *,
-        private: bool | None = None,
-        revision: str | None = None,
-        token: str | None = None,
-        every_save: bool | None = None,
-        trainer: Any = None,
-        card_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.repo_id = repo_id
-        self.private = private
-        self.revision = revision
-        self.token = token
-        self.every_save = every_save
-        self.trainer = trainer
-        self.card_kwargs = dict(card_kwargs or {})
-        self.pushes: list[Any] = []
+    repo_id: str | None = None
+    _: KW_ONLY
+    private: bool | None = None
+    revision: str | None = None
+    token: str | None = None
+    every_save: bool | None = None
+    trainer: Any = None
+    card_kwargs: dict[str, Any] | None = None
+    #: What each push returned (``CommitInfo``), in order.
+    pushes: list[Any] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.card_kwargs = dict(self.card_kwargs or {})
 
     def bind_trainer(self, trainer: Any) -> None:
         """Attaches the trainer whose final artifact :meth:`on_train_end` saves and pushes."""

@@ -32,6 +32,13 @@ __all__ = [
 ]
 
 
+def _group() -> Any:
+    """``torch.distributed`` when a process group is initialised, else ``None``."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def world_size() -> int:
     """The number of processes of the initialised ``torch.distributed`` group (1 when not distributed).
 
@@ -39,25 +46,19 @@ def world_size() -> int:
         >>> world_size()  # outside torch.distributed
         1
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    dist = _group()
+    return 1 if dist is None else dist.get_world_size()
 
 
 def process_rank() -> int:
     """This process's rank in the initialised ``torch.distributed`` group (0 when not distributed).
 
     Example:
-        >>> process_rank()  # outside torch.distributed
+        >>> process_rank()
         0
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
+    dist = _group()
+    return 0 if dist is None else dist.get_rank()
 
 
 def barrier() -> None:
