@@ -1,5 +1,7 @@
-"""Pushing artifacts to the Hugging Face Hub: :func:`push_artifact` (used by serving, by the training
-callback in :mod:`hf_qret.hub.callback` and by the commands in :mod:`hf_qret.hub.cli`).
+"""Pushing artifacts to the Hugging Face Hub: :func:`push_artifact`, the one upload of an artifact (used by
+``QuantizedRetriever.push_to_hub``, by ``QRetTrainer.push_to_hub`` and its mid-training pushes, by the training
+callback in :mod:`hf_qret.hub.callback` and by the commands in :mod:`hf_qret.hub.cli`), and :func:`push_checkpoint`
+for a whole checkpoint folder (``hub_strategy="checkpoint"`` / ``"all_checkpoints"``).
 
 A push is one ``HfApi.create_repo(exist_ok=True)`` and one ``HfApi.upload_folder`` commit of the artifact folder
 (encoder, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``, ``qret_config.json``, the model card), leaving out
