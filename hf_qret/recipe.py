@@ -1,7 +1,7 @@
 """The training recipe behind ``hf-qret train`` and ``recipes/train.py``: BEIR folder in, artifact out.
 
 The flow, one function per step: load and validate the splits, encode the corpus once into the bank
-(:func:`recipe_bank`, one writer under several processes), train with the library's safety net
+(:func:`hf_qret.training.corpus.encode_bank`, one writer under several processes), train with the library's safety net
 (:mod:`hf_qret.training.safety_net`: evaluated before and after, the untrained model kept if training made it worse), optionally train the shipped model again on train + eval split, then save and card it.
 """
 
@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .serving.artifact import MMAP_BANK_NAME
 from .training.safety_net import training_verdict
 
-__all__ = ["train_main", "training_verdict", "results_table", "recipe_bank", "MMAP_BANK_NAME"]
+__all__ = ["train_main", "training_verdict", "results_table", "MMAP_BANK_NAME"]
 
 logger = logging.getLogger("hf_qret")
 
-#: The memory-mapped working copy of the bank under --output_dir (--bank_mmap); never part of the artifact
-#: (:data:`hf_qret.serving.artifact.WORKING_FILE_PATTERNS`).
-MMAP_BANK_NAME = "bank_mmap.npy"
-
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown table of the recipe's before/after metrics (flat bank vs quantized index)."""
+    """Markdown table of the recipe's before/after metrics (flat bank vs quantized index).
+
+    Example:
+        >>> print(results_table({"index_factory": "PQ4", "bytes_per_vector": 4}).splitlines()[0])
+        | model | index | bytes/vector | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 seen | nDCG@10 unseen |
+    """
     bytes_per_vector = results.get("bytes_per_vector")
     lines = [
         "| model | index | bytes/vector | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 seen | nDCG@10 unseen |",
@@ -62,83 +63,6 @@ def _merged_splits(train_data: Any, eval_data: Any) -> Any:
     return BeirData(corpus=train_data.corpus, queries=queries, qrels=qrels, split=split, path=train_data.path)
 
 
-def _load_encoder(model_path: str, device: str, pooling: str | None) -> Any:
-    """The recipe's encoder as a ``SentenceTransformer``. ``--pooling mean|cls`` applies to a plain transformers
-    folder (no ``modules.json``): it becomes Transformer + Pooling(pooling) + Normalize, saved as such in the
-    artifact; a sentence-transformers folder pools with its own modules."""
-    from sentence_transformers import SentenceTransformer
-
-    from .errors import ConfigError
-
-    if pooling is None:
-        return SentenceTransformer(model_path, device=device)
-    if not os.path.isdir(model_path) or os.path.isfile(os.path.join(model_path, "modules.json")):
-        raise ConfigError(
-            f"--pooling {pooling} applies to a plain transformers model folder; {model_path!r} is a "
-            "sentence-transformers model (or not a local folder), whose own Pooling module decides: drop --pooling."
-        )
-    from .serving.sentence_encoder import pooled_sentence_transformer
-
-    return pooled_sentence_transformer(model_path, pooling, device)
-
-
-def recipe_bank(encode: Any, data: Any, dim: int, init_file: str | None, dtype: str, mmap_path: Path | None) -> Any:
-    """The recipe's bank, from ``--bank_init_file`` or by encoding the corpus once per run.
-
-    Under several processes (``torchrun``, ``accelerate launch``) the corpus is encoded once, split across the
-    processes (:func:`hf_qret.training.distributed.encode_corpus`), and every file (the init file, ``bank_mmap.npy``) is
-    written by one process while the others wait, then open it.
-    """
-    import torch
-
-    from .bank.core import TargetBank
-    from .training.distributed import barrier, encode_corpus, process_rank, world_size
-
-    ids = data.doc_ids
-    if world_size() == 1:  # one process: stream the encoding straight into the bank
-        if init_file and os.path.isfile(init_file):
-            return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
-        if not init_file:
-            return TargetBank.from_encoder(encode, data.doc_texts(), ids, dtype, mmap_path)
-        bank = TargetBank.from_encoder(encode, data.doc_texts(), ids)  # the init file keeps float32 rows
-        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
-        bank.save(init_file)
-        if dtype == "fp32" and mmap_path is None:
-            return bank
-        del bank
-        return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
-
-    main = process_rank() == 0
-
-    def from_main(make: Any) -> Any:
-        """``make()`` on the main process (which writes ``mmap_path``); the others open the file it wrote."""
-        bank = make() if main else None
-        barrier()
-        return bank if main else TargetBank.open_mmap(mmap_path, ids, dtype)
-
-    if init_file and os.path.isfile(init_file):
-        if mmap_path is None:
-            return TargetBank.from_file(init_file, ids, dtype=dtype)
-        return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
-    if not init_file and mmap_path is not None:
-        # the main process creates the (sparse, zero) file; each process writes the rows it encoded into it
-        bank = from_main(lambda: TargetBank.create_mmap(mmap_path, len(ids), dim, ids, dtype))
-        encode_corpus(encode, data.doc_texts(), write=lambda start, rows: (bank.write_rows(start, rows), bank.flush()))
-        bank.mark_all_changed()  # on every process, as with one process
-        return bank
-    rows = torch.from_numpy(encode_corpus(encode, data.doc_texts()))
-    if not init_file:
-        return TargetBank(rows, ids, dtype)
-    if main:
-        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
-        TargetBank(rows, ids).save(init_file)
-    barrier()
-    if mmap_path is None:
-        return TargetBank(rows, ids, dtype)
-    del rows
-    return from_main(lambda: TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path))
-
-
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -147,6 +71,11 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     there ships the untrained model, loudly (``--keep_untrained_if_better``). With ``--train_on_eval_split`` the
     shipped model is then trained again, with the same settings, on the training plus the evaluation split (the
     printed numbers are those of the run that did not see the evaluation split). Returns the evaluation.
+
+    Example:
+        >>> results = train_main(["recipes/scifact.yaml", "--output_dir", "runs/scifact"])  # doctest: +SKIP
+        >>> results["shipped"]  # doctest: +SKIP
+        'trained'
     """
     import torch
     from transformers import set_seed
@@ -157,7 +86,9 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from .evaluation.evaluator import RetrievalEvaluator
     from .index.core import QuantizedIndex, set_faiss_threads
     from .serving.artifact import BANK_INIT_SCRATCH_NAME, save_document_encoder, write_json
-    from .serving.encoder import configure_encoder, embedding_dim, encode_texts
+    from .serving.encoder import configure_encoder, embedding_dim
+    from .serving.sentence_encoder import load_encoder
+    from .training.corpus import document_encode, encode_bank
     from .training.trainer import QRetTrainer
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
@@ -180,7 +111,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     def load_model() -> Any:
         set_seed(training_args.seed)
         try:
-            model = _load_encoder(model_path, str(training_args.device), pooling)
+            model = load_encoder(model_path, str(training_args.device), pooling=pooling, trainable=True)
         except ConfigError:
             raise
         except (OSError, ValueError) as exc:
@@ -200,14 +131,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         save_document_encoder(training_args.output_dir, model)
 
     # 2. The bank: encoded once (or read from --bank_init_file).
-    encode = partial(
-        encode_texts,
-        model,
-        batch_size=model_args.doc_batch_size,
-        show_progress_bar=True,
-        desc="Encoding corpus",
-        role="document",
-    )
+    encode = document_encode(model, model_args.doc_batch_size)
     init_file = model_args.bank_init_file
     # A second model (the untrained one shipped instead, or the run on train + eval split) starts from the same
     # encoded corpus: without --bank_init_file it is kept in the output folder for the run and removed after it.
@@ -220,7 +144,15 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if mmap_path is not None and training_args.bank_device == "cuda":
         raise ConfigError("--bank_mmap keeps the bank in a file on the CPU; use --bank_device auto or cpu with it.")
     bank_dtype = training_args.bank_dtype
-    bank = recipe_bank(encode, train_data, dim, init_file, bank_dtype, mmap_path)
+    bank = encode_bank(
+        encode,
+        train_data.doc_texts(),
+        train_data.doc_ids,
+        dim=dim,
+        dtype=bank_dtype,
+        init_file=init_file,
+        mmap_path=mmap_path,
+    )
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
     set_faiss_threads(training_args.faiss_threads)
     index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)
@@ -294,7 +226,9 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     def fresh_trainer(data: Any) -> QRetTrainer:
         """A new encoder, bank and index from the pretrained state."""
         # one writer under several processes (the main one writes mmap_path, the others open it), as for the first
-        new_bank = recipe_bank(None, data, dim, init_file, bank_dtype, mmap_path)
+        new_bank = encode_bank(
+            None, data.doc_texts(), data.doc_ids, dim=dim, dtype=bank_dtype, init_file=init_file, mmap_path=mmap_path
+        )
         new_index_ = QuantizedIndex.from_args(dim, training_args)
         return QRetTrainer(
             load_model(), training_args, train_dataset=build_pairs_dataset(data), bank=new_bank, index=new_index_

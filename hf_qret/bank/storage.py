@@ -79,12 +79,21 @@ def storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The config name (``"fp32"``, ``"bf16"``, ``"fp16"``) of a storage dtype."""
+    """The config name (``"fp32"``, ``"bf16"``, ``"fp16"``) of a storage dtype.
+
+    Example:
+        >>> dtype_name(torch.bfloat16)
+        'bf16'
+    """
     return next(name for name, value in BANK_DTYPES.items() if value == dtype)
 
 
 def check_bank_shape(shape: tuple[int, ...], doc_ids: Sequence[str] | None) -> None:
-    """Raises a clear error unless ``shape`` is a 2-D ``(num_docs, dim)`` matrix with one row per id."""
+    """Raises a clear error unless ``shape`` is a 2-D ``(num_docs, dim)`` matrix with one row per id.
+
+    Example:
+        >>> check_bank_shape((3, 384), ["a", "b", "c"])  # one row per id: no error
+    """
     if len(shape) != 2:
         raise ArtifactError(f"bank embeddings must be a 2-D (num_docs, dim) matrix, got shape {shape}.")
     if doc_ids is not None and shape[0] != len(doc_ids):
@@ -168,6 +177,7 @@ class Float32Rows:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(rows, dim)`` of the bank."""
         return (int(self._weight.shape[0]), int(self._weight.shape[1]))
 
     def __len__(self) -> int:
@@ -191,7 +201,13 @@ def _read_npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 def npy_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> tuple[tuple[int, int], np.dtype, Iterator[np.ndarray]]:
-    """Shape, dtype and a chunk iterator of a 2-D C-ordered ``.npy`` file, read with plain file reads (no mmap)."""
+    """Shape, dtype and a chunk iterator of a 2-D C-ordered ``.npy`` file, read with plain file reads (no mmap).
+
+    Example:
+        >>> shape, dtype, chunks = npy_chunks(Path("bank.npy"))  # doctest: +SKIP
+        >>> sum(len(chunk) for chunk in chunks) == shape[0]  # doctest: +SKIP
+        True
+    """
     handle = open(path, "rb")
     try:
         shape, fortran_order, dtype = _read_npy_header(handle)
@@ -219,6 +235,9 @@ def read_bank_chunks(path: Path) -> tuple[tuple[int, int], np.dtype | None, Iter
 
     Raises:
         ArtifactError: A safetensors file without the ``embeddings`` tensor.
+
+    Example:
+        >>> shape, dtype, chunks = read_bank_chunks(Path("runs/scifact/bank.safetensors"))  # doctest: +SKIP
     """
     if path.suffix == ".npy":
         return npy_chunks(path)
@@ -237,6 +256,10 @@ def read_bank_file(path: Path) -> torch.Tensor:
 
     Raises:
         ArtifactError: The file is missing, unreadable, or has no ``embeddings`` tensor.
+
+    Example:
+        >>> read_bank_file(Path("runs/scifact/bank.safetensors")).shape  # doctest: +SKIP
+        torch.Size([5183, 384])
     """
     if not path.is_file():
         raise ArtifactError(f"{path}: no such bank file; pass a .npy or .safetensors file of embeddings.")
@@ -257,7 +280,12 @@ def read_bank_file(path: Path) -> torch.Tensor:
 
 
 def to_storage_array(chunk: np.ndarray | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A chunk of rows converted to the on-disk numpy layout of ``dtype`` (raw uint16 for bf16)."""
+    """A chunk of rows converted to the on-disk numpy layout of ``dtype`` (raw uint16 for bf16).
+
+    Example:
+        >>> to_storage_array(np.ones((1, 2), dtype=np.float32), torch.float16).dtype
+        dtype('float16')
+    """
     tensor = torch.as_tensor(chunk) if not torch.is_tensor(chunk) else chunk
     tensor = tensor.detach().to("cpu", dtype).contiguous()
     if dtype == torch.bfloat16:
@@ -266,7 +294,11 @@ def to_storage_array(chunk: np.ndarray | torch.Tensor, dtype: torch.dtype) -> np
 
 
 def write_npy(target: Path, shape: tuple[int, int], dtype: torch.dtype, chunks: Any) -> None:
-    """Streams chunks of rows into a new ``.npy`` file (temp name, then rename) with plain writes."""
+    """Streams chunks of rows into a new ``.npy`` file (temp name, then rename) with plain writes.
+
+    Example:
+        >>> write_npy(Path("bank.npy"), (2, 2), torch.float32, [np.eye(2, dtype=np.float32)])  # doctest: +SKIP
+    """
     tmp = target.with_name(target.name + ".tmp")
     header = {"descr": np.lib.format.dtype_to_descr(NUMPY_STORAGE[dtype]), "fortran_order": False, "shape": shape}
     written = 0
@@ -285,7 +317,11 @@ def write_npy(target: Path, shape: tuple[int, int], dtype: torch.dtype, chunks: 
 
 
 def write_safetensors_streamed(weight: torch.Tensor, path: Path) -> None:
-    """Writes ``weight`` as a safetensors file (key ``embeddings``) chunk by chunk, to a temp name then renamed."""
+    """Writes ``weight`` as a safetensors file (key ``embeddings``) chunk by chunk, to a temp name then renamed.
+
+    Example:
+        >>> write_safetensors_streamed(bank.weight, Path("bank.safetensors"))  # doctest: +SKIP
+    """
     weight = weight.detach()
     tmp = path.with_name(path.name + ".tmp")
     nbytes = weight.numel() * weight.element_size()
@@ -303,7 +339,11 @@ def write_safetensors_streamed(weight: torch.Tensor, path: Path) -> None:
 
 def copy_file_atomic(source: Path, target: Path) -> None:
     """Copies ``source`` to ``target`` through a temporary name (one per process: processes copying the same file
-    at once never write into each other's copy)."""
+    at once never write into each other's copy).
+
+    Example:
+        >>> copy_file_atomic(Path("bank.npy"), Path("out/bank_mmap.npy"))  # doctest: +SKIP
+    """
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
@@ -311,7 +351,11 @@ def copy_file_atomic(source: Path, target: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- memory maps
 def create_npy_memmap(path: Path, shape: tuple[int, int], dtype: torch.dtype) -> None:
-    """Creates a zero-filled ``.npy`` file of ``shape`` (a sparse file: no RAM, little disk), atomically."""
+    """Creates a zero-filled ``.npy`` file of ``shape`` (a sparse file: no RAM, little disk), atomically.
+
+    Example:
+        >>> create_npy_memmap(Path("out/bank_mmap.npy"), (1000, 384), torch.float16)  # doctest: +SKIP
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=NUMPY_STORAGE[dtype], shape=shape)
@@ -326,6 +370,9 @@ def open_npy_memmap(path: Path, dtype: torch.dtype | None = None, mode: str = "r
 
     Raises:
         ArtifactError: The file is missing, not a C-ordered float32/float16 (or bf16 bits) matrix, or not ``dtype``.
+
+    Example:
+        >>> weight, mapped = open_npy_memmap(Path("out/bank_mmap.npy"), torch.float16)  # doctest: +SKIP
     """
     if not path.is_file():
         raise ArtifactError(f"{path}: no such bank file; create it with TargetBank.create_mmap or from_file.")
@@ -349,7 +396,11 @@ def open_npy_memmap(path: Path, dtype: torch.dtype | None = None, mode: str = "r
 
 
 def place_bank(bank: TargetBank, args: QRetTrainingArguments) -> None:
-    """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale")."""
+    """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale").
+
+    Example:
+        >>> place_bank(bank, QRetTrainingArguments("out", bank_device="cpu"))  # doctest: +SKIP
+    """
     device = torch.device(args.device)
     if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
         target = torch.device("cpu")

@@ -7,6 +7,7 @@ The training-side half of :mod:`hf_qret.hub` (a ``transformers.TrainerCallback``
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------- callback
+@dataclass(eq=False)
 class PushToHubCallback(TrainerCallback):
     """Pushes the artifact to a Hub repository: every saved checkpoint (optionally) and the final artifact.
 
@@ -50,25 +52,19 @@ class PushToHubCallback(TrainerCallback):
         >>> trainer.train()  # pushes each checkpoint and, at the end, the final artifact  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        repo_id: str | None = None,
-        *,
-        private: bool | None = None,
-        revision: str | None = None,
-        token: str | None = None,
-        every_save: bool | None = None,
-        trainer: Any = None,
-        card_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.repo_id = repo_id
-        self.private = private
-        self.revision = revision
-        self.token = token
-        self.every_save = every_save
-        self.trainer = trainer
-        self.card_kwargs = dict(card_kwargs or {})
-        self.pushes: list[Any] = []
+    repo_id: str | None = None
+    _: KW_ONLY
+    private: bool | None = None
+    revision: str | None = None
+    token: str | None = None
+    every_save: bool | None = None
+    trainer: Any = None
+    card_kwargs: dict[str, Any] | None = None
+    #: What each push returned (``CommitInfo``), in order.
+    pushes: list[Any] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.card_kwargs = dict(self.card_kwargs or {})
 
     def bind_trainer(self, trainer: Any) -> None:
         """Attaches the trainer whose final artifact :meth:`on_train_end` saves and pushes."""
@@ -99,6 +95,7 @@ class PushToHubCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_save(self, args, state, control, **kwargs):
+        """Pushes the checkpoint just saved (``every_save``), with a model card of the latest evaluation; not the run's last save, which :meth:`on_train_end` pushes."""
         if not state.is_world_process_zero or not self._pushes_checkpoints(args):
             return
         if self.trainer is not None and state.max_steps and state.global_step >= state.max_steps:
@@ -113,6 +110,7 @@ class PushToHubCallback(TrainerCallback):
         self._push(args, folder, f"Training in progress, step {state.global_step}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Refreshes the index from the final bank, saves the trainer's artifact to ``args.output_dir``, renders its card and pushes it."""
         trainer = self.trainer
         if trainer is None:
             logger.warning(

@@ -123,6 +123,12 @@ def _final_stage(metrics: Mapping[str, Any]) -> str | None:
 
 
 def ordered_stages(metrics: Mapping[str, Any]) -> list[str]:
+    """The metric stages in card order (``untrained``, ``trained``...), then any others in their own order.
+
+    Example:
+        >>> ordered_stages({"trained": {}, "untrained": {}})
+        ['untrained', 'trained']
+    """
     return [stage for stage in _STAGE_ORDER if stage in metrics] + [s for s in metrics if s not in _STAGE_ORDER]
 
 
@@ -174,6 +180,12 @@ def dataset_id_from_path(data_dir: str | os.PathLike | None) -> str | None:
 
 
 def dataset_display_name(datasets: Sequence[str] | None, dataset_name: str | None) -> str | None:
+    """The dataset's name as the card shows it: ``dataset_name``, else the first dataset id's last part (``BeIR/scifact``: ``SciFact``).
+
+    Example:
+        >>> dataset_display_name(["BeIR/scifact"], None)
+        'SciFact'
+    """
     if dataset_name:
         return dataset_name
     if datasets:
@@ -195,6 +207,12 @@ def card_metadata(
     license: str | None,
     language: str | Sequence[str] | None,
 ) -> str:
+    """The card's YAML front matter (``ModelCardData``): tags, base model, datasets, license and the ``model-index`` results.
+
+    Example:
+        >>> card_metadata(title="t", config={}, metrics={}, base_model=None, datasets=[], dataset_name=None,
+        ...               eval_split=None, tags=[], license=None, language=None)  # doctest: +SKIP
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     eval_results = []
@@ -256,6 +274,10 @@ def is_qret_model_card(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a model card written by hf-qret (its metadata has the ``hf-qret`` tag).
 
     sentence-transformers writes its own ``README.md`` whenever it saves a model; this tells the two apart.
+
+    Example:
+        >>> is_qret_model_card("runs/scifact/README.md")  # doctest: +SKIP
+        True
     """
     path = Path(path)
     if not path.is_file():

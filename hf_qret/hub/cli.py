@@ -48,6 +48,10 @@ def write_corpus(folder: str | os.PathLike, data_dir: str | os.PathLike) -> Path
 
     Raises:
         DataError: The BEIR corpus lacks some of the artifact's documents.
+
+    Example:
+        >>> write_corpus("runs/scifact", "recipes/data/scifact")  # doctest: +SKIP
+        PosixPath('runs/scifact/corpus.jsonl')
     """
     from ..data import _find, _load_corpus
     from ..errors import DataError
@@ -80,6 +84,9 @@ def push_main(argv: list[str] | None = None) -> Any:
     Checks the artifact first (index size vs doc ids, dimension), renders ``README.md`` (the model card) when the
     folder has none of hf-qret's (or with ``--refresh-card``), optionally ships the corpus texts, then pushes.
     ``--dry-run`` prints the files that would be uploaded and pushes nothing.
+
+    Example:
+        >>> push_main(["runs/scifact", "--repo-id", "me/minilm-scifact-rq16", "--dry-run"])  # doctest: +SKIP
     """
     parser = argparse.ArgumentParser(
         prog="hf-qret push", description="Push an hf-qret artifact to the Hugging Face Hub."
@@ -120,7 +127,12 @@ def push_main(argv: list[str] | None = None) -> Any:
 
 
 def card_main(argv: list[str] | None = None) -> Path:
-    """``hf-qret card OUT [--repo-id NAME] [--base-model M] [--dataset D] [--metrics FILE]``: (re)writes README.md."""
+    """``hf-qret card OUT [--repo-id NAME] [--base-model M] [--dataset D] [--metrics FILE]``: (re)writes README.md.
+
+    Example:
+        >>> card_main(["runs/scifact", "--repo-id", "me/minilm-scifact-rq16"])  # doctest: +SKIP
+        PosixPath('runs/scifact/README.md')
+    """
     parser = argparse.ArgumentParser(prog="hf-qret card", description="Render the model card of an hf-qret artifact.")
     parser.add_argument("artifact", help="the --output_dir of a training run")
     parser.add_argument("--repo-id", help="the Hub repository the code examples load")

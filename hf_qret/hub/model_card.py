@@ -316,6 +316,10 @@ def plot_quality_vs_bytes(
 
     Returns:
         ``False`` (and writes nothing) when no stage has an nDCG@10 to plot.
+
+    Example:
+        >>> plot_quality_vs_bytes(metrics, 384, 16, "RQ16x8", "runs/scifact/quality_vs_bytes.png")  # doctest: +SKIP
+        True
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -409,6 +413,10 @@ def write_model_card(
 
     Raises:
         ArtifactError: ``qret_config.json`` is missing or corrupt.
+
+    Example:
+        >>> write_model_card("runs/scifact", repo_id="me/minilm-scifact-rq16", license="apache-2.0")  # doctest: +SKIP
+        PosixPath('runs/scifact/README.md')
     """
     folder = Path(folder)
     config_path = folder / "qret_config.json"

@@ -1,5 +1,7 @@
-"""Pushing artifacts to the Hugging Face Hub: :func:`push_artifact` (used by serving, by the training
-callback in :mod:`hf_qret.hub.callback` and by the commands in :mod:`hf_qret.hub.cli`).
+"""Pushing artifacts to the Hugging Face Hub: :func:`push_artifact`, the one upload of an artifact (used by
+``QuantizedRetriever.push_to_hub``, by ``QRetTrainer.push_to_hub`` and its mid-training pushes, by the training
+callback in :mod:`hf_qret.hub.callback` and by the commands in :mod:`hf_qret.hub.cli`), and :func:`push_checkpoint`
+for a whole checkpoint folder (``hub_strategy="checkpoint"`` / ``"all_checkpoints"``).
 
 A push is one ``HfApi.create_repo(exist_ok=True)`` and one ``HfApi.upload_folder`` commit of the artifact folder
 (encoder, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``, ``qret_config.json``, the model card), leaving out
@@ -26,6 +28,7 @@ from ..serving.artifact import (
     ARTIFACT_IGNORE_PATTERNS,
     CONFIG_NAME,
     INDEX_NAME,
+    WORKING_FILE_PATTERNS,
     artifact_files,
     copy_artifact_files,
 )
@@ -35,6 +38,7 @@ __all__ = [
     "copy_artifact_files",
     "artifact_upload_files",
     "push_artifact",
+    "push_checkpoint",
 ]
 
 
@@ -87,8 +91,11 @@ def push_artifact(
     extra_ignore: Sequence[str] = (),
     run_as_future: bool = False,
     api: Any = None,
+    create_repo: bool = True,
 ) -> Any:
-    """Creates (if needed) the model repository and uploads the artifact folder in one commit.
+    """Creates (if needed) the model repository and uploads the artifact folder in one commit: the one place an
+    artifact is uploaded (``hf-qret push``, :class:`~hf_qret.hub.callback.PushToHubCallback`,
+    ``QRetTrainer.push_to_hub`` and its mid-training pushes, ``QuantizedRetriever.push_to_hub``).
 
     Args:
         folder: A saved artifact (``save_model`` output or a ``checkpoint-N`` folder).
@@ -100,6 +107,8 @@ def push_artifact(
         extra_ignore: More ``fnmatch`` patterns to leave out.
         run_as_future: Return a ``concurrent.futures.Future`` instead of waiting for the upload.
         api: An ``HfApi`` to use (default: a new one).
+        create_repo: Create the repository first (``exist_ok``); ``False`` when the caller already did (the
+            ``Trainer`` creates it when it starts).
 
     Returns:
         The ``CommitInfo`` of the upload (or a ``Future`` of it).
@@ -125,8 +134,9 @@ def push_artifact(
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ArtifactError(f"{folder / CONFIG_NAME}: corrupt JSON; re-create the artifact.") from None
     api = _api(api)
-    repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-    repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    if create_repo:
+        repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        repo_id = getattr(repo_url, "repo_id", None) or repo_id
     if revision is not None and revision != "main":
         api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
     return api.upload_folder(
@@ -138,4 +148,48 @@ def push_artifact(
         commit_message=commit_message,
         ignore_patterns=[*ARTIFACT_IGNORE_PATTERNS, *extra_ignore],
         run_as_future=run_as_future,
+    )
+
+
+def push_checkpoint(
+    folder: str | os.PathLike,
+    repo_id: str,
+    path_in_repo: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    run_as_future: bool = False,
+    api: Any = None,
+) -> Any:
+    """Uploads a whole checkpoint folder (training state included, to resume from) under ``path_in_repo``
+    (``last-checkpoint``, ``checkpoint-N``): ``hub_strategy="checkpoint"`` / ``"all_checkpoints"``. Working files
+    (:data:`hf_qret.serving.artifact.WORKING_FILE_PATTERNS`) stay local;
+    :class:`~hf_qret.serving.retriever.QuantizedRetriever` never downloads these folders.
+
+    Args:
+        folder: The checkpoint folder.
+        repo_id: The (existing) model repository.
+        path_in_repo: Where the folder goes in the repository.
+        revision: Branch to commit to.
+        token: A Hub token with write access.
+        commit_message: The commit's message.
+        run_as_future: Return a ``concurrent.futures.Future`` instead of waiting for the upload.
+        api: An ``HfApi`` to use (default: a new one).
+
+    Returns:
+        The ``CommitInfo`` of the upload (or a ``Future`` of it).
+
+    Example:
+        >>> push_checkpoint("runs/scifact/checkpoint-500", "me/minilm-scifact-opq16", "last-checkpoint")  # doctest: +SKIP
+    """
+    return _api(api).upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        path_in_repo=path_in_repo,
+        commit_message=commit_message,
+        token=token,
+        run_as_future=run_as_future,
+        ignore_patterns=list(WORKING_FILE_PATTERNS),
+        revision=revision,
     )

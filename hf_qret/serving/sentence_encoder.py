@@ -193,6 +193,7 @@ class SentenceEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the encoder's weights."""
         return next(self.parameters()).device
 
     def get_sentence_embedding_dimension(self) -> int:
@@ -225,21 +226,43 @@ class SentenceEncoder(nn.Module):
 
 
 def load_encoder(
-    folder: str | os.PathLike, device: str | None = None, what: str = "query encoder", pooling: str | None = None
+    folder: str | os.PathLike,
+    device: str | None = None,
+    what: str = "query encoder",
+    pooling: str | None = None,
+    *,
+    trainable: bool = False,
 ) -> nn.Module:
-    """The encoder of a sentence-transformers folder: a :class:`SentenceEncoder` when it implements the folder's
-    modules, else a ``SentenceTransformer`` (safetensors only, no network).
+    """The one place a folder (or model name) becomes an encoder, for serving, training and resuming.
 
-    A plain transformers folder (no ``modules.json``) is pooled with ``pooling`` (``"cls"``; ``None`` or ``"mean"``:
-    mean pooling, as sentence-transformers loads such a folder) and L2-normalised, exactly as
-    :func:`hf_qret.serving.encoder.embed` encoded its bank (``qret_config.json`` records the pooling).
+    Serving (the default): a :class:`SentenceEncoder` when it implements the folder's modules, else a
+    ``SentenceTransformer`` (safetensors only, no network). A plain transformers folder (no ``modules.json``) is
+    pooled with ``pooling`` (``"cls"``; ``None`` or ``"mean"``: mean pooling, as sentence-transformers loads such a
+    folder) and L2-normalised, exactly as :func:`hf_qret.serving.encoder.embed` encoded its bank
+    (``qret_config.json`` records the pooling).
+
+    Training (``trainable=True``): always a ``SentenceTransformer`` (what the trainer trains), from a folder or a
+    Hub model name. ``pooling`` (``--pooling mean|cls``) applies to a plain transformers folder only, which becomes
+    Transformer + Pooling(``pooling``) + Normalize (:func:`pooled_sentence_transformer`); a sentence-transformers
+    folder pools with its own modules. Loading errors (``OSError``, ``ValueError``) are raised as they come.
+
+    Args:
+        folder: The model folder (or, with ``trainable``, a Hub model name).
+        device: Torch device (default: CUDA when available).
+        what: What the folder holds, for error messages (``"query encoder"``, ``"document encoder"``).
+        pooling: Pooling of a plain transformers folder (``"mean"`` or ``"cls"``).
+        trainable: Load a ``SentenceTransformer`` to train (see above).
 
     Raises:
-        ArtifactError: The folder's encoder cannot be loaded.
+        ArtifactError: Serving: the folder's encoder cannot be loaded.
+        ConfigError: Training: ``pooling`` given for a sentence-transformers folder (or not a local folder).
 
     Example:
         >>> model = load_encoder("runs/scifact")  # doctest: +SKIP
+        >>> model = load_encoder("path/to/bert", "cpu", pooling="cls", trainable=True)  # doctest: +SKIP
     """
+    if trainable:
+        return _load_trainable(str(folder), device, pooling)
     folder = Path(folder)
 
     def cannot_load(exc: BaseException) -> ArtifactError:
@@ -276,6 +299,21 @@ def load_encoder(
         )
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise cannot_load(exc) from None
+
+
+def _load_trainable(model_path: str, device: str | None, pooling: str | None) -> nn.Module:
+    from sentence_transformers import SentenceTransformer
+
+    from ..errors import ConfigError
+
+    if pooling is None:
+        return SentenceTransformer(model_path, device=device)
+    if not os.path.isdir(model_path) or os.path.isfile(os.path.join(model_path, "modules.json")):
+        raise ConfigError(
+            f"--pooling {pooling} applies to a plain transformers model folder; {model_path!r} is a "
+            "sentence-transformers model (or not a local folder), whose own Pooling module decides: drop --pooling."
+        )
+    return pooled_sentence_transformer(model_path, pooling, device)
 
 
 def pooled_sentence_transformer(

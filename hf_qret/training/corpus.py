@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,18 @@ from torch import nn
 
 from ..bank.core import TargetBank
 from ..errors import DataError
+from .distributed import barrier, encode_corpus, process_rank, world_size
 
-__all__ = ["DocumentSet", "load_corpus", "text_doc_id", "encode_bank", "CACHE_DIR", "TEXT_ID_PREFIX"]
+__all__ = [
+    "DocumentSet",
+    "load_corpus",
+    "text_doc_id",
+    "encoder_fingerprint",
+    "document_encode",
+    "encode_bank",
+    "CACHE_DIR",
+    "TEXT_ID_PREFIX",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +190,12 @@ class DocumentSet:
 
 
 def encoder_fingerprint(model: nn.Module, tokenizer: Any = None) -> str:
-    """A cheap identity of an encoder: its class, name, parameter shapes and the first 64 MiB of its weights."""
+    """A cheap identity of an encoder: its class, name, parameter shapes and the first 64 MiB of its weights.
+
+    Example:
+        >>> encoder_fingerprint(model) == encoder_fingerprint(model)  # doctest: +SKIP
+        True
+    """
     from ..serving.encoder import _unwrap
 
     base = _unwrap(model)
@@ -207,75 +223,132 @@ def _cache_paths(output_dir: str | os.PathLike) -> tuple[Path, Path]:
     return folder / "bank_init.npy", folder / "bank_init.json"
 
 
-def encode_bank(
-    model: nn.Module,
-    docs: DocumentSet,
-    output_dir: str | os.PathLike | None = None,
-    *,
-    tokenizer: Any = None,
-    batch_size: int = 64,
-    dtype: str = "fp32",
-    main_process_first: Any = None,
-) -> TargetBank:
-    """Encodes the documents into a bank once (with a progress bar), cached in ``output_dir``.
+def _cache_matches(rows_path: Path, meta_path: Path, key: dict[str, Any]) -> bool:
+    if not (rows_path.is_file() and meta_path.is_file()):
+        return False
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8")) == key
+    except (OSError, json.JSONDecodeError):
+        return False
 
-    The cache (``OUTPUT_DIR/_qret_cache/bank_init.npy`` and ``bank_init.json``) is keyed by the documents' ids and
-    texts and the encoder's fingerprint; a matching cache is loaded instead of encoding (a re-run, a resume), any
-    other is replaced.
 
-    Args:
-        model: The encoder (before training: the bank holds the pretrained embeddings).
-        docs: The documents, in row order.
-        output_dir: Where the cache lives; ``None`` disables it.
-        tokenizer: A transformers encoder's tokenizer.
-        batch_size: Encoding batch size.
-        dtype: Storage dtype of the bank.
-        main_process_first: Under several processes, ``TrainingArguments.main_process_first``: the main process
-            encodes and writes the cache, the others load it.
+def document_encode(model: nn.Module, batch_size: int = 64, tokenizer: Any = None) -> Callable[[list[str]], np.ndarray]:
+    """The function a bank's documents are encoded with: ``model``'s document embeddings (the document prompt,
+    ``role="document"``), batched, with a progress bar (:func:`hf_qret.serving.encoder.encode_texts`).
 
     Example:
-        >>> bank = encode_bank(model, DocumentSet({"d1": "a text"}), "runs/out")  # doctest: +SKIP
+        >>> encode = document_encode(model, batch_size=128)  # doctest: +SKIP
+        >>> encode(["a document"]).shape  # doctest: +SKIP
+        (1, 384)
     """
-    from contextlib import nullcontext
-
     from ..serving.encoder import encode_texts
 
-    key = {"num_docs": len(docs), "documents": docs.digest(), "encoder": encoder_fingerprint(model, tokenizer)}
-    context = main_process_first(desc="encoding the corpus") if main_process_first is not None else nullcontext()
-    with context:
-        if output_dir is not None:
-            rows_path, meta_path = _cache_paths(output_dir)
-            if rows_path.is_file() and meta_path.is_file():
-                try:
-                    cached = json.loads(meta_path.read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError):
-                    cached = None
-                if cached == key:
-                    logger.info("bank: loading the %d encoded documents cached in %s", len(docs), rows_path)
-                    return TargetBank.from_file(rows_path, docs.ids, dtype=dtype)
-        rows = encode_texts(
-            model,
-            docs.texts,
-            batch_size=batch_size,
-            tokenizer=tokenizer,
-            show_progress_bar=True,
-            desc="Encoding corpus",
-            role="document",
-        )
-        if output_dir is not None and _is_main_process():
-            rows_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(rows_path.with_name(rows_path.name + ".tmp"), "wb") as handle:
-                np.save(handle, rows, allow_pickle=False)
-            os.replace(rows_path.with_name(rows_path.name + ".tmp"), rows_path)
-            meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-            meta_tmp.write_text(json.dumps(key) + "\n", encoding="utf-8")
-            os.replace(meta_tmp, meta_path)
-    return TargetBank(torch.from_numpy(rows), docs.ids, dtype)
-
-
-def _is_main_process() -> bool:
-    return (
-        not torch.distributed.is_available()
-        or not torch.distributed.is_initialized()
-        or (torch.distributed.get_rank() == 0)
+    return partial(
+        encode_texts,
+        model,
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        show_progress_bar=True,
+        desc="Encoding corpus",
+        role="document",
     )
+
+
+def encode_bank(
+    encode: Callable[[list[str]], Any] | None,
+    texts: Sequence[str],
+    ids: Sequence[str],
+    *,
+    dim: int | None = None,
+    dtype: str = "fp32",
+    init_file: str | os.PathLike | None = None,
+    mmap_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_key: dict[str, Any] | None = None,
+) -> TargetBank:
+    """The bank of ``texts``: encoded once per run, under one or several processes, or read from a file.
+
+    Under several processes (``torchrun``, ``accelerate launch``) the texts are split across the processes
+    (:func:`hf_qret.training.distributed.encode_corpus`), and every file (the init file, the cache, the memory-mapped
+    working file) is written by one process while the others wait, then open it.
+
+    Args:
+        encode: Maps a list of texts to their ``(n, dim)`` embeddings (:func:`document_encode`); not called when
+            the rows come from ``init_file`` or the cache (may then be ``None``).
+        texts: The document texts, in row order.
+        ids: The document ids, in row order.
+        dim: The embedding dimension (needed to create ``mmap_path`` before encoding under several processes).
+        dtype: Storage dtype of the bank (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        init_file: Read the rows from this file when it exists; else encode and write them there (float32) first.
+        mmap_path: Keep the bank in this memory-mapped ``.npy`` working file instead of RAM.
+        cache_dir: With ``cache_key``: the rows are cached in ``cache_dir/_qret_cache/bank_init.npy`` (and
+            ``bank_init.json``, the key); a cache of the same key is read instead of encoding, any other replaced.
+        cache_key: What the cached rows depend on (e.g. the documents' digest and the encoder's fingerprint).
+
+    Example:
+        >>> bank = encode_bank(document_encode(model), ["a text"], ["d1"], dtype="fp16")  # doctest: +SKIP
+    """
+    if cache_dir is not None and cache_key is not None:
+        rows_path, meta_path = _cache_paths(cache_dir)
+        if _cache_matches(rows_path, meta_path, cache_key):
+            logger.info("bank: loading the %d encoded documents cached in %s", len(ids), rows_path)
+            return _bank_from_file(rows_path, ids, dtype, mmap_path)
+        bank = _encoded_bank(encode, texts, ids, dim, dtype, rows_path, mmap_path)
+        if process_rank() == 0:
+            meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
+            meta_tmp.write_text(json.dumps(cache_key) + "\n", encoding="utf-8")
+            os.replace(meta_tmp, meta_path)
+        return bank
+    if init_file and os.path.isfile(init_file):
+        return _bank_from_file(init_file, ids, dtype, mmap_path)
+    return _encoded_bank(encode, texts, ids, dim, dtype, init_file, mmap_path)
+
+
+def _from_main(make: Callable[[], TargetBank], mmap_path: Path, ids: Sequence[str], dtype: str) -> TargetBank:
+    """``make()`` on the main process (which writes ``mmap_path``); the others open the file it wrote."""
+    main = process_rank() == 0
+    bank = make() if main else None
+    barrier()
+    return bank if main else TargetBank.open_mmap(mmap_path, ids, dtype)
+
+
+def _bank_from_file(path: str | os.PathLike, ids: Sequence[str], dtype: str, mmap_path: Any) -> TargetBank:
+    """The bank read from a file of rows; into one memory-mapped working file written by the main process."""
+    if mmap_path is None:
+        return TargetBank.from_file(path, ids, dtype=dtype)
+    if world_size() == 1:
+        return TargetBank.from_file(path, ids, dtype=dtype, mmap_path=mmap_path)
+    return _from_main(lambda: TargetBank.from_file(path, ids, dtype=dtype, mmap_path=mmap_path), mmap_path, ids, dtype)
+
+
+def _encoded_bank(
+    encode: Any, texts: Sequence[str], ids: Sequence[str], dim: int | None, dtype: str, init_file: Any, mmap_path: Any
+) -> TargetBank:
+    """Encodes ``texts`` once into the bank (written to ``init_file`` first, in float32, when given)."""
+    if world_size() == 1:  # one process: stream the encoding straight into the bank
+        if not init_file:
+            return TargetBank.from_encoder(encode, texts, ids, dtype, mmap_path)
+        bank = TargetBank.from_encoder(encode, texts, ids)  # the init file keeps float32 rows
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        bank.save(init_file)
+        if dtype == "fp32" and mmap_path is None:
+            return bank
+        del bank
+        return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
+    if not init_file and mmap_path is not None:
+        # the main process creates the (sparse, zero) file; each process writes the rows it encoded into it
+        bank = _from_main(lambda: TargetBank.create_mmap(mmap_path, len(ids), dim, ids, dtype), mmap_path, ids, dtype)
+        encode_corpus(encode, texts, write=lambda start, rows: (bank.write_rows(start, rows), bank.flush()))
+        bank.mark_all_changed()  # on every process, as with one process
+        return bank
+    rows = torch.from_numpy(encode_corpus(encode, texts))
+    if not init_file:
+        return TargetBank(rows, ids, dtype)
+    if process_rank() == 0:
+        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
+        TargetBank(rows, ids).save(init_file)
+    barrier()
+    if mmap_path is None:
+        return TargetBank(rows, ids, dtype)
+    del rows
+    return _bank_from_file(init_file, ids, dtype, mmap_path)

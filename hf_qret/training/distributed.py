@@ -32,26 +32,41 @@ __all__ = [
 ]
 
 
-def world_size() -> int:
-    """The number of processes of the initialised ``torch.distributed`` group (1 when not distributed)."""
+def _group() -> Any:
+    """``torch.distributed`` when a process group is initialised, else ``None``."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world_size() -> int:
+    """The number of processes of the initialised ``torch.distributed`` group (1 when not distributed).
+
+    Example:
+        >>> world_size()  # outside torch.distributed
+        1
+    """
+    dist = _group()
+    return 1 if dist is None else dist.get_world_size()
 
 
 def process_rank() -> int:
-    """This process's rank in the initialised ``torch.distributed`` group (0 when not distributed)."""
-    import torch.distributed as dist
+    """This process's rank in the initialised ``torch.distributed`` group (0 when not distributed).
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
+    Example:
+        >>> process_rank()
+        0
+    """
+    dist = _group()
+    return 0 if dist is None else dist.get_rank()
 
 
 def barrier() -> None:
-    """Waits for every process (a no-op outside ``torch.distributed``)."""
+    """Waits for every process (a no-op outside ``torch.distributed``).
+
+    Example:
+        >>> barrier()  # outside torch.distributed: returns at once
+    """
     import torch.distributed as dist
 
     if world_size() > 1:
@@ -110,6 +125,10 @@ def is_row_writer(mmap_path: str | Path | None) -> bool:
     optimizer state and read the rows it wrote), so every row moves once per step.
 
     Must be called by every process at the same point (it is a collective).
+
+    Example:
+        >>> is_row_writer("out/bank_mmap.npy")  # one process: it writes
+        True
     """
     import torch.distributed as dist
 
@@ -182,6 +201,12 @@ def row_gradients(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of ``weight`` that have a gradient and those gradients (sparse or dense ``weight.grad``).
 
     Returns empty tensors when there is no gradient.
+
+    Example:
+        >>> weight = torch.zeros(3, 2, requires_grad=True)
+        >>> weight[1].sum().backward()
+        >>> row_gradients(weight)[0].tolist()
+        [1]
     """
     grad = weight.grad
     if grad is None:
@@ -208,6 +233,12 @@ def all_reduce_row_grad(weight: torch.Tensor, average: bool = True) -> int:
 
     Returns:
         How many rows carry a gradient after the reduction.
+
+    Example:
+        >>> weight = torch.zeros(3, 2, requires_grad=True)
+        >>> weight[1].sum().backward()
+        >>> all_reduce_row_grad(weight)  # one process: counts the rows with a gradient
+        1
     """
     world = world_size()
     if world == 1:

@@ -28,7 +28,7 @@ from ..bank.core import TargetBank
 from ..data import pairs_from_texts, text_columns, texts_of
 from ..errors import ConfigError, DataError
 from ..serving.encoder import is_sentence_transformer
-from .corpus import DocumentSet, encode_bank, load_corpus
+from .corpus import DocumentSet, document_encode, encode_bank, encoder_fingerprint, load_corpus
 from .st_evaluation import adapt_evaluator, bank_resolver, check_evaluator, evaluator_documents
 
 __all__ = ["DropIn", "prepare_dropin"]
@@ -41,7 +41,13 @@ CORPUS_BATCH_SIZE = 64
 
 @dataclass
 class DropIn:
-    """What :func:`prepare_dropin` hands the trainer."""
+    """What :func:`prepare_dropin` hands the trainer.
+
+    Example:
+        >>> ready = prepare_dropin(model, args, pairs, corpus={"d1": "text"})  # doctest: +SKIP
+        >>> isinstance(ready, DropIn)  # doctest: +SKIP
+        True
+    """
 
     bank: TargetBank
     train_dataset: Any
@@ -135,14 +141,18 @@ def prepare_dropin(
         if extra:
             logger.info("bank: added %d document(s) of the evaluator's corpus that are not in the corpus", extra)
         logger.info("bank: %d documents (%d from the corpus)", len(docs), in_corpus)
+        getattr(args, "device", None)  # forms the process group: under several processes each encodes a share
         bank = encode_bank(
-            model,
-            docs,
-            args.output_dir,
-            tokenizer=tokenizer,
-            batch_size=CORPUS_BATCH_SIZE,
+            document_encode(model, CORPUS_BATCH_SIZE, tokenizer),
+            docs.texts,
+            docs.ids,
             dtype=args.bank_dtype,
-            main_process_first=getattr(args, "main_process_first", None),
+            cache_dir=args.output_dir,
+            cache_key={
+                "num_docs": len(docs),
+                "documents": docs.digest(),
+                "encoder": encoder_fingerprint(model, tokenizer),
+            },
         )
         members: Any = docs
         id_of_text = docs.id_of
@@ -189,7 +199,11 @@ def prepare_dropin(
 
 
 def write_corpus_texts(output_dir: Any, texts: dict[str, str]) -> None:
-    """Writes ``OUTPUT_DIR/corpus.jsonl`` (``{"_id", "text"}`` lines in bank row order), atomically, no pickle."""
+    """Writes ``OUTPUT_DIR/corpus.jsonl`` (``{"_id", "text"}`` lines in bank row order), atomically, no pickle.
+
+    Example:
+        >>> write_corpus_texts("runs/out", {"d1": "a text"})  # doctest: +SKIP
+    """
     import json
     import os
     from pathlib import Path

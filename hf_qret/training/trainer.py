@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,34 +19,18 @@ from ..data import training_positive_rows
 from ..errors import TrainingDivergedError
 from ..index.core import QuantizedIndex, set_faiss_threads
 from ..index.mining import IndexMiner, MinedBatch
-from ..serving.artifact import (
-    ARTIFACT_IGNORE_PATTERNS,
-    WORKING_FILE_PATTERNS,
-    copy_artifact_files,
-    save_document_encoder,
-    save_retrieval_files,
-    training_record,
-    write_json,
-)
+from ..serving.artifact import save_document_encoder, training_record
 from ..serving.encoder import configure_encoder, embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from ..serving.peft_utils import has_adapter
 from .callbacks import BankStepCallback, IndexRefreshCallback
-from .checkpoint import (
-    BANK_OPTIMIZER_NAME,
-    load_anchors,
-    load_bank_rows,
-    load_mining_index,
-    load_optimizer_states,
-    load_refresh_state,
-    publish_checkpoint,
-    save_training_state,
-    staging_folder,
-)
+from .checkpoint import BANK_OPTIMIZER_NAME
 from .collator import QRetDataCollator
 from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
-from .dropin import prepare_dropin, write_corpus_texts
+from .dropin import prepare_dropin
+from .hub_mixin import HubMixin
 from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .optim import FollowScheduler, RowAdam, RowSGD
+from .persistence import CheckpointMixin
 from .safety_net import SafetyNetCallback
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
@@ -56,7 +38,7 @@ __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
 logger = logging.getLogger(__name__)
 
 
-class QRetTrainer(Trainer):
+class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
     """A ``Trainer`` whose ``compute_loss`` scores queries against index-mined candidates from a trainable bank.
 
     Per batch: the model encodes the queries; the miner retrieves each query's top-k rows from the *quantized* index;
@@ -378,6 +360,7 @@ class QRetTrainer(Trainer):
         return {f"{metric_key_prefix}_{key}": value for key, value in scores.items()}
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.evaluation_loop``, with the retrieval metrics added when :meth:`evaluate` runs both."""
         output = super().evaluation_loop(*args, **kwargs)
         prefix = getattr(self, "_retrieval_prefix", None)
         if prefix is not None:
@@ -403,280 +386,7 @@ class QRetTrainer(Trainer):
             return loss, None, None
         return loss, outputs["query_embeddings"].detach(), inputs["positive_rows"]
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ saving (and resuming: CheckpointMixin)
     def artifact_config(self) -> dict[str, Any]:
         """What ``qret_config.json`` records about the training run (:func:`hf_qret.serving.artifact.training_record`)."""
         return training_record(self)
-
-    def save_merged_model(self, output_dir: str | None = None) -> str:
-        """Saves the artifact with the encoder's peft adapter merged into a copy of the base weights (a plain,
-        self-contained model); see :func:`hf_qret.serving.peft_utils.save_merged`. ``save_model`` keeps the adapter."""
-        from ..serving.peft_utils import save_merged
-
-        return save_merged(self, output_dir)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        self.bank.flush()
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if is_sentence_transformer(model):
-            model.save_pretrained(output_dir)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-        else:
-            super()._save(output_dir, state_dict)
-        if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
-            write_corpus_texts(output_dir, self.corpus_texts)
-        save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
-        verdict = self.safety_net.verdict if self.safety_net is not None else None
-        if verdict is not None and os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
-            from ..hub.model_card import EVAL_RESULTS_NAME
-
-            write_json(verdict.as_results(), os.path.join(output_dir, EVAL_RESULTS_NAME))  # the card reads it
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Writes the checkpoint into a staging folder and renames it into place: never half-written. A push
-        (``push_to_hub``) then reads the final folder."""
-        run_dir = self._get_output_dir(trial=trial)
-        staging = staging_folder(run_dir, self.state.global_step)
-        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
-        self._defer_push = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-            self._defer_push = False
-        # Every process writes its own files into the staging folder (rng_state_<rank>.pth): all of them must be
-        # there before the main process moves it, or a late one recreates the staging folder beside the checkpoint.
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = publish_checkpoint(staging, run_dir, self.state, self.args.save_total_limit)
-            if self.args.push_to_hub:
-                self._push_from_checkpoint(final)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            save_training_state(
-                output_dir,
-                bank=self.bank,
-                bank_optimizer=self.bank_optimizer,
-                loss=self.loss,
-                mining_index=self.index,
-                served_index=self.served_index(),
-                refresh_state=self.refresh_callback.state_dict(),
-            )
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            load_optimizer_states(checkpoint, bank=self.bank, bank_optimizer=self.bank_optimizer, loss=self.loss)
-
-    def _load_encoder(self, folder: str, model: nn.Module | None = None) -> None:
-        """Loads a checkpoint's encoder weights into the model (sentence-transformers, peft adapter or transformers)."""
-        target = model if model is not None else self.model
-        if is_sentence_transformer(target) and has_adapter(target):
-            from ..serving.peft_utils import load_adapter_weights
-
-            load_adapter_weights(self.accelerator.unwrap_model(target), folder)
-        elif is_sentence_transformer(target):
-            from sentence_transformers import SentenceTransformer
-
-            loaded = SentenceTransformer(folder, device="cpu")
-            self.accelerator.unwrap_model(target).load_state_dict(loaded.state_dict())
-        else:
-            super()._load_from_checkpoint(folder, model)
-
-    def _load_bank(self, folder: str) -> Any:
-        """Streams a checkpoint's bank into the bank's own storage (dtype, device, memory map); returns its files.
-
-        Every row then counts as changed, until the bank optimizer state says which rows changed since the
-        checkpoint's index was refreshed.
-        """
-        files = load_bank_rows(folder, self.bank)
-        self.refresh_callback.bank_version_at_refresh = self.bank.version
-        self._served = None
-        return files
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Resume: the encoder, the bank, the index the run mined from (and its shortlist), the index refresh schedule
-        and the drift-control anchors of the checkpoint (see :mod:`hf_qret.training.checkpoint`)."""
-        self._load_encoder(resume_from_checkpoint, model)
-        files = self._load_bank(resume_from_checkpoint)
-        load_refresh_state(resume_from_checkpoint, self.refresh_callback)
-        load_mining_index(resume_from_checkpoint, self.index, files.index.index)
-        load_anchors(resume_from_checkpoint, bank_optimizer=self.bank_optimizer)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: the best checkpoint's encoder, bank and served index (the base ``Trainer``
-        would load only transformers weights, and not into a sentence-transformers model)."""
-        folder = self.state.best_model_checkpoint
-        logger.info("Loading the best model from %s (score: %s).", folder, self.state.best_metric)
-        self.restore_snapshot(folder)
-
-    def save_untrained_snapshot(self, folder: str) -> None:
-        """Saves the model as it is now (encoder, bank, served index) for :meth:`restore_snapshot`: the safety
-        net's untrained model. Written by the main process; the others wait."""
-        self._save(folder)
-        self.accelerator.wait_for_everyone()
-
-    def restore_snapshot(self, folder: str) -> None:
-        """Loads encoder, bank and index from a saved folder (a checkpoint or the safety net's snapshot) on every
-        process; the index is that folder's, so nothing is stale."""
-        self._load_encoder(folder)
-        files = self._load_bank(folder)
-        self.index.replace(files.index.index)
-        self.bank.clear_changed()
-
-    # ------------------------------------------------------------------ Hub
-    def _bind_callbacks(self) -> None:
-        """Attaches this trainer to callbacks that need it (``bind_trainer``, e.g. ``hf_qret.hub.callback.PushToHubCallback``)."""
-        for callback in self.callback_handler.callbacks:
-            if hasattr(callback, "bind_trainer") and getattr(callback, "trainer", None) is None:
-                callback.bind_trainer(self)
-
-    def add_callback(self, callback: Any) -> None:
-        super().add_callback(callback)
-        if hasattr(self, "callback_handler"):
-            self._bind_callbacks()
-
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:  # fmt: skip
-        """Writes hf-qret's model card (``README.md`` + ``quality_vs_bytes.png``) into ``args.output_dir``.
-
-        ``push_to_hub`` calls it after saving. Metrics come from ``output_dir/eval_results.json`` when the recipe
-        wrote one, else from the latest retrieval evaluation in the log history.
-        """
-        if not self.is_world_process_zero():
-            return
-        from ..hub.model_card import write_training_card
-
-        datasets = dataset_tags or dataset
-        write_training_card(
-            self.args.output_dir,
-            self.state.log_history,
-            repo_id=self.hub_model_id or self.args.hub_model_id,
-            base_model=finetuned_from,
-            datasets=[datasets] if isinstance(datasets, str) else datasets,
-            tags=[tags] if isinstance(tags, str) else (tags or ()),
-            license=license,
-            language=language,
-        )
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """``Trainer.push_to_hub`` for the artifact: saves it (``save_model``: the encoder and the index of the final
-        bank), renders hf-qret's model card and uploads ``args.output_dir`` in one commit, leaving out what
-        :mod:`hf_qret.serving.artifact`'s manifest says is not part of an artifact (checkpoints, training state, pickles such
-        as ``training_args.bin``, working files such as ``bank_mmap.npy``), which the base ``Trainer`` would upload.
-
-        Args:
-            commit_message: The commit's message.
-            blocking: Wait for the upload; else return a ``Future`` of it.
-            token: A Hub token with write access (default: ``args.hub_token``).
-            revision: The branch to commit to (default: ``args.hub_revision``).
-            private: Visibility of a newly created repository.
-            **kwargs: Passed to :meth:`create_model_card` (``language``, ``license``, ``tags``, ``dataset``...).
-
-        Returns:
-            The ``CommitInfo`` of the upload (a ``Future`` of it when not ``blocking``; ``None`` on other processes).
-
-        Example:
-            >>> args = QRetTrainingArguments("out", hub_model_id="me/minilm-scifact-opq16")  # doctest: +SKIP
-            >>> trainer.train(); trainer.push_to_hub(license="apache-2.0")  # doctest: +SKIP
-        """
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        model_name = kwargs.pop("model_name", None)
-        if model_name is None and self.args.should_save:
-            model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]
-        token = token if token is not None else self.args.hub_token
-        if self.hub_model_id is None:  # push_to_hub=False in the arguments
-            self.init_hf_repo(token=token, private=private)
-        self.save_model(_internal_call=True)  # every process (sharded saving); only the main one uploads
-        if not self.is_world_process_zero():
-            return None
-        model_tags = getattr(self.model, "model_tags", None)
-        if model_tags:
-            tags = kwargs.get("tags") or []
-            tags = [tags] if isinstance(tags, str) else list(tags)
-            kwargs["tags"] = tags + [tag for tag in model_tags if tag not in tags]
-        self.create_model_card(model_name=model_name, **kwargs)
-        self._finish_current_push()
-        return self._upload_artifact(
-            commit_message, token=token, revision=revision or self.args.hub_revision, run_as_future=not blocking
-        )
-
-    def _upload_artifact(self, commit_message: str | None, *, token: str | None, revision: str | None,
-                         run_as_future: bool) -> Any:  # fmt: skip
-        """One ``upload_folder`` commit of ``args.output_dir``'s artifact files (the manifest's ignore patterns),
-        through the ``HfApi`` the base ``Trainer`` uses."""
-        from transformers import trainer as hf_trainer
-
-        return hf_trainer.hf_api().upload_folder(
-            repo_id=self.hub_model_id,
-            folder_path=self.args.output_dir,
-            commit_message=commit_message,
-            token=token,
-            run_as_future=run_as_future,
-            ignore_patterns=list(ARTIFACT_IGNORE_PATTERNS),
-            revision=revision,
-        )
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Mid-training push (``push_to_hub=True``, ``hub_strategy`` other than ``"end"``): copies the checkpoint's
-        artifact files (the sentence-transformers modules, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``,
-        ``qret_config.json``; :func:`hf_qret.serving.artifact.copy_artifact_files`) into ``args.output_dir``, renders the
-        model card and uploads the artifact as :meth:`push_to_hub` does; never training state, pickles or working
-        files. ``hub_strategy="checkpoint"`` / ``"all_checkpoints"`` also upload the whole checkpoint folder (training
-        state included, to resume from) to ``last-checkpoint/`` / ``checkpoint-N/``, which
-        :class:`~hf_qret.serving.retriever.QuantizedRetriever` never downloads."""
-        if self._defer_push:  # inside _save_checkpoint: pushed once the checkpoint is in its final folder
-            return
-        strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
-        pushing = self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()
-        if not self.is_world_process_zero() or strategy == "end" or not pushing:
-            return
-        from transformers import trainer as hf_trainer
-        from transformers.utils import PushInProgress
-
-        from ..hub.model_card import write_training_card
-
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        copy_artifact_files(checkpoint_folder, self.args.output_dir)
-        write_training_card(self.args.output_dir, self.state.log_history, repo_id=self.hub_model_id)
-        if getattr(self.args.save_strategy, "value", self.args.save_strategy) == "steps":
-            commit_message = f"Training in progress, step {self.state.global_step}"
-        else:
-            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
-        jobs = [
-            self._upload_artifact(
-                commit_message, token=self.args.hub_token, revision=self.args.hub_revision, run_as_future=True
-            )
-        ]
-        if strategy in ("checkpoint", "all_checkpoints"):
-            jobs.append(
-                hf_trainer.hf_api().upload_folder(
-                    repo_id=self.hub_model_id,
-                    folder_path=checkpoint_folder,
-                    path_in_repo="last-checkpoint" if strategy == "checkpoint" else Path(checkpoint_folder).name,
-                    commit_message=commit_message + ", checkpoint",
-                    token=self.args.hub_token,
-                    run_as_future=True,
-                    ignore_patterns=list(WORKING_FILE_PATTERNS),
-                    revision=self.args.hub_revision,
-                )
-            )
-        if self.push_in_progress is None or self.push_in_progress.is_done():
-            self.push_in_progress = PushInProgress(jobs)
-        else:
-            self.push_in_progress.jobs.extend(jobs)

@@ -1,0 +1,170 @@
+"""``QRetTrainer``'s saving and resuming: :class:`CheckpointMixin`, the ``transformers.Trainer`` overrides that write
+the artifact in every save, publish checkpoints atomically and give a resumed run (or the best / the untrained model)
+back its encoder, bank, index and schedules. What a checkpoint holds is :mod:`hf_qret.training.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from ..serving.artifact import save_retrieval_files, write_json
+from ..serving.encoder import is_sentence_transformer
+from ..serving.peft_utils import has_adapter
+from .checkpoint import (
+    load_anchors,
+    load_bank_rows,
+    load_mining_index,
+    load_optimizer_states,
+    load_refresh_state,
+    publish_checkpoint,
+    save_training_state,
+    staging_folder,
+)
+from .dropin import write_corpus_texts
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["CheckpointMixin"]
+
+logger = logging.getLogger("hf_qret.training.trainer")
+
+
+class CheckpointMixin:
+    """Saving and resuming for :class:`~hf_qret.training.trainer.QRetTrainer` (mixed in before
+    ``transformers.Trainer``): the artifact in every save, checkpoints written into a staging folder and renamed
+    into place, and the encoder, bank, index and schedules a resumed run (or the best / untrained model) gets back.
+
+    Example:
+        >>> from hf_qret import QRetTrainer
+        >>> issubclass(QRetTrainer, CheckpointMixin)
+        True
+    """
+
+    def save_merged_model(self, output_dir: str | None = None) -> str:
+        """Saves the artifact with the encoder's peft adapter merged into a copy of the base weights (a plain,
+        self-contained model); see :func:`hf_qret.serving.peft_utils.save_merged`. ``save_model`` keeps the adapter."""
+        from ..serving.peft_utils import save_merged
+
+        return save_merged(self, output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Writes the artifact (encoder, corpus texts, index, doc ids, bank, config) into ``output_dir``."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.bank.flush()
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if is_sentence_transformer(model):
+            model.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        else:
+            super()._save(output_dir, state_dict)
+        if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
+            write_corpus_texts(output_dir, self.corpus_texts)
+        save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
+        verdict = self.safety_net.verdict if self.safety_net is not None else None
+        if verdict is not None and os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
+            from ..hub.model_card import EVAL_RESULTS_NAME
+
+            write_json(verdict.as_results(), os.path.join(output_dir, EVAL_RESULTS_NAME))  # the card reads it
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Writes the checkpoint into a staging folder and renames it into place: never half-written. A push
+        (``push_to_hub``) then reads the final folder."""
+        run_dir = self._get_output_dir(trial=trial)
+        staging = staging_folder(run_dir, self.state.global_step)
+        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+        self._defer_push = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+            self._defer_push = False
+        # Every process writes its own files into the staging folder (rng_state_<rank>.pth): all of them must be
+        # there before the main process moves it, or a late one recreates the staging folder beside the checkpoint.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = publish_checkpoint(staging, run_dir, self.state, self.args.save_total_limit)
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(final)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's optimizer and scheduler, plus the bank's training state (:func:`save_training_state`)."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_training_state(
+                output_dir,
+                bank=self.bank,
+                bank_optimizer=self.bank_optimizer,
+                loss=self.loss,
+                mining_index=self.index,
+                served_index=self.served_index(),
+                refresh_state=self.refresh_callback.state_dict(),
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's optimizer and scheduler, plus the bank's and the loss's optimizer states."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_optimizer_states(checkpoint, bank=self.bank, bank_optimizer=self.bank_optimizer, loss=self.loss)
+
+    def _load_encoder(self, folder: str, model: nn.Module | None = None) -> None:
+        """Loads a checkpoint's encoder weights into the model (sentence-transformers, peft adapter or transformers)."""
+        target = model if model is not None else self.model
+        if is_sentence_transformer(target) and has_adapter(target):
+            from ..serving.peft_utils import load_adapter_weights
+
+            load_adapter_weights(self.accelerator.unwrap_model(target), folder)
+        elif is_sentence_transformer(target):
+            from ..serving.sentence_encoder import load_encoder
+
+            loaded = load_encoder(folder, "cpu", trainable=True)  # the folder as a SentenceTransformer
+            self.accelerator.unwrap_model(target).load_state_dict(loaded.state_dict())
+        else:
+            super()._load_from_checkpoint(folder, model)
+
+    def _load_bank(self, folder: str) -> Any:
+        """Streams a checkpoint's bank into the bank's own storage (dtype, device, memory map); returns its files.
+
+        Every row then counts as changed, until the bank optimizer state says which rows changed since the
+        checkpoint's index was refreshed.
+        """
+        files = load_bank_rows(folder, self.bank)
+        self.refresh_callback.bank_version_at_refresh = self.bank.version
+        self._served = None
+        return files
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume: the encoder, the bank, the index the run mined from (and its shortlist), the index refresh schedule
+        and the drift-control anchors of the checkpoint (see :mod:`hf_qret.training.checkpoint`)."""
+        self._load_encoder(resume_from_checkpoint, model)
+        files = self._load_bank(resume_from_checkpoint)
+        load_refresh_state(resume_from_checkpoint, self.refresh_callback)
+        load_mining_index(resume_from_checkpoint, self.index, files.index.index)
+        load_anchors(resume_from_checkpoint, bank_optimizer=self.bank_optimizer)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's encoder, bank and served index (the base ``Trainer``
+        would load only transformers weights, and not into a sentence-transformers model)."""
+        folder = self.state.best_model_checkpoint
+        logger.info("Loading the best model from %s (score: %s).", folder, self.state.best_metric)
+        self.restore_snapshot(folder)
+
+    def save_untrained_snapshot(self, folder: str) -> None:
+        """Saves the model as it is now (encoder, bank, served index) for :meth:`restore_snapshot`: the safety
+        net's untrained model. Written by the main process; the others wait."""
+        self._save(folder)
+        self.accelerator.wait_for_everyone()
+
+    def restore_snapshot(self, folder: str) -> None:
+        """Loads encoder, bank and index from a saved folder (a checkpoint or the safety net's snapshot) on every
+        process; the index is that folder's, so nothing is stale."""
+        self._load_encoder(folder)
+        files = self._load_bank(folder)
+        self.index.replace(files.index.index)
+        self.bank.clear_changed()
