@@ -1,7 +1,7 @@
 """House rule: every public class and function documents itself, with an example; every public method has a docstring.
 
 One test per module under ``hf_qret/``, so a failure names its module; the assertion message lists every offender as
-``module.Name`` (no docstring, or a docstring without ``Example:``/``Examples:``) or ``module.Class.method`` (no
+``module.Name`` (no docstring, or a docstring without an ``Example:``/``Examples:`` section) or ``module.Class.method`` (no
 docstring).
 
 What is checked, per module:
@@ -10,7 +10,11 @@ What is checked, per module:
   module; re-exports are checked where they are defined): a docstring containing ``Example:`` or ``Examples:``;
 * public methods, static and class methods and property getters in each such class's own ``__dict__`` (inherited
   ones are checked on their own class): a docstring. Property setters and deleters are not checked; neither are the
-  overrides in :data:`INHERITED_CONTRACT`, which keep the contract of the ``transformers`` method they override.
+  ``transformers`` overrides of :func:`_inherits_contract` (``TrainerCallback`` events, :data:`TRAINER_OVERRIDES`),
+  which keep the contract of the method they override.
+
+Every module is imported plainly, the ``evaluate`` loading script
+``hf_qret/evaluation/evaluate_metric/ir_retrieval/ir_retrieval.py`` included (it is a package module too).
 """
 
 from __future__ import annotations
@@ -106,3 +110,62 @@ def test_public_api_is_documented(module_name: str) -> None:
         print(f"\n{module_name}: {len(found)} offender(s)")
         print("\n".join(f"  {line}" for line in found))
     assert not found, f"{module_name}: {len(found)} undocumented public name(s):\n" + "\n".join(found)
+
+
+def test_checker_reports_each_kind_of_offender(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker itself: what it reports, what it leaves to the class or module that defines it."""
+    import sys
+    import types
+
+    from transformers import TrainerCallback
+
+    module = types.ModuleType("fake_documented")
+    source = '''
+import os
+from os.path import join
+
+
+def bare():
+    pass
+
+
+def documented():
+    """Does nothing.
+
+    Example:
+        >>> documented()
+    """
+
+
+class Hooks(TrainerCallback):
+    """Callback.
+
+    Examples:
+        >>> Hooks()
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pass
+
+    def public(self):
+        pass
+
+    @property
+    def value(self):
+        return 1
+
+    @value.setter
+    def value(self, new):
+        pass
+
+    def _private(self):
+        pass
+'''
+    module.TrainerCallback = TrainerCallback  # imported: not checked here
+    exec(compile(source, "fake_documented.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert offenders(module.__name__) == [
+        "fake_documented.bare: no docstring",
+        "fake_documented.Hooks.public: no docstring",
+        "fake_documented.Hooks.value: no docstring",
+    ]
