@@ -88,7 +88,12 @@ def _card_main(argv: list[str]) -> Any:
 
 # ------------------------------------------------------------------------------------------------------- evaluate
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``hf-qret evaluate OUT --data DIR --split SPLIT [--run-file FILE]``; prints one JSON line."""
+    """``hf-qret evaluate OUT --data DIR --split SPLIT [--run-file FILE]``; prints one JSON line.
+
+    Example:
+        >>> result = evaluate_main(["runs/scifact", "--data", "recipes/data/scifact"])  # doctest: +SKIP
+        {"split": "test", "queries": 300, "bytes_per_vector": 16, "flat": {"ndcg@10": ...}, "quantized": {...}, ...}
+    """
     parser = argparse.ArgumentParser(
         prog="hf-qret evaluate",
         description="Evaluate an hf-qret artifact with its flat bank and its quantized index on a BEIR split.",
@@ -158,7 +163,14 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hf-qret`` console script."""
+    """Entry point of the ``hf-qret`` console script.
+
+    Example:
+        >>> main(["--help"])  # doctest: +ELLIPSIS
+        usage: hf-qret {train,evaluate,push,card} ...
+        ...
+        0
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     # Each command imports what it needs when it runs (``train`` checks the train extra first).
     commands = {"train": train_main, "evaluate": evaluate_main, "push": _push_main, "card": _card_main}
@@ -181,7 +193,15 @@ TRAIN_EXTRA_MODULES = ("sentence_transformers", "accelerate", "datasets", "peft"
 
 
 def run_command(command, argv: list[str]) -> int:
-    """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2."""
+    """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2.
+
+    Example:
+        >>> from hf_qret.errors import ConfigError
+        >>> def bad_option(argv):
+        ...     raise ConfigError("opq_niter must be at least 1, got 0.")
+        >>> run_command(bad_option, [])  # prints "error: opq_niter must be at least 1, got 0." on stderr
+        2
+    """
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         command(argv)

@@ -50,6 +50,10 @@ class BeirData:
         qrels: Query id to ``{document id: relevance}``.
         split: The name of the qrels split.
         path: The folder the data was read from.
+
+    Example:
+        >>> BeirData({"d1": {"title": "Cats", "text": "purr."}}, {"q1": "do cats purr?"}, {"q1": {"d1": 1}}).doc_texts()
+        ['Cats purr.']
     """
 
     corpus: dict[str, dict[str, str]]
@@ -68,7 +72,12 @@ class BeirData:
 
 
 def doc_text(doc: dict[str, str]) -> str:
-    """Joins a BEIR document's title and text with a space, the convention of BEIR's dense-retrieval models."""
+    """Joins a BEIR document's title and text with a space, the convention of BEIR's dense-retrieval models.
+
+    Example:
+        >>> doc_text({"title": "Cats", "text": "Cats purr."}), doc_text({"title": "", "text": "No title."})
+        ('Cats Cats purr.', 'No title.')
+    """
     return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
 
 
@@ -164,7 +173,14 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
 
 
 def write_qrels(qrels: dict[str, dict[str, int]], path: str | os.PathLike) -> None:
-    """Writes qrels in the BEIR TSV layout (with header), atomically."""
+    """Writes qrels in the BEIR TSV layout (with header), atomically.
+
+    Example:
+        >>> import pathlib, tempfile; path = pathlib.Path(tempfile.mkdtemp(), "qrels", "dev.tsv")
+        >>> write_qrels({"q1": {"d1": 1, "d2": 2}}, path)
+        >>> load_qrels(path)
+        {'q1': {'d1': 1, 'd2': 2}}
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -273,6 +289,10 @@ def carve_dev_split(
 
     Returns:
         ``(train_qrels, dev_qrels)``, disjoint in queries.
+
+    Example:
+        >>> [len(part) for part in carve_dev_split({f"q{i}": {"d1": 1} for i in range(10)}, dev_fraction=0.2)]
+        [8, 2]
     """
     if not 0.0 < dev_fraction < 1.0:
         raise DataError(f"dev_fraction must lie strictly between 0 and 1, got {dev_fraction}.")
@@ -295,6 +315,10 @@ def build_pairs_dataset(data: BeirData, min_relevance: int = 1):
 
     Returns:
         A :class:`datasets.Dataset` with columns ``query_id``, ``query``, ``positive_id`` and ``positive_ids``.
+
+    Example:
+        >>> build_pairs_dataset(BeirData({"d1": {"text": "a"}}, {"q1": "a query"}, {"q1": {"d1": 1}}))[0]
+        {'query_id': 'q1', 'query': 'a query', 'positive_id': 'd1', 'positive_ids': ['d1']}
     """
     from datasets import Dataset
 
@@ -326,7 +350,12 @@ ID_COLUMNS = ("query", "positive_id")
 
 @dataclass(frozen=True)
 class TextColumns:
-    """Which columns of a text-pair dataset are the query, the positive and the hard negatives."""
+    """Which columns of a text-pair dataset are the query, the positive and the hard negatives.
+
+    Example:
+        >>> TextColumns("anchor", "positive", ("negative",)).negatives
+        ('negative',)
+    """
 
     query: str
     positive: str
@@ -427,7 +456,14 @@ def pairs_from_texts(dataset, columns: TextColumns, doc_id_of) -> Any:
 
 
 def texts_of(dataset, columns: TextColumns) -> Iterator[str]:
-    """Every document text of a text-pair dataset: positives, then hard negatives, row by row."""
+    """Every document text of a text-pair dataset: positives, then hard negatives, row by row.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> rows = Dataset.from_dict({"anchor": ["q"], "positive": ["p"], "negative": ["n"]})
+        >>> list(texts_of(rows, text_columns(rows)))
+        ['p', 'n']
+    """
     names = (columns.positive, *columns.negatives)
     for column in (dataset[name] for name in names):
         for value in column:
@@ -441,6 +477,9 @@ def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
 
     Raises:
         ConfigError: the dataset has no ``positive_id`` column to read them from.
+
+    Example:
+        >>> training_positive_rows(trainer.train_dataset, trainer.bank).sum()  # doctest: +SKIP
     """
     import torch
 

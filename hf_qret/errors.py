@@ -7,27 +7,71 @@ class QRetError(Exception):
     """Base class of every error hf-qret raises for bad input (paths, configs, data, artifacts).
 
     The command line prints the message of these errors as one line, without a traceback, and exits with status 2.
+
+    Example:
+        >>> from hf_qret.errors import ConfigError, QRetError
+        >>> try:
+        ...     raise ConfigError("opq_niter must be at least 1, got 0.")
+        ... except QRetError as exc:  # every hf-qret input error, whatever its kind
+        ...     print(exc)
+        opq_niter must be at least 1, got 0.
     """
 
 
 class DataError(QRetError, ValueError):
-    """A data folder is missing, malformed or inconsistent."""
+    """A data folder is missing, malformed or inconsistent.
+
+    Example:
+        >>> from hf_qret.data import load_beir
+        >>> load_beir("no/such/folder/here")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.DataError: ...
+        >>> issubclass(DataError, ValueError)  # callers catching ValueError still catch it
+        True
+    """
 
 
 class ConfigError(QRetError, ValueError):
-    """A configuration value is invalid (for example a FAISS factory string)."""
+    """A configuration value is invalid (for example a FAISS factory string).
+
+    Example:
+        >>> from hf_qret.index.core import QuantizedIndex
+        >>> QuantizedIndex(32, "PQ7")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.ConfigError: invalid --index_factory 'PQ7' for dimension 32 ...
+    """
 
 
 class ArtifactError(QRetError, ValueError):
-    """A saved artifact (bank, index, doc-id map) is missing, corrupt or inconsistent."""
+    """A saved artifact (bank, index, doc-id map) is missing, corrupt or inconsistent.
+
+    Example:
+        >>> from hf_qret.index.core import QuantizedIndex
+        >>> QuantizedIndex.load("no-such-index.faiss")
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.ArtifactError: no-such-index.faiss: no such index file; train or download the artifact first.
+    """
 
 
 class MissingExtraError(QRetError, ImportError):
-    """A command needs an optional extra (``pip install 'hf-qret[train]'``) that is not installed."""
+    """A command needs an optional extra (``pip install 'hf-qret[train]'``) that is not installed.
+
+    Example:
+        >>> issubclass(MissingExtraError, ImportError)  # callers catching ImportError still catch it
+        True
+    """
 
 
 class TrainingDivergedError(QRetError, RuntimeError):
-    """The loss became NaN or infinite; training stopped before the bad step changed anything."""
+    """The loss became NaN or infinite; training stopped before the bad step changed anything.
+
+    Example:
+        >>> str(TrainingDivergedError.at(float("nan"), step=120, epoch=0.5, output_dir="no-such-run"))  # doctest: +ELLIPSIS
+        'the loss became nan at step 120 (epoch 0.50); ... no checkpoint was saved yet (set --save_steps)...'
+    """
 
     @classmethod
     def at(cls, value: float, step: int, epoch: float, output_dir: str) -> TrainingDivergedError:

@@ -26,7 +26,16 @@ def _run_from(scores: np.ndarray, rows: np.ndarray, query_ids: list[str], doc_id
 def search_run(
     query_embeddings: np.ndarray, query_ids: list[str], searcher: QuantizedIndex, doc_ids: list[str], k: int = 100
 ) -> dict[str, dict[str, float]]:
-    """Top-``k`` run (``{query id: {doc id: score}}``) of ``searcher`` for the given query embeddings."""
+    """Top-``k`` run (``{query id: {doc id: score}}``) of ``searcher`` for the given query embeddings.
+
+    Example:
+        >>> import numpy as np
+        >>> from hf_qret.index.core import QuantizedIndex
+        >>> index = QuantizedIndex(4, "Flat", use_gpu=False)
+        >>> index.build(np.eye(4, dtype="float32"))
+        >>> search_run(np.eye(4, dtype="float32")[:1], ["q1"], index, ["d0", "d1", "d2", "d3"], k=1)
+        {'q1': {'d0': 1.0}}
+    """
     scores, rows = searcher.search(query_embeddings, k)
     return _run_from(scores, rows, query_ids, doc_ids)
 

@@ -39,6 +39,15 @@ def load_ir_metric(cache: bool = True, **kwargs: Any):
 
     Returns:
         An ``evaluate.EvaluationModule``; ``compute(predictions=..., references=..., metrics=[...], prefix="")``.
+
+    Example:
+        >>> ir = load_ir_metric()
+        >>> ir.compute(
+        ...     predictions=[{"query_id": "q1", "doc_ids": ["d1", "d2"], "scores": [2.0, 1.0]}],
+        ...     references=[{"query_id": "q1", "doc_ids": ["d2"], "relevance": [1]}],
+        ...     metrics=["mrr@10"],
+        ... )
+        {'mrr@10': 0.5}
     """
     kwargs.setdefault("keep_in_memory", True)
     key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
@@ -102,6 +111,10 @@ def compute_ir_metrics(
 
     Returns:
         Metric name to its mean over the (selected) judged queries; NaN for every metric when none is selected.
+
+    Example:
+        >>> compute_ir_metrics({"q1": {"d1": 2.0, "d2": 1.0}}, {"q1": {"d2": 1}}, metrics=["mrr@10", "recall@1"])
+        {'mrr@10': 0.5, 'recall@1': 0.0}
     """
     metrics = tuple(metrics)
     predictions, references = to_metric_inputs(run, qrels, query_ids)

@@ -47,6 +47,11 @@ def per_query_metrics(
 
     Returns:
         Metric name to ``{query id: value}``. Judged queries missing from ``run`` score 0.
+
+    Example:
+        >>> run = {"q1": {"d1": 2.0, "d2": 1.0}, "q2": {"d3": 1.0}}
+        >>> per_query_metrics(run, {"q1": {"d2": 1}, "q2": {"d3": 1}}, metrics=["mrr@10"])
+        {'mrr@10': {'q1': 0.5, 'q2': 1.0}}
     """
     import pytrec_eval
 
@@ -98,6 +103,13 @@ def write_trec_run(run: Run, path: str | os.PathLike, tag: str = "hf-qret") -> N
     """Writes a run in TREC format (``qid Q0 docid rank score tag``), atomically.
 
     Scores are written with full (round-trip) precision, so evaluating the file gives exactly the in-memory metrics.
+
+    Example:
+        >>> import pathlib, tempfile; path = pathlib.Path(tempfile.mkdtemp(), "run.trec")
+        >>> write_trec_run({"q1": {"d1": 2.0, "d2": 1.0}}, path)
+        >>> print(path.read_text(), end="")
+        q1 Q0 d1 1 2.0 hf-qret
+        q1 Q0 d2 2 1.0 hf-qret
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

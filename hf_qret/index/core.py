@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError
+from .codes import DecodedCodes, in_place_updater, served_codes_nbytes
 from .factory import OPQ_MIN_ROWS, fit_factory
 from .faiss_ops import (
     MAX_TRAIN_ROWS,
-    apply_transforms,
     as_float32,
     chunks,
     disable_polysemous_training,
@@ -34,7 +33,6 @@ from .faiss_ops import (
     nested_indexes,
     set_faiss_threads,
     set_opq_iterations,
-    split_pretransform,
     train_sample,
 )
 from .shortlist import MiningShortlist, served_parts
@@ -57,7 +55,15 @@ REFRESH_MODES = ("reencode", "retrain", "incremental")
 
 
 def check_index_options(opq_niter: int | None, mining_nlist: int, mining_nprobe: int) -> None:
-    """Raises :class:`ConfigError` for an OPQ iteration count or mining-shortlist setting that cannot work."""
+    """Raises :class:`ConfigError` for an OPQ iteration count or mining-shortlist setting that cannot work.
+
+    Example:
+        >>> check_index_options(opq_niter=None, mining_nlist=0, mining_nprobe=16)  # the defaults: fine
+        >>> check_index_options(opq_niter=0, mining_nlist=0, mining_nprobe=16)
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.ConfigError: opq_niter must be at least 1 (FAISS's default is 50), got 0.
+    """
     if opq_niter is not None and int(opq_niter) < 1:
         raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {opq_niter}.")
     if int(mining_nlist) < 0 or int(mining_nprobe) < 1:
@@ -65,23 +71,6 @@ def check_index_options(opq_niter: int | None, mining_nlist: int, mining_nprobe:
             f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {mining_nlist} and "
             f"{mining_nprobe}."
         )
-
-
-class _Decoded:
-    """The decoded codes of an index as a chunk-sliceable array-like (what :func:`chunks` and
-    :func:`train_sample` read)."""
-
-    def __init__(self, index: QuantizedIndex) -> None:
-        self.index = index
-
-    def __len__(self) -> int:
-        return self.index.ntotal
-
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        if isinstance(rows, slice):
-            start, stop, _ = rows.indices(len(self))
-            return self.index.index.reconstruct_n(start, stop - start)
-        return self.index.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
 
 
 class QuantizedIndex:
@@ -208,6 +197,7 @@ class QuantizedIndex:
 
     @property
     def is_trained(self) -> bool:
+        """Whether the codebooks (and coarse quantizer / rotation) are trained: :meth:`train` or :meth:`build` ran."""
         return bool(self.index.is_trained)
 
     def _codec(self) -> Any:
@@ -302,7 +292,7 @@ class QuantizedIndex:
                 return 0
             if rows[0] < 0 or rows[-1] >= self.ntotal:
                 raise ValueError(f"rows to update must lie in [0, {self.ntotal}), got {rows[0]}..{rows[-1]}.")
-            updater, reason = self._in_place_updater()
+            updater, reason = in_place_updater(self.faiss, self.index, self.shortlist)
             if updater is not None:
                 chunk_rows = encode_chunk_rows(self.faiss, self.index)
                 try:
@@ -330,7 +320,7 @@ class QuantizedIndex:
         Raises:
             ConfigError: The index type cannot be updated in place (e.g. HNSW); use a full refresh.
         """
-        updater, reason = self._in_place_updater()
+        updater, reason = in_place_updater(self.faiss, self.index, self.shortlist)
         if updater is None:
             raise ConfigError(f"the {self.factory!r} index cannot be updated in place ({reason}); refresh it fully.")
         rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64))
@@ -340,68 +330,12 @@ class QuantizedIndex:
         updater(rows, vectors)
         self._changed()
 
-    def _in_place_updater(self) -> tuple[Callable[[np.ndarray, np.ndarray], None] | None, str]:
-        """A function writing new codes for (rows, float32 vectors) into the CPU index (and the mining shortlist),
-        or ``None`` and why not."""
-        updater, reason = self._served_updater()
-        shortlist = self.shortlist
-        if updater is None or shortlist is None:
-            return updater, reason
-
-        def update_both(rows: np.ndarray, vectors: np.ndarray) -> None:
-            updater(rows, vectors)
-            shortlist.update(rows, vectors)
-
-        return update_both, ""
-
-    def _served_updater(self) -> tuple[Callable[[np.ndarray, np.ndarray], None] | None, str]:
-        faiss = self.faiss
-        top = faiss.downcast_index(self.index)
-        transforms, inner = split_pretransform(faiss, top)
-        if isinstance(inner, faiss.IndexIVF):
-            ivf = inner
-            if ivf.direct_map.type == faiss.DirectMap.NoMap:
-                ivf.make_direct_map(True)  # array direct map (8 bytes per row), kept up to date by later adds
-
-            def update_ivf(rows: np.ndarray, vectors: np.ndarray) -> None:
-                ivf.update_vectors(rows, apply_transforms(transforms, vectors))
-
-            return update_ivf, ""
-        if isinstance(inner, faiss.IndexFlatCodes):
-            if not inner.codes.is_owned:
-                return None, "its codes are a read-only view (memory-mapped index file)"
-            code_size = int(inner.code_size)
-            if int(top.sa_code_size()) != code_size:
-                return None, f"its standalone code ({top.sa_code_size()} bytes) is not its stored code ({code_size})"
-
-            def update_codes(rows: np.ndarray, vectors: np.ndarray) -> None:
-                # A zero-copy numpy view on the index's code array: write the new codes at the rows' positions.
-                view = faiss.rev_swig_ptr(inner.codes.data(), int(inner.ntotal) * code_size)
-                view.reshape(int(inner.ntotal), code_size)[rows] = top.sa_encode(vectors)
-
-            return update_codes, ""
-        return None, f"FAISS cannot update the codes of a {type(inner).__name__} in place"
-
     @property
     def codes_nbytes(self) -> int:
         """Approximate bytes of the stored codes: ``ntotal`` codes, plus 8-byte ids (and direct map) for IVF, plus
         the mining shortlist's copy (codes, ids, direct map) when there is one."""
-        return self._served_codes_nbytes() + (0 if self.shortlist is None else self.shortlist.nbytes)
-
-    def _served_codes_nbytes(self) -> int:
-        faiss = self.faiss
-        try:
-            ivf = faiss.extract_index_ivf(self.index)
-        except RuntimeError:
-            ivf = None
-        if ivf is not None:
-            direct = 8 * self.ntotal if ivf.direct_map.type != faiss.DirectMap.NoMap else 0
-            return self.ntotal * (int(ivf.code_size) + 8) + direct
-        inner = split_pretransform(faiss, self.index)[1]
-        code_size = getattr(inner, "code_size", None)
-        if code_size is None:
-            code_size = self.bytes_per_vector
-        return self.ntotal * int(code_size)
+        served = served_codes_nbytes(self.faiss, self.index, lambda: self.bytes_per_vector)
+        return served + (0 if self.shortlist is None else self.shortlist.nbytes)
 
     # ------------------------------------------------------------------ search
     def _apply_search_params(self, index: Any, gpu: bool = False) -> None:
@@ -441,7 +375,7 @@ class QuantizedIndex:
         if self.mining_nlist and self.ntotal and shortlist_ivf is not None:
             self.shortlist = MiningShortlist.from_ivf(self.index, shortlist_ivf)
         elif self.mining_nlist and self.ntotal:
-            decoded = _Decoded(self)
+            decoded = DecodedCodes(self.index)
             self.shortlist = MiningShortlist(
                 self.index, train_sample(decoded, MAX_TRAIN_ROWS), self.mining_nlist, self.mining_nprobe
             )

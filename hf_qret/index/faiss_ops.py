@@ -43,7 +43,13 @@ MAX_TRAIN_ROWS = 262144
 
 
 def import_faiss() -> Any:
-    """Imports FAISS, with an install hint when it is missing."""
+    """Imports FAISS, with an install hint when it is missing.
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> faiss.METRIC_INNER_PRODUCT
+        0
+    """
     try:
         import faiss
     except ImportError:
@@ -55,7 +61,14 @@ def import_faiss() -> Any:
 
 def nested_indexes(faiss: Any, index: Any, depth: int = 4) -> Iterator[Any]:
     """``index`` and the indexes it wraps (``.index`` of a pre-transform / IVF refine, ``.storage`` of HNSW), each
-    downcast, outermost first, at most ``depth`` levels."""
+    downcast, outermost first, at most ``depth`` levels.
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> index = faiss.index_factory(32, "HNSW32,SQ8", faiss.METRIC_INNER_PRODUCT)
+        >>> [type(node).__name__ for node in nested_indexes(faiss, index)]
+        ['IndexHNSWSQ', 'IndexScalarQuantizer']
+    """
     for _ in range(depth):
         if index is None:
             return
@@ -65,8 +78,18 @@ def nested_indexes(faiss: Any, index: Any, depth: int = 4) -> Iterator[Any]:
 
 
 def disable_polysemous_training(faiss: Any, index: Any) -> None:
-    # index_factory turns on polysemous training for PQ codes: an expensive extra optimisation of the code
-    # assignment that only Hamming-filtered search uses, which hf-qret never does.
+    """Turns off polysemous training on every PQ stage of a fresh index.
+
+    ``index_factory`` turns on polysemous training for PQ codes: an expensive extra optimisation of the code
+    assignment that only Hamming-filtered search uses, which hf-qret never does.
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> index = faiss.index_factory(32, "PQ8", faiss.METRIC_INNER_PRODUCT)
+        >>> disable_polysemous_training(faiss, index)
+        >>> faiss.downcast_index(index).do_polysemous_training
+        False
+    """
     for node in nested_indexes(faiss, index):
         if hasattr(node, "do_polysemous_training"):
             node.do_polysemous_training = False
@@ -74,7 +97,14 @@ def disable_polysemous_training(faiss: Any, index: Any) -> None:
 
 def split_pretransform(faiss: Any, index: Any) -> tuple[list[Any], Any]:
     """The vector transforms of an ``IndexPreTransform`` (e.g. OPQ; ``[]`` for any other index) and the index that
-    holds the codes, both downcast."""
+    holds the codes, both downcast.
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> transforms, inner = split_pretransform(faiss, faiss.index_factory(32, "OPQ8,PQ8", faiss.METRIC_INNER_PRODUCT))
+        >>> [type(t).__name__ for t in transforms], type(inner).__name__
+        (['OPQMatrix'], 'IndexPQ')
+    """
     top = faiss.downcast_index(index)
     if not isinstance(top, faiss.IndexPreTransform):
         return [], top
@@ -83,7 +113,13 @@ def split_pretransform(faiss: Any, index: Any) -> tuple[list[Any], Any]:
 
 
 def apply_transforms(transforms: list[Any], vectors: np.ndarray) -> np.ndarray:
-    """``vectors`` (float32) through every transform of :func:`split_pretransform`, in order."""
+    """``vectors`` (float32) through every transform of :func:`split_pretransform`, in order.
+
+    Example:
+        >>> import numpy as np
+        >>> apply_transforms([], np.ones((2, 4), dtype=np.float64)).dtype  # no transform: float32, unchanged
+        dtype('float32')
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     for transform in transforms:
         vectors = np.ascontiguousarray(transform.apply(vectors), dtype=np.float32)
@@ -91,13 +127,28 @@ def apply_transforms(transforms: list[Any], vectors: np.ndarray) -> np.ndarray:
 
 
 def set_opq_iterations(faiss: Any, index: Any, niter: int) -> None:
-    """Sets ``niter`` on every OPQ rotation of a fresh index."""
+    """Sets ``niter`` on every OPQ rotation of a fresh index.
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> index = faiss.index_factory(32, "OPQ8,PQ8", faiss.METRIC_INNER_PRODUCT)
+        >>> set_opq_iterations(faiss, index, 5)
+        >>> split_pretransform(faiss, index)[0][0].niter
+        5
+    """
     for transform in split_pretransform(faiss, index)[0]:
         if isinstance(transform, faiss.OPQMatrix):
             transform.niter = int(niter)
 
 
 def as_float32(vectors: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 array of ``vectors`` (no copy when it already is one).
+
+    Example:
+        >>> import numpy as np
+        >>> as_float32(np.ones((3, 2), dtype=np.float16)[::2]).dtype, as_float32([[1, 2]]).flags["C_CONTIGUOUS"]
+        (dtype('float32'), True)
+    """
     return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
 
 
@@ -106,6 +157,13 @@ def encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
 
     Product quantizers encode a batch through a ``(rows, M, ksub)`` float32 distance table (1 GB for 65,536 rows of
     ``PQ16``), so PQ-based indexes are fed smaller chunks.
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> encode_chunk_rows(faiss, faiss.index_factory(384, "PQ16", faiss.METRIC_INNER_PRODUCT))
+        7489
+        >>> encode_chunk_rows(faiss, faiss.index_factory(384, "SQ8", faiss.METRIC_INNER_PRODUCT)) == CHUNK_ROWS
+        True
     """
     for node in nested_indexes(faiss, index):
         pq = getattr(node, "pq", None)
@@ -116,7 +174,13 @@ def encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
 
 
 def chunks(vectors: Any, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
-    """Float32 chunks of an array or array-like; a small ndarray is passed whole, as before."""
+    """Float32 chunks of an array or array-like; a small ndarray is passed whole, as before.
+
+    Example:
+        >>> import numpy as np
+        >>> [chunk.shape for chunk in chunks(np.ones((5, 2), dtype=np.float16), chunk_rows=2)]
+        [(2, 2), (2, 2), (1, 2)]
+    """
     count = len(vectors)
     if isinstance(vectors, np.ndarray) and count <= chunk_rows:
         yield as_float32(vectors)
@@ -126,7 +190,14 @@ def chunks(vectors: Any, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
 
 
 def train_sample(vectors: Any, max_rows: int | None, seed: int = 1234) -> np.ndarray:
-    """All rows (as before) when there are at most ``max_rows``, else a fixed random sample of ``max_rows`` rows."""
+    """All rows (as before) when there are at most ``max_rows``, else a fixed random sample of ``max_rows`` rows.
+
+    Example:
+        >>> import numpy as np
+        >>> vectors = np.arange(20, dtype=np.float32).reshape(10, 2)
+        >>> train_sample(vectors, max_rows=None).shape, train_sample(vectors, max_rows=4).shape
+        ((10, 2), (4, 2))
+    """
     count = len(vectors)
     if max_rows is None or count <= max_rows:
         return as_float32(vectors[:] if not isinstance(vectors, np.ndarray) else vectors)
@@ -152,6 +223,13 @@ def fit_training_to_sample(faiss: Any, index: Any, num_rows: int) -> None:
     A residual quantizer (``RQ...``) trains progressively over PCA-rotated dimensions (FAISS's default), which needs
     at least as many rows as dimensions (``PCA matrix cannot output 384 dimensions``); on fewer rows it trains its
     codebooks over all dimensions at once (``Train_default``).
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> index = faiss.index_factory(64, "RQ4x8", faiss.METRIC_INNER_PRODUCT)
+        >>> fit_training_to_sample(faiss, index, num_rows=32)  # fewer rows than dimensions
+        >>> faiss.downcast_index(index).rq.train_type == faiss.ResidualQuantizer.Train_default
+        True
     """
     for node in nested_indexes(faiss, index):
         rq = getattr(node, "rq", None)

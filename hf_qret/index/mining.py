@@ -34,6 +34,17 @@ class MinedBatch:
         weights: ``(B,)`` weight of each example in the loss (``None``: equal weights).
         bank_queries: ``(B, dim)`` the query embeddings the bank rows learn against (``None``: the detached queries
             being trained).
+
+    Example:
+        >>> import numpy as np, torch
+        >>> batch = MinedBatch(
+        ...     candidates=torch.tensor([7, 3, 9]),
+        ...     targets=torch.tensor([0, 1]),
+        ...     mask=torch.zeros(2, 3, dtype=torch.bool),
+        ...     retrieved=np.array([[7, 9], [3, 9]]),
+        ... )
+        >>> batch.num_candidates, batch.weights is None
+        (3, True)
     """
 
     candidates: torch.Tensor
@@ -45,6 +56,7 @@ class MinedBatch:
 
     @property
     def num_candidates(self) -> int:
+        """``C``, the number of candidate rows every query of the batch is scored against."""
         return int(self.candidates.numel())
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .faiss_ops import apply_transforms, import_faiss, split_pretransform
 
 __all__ = ["MiningShortlist"]
 
@@ -36,9 +37,19 @@ COARSE_POINTS_PER_LIST = 256
 
 
 def served_parts(faiss: Any, index: Any) -> tuple[list[Any], Any]:
-    """The vector transforms (e.g. OPQ) and the flat ``IndexPQ`` of a served index, or ConfigError."""
-    from .core import split_pretransform
+    """The vector transforms (e.g. OPQ) and the flat ``IndexPQ`` of a served index, or ConfigError.
 
+    Example:
+        >>> from hf_qret.index.faiss_ops import import_faiss
+        >>> faiss = import_faiss()
+        >>> transforms, pq = served_parts(faiss, faiss.index_factory(32, "OPQ8,PQ8", faiss.METRIC_INNER_PRODUCT))
+        >>> len(transforms), type(pq).__name__
+        (1, 'IndexPQ')
+        >>> served_parts(faiss, faiss.index_factory(32, "SQ8", faiss.METRIC_INNER_PRODUCT))
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.ConfigError: a mining shortlist (--mining_nlist) goes over a flat PQ index such as 'PQ16' or 'OPQ16,PQ16', not a IndexScalarQuantizer; an IVF index already has one: set its nprobe with --index_search_params.
+    """
     transforms, inner = split_pretransform(faiss, index)
     if not isinstance(inner, faiss.IndexPQ):
         raise ConfigError(
@@ -56,11 +67,24 @@ class MiningShortlist:
         sample: Float32 training rows (original space) for the coarse quantizer.
         nlist: Number of inverted lists.
         nprobe: Lists scanned per query.
+
+    Example:
+        >>> import numpy as np
+        >>> from hf_qret.index.faiss_ops import import_faiss
+        >>> faiss = import_faiss()
+        >>> vectors = np.random.default_rng(0).standard_normal((2000, 32)).astype("float32")
+        >>> served = faiss.index_factory(32, "PQ8", faiss.METRIC_INNER_PRODUCT)
+        >>> served.train(vectors)
+        >>> served.add(vectors)
+        >>> shortlist = MiningShortlist(served, vectors, nlist=8, nprobe=8)
+        >>> shortlist.add(vectors)
+        >>> shortlist.nlist, shortlist.ntotal
+        (8, 2000)
+        >>> np.array_equal(shortlist.search(vectors[:2], 5)[1], served.search(vectors[:2], 5)[1])  # all lists probed
+        True
     """
 
     def __init__(self, served: Any, sample: np.ndarray, nlist: int, nprobe: int) -> None:
-        from .core import import_faiss
-
         faiss = self.faiss = import_faiss()
         self.transforms, served_pq = served_parts(faiss, served)
         if len(sample) < nlist:
@@ -90,8 +114,6 @@ class MiningShortlist:
     @classmethod
     def from_ivf(cls, served: Any, ivf: Any) -> MiningShortlist:
         """Wraps saved inverted lists (an ``IndexIVFPQ`` written by ``faiss.write_index``) for ``served``."""
-        from .core import import_faiss
-
         self = cls.__new__(cls)
         faiss = self.faiss = import_faiss()
         self.transforms, _ = served_parts(faiss, served)
@@ -104,14 +126,17 @@ class MiningShortlist:
 
     @property
     def nlist(self) -> int:
+        """Number of inverted lists."""
         return int(self.ivf.nlist)
 
     @property
     def nprobe(self) -> int:
+        """Lists scanned per query."""
         return int(self.ivf.nprobe)
 
     @property
     def ntotal(self) -> int:
+        """Number of rows in the lists (the served index's rows once they are added)."""
         return int(self.ivf.ntotal)
 
     @property
@@ -120,8 +145,6 @@ class MiningShortlist:
         return self.ntotal * (int(self.ivf.code_size) + 16)
 
     def _transform(self, vectors: np.ndarray) -> np.ndarray:
-        from .core import apply_transforms
-
         return apply_transforms(self.transforms, vectors)
 
     def sync_codebooks(self, served: Any) -> None:
@@ -138,6 +161,7 @@ class MiningShortlist:
         self.ivf.update_vectors(np.ascontiguousarray(rows, dtype=np.int64), self._transform(vectors))
 
     def reset(self) -> None:
+        """Empties the lists (the coarse quantizer and codebooks stay), before the rows are added anew."""
         self.ivf.reset()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -177,7 +177,11 @@ def copy_artifact_files(source: str | os.PathLike, target: str | os.PathLike) ->
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Writes JSON atomically (temp file, then rename)."""
+    """Writes JSON atomically (temp file, then rename).
+
+    Example:
+        >>> write_json({"index_factory": "OPQ16,PQ16"}, "out/qret_config.json")  # doctest: +SKIP
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -203,6 +207,9 @@ def save_retrieval_files(
     """Writes the index, doc-id map, bank and ``qret_config.json`` next to a saved encoder.
 
     The index goes last, so a folder with an ``index.faiss`` has everything else too.
+
+    Example:
+        >>> save_retrieval_files("out", trainer.bank, trainer.served_index())  # doctest: +SKIP
     """
     from .. import __version__
 
@@ -286,7 +293,13 @@ def save_document_encoder(output_dir: str | os.PathLike, model: Any) -> Path:
 
 @dataclass
 class RetrievalFiles:
-    """What :func:`load_retrieval_files` returns."""
+    """What :func:`load_retrieval_files` returns.
+
+    Example:
+        >>> files = load_retrieval_files("out")  # doctest: +SKIP
+        >>> files.index.ntotal == len(files.doc_ids), files.bank is None  # doctest: +SKIP
+        (True, True)
+    """
 
     config: dict[str, Any]
     doc_ids: list[str]
@@ -299,6 +312,10 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
 
     Raises:
         ArtifactError: A file is missing or corrupt, or the index size, doc-id map and bank disagree.
+
+    Example:
+        >>> load_retrieval_files("out", load_bank=True).config["index_factory"]  # doctest: +SKIP
+        'OPQ16,PQ16'
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -330,7 +347,11 @@ def resolve_artifact(
 ) -> Path:
     """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (without what
     is not part of an artifact, :data:`ARTIFACT_IGNORE_PATTERNS`: pickles, checkpoints, working files); one
-    :class:`ArtifactError` saying what to do when it is neither."""
+    :class:`ArtifactError` saying what to do when it is neither.
+
+    Example:
+        >>> folder = resolve_artifact("user/scifact-qret", revision=None, token=None, cache_dir=None)  # doctest: +SKIP
+    """
     folder = Path(repo_id_or_path).expanduser()
     if folder.is_dir():
         return folder
@@ -366,7 +387,11 @@ def resolve_artifact(
 
 
 def check_encoder_files(folder: Path) -> None:
-    """Refuses an artifact whose encoder is missing or has only pickled weights (never loaded)."""
+    """Refuses an artifact whose encoder is missing or has only pickled weights (never loaded).
+
+    Example:
+        >>> check_encoder_files(Path("out"))  # doctest: +SKIP
+    """
     if not any((folder / name).is_file() for name in ("modules.json", "config.json", "adapter_config.json")):
         raise ArtifactError(f"{folder}: no encoder (modules.json / config.json); the artifact is incomplete.")
     has_safetensors = any((folder / name).is_file() for name in _ENCODER_WEIGHTS) or any(
@@ -380,7 +405,12 @@ def check_encoder_files(folder: Path) -> None:
 
 
 def load_shipped_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] | None:
-    """The document texts an artifact ships (``corpus.jsonl[.gz]``), checked against its doc ids; ``None`` if none."""
+    """The document texts an artifact ships (``corpus.jsonl[.gz]``), checked against its doc ids; ``None`` if none.
+
+    Example:
+        >>> load_shipped_corpus(Path("out"), files.doc_ids)["d1"]  # doctest: +SKIP
+        'Cats purr. They do it when content.'
+    """
     from ..data import _read_jsonl, doc_text
 
     path = next((folder / name for name in CORPUS_NAMES if (folder / name).is_file()), None)
@@ -412,6 +442,10 @@ def training_record(trainer: Any) -> dict[str, Any]:
     ``prompts`` is ``{"query": {"name", "text"}, "document": {"name", "text"}}`` (:func:`hf_qret.serving.embedding.prompt_record`):
     the prompts training, the bank and the evaluators used, which :class:`~hf_qret.QuantizedRetriever` applies to
     queries and added documents. ``normalize``: whether the embeddings are unit vectors.
+
+    Example:
+        >>> training_record(trainer)["prompts"]["query"]  # doctest: +SKIP
+        {'name': 'query', 'text': 'query: '}
     """
     from .embedding import prompt_record
     from .encoder import get_pooling, normalizes_embeddings, similarity_function

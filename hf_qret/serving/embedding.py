@@ -99,7 +99,14 @@ def prompt_name_for(prompts: Mapping[str, Any] | None, default_prompt_name: str 
 def model_prompts(model: Any) -> tuple[dict[str, str], str | None]:
     """``(prompts, default_prompt_name)`` of a model: a ``SentenceTransformer`` or a
     :class:`~hf_qret.serving.sentence_encoder.SentenceEncoder` (possibly wrapped by DDP / accelerate); ``({}, None)`` for a
-    plain transformers encoder."""
+    plain transformers encoder.
+
+    Example:
+        >>> class E5:
+        ...     prompts, default_prompt_name = {"query": "query: ", "passage": "passage: "}, "query"
+        >>> model_prompts(E5()), model_prompts(object())
+        (({'query': 'query: ', 'passage': 'passage: '}, 'query'), ({}, None))
+    """
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     model = getattr(model, "_orig_mod", model)
@@ -145,7 +152,13 @@ def prompt_record(model: Any) -> dict[str, dict[str, str | None]]:
 
 def recorded_prompt(config: Mapping[str, Any] | None, role: str) -> str | None:
     """The ``role`` prompt text an artifact's ``qret_config.json`` records, or ``None`` when it records none (an
-    artifact written before prompts were recorded: the encoder's own prompts apply)."""
+    artifact written before prompts were recorded: the encoder's own prompts apply).
+
+    Example:
+        >>> config = {"prompts": {"query": {"name": "query", "text": "query: "}, "document": {"name": None, "text": ""}}}
+        >>> recorded_prompt(config, "query"), recorded_prompt(config, "document"), recorded_prompt({}, "query")
+        ('query: ', '', None)
+    """
     prompts = (config or {}).get("prompts")
     if not isinstance(prompts, Mapping) or not isinstance(prompts.get(role), Mapping):
         return None

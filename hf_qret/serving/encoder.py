@@ -67,6 +67,12 @@ def is_sentence_transformer(model: nn.Module) -> bool:
     """Whether ``model`` (possibly wrapped) is a ``sentence_transformers.SentenceTransformer``.
 
     Never imports sentence-transformers (it imports the training stack): a model can only be one once it is imported.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> is_sentence_transformer(model)
+        False
     """
     module = sys.modules.get("sentence_transformers")
     cls = getattr(module, "SentenceTransformer", None) if module is not None else None
@@ -82,7 +88,14 @@ def _has_own_pipeline(model: nn.Module) -> bool:
 
 def plain_max_length(tokenizer: Any, max_length: int | None = None) -> int:
     """The truncation length of a plain transformers encoder: ``max_length``, else the tokenizer's
-    ``model_max_length`` capped at 512."""
+    ``model_max_length`` capped at 512.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> tokenizer = SimpleNamespace(model_max_length=int(1e30))  # what transformers sets when it knows no limit
+        >>> plain_max_length(tokenizer), plain_max_length(tokenizer, max_length=256)
+        (512, 256)
+    """
     return int(max_length or min(getattr(tokenizer, "model_max_length", 512) or 512, 512))
 
 
@@ -138,7 +151,13 @@ def tokenize(
     role: str | None = None,
     prompt: str | None = None,
 ) -> dict:
-    """Tokenizes ``texts`` for ``model`` (with the ``role``'s prompt; see :func:`make_tokenize_fn`)."""
+    """Tokenizes ``texts`` for ``model`` (with the ``role``'s prompt; see :func:`make_tokenize_fn`).
+
+    Example:
+        >>> batch = tokenize(model, ["does aspirin prevent stroke?"], tokenizer, role="query")  # doctest: +SKIP
+        >>> sorted(batch)  # doctest: +SKIP
+        ['attention_mask', 'input_ids', 'token_type_ids']
+    """
     return make_tokenize_fn(model, tokenizer, max_length, role=role, prompt=prompt)(list(texts))
 
 
@@ -170,7 +189,14 @@ def set_pooling(model: nn.Module, pooling: str) -> None:
 
 def get_pooling(model: nn.Module) -> str | None:
     """The pooling of a plain transformers encoder (``"mean"`` unless :func:`set_pooling` chose another);
-    ``None`` for a sentence-transformers model."""
+    ``None`` for a sentence-transformers model.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> get_pooling(model)
+        'mean'
+    """
     base = _unwrap(model)
     if is_sentence_transformer(base):
         return None
@@ -314,7 +340,14 @@ def embed(model: nn.Module, features: dict[str, torch.Tensor], normalize: bool |
 
 
 def embedding_dim(model: nn.Module) -> int:
-    """The dimension of ``model``'s embeddings."""
+    """The dimension of ``model``'s embeddings.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> embedding_dim(model)
+        8
+    """
     base = _unwrap(model)
     if _has_own_pipeline(base):
         getter = getattr(base, "get_embedding_dimension", None) or base.get_sentence_embedding_dimension

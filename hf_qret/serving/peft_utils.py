@@ -50,7 +50,16 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 def transformer_module(model: nn.Module) -> nn.Module | None:
     """The sentence-transformers ``Transformer`` module of ``model`` (the first module holding a transformers
-    model), or ``None`` for a plain transformers / peft model."""
+    model), or ``None`` for a plain transformers / peft model.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> transformer_module(model) is None  # a plain transformers model
+        True
+        >>> type(transformer_module(SentenceTransformer("all-MiniLM-L6-v2"))).__name__  # doctest: +SKIP
+        'Transformer'
+    """
     base = _unwrap(model)
     if not is_sentence_transformer(base):
         return None
@@ -68,7 +77,14 @@ def _backbone_attr(module: nn.Module) -> str:
 
 def backbone(model: nn.Module) -> nn.Module:
     """The transformers (or ``peft.PeftModel``) backbone of an encoder: ``model[0].model`` for a
-    SentenceTransformer, the (unwrapped) model itself otherwise."""
+    SentenceTransformer, the (unwrapped) model itself otherwise.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> backbone(model) is model
+        True
+    """
     module = transformer_module(model)
     if module is None:
         return _unwrap(model)
@@ -96,6 +112,13 @@ def add_adapter(model: nn.Module, peft_config: Any = None, **lora_kwargs: Any) -
     Returns:
         The SentenceTransformer itself, or the ``peft.PeftModel`` wrapping a transformers model (use the returned
         object: pass it to :class:`~hf_qret.training.trainer.QRetTrainer`).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> lora = add_adapter(model, r=2, target_modules=["query", "value"])
+        >>> type(lora).__name__, sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        ('PeftModel', 64)
     """
     from peft import get_peft_model
 
@@ -135,14 +158,30 @@ def _tuner_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 def has_adapter(model: nn.Module) -> bool:
     """Whether the encoder carries a peft adapter (a ``PeftModel`` backbone, or adapter layers injected by
-    transformers' own peft integration, as when ``SentenceTransformer(OUT)`` loads an adapter artifact)."""
+    transformers' own peft integration, as when ``SentenceTransformer(OUT)`` loads an adapter artifact).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> has_adapter(model), has_adapter(add_adapter(model, r=2, target_modules=["query"]))
+        (False, True)
+    """
     if _peft_model(model) is not None:
         return True
     return bool(getattr(backbone(model), "_hf_peft_config_loaded", False)) or bool(_tuner_layers(backbone(model)))
 
 
 def adapter_info(model: nn.Module) -> dict[str, Any] | None:
-    """What ``qret_config.json`` records about the encoder's adapter (``None`` without one)."""
+    """What ``qret_config.json`` records about the encoder's adapter (``None`` without one).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> adapter_info(model) is None
+        True
+        >>> adapter_info(add_adapter(model, r=2, target_modules=["query"]))["peft_type"]
+        'LORA'
+    """
     if not has_adapter(model):
         return None
     configs = getattr(backbone(model), "peft_config", None) or {}
@@ -165,6 +204,13 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     Modifies ``model`` in place (see :func:`save_merged` to keep the trained adapter). Returns the
     SentenceTransformer itself, or the merged transformers model for a ``peft.PeftModel``. A model without an
     adapter is returned unchanged.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> merged = merge_adapter(add_adapter(model, r=2, target_modules=["query"]))
+        >>> type(merged).__name__, has_adapter(merged)
+        ('BertModel', False)
     """
     module = transformer_module(model)
     found = _peft_model(model)
@@ -186,7 +232,11 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 
 
 def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Loads ``adapter_model.safetensors`` from ``folder`` into the encoder's ``PeftModel`` (resuming a LoRA run)."""
+    """Loads ``adapter_model.safetensors`` from ``folder`` into the encoder's ``PeftModel`` (resuming a LoRA run).
+
+    Example:
+        >>> load_adapter_weights(trainer.model, "out/checkpoint-10")  # doctest: +SKIP
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -204,7 +254,14 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
 
 
 def adapter_base_model(folder: str | os.PathLike) -> str | None:
-    """The ``base_model_name_or_path`` of the adapter saved in ``folder`` (``None`` when there is no adapter)."""
+    """The ``base_model_name_or_path`` of the adapter saved in ``folder`` (``None`` when there is no adapter).
+
+    Example:
+        >>> adapter_base_model("out/lora")  # doctest: +SKIP
+        'sentence-transformers/all-MiniLM-L6-v2'
+        >>> adapter_base_model("no-such-folder") is None
+        True
+    """
     path = Path(folder) / ADAPTER_CONFIG_NAME
     if not path.is_file():
         return None
@@ -226,6 +283,10 @@ def save_merged(trainer: Any, output_dir: str | os.PathLike | None = None) -> st
 
     Returns:
         The output folder.
+
+    Example:
+        >>> save_merged(trainer, "out/merged")  # doctest: +SKIP
+        'out/merged'
     """
     from .artifact import save_retrieval_files
 

@@ -158,6 +158,14 @@ class RetrievalEvaluationCallback(TrainerCallback):
     Args:
         every_n_steps: Evaluate every N optimizer steps (0: never by steps).
         on_epoch_end: Evaluate at the end of each epoch.
+
+    Example:
+        >>> from transformers import TrainerControl, TrainerState
+        >>> callback = RetrievalEvaluationCallback(every_n_steps=100)
+        >>> callback.on_step_end(None, TrainerState(global_step=200), TrainerControl()).should_evaluate
+        True
+        >>> callback.on_epoch_end(None, TrainerState(global_step=200), TrainerControl()).should_evaluate  # done already
+        False
     """
 
     def __init__(self, every_n_steps: int = 0, on_epoch_end: bool = True) -> None:
@@ -184,6 +192,13 @@ class BankStepCallback(TrainerCallback):
 
     :class:`~hf_qret.training.trainer.QRetTrainer` adds it with its own ``_step_bank``; the bank's rows thus move once per
     optimizer step, after gradient accumulation, whatever the number of micro-batches.
+
+    Example:
+        >>> steps = []
+        >>> callback = BankStepCallback(lambda: steps.append("bank rows stepped"))
+        >>> callback.on_optimizer_step(None, None, None)
+        >>> steps
+        ['bank rows stepped']
     """
 
     def __init__(self, step: Callable[[], None]) -> None:

@@ -138,7 +138,11 @@ def save_training_state(
 def load_optimizer_states(
     folder: str | os.PathLike, *, bank: TargetBank, bank_optimizer: RowAdam, loss: QRetLoss
 ) -> None:
-    """Restores the bank optimizer (and the changed-row record) and the loss's optimizer state, when saved."""
+    """Restores the bank optimizer (and the changed-row record) and the loss's optimizer state, when saved.
+
+    Example:
+        >>> load_optimizer_states("out/checkpoint-10", bank=bank, bank_optimizer=opt, loss=loss)  # doctest: +SKIP
+    """
     folder = Path(folder)
     path = folder / BANK_OPTIMIZER_NAME
     if path.is_file():
@@ -181,6 +185,9 @@ def load_anchors(folder: str | os.PathLike, *, bank_optimizer: RowAdam) -> None:
 
     Raises:
         ArtifactError: The checkpoint's anchors do not fit this run (another corpus or training set).
+
+    Example:
+        >>> load_anchors("out/checkpoint-10", bank_optimizer=trainer.bank_optimizer)  # doctest: +SKIP
     """
     folder = Path(folder)
     path = folder / ANCHORS_NAME
@@ -205,7 +212,11 @@ def load_anchors(folder: str | os.PathLike, *, bank_optimizer: RowAdam) -> None:
 
 def load_mining_index(folder: str | os.PathLike, index: QuantizedIndex, served: Any) -> None:
     """Makes ``index`` mine exactly what the checkpointed run mined: its mining index (or ``served``, the faiss index
-    of ``index.faiss``, when they were the same) and its mining shortlist's inverted lists."""
+    of ``index.faiss``, when they were the same) and its mining shortlist's inverted lists.
+
+    Example:
+        >>> load_mining_index("out/checkpoint-10", trainer.index, served_index.index)  # doctest: +SKIP
+    """
     folder = Path(folder)
     faiss = index.faiss
     path = folder / MINING_INDEX_NAME
@@ -216,7 +227,12 @@ def load_mining_index(folder: str | os.PathLike, index: QuantizedIndex, served: 
 
 
 def staging_folder(run_dir: str, step: int) -> str:
-    """The folder a checkpoint of ``step`` is written into before :func:`publish_checkpoint` renames it."""
+    """The folder a checkpoint of ``step`` is written into before :func:`publish_checkpoint` renames it.
+
+    Example:
+        >>> staging_folder("out", 10)
+        'out/_staging-checkpoint-10'
+    """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     return os.path.join(run_dir, f"_staging-{PREFIX_CHECKPOINT_DIR}-{step}")
@@ -224,7 +240,12 @@ def staging_folder(run_dir: str, step: int) -> str:
 
 def publish_checkpoint(staging: str, run_dir: str, state: Any, save_total_limit: int | None) -> str:
     """Renames a complete staged checkpoint into ``run_dir/checkpoint-<step>``, points ``state`` at the best one
-    (the base ``Trainer`` recorded it inside the staging folder) and rotates old checkpoints. Returns the folder."""
+    (the base ``Trainer`` recorded it inside the staging folder) and rotates old checkpoints. Returns the folder.
+
+    Example:
+        >>> publish_checkpoint(staging_folder("out", 10), "out", trainer.state, save_total_limit=2)  # doctest: +SKIP
+        'out/checkpoint-10'
+    """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -252,6 +273,11 @@ def load_bank_rows(folder: str | os.PathLike, bank: TargetBank) -> Any:
 
     Raises:
         ValueError: The folder's bank belongs to another corpus (other doc ids) or it has none.
+
+    Example:
+        >>> files = load_bank_rows("out/checkpoint-10", trainer.bank)  # doctest: +SKIP
+        >>> files.index.ntotal == len(trainer.bank)  # doctest: +SKIP
+        True
     """
     from ..serving.artifact import load_retrieval_files
 

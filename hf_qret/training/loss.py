@@ -90,9 +90,19 @@ class QRetLoss(nn.Module):
     trainer puts the frozen pretrained encoder's queries in ``mined.bank_queries`` (training only): a loss that
     trains the bank should score the bank rows against them, as :class:`MinedNegativesLoss` does. The hooks below
     let a loss own trainable state of its own without the trainer knowing about it; their defaults do nothing.
+
+    Example:
+        >>> import torch
+        >>> class SumLoss(QRetLoss):  # a loss without state of its own implements forward only
+        ...     def forward(self, query_embeddings, mined):
+        ...         return query_embeddings.sum(), {"candidates": float(mined.num_candidates)}
+        >>> loss = SumLoss()
+        >>> loss.refresh_mode("incremental"), loss.optimizer_state()
+        ('incremental', {})
     """
 
     def forward(self, query_embeddings: torch.Tensor, mined: MinedBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns ``(loss, stats)`` for a batch of query embeddings and its mined candidates; subclasses implement it."""
         raise NotImplementedError
 
     def refresh_mode(self, requested: str) -> str:

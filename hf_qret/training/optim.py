@@ -102,14 +102,17 @@ class RowAdam(torch.optim.Optimizer):
 
     @property
     def betas(self) -> tuple[float, float]:
+        """The ``(beta1, beta2)`` moment decay rates of the (single) parameter group."""
         return tuple(self.param_groups[0]["betas"])
 
     @property
     def eps(self) -> float:
+        """Adam's epsilon, of the (single) parameter group."""
         return float(self.param_groups[0]["eps"])
 
     @property
     def weight_decay(self) -> float:
+        """The decoupled (AdamW-style) weight decay of the (single) parameter group (``0.0``: none)."""
         return float(self.param_groups[0]["weight_decay"])
 
     def _reset_slots(self) -> None:
@@ -389,6 +392,7 @@ class FollowScheduler(LRScheduler):
         return float(leader.get_last_lr()[0]) / base if base > 0 else 1.0  # a frozen encoder: no schedule to follow
 
     def get_lr(self) -> list[float]:
+        """Each group's base learning rate times the leader's current :meth:`ratio`."""
         ratio = self.ratio()
         return [base * ratio for base in self.base_lrs]
 

@@ -78,6 +78,15 @@ class SafetyNetVerdict:
         trained: Every metric of the evaluation after training, keys ``trained_*``.
         shipped: ``"trained"`` or ``"untrained"``.
         warning: The loud message when the untrained model was kept.
+
+    Example:
+        >>> verdict = SafetyNetVerdict(
+        ...     "eval_quantized_ndcg@10",
+        ...     untrained={"untrained_eval_quantized_ndcg@10": 0.61},
+        ...     trained={"trained_eval_quantized_ndcg@10": 0.67},
+        ... )
+        >>> verdict.as_results()["shipped"]
+        'trained'
     """
 
     metric: str

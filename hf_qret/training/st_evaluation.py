@@ -73,6 +73,14 @@ def check_evaluator(evaluator: Any) -> None:
     Raises:
         ConfigError: Another sentence-transformers evaluator (its metrics need the model to embed both sides), or an
             ``InformationRetrievalEvaluator`` with ``truncate_dim`` (the index holds full-dimension vectors).
+
+    Example:
+        >>> from sentence_transformers.evaluation import InformationRetrievalEvaluator
+        >>> check_evaluator(InformationRetrievalEvaluator({"q1": "cats?"}, {"d1": "Cats purr."}, {"q1": {"d1"}}))  # accepted
+        >>> check_evaluator(object())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.ConfigError: QRetTrainer cannot score a object: ...
     """
     if evaluator is None or isinstance(evaluator, (RetrievalEvaluator, EvaluatorGroup)):
         return
@@ -94,7 +102,13 @@ def check_evaluator(evaluator: Any) -> None:
 
 
 def evaluator_documents(evaluator: Any) -> dict[str, str]:
-    """``{doc_id: text}`` of every ``InformationRetrievalEvaluator`` corpus inside ``evaluator`` (first text wins)."""
+    """``{doc_id: text}`` of every ``InformationRetrievalEvaluator`` corpus inside ``evaluator`` (first text wins).
+
+    Example:
+        >>> from sentence_transformers.evaluation import InformationRetrievalEvaluator
+        >>> evaluator_documents(InformationRetrievalEvaluator({"q1": "cats?"}, {"d1": "Cats purr."}, {"q1": {"d1"}}))
+        {'d1': 'Cats purr.'}
+    """
     docs: dict[str, str] = {}
     if evaluator is None:
         return docs
@@ -162,6 +176,14 @@ def check_prompts(evaluator: Any, model: nn.Module | None) -> None:
 
     Raises:
         ConfigError: The prompts differ; the message names both.
+
+    Example:
+        >>> from sentence_transformers.evaluation import InformationRetrievalEvaluator
+        >>> ir = InformationRetrievalEvaluator({"q1": "cats?"}, {"d1": "Cats purr."}, {"q1": {"d1"}}, query_prompt="query: ")
+        >>> check_prompts(ir, None)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.ConfigError: InformationRetrievalEvaluator '' encodes its queries with the query prompt 'query: ', but training encodes queries with '' ...
     """
     for side, role, what in (("query", "query", "queries"), ("corpus", "document", "documents")):
         asked = _explicit_prompt(evaluator, model, side)
@@ -242,7 +264,13 @@ def adapt_evaluator(evaluator: Any, resolve: Resolver, model: nn.Module | None =
 
 
 def bank_resolver(bank_ids: Mapping[str, Any] | Any, id_of_text: Callable[[str], str | None] | None) -> Resolver:
-    """A :data:`Resolver` over a bank: by id when the bank holds it, else by text through ``id_of_text``."""
+    """A :data:`Resolver` over a bank: by id when the bank holds it, else by text through ``id_of_text``.
+
+    Example:
+        >>> resolve = bank_resolver({"d1": 0, "d2": 1}, {"Cats purr.": "d2"}.get)
+        >>> resolve("d1", None), resolve("other-id", "Cats purr."), resolve("other-id", "unknown text")
+        ('d1', 'd2', None)
+    """
 
     def resolve(doc_id: str, text: str | None) -> str | None:
         if doc_id in bank_ids:

@@ -42,6 +42,8 @@ Args:
 Returns:
     ``{metric name: mean over the references' queries}``.
 Examples:
+    >>> import evaluate
+    >>> from hf_qret.evaluation.evaluate_metric import IR_RETRIEVAL_PATH
     >>> ir = evaluate.load(IR_RETRIEVAL_PATH)
     >>> ir.compute(
     ...     predictions=[{"query_id": "q1", "doc_ids": ["d1", "d2"], "scores": [2.0, 1.0]}],
