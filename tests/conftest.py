@@ -109,3 +109,18 @@ def two_split_dir(tmp_path) -> Path:
     folder = write_beir(tmp_path / "data", corpus, queries, {q: qrels[q] for q in list(qrels)[:40]}, split="train")
     write_beir(folder, corpus, queries, {q: qrels[q] for q in list(qrels)[40:]}, split="dev")
     return folder
+
+
+#: The fast subset (``pytest -m unit``): units of the bank, the index, mining, the loss, metrics and data; no test in
+#: these files trains a model end to end.
+UNIT_TEST_FILES = {
+    "test_bank.py", "test_bank_optimizer.py", "test_data.py", "test_docstrings.py", "test_evaluate_metric.py",
+    "test_index.py", "test_loss.py", "test_metrics.py", "test_mining.py", "test_shortlist.py",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests of :data:`UNIT_TEST_FILES` as ``unit``."""
+    for item in items:
+        if item.path.name in UNIT_TEST_FILES:
+            item.add_marker(pytest.mark.unit)
