@@ -133,8 +133,8 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. The bank: encoded once (or read from --bank_init_file).
     encode = document_encode(model, model_args.doc_batch_size)
     init_file = model_args.bank_init_file
-    # A second model (the untrained one shipped instead, or the run on train + eval split) starts from the same
-    # encoded corpus: without --bank_init_file it is kept in the output folder for the run and removed after it.
+    # The run on train + eval split starts from the same encoded corpus: without --bank_init_file it is kept in the
+    # output folder for the run and removed after it (the untrained model comes back from the safety net's snapshot).
     scratch_init = None
     if not init_file and train_on_all:
         # one file for the run: under several processes the main process writes it, the others read it
@@ -213,10 +213,10 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if evaluator is not None:
         verdict = net.verdict if net is not None else None
         if verdict is not None:  # evaluated by the net before the first step and after training
-            results.update(untrained=verdict.untrained, trained=verdict.trained)
+            net_results = verdict.as_results()
+            results.update(untrained=net_results["untrained"], trained=net_results["trained"])
             shipped = verdict.shipped
-            if verdict.warning:
-                notes.append(f"**Warning:** {verdict.warning}")
+            notes.extend(net_results.get("notes", ()))
         else:
             results["trained"] = trainer.evaluate(metric_key_prefix="trained")
         results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=data_args.eval_split)

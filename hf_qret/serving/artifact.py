@@ -475,14 +475,7 @@ def training_record(trainer: Any) -> dict[str, Any]:
             else None
         ),
         "global_step": 0 if kept_untrained else trainer.state.global_step,
-        "safety_net": None
-        if verdict is None
-        else {
-            "metric": verdict.metric,
-            "untrained": verdict.untrained.get(f"untrained_{verdict.metric[len('eval_') :]}"),
-            "trained": verdict.trained.get(f"trained_{verdict.metric[len('eval_') :]}"),
-            "shipped": verdict.shipped,
-        },
+        "safety_net": None if verdict is None else verdict.summary(),
         "index_state": trainer.index_record(),
         "adapter": adapter_info(trainer.accelerator.unwrap_model(trainer.model)),
     }

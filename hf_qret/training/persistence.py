@@ -55,6 +55,19 @@ class CheckpointMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
+        self._save_model_state(output_dir, state_dict)
+        if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
+            write_corpus_texts(output_dir, self.corpus_texts)
+        save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
+        verdict = self.safety_net.verdict if self.safety_net is not None else None
+        if verdict is not None and os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
+            from ..hub.model_card import EVAL_RESULTS_NAME
+
+            write_json(verdict.as_results(), os.path.join(output_dir, EVAL_RESULTS_NAME))  # the card reads it
+
+    def _save_model_state(self, output_dir: str, state_dict: dict | None = None) -> None:
+        """The encoder (a sentence-transformers or transformers folder) and the bank's pending writes: what
+        :meth:`restore_snapshot` reads back with the retrieval files."""
         os.makedirs(output_dir, exist_ok=True)
         self.bank.flush()
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -64,14 +77,6 @@ class CheckpointMixin:
                 self.processing_class.save_pretrained(output_dir)
         else:
             super()._save(output_dir, state_dict)
-        if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
-            write_corpus_texts(output_dir, self.corpus_texts)
-        save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
-        verdict = self.safety_net.verdict if self.safety_net is not None else None
-        if verdict is not None and os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
-            from ..hub.model_card import EVAL_RESULTS_NAME
-
-            write_json(verdict.as_results(), os.path.join(output_dir, EVAL_RESULTS_NAME))  # the card reads it
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Writes the checkpoint into a staging folder and renames it into place: never half-written. A push
@@ -157,8 +162,11 @@ class CheckpointMixin:
 
     def save_untrained_snapshot(self, folder: str) -> None:
         """Saves the model as it is now (encoder, bank, served index) for :meth:`restore_snapshot`: the safety
-        net's untrained model. Written by the main process; the others wait."""
-        self._save(folder)
+        net's untrained model: the encoder and the retrieval files, not the corpus texts an artifact ships. Written by
+        the main process; the others wait."""
+        if self.args.should_save:
+            self._save_model_state(folder)
+            save_retrieval_files(folder, self.bank, self.served_index(), self.artifact_config())
         self.accelerator.wait_for_everyone()
 
     def restore_snapshot(self, folder: str) -> None:

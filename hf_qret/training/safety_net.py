@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["SafetyNetCallback", "SafetyNetVerdict", "training_verdict", "UNTRAINED_DIR", "stage_metrics"]
+__all__ = ["SafetyNetCallback", "SafetyNetVerdict", "training_verdict", "UNTRAINED_DIR", "eval_key", "stage_metrics"]
 
 logger = logging.getLogger("hf_qret")
 
@@ -57,6 +57,17 @@ def training_verdict(results: dict[str, Any], metric: str = DEFAULT_METRIC) -> t
     )
 
 
+def eval_key(name: str) -> str:
+    """A metric name as the trainer logs it (``quantized_ndcg@10`` -> ``eval_quantized_ndcg@10``), as
+    ``metric_for_best_model`` is read.
+
+    Example:
+        >>> eval_key("quantized_ndcg@10"), eval_key("eval_dev_quantized_ndcg@10")
+        ('eval_quantized_ndcg@10', 'eval_dev_quantized_ndcg@10')
+    """
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
 def stage_metrics(metrics: dict[str, float], stage: str, prefix: str = "eval") -> dict[str, float]:
     """Renames a trainer evaluation's keys to a stage's (``eval_quantized_ndcg@10`` -> ``trained_quantized_ndcg@10``).
 
@@ -82,11 +93,11 @@ class SafetyNetVerdict:
     Example:
         >>> verdict = SafetyNetVerdict(
         ...     "eval_quantized_ndcg@10",
-        ...     untrained={"untrained_eval_quantized_ndcg@10": 0.61},
-        ...     trained={"trained_eval_quantized_ndcg@10": 0.67},
+        ...     untrained={"untrained_quantized_ndcg@10": 0.61},
+        ...     trained={"trained_quantized_ndcg@10": 0.67},
         ... )
-        >>> verdict.as_results()["shipped"]
-        'trained'
+        >>> verdict.as_results()["shipped"], verdict.summary()["untrained"]
+        ('trained', 0.61)
     """
 
     metric: str
@@ -94,6 +105,16 @@ class SafetyNetVerdict:
     trained: dict[str, float] = field(default_factory=dict)
     shipped: str = "trained"
     warning: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The compared metric before and after training and what was kept (``qret_config.json``'s record)."""
+        metric = self.metric[len("eval_") :]
+        return {
+            "metric": self.metric,
+            "untrained": self.untrained.get(f"untrained_{metric}"),
+            "trained": self.trained.get(f"trained_{metric}"),
+            "shipped": self.shipped,
+        }
 
     def as_results(self) -> dict[str, Any]:
         """The ``eval_results.json`` layout the model card reads (``untrained`` / ``trained`` / ``shipped``)."""
@@ -138,7 +159,7 @@ class SafetyNetCallback(TrainerCallback):
     def _metric_key(self, metrics: dict[str, float]) -> str:
         wanted = self.metric or self.trainer.args.metric_for_best_model
         if wanted:
-            key = wanted if wanted.startswith("eval_") else f"eval_{wanted}"
+            key = eval_key(wanted)
             if key in metrics:
                 return key
             if self.metric:
@@ -167,8 +188,7 @@ class SafetyNetCallback(TrainerCallback):
             key = self._metric_key(metrics)
             self.untrained_metrics = dict(metrics)
             if args.load_best_model_at_end and args.metric_for_best_model and state.best_metric is None:
-                best_key = args.metric_for_best_model
-                best_key = best_key if best_key.startswith("eval_") else f"eval_{best_key}"
+                best_key = eval_key(args.metric_for_best_model)
                 if best_key in metrics:
                     state.best_metric = metrics[best_key]  # a checkpoint must beat the untrained model
             trainer.save_untrained_snapshot(str(folder))
