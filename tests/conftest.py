@@ -111,6 +111,17 @@ def two_split_dir(tmp_path) -> Path:
     return folder
 
 
+def half_corpus_beir(base: Path) -> tuple[Path, dict]:
+    """A BEIR folder over the first 200 of 300 synthetic documents (train and dev queries whose relevant documents
+    are all among them) and the other 100 documents, left to add to an artifact trained on the folder."""
+    corpus, queries, qrels = synthetic_beir(num_docs=300, num_queries=60)
+    kept = {d: corpus[d] for d in list(corpus)[:200]}
+    train_qrels = {q: docs for q, docs in qrels.items() if all(d in kept for d in docs)}
+    data = write_beir(base / "half", kept, queries, dict(list(train_qrels.items())[:30]), split="train")
+    write_beir(data, kept, queries, dict(list(train_qrels.items())[30:]), split="dev")
+    return data, {d: corpus[d] for d in list(corpus)[200:]}
+
+
 #: The fast subset (``pytest -m unit``): units of the bank, the index, mining, the loss, metrics and data; no test in
 #: these files trains a model end to end.
 UNIT_TEST_FILES = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, synthetic_beir, write_beir
+from conftest import REPO_ROOT, half_corpus_beir
 from test_cli import recipe_argv
 
 from hf_qret.cli import train_main
@@ -83,14 +83,9 @@ def half_artifact(tiny_model_dir, tmp_path_factory):
     """The recipe (2 steps) over the first 200 of 300 documents; the other 100 (no training positives) are left
     to add. Returns the artifact folder, the full BEIR folder and the added documents."""
     base = tmp_path_factory.mktemp("grow")
-    corpus, queries, qrels = synthetic_beir(num_docs=300, num_queries=60)
-    kept = {d: corpus[d] for d in list(corpus)[:200]}
-    train_qrels = {q: docs for q, docs in qrels.items() if all(d in kept for d in docs)}
-    data = write_beir(base / "half", kept, queries, dict(list(train_qrels.items())[:30]), split="train")
-    write_beir(data, kept, queries, dict(list(train_qrels.items())[30:]), split="dev")
+    data, added = half_corpus_beir(base)
     out = base / "out"
     train_main(recipe_argv(tiny_model_dir, data, out, "--max_steps", "2", "--index_factory", "PQ4x4"))
-    added = {d: corpus[d] for d in list(corpus)[200:]}
     return out, added
 
 

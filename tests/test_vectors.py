@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_beir, write_beir
+from conftest import half_corpus_beir
 from test_st_dropin import ir_evaluator, st_args, st_data  # noqa: F401  (st_data is a fixture)
 
 from hf_qret import QRetTrainer, QuantizedRetriever
@@ -135,14 +135,10 @@ def plain_artifact(tiny_model_dir, tmp_path_factory):
     plain = base / "plain_bert"
     AutoModel.from_pretrained(tiny_model_dir).save_pretrained(plain)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(plain)
-    corpus, queries, qrels = synthetic_beir(num_docs=300, num_queries=60)
-    kept = {d: corpus[d] for d in list(corpus)[:200]}
-    train_qrels = {q: docs for q, docs in qrels.items() if all(d in kept for d in docs)}
-    data = write_beir(base / "half", kept, queries, dict(list(train_qrels.items())[:30]), split="train")
-    write_beir(data, kept, queries, dict(list(train_qrels.items())[30:]), split="dev")
+    data, added = half_corpus_beir(base)
     out = base / "out"
     train_main(recipe_argv(str(plain), data, out, "--max_steps", "2", "--index_factory", "PQ4x4"))
-    return out, plain, {d: corpus[d] for d in list(corpus)[200:]}
+    return out, plain, added
 
 
 def test_plain_folder_artifact_adds_a_document_as_a_rebuild_would(plain_artifact):
