@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,15 @@ def _merged_splits(train_data: Any, eval_data: Any) -> Any:
     queries = {**train_data.queries, **eval_data.queries}
     split = f"{train_data.split}+{eval_data.split}"
     return BeirData(corpus=train_data.corpus, queries=queries, qrels=qrels, split=split, path=train_data.path)
+
+
+def _timed_train(trainer: Any, timings: dict[str, float], resume: Any, prefix: str = "") -> None:
+    """``trainer.train``, its wall time split into index building/refreshing and the rest (steps, evaluations)."""
+    clock = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    index_seconds = trainer.refresh_callback.total_index_seconds
+    timings[f"{prefix}train"] = time.perf_counter() - clock - index_seconds
+    timings[f"{prefix}index"] = index_seconds
 
 
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -131,7 +141,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         save_document_encoder(training_args.output_dir, model)
 
     # 2. The bank: encoded once (or read from --bank_init_file).
-    encode = document_encode(model, model_args.doc_batch_size)
+    encode = document_encode(model, model_args.doc_batch_size, precision=training_args.bank_encode_precision)
     init_file = model_args.bank_init_file
     # The run on train + eval split starts from the same encoded corpus: without --bank_init_file it is kept in the
     # output folder for the run and removed after it (the untrained model comes back from the safety net's snapshot).
@@ -144,6 +154,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if mmap_path is not None and training_args.bank_device == "cuda":
         raise ConfigError("--bank_mmap keeps the bank in a file on the CPU; use --bank_device auto or cpu with it.")
     bank_dtype = training_args.bank_dtype
+    clock = time.perf_counter()
     bank = encode_bank(
         encode,
         train_data.doc_texts(),
@@ -154,6 +165,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         mmap_path=mmap_path,
     )
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
+    timings = {"encode_bank": time.perf_counter() - clock}
     set_faiss_threads(training_args.faiss_threads)
     index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)
     logger.info(
@@ -201,7 +213,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     net = trainer.safety_net  # the library's safety net (evaluator + --keep_untrained_if_better): before and after
     if evaluator is not None and net is None and not first_resume:
         results["untrained"] = trainer.evaluate(metric_key_prefix="untrained")
-    trainer.train(resume_from_checkpoint=first_resume)
+    _timed_train(trainer, timings, first_resume)
     from .hub.model_card import dataset_id_from_path, hub_base_model
 
     card = {
@@ -246,7 +258,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
             len(all_data.qrels),
         )
         trainer = fresh_trainer(all_data)
-        trainer.train(resume_from_checkpoint=resume or None)
+        _timed_train(trainer, timings, resume or None, prefix="train_on_eval_split_")
         notes.append(
             f"The shipped model was trained on the {all_data.split} splits ({len(all_data.qrels)} queries) with the "
             f"settings selected on {eval_data.split}; the numbers above are those of the same recipe trained on "
@@ -258,7 +270,10 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if notes:
         results["notes"] = notes
     # With --push_to_hub the one upload happens below, once the evaluation is in the model card.
+    clock = time.perf_counter()
     trainer.save_model(_internal_call=bool(training_args.push_to_hub))
+    timings["save"] = time.perf_counter() - clock
+    results["timings_s"] = {name: round(seconds, 2) for name, seconds in timings.items()}
     if evaluator is not None and trainer.is_world_process_zero():
         write_json(results, Path(training_args.output_dir) / "eval_results.json")
     if scratch_init is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 
 import numpy as np
 import pytest
@@ -84,7 +85,9 @@ def test_a_run_that_gets_worse_ships_the_untrained_model_loudly(
 
     data = load_beir(two_split_dir, split="train")
     model = SentenceTransformer(tiny_model_dir, device="cpu")
-    initial = TargetBank.from_encoder(lambda t: encode_texts(model, t), data.doc_texts(), data.doc_ids).weight
+    # the bank as the recipe encoded it (bank_encode_precision 'auto': bfloat16 on a CPU with AMX)
+    encode = partial(encode_texts, model, precision="auto")
+    initial = TargetBank.from_encoder(encode, data.doc_texts(), data.doc_ids).weight
     torch.testing.assert_close(_bank(out).float(), initial.detach().float())
     assert json.loads((out / "qret_config.json").read_text())["global_step"] == 0
     saved = json.loads((out / "eval_results.json").read_text())
@@ -137,6 +140,11 @@ def test_train_on_eval_split_ships_a_model_trained_on_both_splits(tiny_model_dir
     # first the selection run on train alone (its dev numbers are held out), then the shipped run on both
     assert trained_sets == [train_ids, train_ids | set(dev.qrels)]
     assert results["shipped"] == "trained" and results["trained_on"] == ["train", "dev"]
+    # where the time went, both runs (what benchmarks/end_to_end.py reports)
+    timings = json.loads((out / "eval_results.json").read_text())["timings_s"]
+    assert set(timings) == {"encode_bank", "train", "index", "train_on_eval_split_train",
+                            "train_on_eval_split_index", "save"}  # fmt: skip
+    assert all(seconds >= 0 for seconds in timings.values())
     # documents that are positives of dev queries only moved: the shipped bank learned from the dev split
     train_docs = {d for docs in load_beir(two_split_dir, split="train").qrels.values() for d in docs}
     dev_only = sorted({d for docs in dev.qrels.values() for d in docs} - train_docs)

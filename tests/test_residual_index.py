@@ -55,3 +55,53 @@ def test_residual_index_trains_on_fewer_rows_than_dimensions():
     assert index.ntotal == 24 and index.bytes_per_vector == 2
     scores, rows = index.search(vectors[:3], 5)
     assert rows.shape == (3, 5) and (rows >= 0).all()
+
+
+def _beam(index: QuantizedIndex) -> int:
+    return int(index.faiss.downcast_index(index.index).rq.max_beam_size)
+
+
+def test_rq_beam_size_is_the_residual_quantizers_beam_for_every_build_and_survives_saving(tmp_path):
+    vectors = np.random.default_rng(1).standard_normal((400, 16)).astype(np.float32)
+    assert _beam(QuantizedIndex(16, "RQ4x4")) == 5  # FAISS's default unless asked
+    index = QuantizedIndex(16, "RQ4x4", rq_beam_size=1)
+    index.build(vectors)
+    index.refresh(vectors, mode="retrain")  # a rebuild keeps it
+    assert _beam(index) == 1
+    assert _beam(index.synced_copy(vectors, np.array([0]))) == 1
+    index.save(tmp_path / "index.faiss")
+    assert _beam(QuantizedIndex.load(tmp_path / "index.faiss", "RQ4x4")) == 1  # what add_documents encodes with
+    QuantizedIndex(16, "PQ4", rq_beam_size=1).build(vectors)  # no residual quantizer: ignored
+
+
+def test_the_trainer_builds_its_residual_index_with_the_arguments_beam(tiny_model, beir_dir, tmp_path):
+    from hf_qret import QRetTrainingArguments
+    from hf_qret.errors import ConfigError
+
+    assert QRetTrainingArguments(output_dir=str(tmp_path / "d")).rq_beam_size == 1
+    with pytest.raises(ConfigError, match="rq_beam_size must be at least 1"):
+        QRetTrainingArguments(output_dir=str(tmp_path / "d"), rq_beam_size=0)
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ4x4", rq_beam_size=2, max_steps=2)
+    trainer.train()
+    assert _beam(trainer.index) == 2
+
+
+@pytest.mark.parametrize("epoch_end", [True, False])
+def test_the_last_refresh_is_made_in_the_final_refresh_mode(tiny_model, beir_dir, tmp_path, epoch_end):
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ4x4", refresh_mode="incremental",
+                              final_refresh_mode="retrain", refresh_steps=2, refresh_on_epoch_end=epoch_end,
+                              bank_update="all", max_steps=5)  # fmt: skip
+    modes: list[str] = []
+    original = trainer.index.refresh
+
+    def refresh(vectors, mode="reencode", rows=None, **kwargs):
+        modes.append(mode)
+        return original(vectors, mode=mode, rows=rows, **kwargs)
+
+    trainer.index.refresh = refresh
+    trainer.train()
+    # steps 2 and 4 follow the moved rows in place; the last one (train end, or the last epoch's end) retrains
+    assert modes == ["incremental", "incremental", "retrain"]
+    assert trainer.index_record()["final_refresh_mode"] == "retrain"
+    files_bank = trainer.bank.float32_rows()[:]
+    np.testing.assert_allclose(trainer.index.reconstruct_all(), trainer.index.quantize(files_bank), atol=1e-5)

@@ -105,10 +105,12 @@ def test_recipe_ships_the_document_encoder_the_bank_was_built_with(half_artifact
     untouched = [i for i, d in enumerate(data.doc_ids) if d not in positives][:20]
     texts = [data.doc_texts()[i] for i in untouched]
     bank = load_file(str(out / "bank.safetensors"))["embeddings"]
-    shipped = encode_texts(retriever.document_encoder, texts)
+    precision = config["document_precision"]  # the bank's encoding precision ('auto': bf16 on a CPU with AMX)
+    shipped = encode_texts(retriever.document_encoder, texts, precision=precision)
     np.testing.assert_allclose(shipped, bank[untouched], atol=1e-6)
-    pretrained = SentenceTransformer(tiny_model_dir, device="cpu").encode(texts, convert_to_numpy=True)
-    np.testing.assert_allclose(shipped, pretrained, atol=1e-6)
+    pretrained = SentenceTransformer(tiny_model_dir, device="cpu")
+    np.testing.assert_allclose(shipped, encode_texts(pretrained, texts, precision=precision), atol=1e-6)
+    np.testing.assert_allclose(shipped, pretrained.encode(texts, convert_to_numpy=True), atol=2e-2)
 
 
 def test_add_documents_encodes_codes_and_saves_the_grown_artifact(half_artifact, tmp_path):
@@ -137,7 +139,10 @@ def test_add_documents_encodes_codes_and_saves_the_grown_artifact(half_artifact,
     assert reloaded.config["documents_added"] == 100
     assert reloaded.search(queries, k=10) == retriever.search(queries, k=10)
     bank = reloaded.files.bank.numpy()
-    np.testing.assert_allclose(bank[200:], encode_texts(retriever.document_encoder, texts), atol=1e-6)
+    precision = retriever.config["document_precision"]  # the bank's, which add_documents encodes in
+    np.testing.assert_allclose(
+        bank[200:], encode_texts(retriever.document_encoder, texts, precision=precision), atol=1e-6
+    )
     assert (saved / "document_encoder" / "modules.json").is_file() and (saved / "README.md").is_file()
     assert "| Documents | 300 |" in (saved / "README.md").read_text()
 

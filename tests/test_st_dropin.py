@@ -212,7 +212,10 @@ def test_bank_from_corpus_plus_training_texts_with_stable_ids(tiny_model, st_dat
     assert new_id == text_doc_id("a brand new document")  # the same in every run
     # the bank rows are the model's embeddings of the texts
     np.testing.assert_allclose(
-        trainer.bank.numpy()[-1], encode_texts(tiny_model, ["a brand new document"])[0], rtol=1e-4, atol=1e-5
+        trainer.bank.numpy()[-1],
+        encode_texts(tiny_model, ["a brand new document"], precision=trainer.args.bank_encode_precision)[0],
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -415,7 +418,7 @@ def test_automodel_with_tokenizer_and_text_pairs(tiny_model_dir, st_data, tmp_pa
     )
     np.testing.assert_allclose(
         trainer.bank.numpy()[:4],
-        encode_texts(model, list(corpus.values())[:4], tokenizer=tokenizer),
+        encode_texts(model, list(corpus.values())[:4], tokenizer=tokenizer, precision="auto"),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -469,14 +472,17 @@ def test_a_drop_in_artifact_grows_with_the_bank_encoder(tiny_model, st_data, tmp
     from hf_qret.serving.encoder import encode_texts
 
     corpus, pairs, _, _ = st_data
-    trainer = QRetTrainer(tiny_model, st_args(tmp_path), train_dataset=pairs, corpus=corpus)
+    # bf16 bank encoding (the 'auto' choice on CPUs with AMX) on every machine: added documents follow it
+    args = st_args(tmp_path, bank_encode_precision="bf16")
+    trainer = QRetTrainer(tiny_model, args, train_dataset=pairs, corpus=corpus)
     doc_id = next(iter(corpus))
     untrained_row = trainer.bank.float32_rows()[[trainer.bank.row_of(doc_id)]][0].copy()
     trainer.train()
     trainer.save_model()
     retriever = QuantizedRetriever.from_pretrained(tmp_path / "out", "cpu", load_bank=True)
     assert retriever.config["document_encoder"] == "document_encoder"
-    encoded = encode_texts(retriever.document_encoder, [corpus[doc_id]], role="document")[0]
+    assert retriever.config["document_precision"] == "bf16"
+    encoded = encode_texts(retriever.document_encoder, [corpus[doc_id]], role="document", precision="bf16")[0]
     np.testing.assert_allclose(encoded, untrained_row, atol=1e-5)
     retriever.add_documents([corpus[doc_id]], ["copy-of-" + doc_id])
     assert retriever.index.ntotal == len(corpus) + 1

@@ -233,8 +233,9 @@ def test_resume_builds_no_index_it_would_throw_away(tiny_model_dir, two_split_di
     first = _trainer(SentenceTransformer(tiny_model_dir, device="cpu"), two_split_dir, tmp_path / "a", max_steps=2,
                      save_strategy="steps", save_steps=2, with_evaluator=False)  # fmt: skip
     first.train()
+    # (a re-encode at train end too: a final retrain would build the index to save, on purpose)
     resumed = _trainer(SentenceTransformer(tiny_model_dir, device="cpu"), two_split_dir, tmp_path / "b", max_steps=3,
-                       refresh_mode="reencode", with_evaluator=False)  # fmt: skip
+                       refresh_mode="reencode", final_refresh_mode="reencode", with_evaluator=False)  # fmt: skip
     with mock.patch.object(QuantizedIndex, "build", side_effect=AssertionError("built a full index")) as build:
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
     assert build.call_count == 0

@@ -37,8 +37,9 @@ def prompted_run(tiny_model_dir, st_data, tmp_path):  # noqa: F811
     model = e5_like(tiny_model_dir)
     out = tmp_path / "out"
     save_document_encoder(out, model)  # the bank's encoder, before training changes it
-    trainer = QRetTrainer(model=model, args=st_args(tmp_path), train_dataset=pairs, corpus=corpus,
-                          evaluator=ir_evaluator(corpus, dev))  # fmt: skip
+    # float32 bank encoding: the bank is then exactly what sentence-transformers' encode_document gives
+    trainer = QRetTrainer(model=model, args=st_args(tmp_path, bank_encode_precision="fp32"), train_dataset=pairs,
+                          corpus=corpus, evaluator=ir_evaluator(corpus, dev))  # fmt: skip
     initial_bank = trainer.bank.numpy().copy()
     trainer.train()
     trainer.save_model()
@@ -150,9 +151,10 @@ def test_plain_folder_artifact_adds_a_document_as_a_rebuild_would(plain_artifact
     # the row a rebuild over corpus + this document would hold: the bank's encoding (the recipe's model, configured)
     bank_model = SentenceTransformer(str(plain), device="cpu")
     configure_encoder(bank_model)
-    expected = encode_texts(bank_model, [text])  # no prompts: the document role adds nothing
-    assert np.linalg.norm(expected) == pytest.approx(1.0, abs=1e-5)
     stored = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
+    # no prompts (the document role adds nothing), in the precision the bank was encoded in
+    expected = encode_texts(bank_model, [text], precision=stored.config["document_precision"])
+    assert np.linalg.norm(expected) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(np.linalg.norm(stored.files.bank.float32_rows()[:], axis=1), 1.0, atol=1e-4)
     # the rebuild: the artifact's index (same codebooks) with the expected row added
     rebuilt = QuantizedRetriever.from_pretrained(out, "cpu")

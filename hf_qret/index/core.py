@@ -33,6 +33,7 @@ from .faiss_ops import (
     nested_indexes,
     set_faiss_threads,
     set_opq_iterations,
+    set_rq_beam_size,
     train_sample,
 )
 from .shortlist import MiningShortlist, served_parts
@@ -54,8 +55,11 @@ logger = logging.getLogger(__name__)
 REFRESH_MODES = ("reencode", "retrain", "incremental")
 
 
-def check_index_options(opq_niter: int | None, mining_nlist: int, mining_nprobe: int) -> None:
-    """Raises :class:`ConfigError` for an OPQ iteration count or mining-shortlist setting that cannot work.
+def check_index_options(
+    opq_niter: int | None, mining_nlist: int, mining_nprobe: int, rq_beam_size: int | None = None
+) -> None:
+    """Raises :class:`ConfigError` for an OPQ iteration count, mining-shortlist setting or residual-quantizer beam
+    that cannot work.
 
     Example:
         >>> check_index_options(opq_niter=None, mining_nlist=0, mining_nprobe=16)  # the defaults: fine
@@ -71,6 +75,8 @@ def check_index_options(opq_niter: int | None, mining_nlist: int, mining_nprobe:
             f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {mining_nlist} and "
             f"{mining_nprobe}."
         )
+    if rq_beam_size is not None and int(rq_beam_size) < 1:
+        raise ConfigError(f"rq_beam_size must be at least 1 (FAISS's default is 5), got {rq_beam_size}.")
 
 
 class QuantizedIndex:
@@ -87,6 +93,8 @@ class QuantizedIndex:
             this many inverted lists over the same codes, so :meth:`mine` scans only ``mining_nprobe`` lists per
             query (same scores, far fewer codes scanned); ``0`` (default): :meth:`mine` is :meth:`search`.
         mining_nprobe: Lists scanned per mining query.
+        rq_beam_size: Beam of a residual quantizer's training and encoding (``ResidualQuantizer.max_beam_size``);
+            ``None`` keeps FAISS's default (5). Ignored by indexes without a residual quantizer.
 
     Example:
         >>> import numpy as np
@@ -109,8 +117,9 @@ class QuantizedIndex:
         opq_niter: int | None = None,
         mining_nlist: int = 0,
         mining_nprobe: int = 16,
+        rq_beam_size: int | None = None,
     ) -> None:
-        check_index_options(opq_niter, mining_nlist, mining_nprobe)
+        check_index_options(opq_niter, mining_nlist, mining_nprobe, rq_beam_size)
         self.faiss = import_faiss()
         self.dim = int(dim)
         #: The factory asked for; :attr:`factory` is the one built (see :func:`fit_factory`).
@@ -119,6 +128,7 @@ class QuantizedIndex:
         self.search_params = search_params or None
         self.use_gpu = use_gpu
         self.opq_niter = None if opq_niter is None else int(opq_niter)
+        self.rq_beam_size = None if rq_beam_size is None else int(rq_beam_size)
         self.mining_nlist, self.mining_nprobe = int(mining_nlist), int(mining_nprobe)
         self.shortlist: MiningShortlist | None = None
         self.index = self._new_index()
@@ -147,6 +157,8 @@ class QuantizedIndex:
         disable_polysemous_training(self.faiss, index)
         if self.opq_niter is not None:
             set_opq_iterations(self.faiss, index, self.opq_niter)
+        if self.rq_beam_size is not None:
+            set_rq_beam_size(self.faiss, index, self.rq_beam_size)
         return index
 
     @classmethod
@@ -168,6 +180,7 @@ class QuantizedIndex:
             opq_niter=args.opq_niter,
             mining_nlist=args.mining_nlist,
             mining_nprobe=args.mining_nprobe,
+            rq_beam_size=args.rq_beam_size,
         )
 
     @classmethod
@@ -181,6 +194,7 @@ class QuantizedIndex:
         self.search_params = search_params or None
         self.use_gpu = None
         self.opq_niter = None
+        self.rq_beam_size = None  # a loaded residual quantizer keeps the beam it was saved with
         self.mining_nlist, self.mining_nprobe = 0, 16
         self.shortlist = None
         self.index = index
@@ -395,6 +409,7 @@ class QuantizedIndex:
         """
         copy = QuantizedIndex.from_index(self.faiss.clone_index(self.index), self.factory, self.search_params)
         copy.opq_niter = self.opq_niter
+        copy.rq_beam_size = self.rq_beam_size
         copy.use_gpu = self.use_gpu
         copy._apply_search_params(copy.index)
         rows = np.unique(np.asarray(rows, dtype=np.int64))

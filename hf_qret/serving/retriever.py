@@ -236,6 +236,8 @@ class QuantizedRetriever(GrowingMixin):
             role=role,
             prompt=recorded_prompt(self.config, role),
             normalize=None if normalize is None else bool(normalize),
+            # documents in the precision the bank was encoded in (qret_config's document_precision)
+            precision=self.config.get("document_precision", "fp32") if role == "document" else "fp32",
         )
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,9 @@ class IndexRefreshCallback(TrainerCallback):
     ``mode="incremental"`` keeps the codebooks and re-encodes, in place, only the rows the optimizer changed since
     the last refresh (the same codes as ``"reencode"``, at a cost proportional to the changed rows). At train end the
     index is refreshed only if the bank changed since the last refresh, so the saved artifact always indexes the
-    final bank.
+    final bank. ``final_mode`` is how that last refresh (at train end, or at the last epoch's end) is made: with
+    ``mode="incremental"`` and ``final_mode="retrain"`` the index follows the moved rows cheaply during training and the
+    saved index gets codebooks trained on the final bank.
 
     Its state (:meth:`state_dict`) is saved with every checkpoint and restored on resume (:mod:`hf_qret.training.checkpoint`),
     so a resumed run refreshes exactly when the unbroken run did. That includes the end-of-epoch refresh of a
@@ -41,6 +43,7 @@ class IndexRefreshCallback(TrainerCallback):
         every_n_steps: Refresh period in optimizer steps; 0 disables step refreshes.
         on_epoch_end: Also refresh at the end of every epoch.
         mode: ``"reencode"``, ``"retrain"`` or ``"incremental"``.
+        final_mode: The mode of the last refresh of the run; ``None``: ``mode``.
 
     Example:
         >>> callback = IndexRefreshCallback(bank, index, every_n_steps=50, mode="reencode")  # doctest: +SKIP
@@ -54,40 +57,47 @@ class IndexRefreshCallback(TrainerCallback):
         every_n_steps: int = 0,
         on_epoch_end: bool = True,
         mode: str = "reencode",
+        final_mode: str | None = None,
     ) -> None:
-        if mode not in REFRESH_MODES:
-            raise ValueError(f"unknown refresh mode {mode!r}; use one of {', '.join(REFRESH_MODES)}.")
+        for name, value in (("refresh mode", mode), ("final refresh mode", final_mode or mode)):
+            if value not in REFRESH_MODES:
+                raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(REFRESH_MODES)}.")
         self.bank = bank
         self.index = index
         self.every_n_steps = int(every_n_steps)
         self.refresh_at_epoch_end = on_epoch_end
         self.mode = mode
+        self.final_mode = final_mode or mode
         self.refreshes = 0
         self.last_refresh_step = -1
         self.last_refresh_seconds = 0.0
+        #: Seconds spent building and refreshing the index in this run (the trainer adds its first build).
+        self.total_index_seconds = 0.0
         #: Rows encoded by the last refresh (all rows, or the changed ones in ``"incremental"`` mode).
         self.last_refreshed_rows = 0
         self.bank_version_at_refresh = 0
         #: Set from the last optimizer step of an epoch until that epoch's ``on_epoch_end``.
         self.epoch_end_pending = False
 
-    def refresh(self, step: int) -> None:
-        """Rebuilds the index from the current bank now."""
+    def refresh(self, step: int, final: bool = False) -> None:
+        """Rebuilds the index from the current bank now (``final``: the run's last refresh, in ``final_mode``)."""
         start = time.perf_counter()
         bank = self.bank
+        mode = self.final_mode if final else self.mode
         vectors = bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy()
-        rows = bank.changed_rows() if self.mode == "incremental" and hasattr(bank, "changed_rows") else None
-        encoded = self.index.refresh(vectors, mode=self.mode, rows=rows)
+        rows = bank.changed_rows() if mode == "incremental" and hasattr(bank, "changed_rows") else None
+        encoded = self.index.refresh(vectors, mode=mode, rows=rows)
         if hasattr(bank, "clear_changed"):
             bank.clear_changed()
         self.last_refresh_seconds = time.perf_counter() - start
+        self.total_index_seconds += self.last_refresh_seconds
         self.last_refreshed_rows = int(encoded) if encoded is not None else len(bank)
         self.refreshes += 1
         self.last_refresh_step = step
         self.bank_version_at_refresh = getattr(bank, "version", 0)
         logger.info(
             "refreshed the %s index (%s, %d rows) at step %d in %.2fs",
-            self.index.factory, self.mode, self.last_refreshed_rows, step, self.last_refresh_seconds,
+            self.index.factory, mode, self.last_refreshed_rows, step, self.last_refresh_seconds,
         )  # fmt: skip
 
     def _stale(self) -> bool:
@@ -141,11 +151,11 @@ class IndexRefreshCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         self.epoch_end_pending = False
         if self.refresh_at_epoch_end and self.last_refresh_step != state.global_step and self._stale():
-            self.refresh(state.global_step)
+            self.refresh(state.global_step, final=bool(state.max_steps) and state.global_step >= state.max_steps)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._stale():
-            self.refresh(state.global_step)
+            self.refresh(state.global_step, final=True)
 
 
 class RetrievalEvaluationCallback(TrainerCallback):

@@ -232,17 +232,23 @@ def _cache_matches(rows_path: Path, meta_path: Path, key: dict[str, Any]) -> boo
         return False
 
 
-def document_encode(model: nn.Module, batch_size: int = 64, tokenizer: Any = None) -> Callable[[list[str]], np.ndarray]:
+def document_encode(
+    model: nn.Module, batch_size: int = 64, tokenizer: Any = None, precision: str = "fp32"
+) -> Callable[[list[str]], np.ndarray]:
     """The function a bank's documents are encoded with: ``model``'s document embeddings (the document prompt,
-    ``role="document"``), batched, with a progress bar (:func:`hf_qret.serving.encoder.encode_texts`).
+    ``role="document"``), batched, with a progress bar (:func:`hf_qret.serving.encoder.encode_texts`), in
+    ``precision`` (``"fp32"``, ``"bf16"`` or ``"auto"``: see :func:`hf_qret.serving.encoder.encode_autocast_dtype`).
 
     Example:
-        >>> encode = document_encode(model, batch_size=128)  # doctest: +SKIP
+        >>> encode = document_encode(model, batch_size=128, precision="auto")  # doctest: +SKIP
         >>> encode(["a document"]).shape  # doctest: +SKIP
         (1, 384)
     """
-    from ..serving.encoder import encode_texts
+    from ..serving.encoder import encode_autocast_dtype, encode_texts
 
+    device = next(model.parameters()).device
+    dtype = encode_autocast_dtype(precision, device)
+    logger.info("bank: documents encoded in %s", "float32" if dtype is None else str(dtype).replace("torch.", ""))
     return partial(
         encode_texts,
         model,
@@ -251,6 +257,7 @@ def document_encode(model: nn.Module, batch_size: int = 64, tokenizer: Any = Non
         show_progress_bar=True,
         desc="Encoding corpus",
         role="document",
+        precision=precision,
     )
 
 

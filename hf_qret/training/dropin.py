@@ -141,9 +141,10 @@ def prepare_dropin(
         if extra:
             logger.info("bank: added %d document(s) of the evaluator's corpus that are not in the corpus", extra)
         logger.info("bank: %d documents (%d from the corpus)", len(docs), in_corpus)
+        precision = getattr(args, "bank_encode_precision", "auto")
         getattr(args, "device", None)  # forms the process group: under several processes each encodes a share
         bank = encode_bank(
-            document_encode(model, CORPUS_BATCH_SIZE, tokenizer),
+            document_encode(model, CORPUS_BATCH_SIZE, tokenizer, precision=precision),
             docs.texts,
             docs.ids,
             dtype=args.bank_dtype,
@@ -152,6 +153,7 @@ def prepare_dropin(
                 "num_docs": len(docs),
                 "documents": docs.digest(),
                 "encoder": encoder_fingerprint(model, tokenizer),
+                "precision": precision,
             },
         )
         members: Any = docs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -154,8 +155,11 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(cb, IndexRefreshCallback) for cb in callbacks):
             mode = self.loss.refresh_mode(args.refresh_mode)
+            final_mode = self.loss.refresh_mode(args.final_refresh_mode or args.refresh_mode)
             callbacks.append(
-                IndexRefreshCallback(bank, index, args.refresh_steps, on_epoch_end=args.refresh_on_epoch_end, mode=mode)
+                IndexRefreshCallback(
+                    bank, index, args.refresh_steps, args.refresh_on_epoch_end, mode=mode, final_mode=final_mode
+                )
             )
         self.refresh_callback = next(cb for cb in callbacks if isinstance(cb, IndexRefreshCallback))
 
@@ -199,7 +203,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         """Builds the index over the bank now, if nothing built or loaded it yet (``train()`` does it first, unless
         it resumes from a checkpoint, whose index it loads instead; evaluation and saving do it too)."""
         if self.index.ntotal == 0:
+            start = time.perf_counter()
             self.index.build(self.bank.float32_rows())
+            self.refresh_callback.total_index_seconds += time.perf_counter() - start
             self.refresh_callback.bank_version_at_refresh = self.bank.version
             self.bank.clear_changed()
 
@@ -246,6 +252,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
             "step": self.state.global_step,
             "last_refresh_step": None if callback.last_refresh_step < 0 else callback.last_refresh_step,
             "refresh_mode": callback.mode,
+            "final_refresh_mode": callback.final_mode,
             "rows_reencoded_since_refresh": int(self.bank.num_changed),
         }
 
