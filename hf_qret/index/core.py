@@ -226,20 +226,32 @@ class QuantizedIndex:
         """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors`` (at most ``max_train_rows``
         rows, a fixed random sample; ``None``: all)."""
         sample = train_sample(vectors, max_train_rows)
-        # FAISS aborts the whole process on some samples too small for the factory: check before it trains.
-        factory, reason = fit_factory(self.requested_factory, len(sample))
-        if factory != self.factory:
-            logger.warning(
-                "index factory %r on %d training rows: %s; training %r instead.",
-                self.requested_factory, len(sample), reason, factory,
-            )  # fmt: skip
-            self.factory = factory
-        fresh = self._new_index()
-        fit_training_to_sample(self.faiss, fresh, len(sample))
-        fresh.train(sample)
+        fresh = self._trained_empty(sample)
         if self.mining_nlist:
             self.shortlist = MiningShortlist(fresh, sample, self.mining_nlist, self.mining_nprobe)
         del sample
+        self._install(fresh)
+
+    def _fit_factory(self, num_rows: int) -> None:
+        # FAISS aborts the whole process on some samples too small for the factory: check before it trains.
+        factory, reason = fit_factory(self.requested_factory, num_rows)
+        if factory != self.factory:
+            logger.warning(
+                "index factory %r on %d training rows: %s; training %r instead.",
+                self.requested_factory, num_rows, reason, factory,
+            )  # fmt: skip
+            self.factory = factory
+
+    def _trained_empty(self, sample: np.ndarray) -> Any:
+        """A new empty FAISS index of the factory (fitted to the sample size) trained on ``sample``."""
+        self._fit_factory(len(sample))
+        fresh = self._new_index()
+        fit_training_to_sample(self.faiss, fresh, len(sample))
+        fresh.train(sample)
+        return fresh
+
+    def _install(self, fresh: Any) -> None:
+        """Serves the freshly trained FAISS index ``fresh``."""
         self.index = fresh
         self._changed()
         self._apply_search_params(self.index)
