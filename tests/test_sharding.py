@@ -183,3 +183,26 @@ def test_sharded_run_equals_the_replicated_run_step_by_step(tiny_model_dir, beir
             ("mining_index", "faiss"),
         )  # fmt: skip
     }
+
+
+@pytest.mark.integration
+def test_recipe_under_torchrun_trains_a_sharded_bank_into_one_artifact(tiny_model_dir, two_split_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 recipes/train.py ... --bank_sharding rows`: each process encodes and keeps half
+    of the corpus; the safety net evaluates through the shards; the artifact is one index that serving loads."""
+    from test_dropin import recipe_under_torchrun
+
+    from hf_qret import QuantizedRetriever
+
+    out = tmp_path / "out"
+    result = recipe_under_torchrun(tiny_model_dir, two_split_dir, out, "--bank_sharding", "rows", "--max_steps", "4",
+                                   "--save_steps", "2", "--keep_untrained_if_better", "false", timeout=300)  # fmt: skip
+    assert "process 1 of 2 holds rows 150-300 of 300" in result.stderr
+    assert (out / "eval_results.json").is_file()
+    assert {p.name for p in (out / "checkpoint-4").glob("bank-shard-*")} == {
+        "bank-shard-0-of-2.safetensors",
+        "bank-shard-1-of-2.safetensors",
+    }
+    files = load_retrieval_files(out, load_bank=True)
+    assert files.index.ntotal == len(files.bank) == 300
+    retriever = QuantizedRetriever.from_pretrained(str(out))
+    assert len(retriever.search(["a query"], k=5)[0]) == 5
