@@ -191,6 +191,10 @@ def ddp_sharded_main() -> None:
         trainer.save_model()
         steps["start"] = trainer.bank.shard.start if sharding == "rows" else 0
         steps["row_steps"] = trainer.bank_optimizer.row_steps.clone()
+        if kind == "resumed":  # the safety net's restore (a saved artifact: one bank, one index) into the shards
+            trainer.restore_snapshot(str(out / "sharded" / "checkpoint-2"))
+            steps["restored"] = trainer.bank.weight.detach().clone()
+            steps["restored_index_rows"] = trainer.index.ntotal
         record[kind] = steps
     torch.save(record, out / f"sharded_rank{rank}.pt")
 

@@ -165,6 +165,9 @@ def test_sharded_run_equals_the_replicated_run_step_by_step(tiny_model_dir, beir
         shards = [record[kind]["banks"] for record in ranks]
         whole = [torch.cat(parts) for parts in zip(*shards)]
         assert all(torch.equal(a, b) for a, b in zip(ranks[0]["replicated"]["banks"][-len(whole) :], whole))
+    restored = torch.cat([record["resumed"]["restored"] for record in ranks])  # restore_snapshot(checkpoint-2)
+    assert torch.equal(restored, ranks[0]["replicated"]["banks"][1])
+    assert [record["resumed"]["restored_index_rows"] for record in ranks] == [150, 150]
     steps = torch.cat([record["sharded"]["row_steps"] for record in ranks])
     assert torch.equal(steps, ranks[0]["replicated"]["row_steps"]) and int(steps.gt(0).sum()) > 8
     replicated, sharded = (load_retrieval_files(tmp_path / kind, load_bank=True) for kind in ("replicated", "sharded"))

@@ -199,21 +199,32 @@ def gather_bytes(layout: ShardLayout, data: bytes, dst: int = 0) -> list[bytes] 
     return [data if r == dst else _recv(layout, r, torch.uint8).numpy().tobytes() for r in range(layout.world)]
 
 
-def gather_rows(layout: ShardLayout, rows: np.ndarray, dst: int = 0) -> np.ndarray | None:
-    """Every process's float32 ``(n_r, dim)`` rows concatenated in rank order on process ``dst`` (``None`` on the
-    others). A collective.
+def gather_rows(layout: ShardLayout, chunks: Any, sizes: list[int], dim: int, dst: int = 0) -> np.ndarray | None:
+    """Every process's float32 rows, given as an iterable of ``(n, dim)`` chunks (``sizes[r]`` rows in all from
+    process ``r``), in rank order in one ``(sum(sizes), dim)`` array on process ``dst`` (``None`` on the others).
+    Rows travel chunk by chunk straight into that array: no process holds another copy. A collective.
 
     Example:
-        >>> sample = gather_rows(layout, local_sample)  # doctest: +SKIP
+        >>> gather_rows(ShardLayout(count=2, world=1, rank=0), [np.ones((2, 3))], [2], 3).shape
+        (2, 3)
     """
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if layout.world == 1:
-        return rows
     if layout.rank != dst:
-        _send(layout, torch.from_numpy(rows).reshape(-1), dst)
+        raw = (
+            torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)).reshape(-1).view(torch.uint8) for c in chunks
+        )
+        send_chunks(layout, raw, dst)
         return None
-    parts = [rows if r == dst else _recv(layout, r, torch.float32).numpy() for r in range(layout.world)]
-    return np.concatenate([p.reshape(-1, rows.shape[1]) for p in parts])
+    out = np.empty((sum(sizes), dim), dtype=np.float32)
+    position = 0
+    for rank in range(layout.world):
+        if rank == dst:
+            parts = (np.asarray(c, dtype=np.float32).reshape(-1, dim) for c in chunks)
+        else:
+            parts = (chunk.numpy().view(np.float32).reshape(-1, dim) for chunk in recv_chunks(layout, rank))
+        for part in parts:
+            out[position : position + len(part)] = part
+            position += len(part)
+    return out
 
 
 def send_chunks(layout: ShardLayout, chunks: Any, dst: int = 0) -> None:

@@ -57,6 +57,7 @@ class ShardedTargetBank(TargetBank):
         doc_ids: Every document id of the whole bank, in row order (``None``: row numbers).
         layout: Which rows this process owns.
         dtype: Storage dtype.
+        copy: Copy ``local_rows`` (default); ``False`` keeps the tensor itself (when it has the storage dtype).
 
     Example:
         >>> import torch
@@ -73,6 +74,7 @@ class ShardedTargetBank(TargetBank):
         doc_ids: Sequence[str] | None,
         layout: ShardLayout,
         dtype: str | torch.dtype = torch.float32,
+        copy: bool = True,
     ) -> None:
         nn.Module.__init__(self)
         rows = torch.as_tensor(np.asarray(local_rows) if not torch.is_tensor(local_rows) else local_rows)
@@ -83,7 +85,8 @@ class ShardedTargetBank(TargetBank):
             )
         if doc_ids is not None and len(doc_ids) != layout.count:
             raise ArtifactError(f"the sharded bank has {layout.count} rows in all but {len(doc_ids)} document ids.")
-        self.weight = nn.Parameter(rows.detach().to(storage_dtype(dtype)).clone().contiguous())
+        rows = rows.detach().to(storage_dtype(dtype))
+        self.weight = nn.Parameter(rows.clone().contiguous() if copy else rows.contiguous())
         self.shard = layout
         self._setup(RowIds(layout.count) if doc_ids is None else doc_ids)
         #: ``(global rows, gradients)`` of the gathers since the last :meth:`exchange_gradients`.
@@ -94,6 +97,20 @@ class ShardedTargetBank(TargetBank):
         if isinstance(doc_ids, RowIds):  # TargetBank numbers the rows of its weight: here, the whole bank's
             self.doc_ids = RowIds(self.shard.count)
         self._changed = torch.zeros(self.shard.local_count, dtype=torch.bool)
+
+    @classmethod
+    def zeros(  # type: ignore[override]
+        cls, layout: ShardLayout, dim: int, doc_ids: Sequence[str] | None = None, dtype: str | torch.dtype = "fp32"
+    ) -> ShardedTargetBank:
+        """A zero shard to fill with :meth:`write_rows` (positions in this shard), allocated once.
+
+        Example:
+            >>> from hf_qret.bank.collectives import ShardLayout
+            >>> ShardedTargetBank.zeros(ShardLayout(count=5, world=2, rank=1), 4).weight.shape
+            torch.Size([2, 4])
+        """
+        storage = torch.zeros(layout.local_count, int(dim), dtype=storage_dtype(dtype))
+        return cls(storage, doc_ids, layout, dtype, copy=False)
 
     @classmethod
     def from_bank(cls, bank: TargetBank, layout: ShardLayout) -> ShardedTargetBank:

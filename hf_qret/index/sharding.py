@@ -108,13 +108,10 @@ class ShardedIndex(QuantizedIndex):
         if self.mining_nlist:
             raise ArtifactError("a sharded index has no mining shortlist; set mining_nlist 0.")
         rows = sample_rows(layout.count, max_train_rows)
+        sizes = [int(((rows >= lo) & (rows < hi)).sum()) for lo, hi in map(layout.bounds, range(layout.world))]
         mine = rows[(rows >= layout.start) & (rows < layout.end)] - layout.start
-        local = np.concatenate(
-            [as_float32(vectors[mine[i : i + CHUNK_ROWS]]) for i in range(0, len(mine), CHUNK_ROWS)]
-            or [np.zeros((0, self.dim), dtype=np.float32)]
-        )
-        sample = gather_rows(layout, local)
-        del local
+        chunks = (as_float32(vectors[mine[i : i + CHUNK_ROWS]]) for i in range(0, len(mine), CHUNK_ROWS))
+        sample = gather_rows(layout, chunks, sizes, self.dim)
         if layout.rank == 0:
             if len(rows) < layout.count:
                 logger.info("training the index on a random sample of %d of %d rows", len(rows), layout.count)

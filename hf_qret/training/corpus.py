@@ -327,7 +327,7 @@ def _sharded_from_file(path: str | os.PathLike, ids: Sequence[str], dtype: str) 
     shape, _, chunks = read_bank_chunks(Path(path))
     del chunks
     layout = ShardLayout.create(len(ids))
-    bank = ShardedTargetBank(torch.zeros(layout.local_count, shape[1]), ids, layout, dtype)
+    bank = ShardedTargetBank.zeros(layout, shape[1], ids, dtype)
     bank.load_rows_from_file(path)
     return bank
 
