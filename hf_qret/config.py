@@ -36,6 +36,10 @@ BANK_OPTIMIZERS = tuple(BANK_LEARNING_RATES)
 BANK_QUERIES = ("encoder", "initial")
 #: Where the bank lives.
 BANK_DEVICES = ("auto", "cpu", "cuda")
+#: How the bank and the index are split across processes: every process holds all of them, or a slice of the rows.
+BANK_SHARDINGS = ("none", "rows")
+#: Index types whose per-process parts FAISS cannot merge into one served index (``bank_sharding='rows'``).
+UNSHARDABLE_INDEXES = ("HNSW", "NSG", "IDMap")
 
 
 @dataclass
@@ -215,6 +219,15 @@ class QRetTrainingArguments(TrainingArguments):
             "them to the GPU asynchronously (ignored without CUDA)."
         },
     )
+    bank_sharding: str = field(
+        default="none",
+        metadata={
+            "help": "Under several processes (torchrun / accelerate launch): 'none' (default) keeps the whole bank, "
+            "its optimizer state and the index on every process; 'rows' gives each process a contiguous slice of "
+            "the bank rows, their optimizer state and the index over them (about 1/N of the memory each). "
+            "Ignored (with a log line) by a single process."
+        },
+    )
     faiss_threads: int = field(
         default=0, metadata={"help": "FAISS OpenMP threads (faiss.omp_set_num_threads); 0 keeps FAISS's default."}
     )
@@ -300,6 +313,25 @@ class QRetTrainingArguments(TrainingArguments):
             )
         if self.faiss_threads < 0:
             raise ConfigError(f"faiss_threads must be >= 0 (0: FAISS's default), got {self.faiss_threads}.")
+        self._check_sharding_options()
+
+    def _check_sharding_options(self) -> None:
+        if self.bank_sharding not in BANK_SHARDINGS:
+            raise ConfigError(f"bank_sharding must be one of {', '.join(BANK_SHARDINGS)}, got {self.bank_sharding!r}.")
+        if self.bank_sharding == "none":
+            return
+        unmergeable = next((name for name in UNSHARDABLE_INDEXES if name in self.index_factory), None)
+        if unmergeable is not None:
+            raise ConfigError(
+                f"bank_sharding='rows' serves one index assembled from every process's part, and FAISS cannot merge "
+                f"{unmergeable} indexes ({self.index_factory!r}); use a flat-code (RQ, PQ, OPQ..,PQ, SQ, Flat) or IVF "
+                "factory, or bank_sharding='none'."
+            )
+        if self.mining_nlist:
+            raise ConfigError(
+                "bank_sharding='rows' does not support the mining shortlist (mining_nlist > 0): each process mines "
+                "its own slice of the rows already; set mining_nlist 0 or bank_sharding='none'."
+            )
 
 
 @dataclass

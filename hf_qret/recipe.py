@@ -153,7 +153,13 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     mmap_path = Path(training_args.output_dir) / MMAP_BANK_NAME if model_args.bank_mmap else None
     if mmap_path is not None and training_args.bank_device == "cuda":
         raise ConfigError("--bank_mmap keeps the bank in a file on the CPU; use --bank_device auto or cpu with it.")
+    if mmap_path is not None and training_args.bank_sharding == "rows":
+        raise ConfigError(
+            "--bank_sharding rows keeps each process's rows in its own memory; it does not take --bank_mmap true: "
+            "turn one of them off."
+        )
     bank_dtype = training_args.bank_dtype
+    shard = training_args.bank_sharding == "rows"  # each process encodes (and keeps) its own rows only
     clock = time.perf_counter()
     bank = encode_bank(
         encode,
@@ -163,6 +169,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         dtype=bank_dtype,
         init_file=init_file,
         mmap_path=mmap_path,
+        shard=shard,
     )
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
     timings = {"encode_bank": time.perf_counter() - clock}
@@ -239,7 +246,14 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         """A new encoder, bank and index from the pretrained state."""
         # one writer under several processes (the main one writes mmap_path, the others open it), as for the first
         new_bank = encode_bank(
-            None, data.doc_texts(), data.doc_ids, dim=dim, dtype=bank_dtype, init_file=init_file, mmap_path=mmap_path
+            None,
+            data.doc_texts(),
+            data.doc_ids,
+            dim=dim,
+            dtype=bank_dtype,
+            init_file=init_file,
+            mmap_path=mmap_path,
+            shard=shard,
         )
         new_index_ = QuantizedIndex.from_args(dim, training_args)
         return QRetTrainer(

@@ -134,8 +134,75 @@ def ddp_mmap_main() -> None:
     torch.save(banks, out / f"mmap_rank{rank}.pt")
 
 
+def ddp_sharded_main() -> None:
+    """``torchrun --nproc_per_node 2 dist_workers.py --sharded MODEL BEIR OUT``: the same 4 DDP steps with the bank
+    replicated and with the bank sharded by rows (``bank_sharding='rows'``, a checkpoint at step 2), then the
+    sharded run resumed from that checkpoint; each process saves the candidates, losses and bank of every step."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import TrainerCallback, set_seed
+
+    from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
+    from hf_qret.serving.encoder import encode_texts
+
+    model_dir, beir_dir, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    data = load_beir(beir_dir, split="train")
+    rows = encode_texts(SentenceTransformer(model_dir, device="cpu"), data.doc_texts())
+    record: dict = {}
+    runs = (("replicated", "none", None), ("sharded", "rows", None), ("resumed", "rows", "sharded/checkpoint-2"))
+    for kind, sharding, resume in runs:
+        args = QRetTrainingArguments(
+            output_dir=str(out / ("sharded" if kind == "resumed" else kind)), index_factory="PQ4", num_negatives=8,
+            per_device_train_batch_size=4, max_steps=4, learning_rate=1e-3, bank_learning_rate=1e-2,
+            report_to="none", save_strategy="steps" if sharding == "rows" else "no", save_steps=2, seed=0,
+            bank_optimizer="adam", refresh_steps=2, bank_sharding=sharding, use_cpu=True,
+            dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
+        )  # fmt: skip
+        rank = args.process_index  # forms the process group
+        set_seed(0)
+        model = SentenceTransformer(model_dir, device="cpu")
+        trainer = QRetTrainer(
+            model,
+            args,
+            train_dataset=build_pairs_dataset(data),
+            bank=TargetBank(torch.from_numpy(rows.copy()), data.doc_ids),
+        )
+        steps: dict = {"candidates": [], "losses": [], "banks": []}
+        mine, forward = trainer.miner.mine, trainer.loss.forward
+
+        def recording_mine(*a, _mine=mine, _steps=steps, **k):
+            mined = _mine(*a, **k)
+            _steps["candidates"].append(mined.candidates.clone())
+            return mined
+
+        def recording_forward(*a, _forward=forward, _steps=steps, **k):
+            loss, stats = _forward(*a, **k)
+            _steps["losses"].append(float(loss.detach()))
+            return loss, stats
+
+        class Banks(TrainerCallback):
+            def on_step_end(self, args, state, control, _trainer=trainer, _steps=steps, **kwargs):
+                _steps["banks"].append(_trainer.bank.weight.detach().clone())
+
+        trainer.miner.mine, trainer.loss.forward = recording_mine, recording_forward
+        trainer.add_callback(Banks())
+        set_seed(0)
+        trainer.train(resume_from_checkpoint=str(out / resume) if resume else None)
+        trainer.save_model()
+        steps["start"] = trainer.bank.shard.start if sharding == "rows" else 0
+        steps["row_steps"] = trainer.bank_optimizer.row_steps.clone()
+        if kind == "resumed":  # the safety net's restore (a saved artifact: one bank, one index) into the shards
+            trainer.restore_snapshot(str(out / "sharded" / "checkpoint-2"))
+            steps["restored"] = trainer.bank.weight.detach().clone()
+            steps["restored_index_rows"] = trainer.index.ntotal
+        record[kind] = steps
+    torch.save(record, out / f"sharded_rank{rank}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--mmap":
         ddp_mmap_main()
+    elif sys.argv[1] == "--sharded":
+        ddp_sharded_main()
     else:
         ddp_train_main()

@@ -98,8 +98,12 @@ class RetrievalEvaluator:
         query_embeddings = encode_texts(
             model, self.queries, batch_size=self.batch_size, tokenizer=tokenizer, role="query"
         )
-        flat = QuantizedIndex(bank.dim, "Flat", use_gpu=index.use_gpu)
-        flat.add(bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy())
+        rows = bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy()
+        if hasattr(index, "flat_index"):  # a sharded index (bank_sharding='rows'): a flat index over every shard
+            flat = index.flat_index(rows)
+        else:
+            flat = QuantizedIndex(bank.dim, "Flat", use_gpu=index.use_gpu)
+            flat.add(rows)
         return {
             "flat": search_run(query_embeddings, self.query_ids, flat, bank.doc_ids, self.k),
             "quantized": search_run(query_embeddings, self.query_ids, index, bank.doc_ids, self.k),

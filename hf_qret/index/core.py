@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ArtifactError, ConfigError
 from .codes import DecodedCodes, in_place_updater, served_codes_nbytes
-from .factory import OPQ_MIN_ROWS, fit_factory
+from .factory import OPQ_MIN_ROWS, check_index_options, fit_factory
 from .faiss_ops import (
     MAX_TRAIN_ROWS,
     as_float32,
@@ -53,30 +53,6 @@ logger = logging.getLogger(__name__)
 #: ``"reencode"`` keeps the trained codebooks and re-encodes every bank row; ``"retrain"`` also retrains them;
 #: ``"incremental"`` re-encodes, in place, only the rows changed since the last refresh.
 REFRESH_MODES = ("reencode", "retrain", "incremental")
-
-
-def check_index_options(
-    opq_niter: int | None, mining_nlist: int, mining_nprobe: int, rq_beam_size: int | None = None
-) -> None:
-    """Raises :class:`ConfigError` for an OPQ iteration count, mining-shortlist setting or residual-quantizer beam
-    that cannot work.
-
-    Example:
-        >>> check_index_options(opq_niter=None, mining_nlist=0, mining_nprobe=16)  # the defaults: fine
-        >>> check_index_options(opq_niter=0, mining_nlist=0, mining_nprobe=16)
-        Traceback (most recent call last):
-        ...
-        hf_qret.errors.ConfigError: opq_niter must be at least 1 (FAISS's default is 50), got 0.
-    """
-    if opq_niter is not None and int(opq_niter) < 1:
-        raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {opq_niter}.")
-    if int(mining_nlist) < 0 or int(mining_nprobe) < 1:
-        raise ConfigError(
-            f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {mining_nlist} and "
-            f"{mining_nprobe}."
-        )
-    if rq_beam_size is not None and int(rq_beam_size) < 1:
-        raise ConfigError(f"rq_beam_size must be at least 1 (FAISS's default is 5), got {rq_beam_size}.")
 
 
 class QuantizedIndex:
@@ -240,20 +216,32 @@ class QuantizedIndex:
         """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors`` (at most ``max_train_rows``
         rows, a fixed random sample; ``None``: all)."""
         sample = train_sample(vectors, max_train_rows)
-        # FAISS aborts the whole process on some samples too small for the factory: check before it trains.
-        factory, reason = fit_factory(self.requested_factory, len(sample))
-        if factory != self.factory:
-            logger.warning(
-                "index factory %r on %d training rows: %s; training %r instead.",
-                self.requested_factory, len(sample), reason, factory,
-            )  # fmt: skip
-            self.factory = factory
-        fresh = self._new_index()
-        fit_training_to_sample(self.faiss, fresh, len(sample))
-        fresh.train(sample)
+        fresh = self._trained_empty(sample)
         if self.mining_nlist:
             self.shortlist = MiningShortlist(fresh, sample, self.mining_nlist, self.mining_nprobe)
         del sample
+        self._install(fresh)
+
+    def _fit_factory(self, num_rows: int) -> None:
+        # FAISS aborts the whole process on some samples too small for the factory: check before it trains.
+        factory, reason = fit_factory(self.requested_factory, num_rows)
+        if factory != self.factory:
+            logger.warning(
+                "index factory %r on %d training rows: %s; training %r instead.",
+                self.requested_factory, num_rows, reason, factory,
+            )  # fmt: skip
+            self.factory = factory
+
+    def _trained_empty(self, sample: np.ndarray) -> Any:
+        """A new empty FAISS index of the factory (fitted to the sample size) trained on ``sample``."""
+        self._fit_factory(len(sample))
+        fresh = self._new_index()
+        fit_training_to_sample(self.faiss, fresh, len(sample))
+        fresh.train(sample)
+        return fresh
+
+    def _install(self, fresh: Any) -> None:
+        """Serves the freshly trained FAISS index ``fresh``."""
         self.index = fresh
         self._changed()
         self._apply_search_params(self.index)

@@ -87,15 +87,16 @@ class IndexMiner:
 
     def _k(self) -> int:
         k = self.num_negatives
-        if k > self.index.ntotal:
+        total = getattr(self.index, "global_ntotal", self.index.ntotal)  # a sharded index: every shard's rows
+        if k > total:
             if not self._warned:
                 logger.warning(
                     "num_negatives=%d is larger than the corpus (%d documents); mining the whole corpus instead.",
                     k,
-                    self.index.ntotal,
+                    total,
                 )
                 self._warned = True
-            k = self.index.ntotal
+            k = total
         return k
 
     def retrieve(self, query_embeddings: np.ndarray) -> np.ndarray:

@@ -89,6 +89,9 @@ TRAINING_STATE_NAMES: tuple[str, ...] = (
     MINING_INDEX_NAME,
     SHORTLIST_NAME,
     REFRESH_STATE_NAME,
+    # bank_sharding='rows': each process's part (bank-shard-0-of-2.safetensors, mining_index-shard-0-of-2.faiss...)
+    "*-shard-*-of-*.safetensors",
+    "*-shard-*-of-*.faiss",
 )
 #: The base ``Trainer``'s checkpoint state (``training_args.bin`` is matched by :data:`PICKLE_PATTERNS`).
 TRAINER_STATE_PATTERNS: tuple[str, ...] = (

@@ -272,6 +272,7 @@ def encode_bank(
     mmap_path: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_key: dict[str, Any] | None = None,
+    shard: bool = False,
 ) -> TargetBank:
     """The bank of ``texts``: encoded once per run, under one or several processes, or read from a file.
 
@@ -291,6 +292,10 @@ def encode_bank(
         cache_dir: With ``cache_key``: the rows are cached in ``cache_dir/_qret_cache/bank_init.npy`` (and
             ``bank_init.json``, the key); a cache of the same key is read instead of encoding, any other replaced.
         cache_key: What the cached rows depend on (e.g. the documents' digest and the encoder's fingerprint).
+        shard: Under several processes (``bank_sharding='rows'``), return each process's
+            :class:`~hf_qret.bank.sharding.ShardedTargetBank`: it encodes (or reads) its own rows only, which are
+            never gathered (not with ``cache_key`` or an ``init_file`` still to write: those need the whole bank once,
+            which the trainer then splits).
 
     Example:
         >>> bank = encode_bank(document_encode(model), ["a text"], ["d1"], dtype="fp16")  # doctest: +SKIP
@@ -306,9 +311,32 @@ def encode_bank(
             meta_tmp.write_text(json.dumps(cache_key) + "\n", encoding="utf-8")
             os.replace(meta_tmp, meta_path)
         return bank
+    sharded = shard and world_size() > 1 and mmap_path is None
     if init_file and os.path.isfile(init_file):
-        return _bank_from_file(init_file, ids, dtype, mmap_path)
+        return (
+            _sharded_from_file(init_file, ids, dtype) if sharded else _bank_from_file(init_file, ids, dtype, mmap_path)
+        )
+    if sharded and not init_file:
+        from ..bank.collectives import ShardLayout
+        from ..bank.sharding import ShardedTargetBank
+
+        rows = encode_corpus(encode, texts, local=True)  # this process's rows: the whole bank is never in one place
+        return ShardedTargetBank(torch.from_numpy(rows), ids, ShardLayout.create(len(ids)), dtype)
     return _encoded_bank(encode, texts, ids, dim, dtype, init_file, mmap_path)
+
+
+def _sharded_from_file(path: str | os.PathLike, ids: Sequence[str], dtype: str) -> TargetBank:
+    """This process's rows of a saved bank file, read chunk by chunk."""
+    from ..bank.collectives import ShardLayout
+    from ..bank.sharding import ShardedTargetBank
+    from ..bank.storage import read_bank_chunks
+
+    shape, _, chunks = read_bank_chunks(Path(path))
+    del chunks
+    layout = ShardLayout.create(len(ids))
+    bank = ShardedTargetBank.zeros(layout, shape[1], ids, dtype)
+    bank.load_rows_from_file(path)
+    return bank
 
 
 def _from_main(make: Callable[[], TargetBank], mmap_path: Path, ids: Sequence[str], dtype: str) -> TargetBank:

@@ -90,11 +90,13 @@ def encode_corpus(
     texts: Sequence[str],
     write: Callable[[int, np.ndarray], None] | None = None,
     chunk_texts: int = 65536,
+    local: bool = False,
 ) -> np.ndarray | None:
     """Encodes ``texts`` once per run, whatever the number of processes: each process encodes its contiguous share
     (:func:`shard_bounds`), then either ``write(start, rows)`` stores it, ``chunk_texts`` rows at a time (e.g. into
     a memory-mapped bank every process shares; returns ``None`` once every process has written) or the shares are
     gathered so that every process returns all ``(len(texts), dim)`` float32 rows. One process: ``encode(texts)``.
+    ``local``: every process returns its own share only (the rows of a sharded bank).
 
     Example:
         >>> encode_corpus(lambda t: np.ones((len(t), 2)), ["a", "b"]).shape
@@ -112,7 +114,7 @@ def encode_corpus(
         barrier()
         return None
     rows = np.asarray(encode(texts[start:end]), dtype=np.float32).reshape(end - start, -1)
-    if world == 1:
+    if world == 1 or local:
         return rows
     device = _collective_device()
     gathered = _all_gather_uneven(torch.from_numpy(rows).to(device))[0]

@@ -23,6 +23,14 @@ from .checkpoint import (
     staging_folder,
 )
 from .dropin import write_corpus_texts
+from .sharded import (
+    check_shard_checkpoint,
+    is_sharded,
+    load_shard_optimizer,
+    load_shard_state,
+    save_shard_state,
+    save_sharded_retrieval_files,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -53,12 +61,19 @@ class CheckpointMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Writes the artifact (encoder, corpus texts, index, doc ids, bank, config) into ``output_dir``."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        sharded = is_sharded(self.bank)  # every process writes its part: the artifact is assembled from the shards
+        if not self.args.should_save and not sharded:
             return
-        self._save_model_state(output_dir, state_dict)
-        if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
-            write_corpus_texts(output_dir, self.corpus_texts)
-        save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
+        if self.args.should_save:
+            self._save_model_state(output_dir, state_dict)
+            if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
+                write_corpus_texts(output_dir, self.corpus_texts)
+        if sharded:
+            save_sharded_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
+            if not self.args.should_save:
+                return
+        else:
+            save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
         verdict = self.safety_net.verdict if self.safety_net is not None else None
         if verdict is not None and os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
             from ..hub.model_card import EVAL_RESULTS_NAME
@@ -101,7 +116,9 @@ class CheckpointMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The Trainer's optimizer and scheduler, plus the bank's training state (:func:`save_training_state`)."""
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
+        if is_sharded(self.bank):  # every process writes its shard's state
+            save_shard_state(output_dir, self)
+        elif self.args.should_save:
             save_training_state(
                 output_dir,
                 bank=self.bank,
@@ -115,7 +132,9 @@ class CheckpointMixin:
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer's optimizer and scheduler, plus the bank's and the loss's optimizer states."""
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
+        if checkpoint is not None and is_sharded(self.bank):
+            load_shard_optimizer(checkpoint, self)
+        elif checkpoint is not None:
             load_optimizer_states(checkpoint, bank=self.bank, bank_optimizer=self.bank_optimizer, loss=self.loss)
 
     def _load_encoder(self, folder: str, model: nn.Module | None = None) -> None:
@@ -147,6 +166,12 @@ class CheckpointMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume: the encoder, the bank, the index the run mined from (and its shortlist), the index refresh schedule
         and the drift-control anchors of the checkpoint (see :mod:`hf_qret.training.checkpoint`)."""
+        if is_sharded(self.bank):
+            check_shard_checkpoint(resume_from_checkpoint, self.bank.shard)  # before anything is loaded
+            self._load_encoder(resume_from_checkpoint, model)
+            load_shard_state(resume_from_checkpoint, self)
+            return
+        check_shard_checkpoint(resume_from_checkpoint, None)
         self._load_encoder(resume_from_checkpoint, model)
         files = self._load_bank(resume_from_checkpoint)
         load_refresh_state(resume_from_checkpoint, self.refresh_callback)
@@ -166,7 +191,10 @@ class CheckpointMixin:
         the main process; the others wait."""
         if self.args.should_save:
             self._save_model_state(folder)
-            save_retrieval_files(folder, self.bank, self.served_index(), self.artifact_config())
+            if not is_sharded(self.bank):
+                save_retrieval_files(folder, self.bank, self.served_index(), self.artifact_config())
+        if is_sharded(self.bank):
+            save_sharded_retrieval_files(folder, self.bank, self.served_index(), self.artifact_config())
         self.accelerator.wait_for_everyone()
 
     def restore_snapshot(self, folder: str) -> None:
@@ -174,5 +202,8 @@ class CheckpointMixin:
         process; the index is that folder's, so nothing is stale."""
         self._load_encoder(folder)
         files = self._load_bank(folder)
-        self.index.replace(files.index.index)
+        if is_sharded(self.bank):  # this shard's rows, encoded with the folder's codebooks: its part of that index
+            self.index.rebuild_from(files.index.index, self.bank.float32_rows())
+        else:
+            self.index.replace(files.index.index)
         self.bank.clear_changed()

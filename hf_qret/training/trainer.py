@@ -33,6 +33,7 @@ from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .optim import FollowScheduler, RowAdam, RowSGD
 from .persistence import CheckpointMixin
 from .safety_net import SafetyNetCallback
+from .sharded import is_sharded, shard_for_training
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
 
@@ -128,7 +129,8 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         set_faiss_threads(args.faiss_threads)
         if index is None:
             index = QuantizedIndex.from_args(bank.dim, args)
-        if index.ntotal not in (0, len(bank)):
+        bank, index = shard_for_training(bank, index, args)  # bank_sharding='rows': this process's rows only
+        if index.ntotal not in (0, getattr(bank, "local_rows", len(bank))):
             raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
         self.bank = bank
         #: The index training mines from (built over the bank on first use, unless a checkpoint provides it).
@@ -313,7 +315,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         """One bank optimizer step (and the loss's own step) after the encoder's optimizer step."""
         world_size = self.accelerator.num_processes
         if self.args.bank_learning_rate > 0:
-            if world_size > 1:
+            if is_sharded(self.bank):
+                self.bank.exchange_gradients()  # each row's averaged gradient goes to the process that owns it
+            elif world_size > 1:
                 all_reduce_row_grad(self.bank.weight)  # DDP averages the encoder's gradients, we average the bank's
             if self.bank_scheduler is not None:
                 self.bank_scheduler.step()

@@ -1,0 +1,314 @@
+"""The bank split across processes by rows (``bank_sharding='rows'``): :class:`ShardedTargetBank`.
+
+Each process keeps its contiguous slice of the rows (:class:`~hf_qret.bank.collectives.ShardLayout`) as the
+parameter, plus the whole doc-id map: row numbers stay global everywhere (the collator, the miner, the loss), and
+only the bank translates them. :meth:`ShardedTargetBank.gather` is a collective: every process contributes the
+requested rows it owns and gets back the rows it asked for. Their gradients are kept aside until the bank's step,
+where :meth:`ShardedTargetBank.exchange_gradients` sends each row's gradient to its owner, averaged over the
+processes exactly as the replicated bank averages them; the row optimizer then updates the owner's rows only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, ConfigError
+from .collectives import ShardLayout, all_gather_uneven, recv_chunks, send_chunks
+from .core import TargetBank
+from .storage import _SAFETENSORS_DTYPE, BANK_KEY, CHUNK_ROWS, RowIds, read_bank_chunks, storage_dtype
+
+__all__ = ["ShardedTargetBank", "AssembledBankFile"]
+
+
+class _ShardedGather(torch.autograd.Function):
+    """Rows of a sharded bank from their owners (a collective); their gradient is kept on the bank until its step."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, bank: ShardedTargetBank) -> torch.Tensor:
+        ctx.bank = bank
+        ctx.save_for_backward(rows)
+        return bank._fetch(rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None]:
+        (rows,) = ctx.saved_tensors
+        bank = ctx.bank
+        # the replicated bank's gradient is in its storage dtype (embedding backward): the same values here
+        bank._pending.append((rows.to("cpu", torch.long), grad.detach().to("cpu", bank.weight.dtype)))
+        return None, None, None
+
+
+class ShardedTargetBank(TargetBank):
+    """A :class:`~hf_qret.bank.core.TargetBank` of which this process holds one contiguous slice of rows.
+
+    ``len(bank)``, ``doc_ids`` and every row number the bank takes or returns in :meth:`gather` are global;
+    ``weight`` (what the row optimizer updates), :meth:`float32_rows` (what the index over this shard encodes),
+    :meth:`changed_rows` and :meth:`row_norms` are this shard's, numbered from 0.
+
+    Args:
+        local_rows: ``(end - start, dim)`` this process's rows (copied).
+        doc_ids: Every document id of the whole bank, in row order (``None``: row numbers).
+        layout: Which rows this process owns.
+        dtype: Storage dtype.
+        copy: Copy ``local_rows`` (default); ``False`` keeps the tensor itself (when it has the storage dtype).
+
+    Example:
+        >>> import torch
+        >>> from hf_qret.bank.collectives import ShardLayout
+        >>> layout = ShardLayout(count=4, world=1, rank=0)  # one process: a sharded bank of one shard
+        >>> bank = ShardedTargetBank(torch.eye(4), ["a", "b", "c", "d"], layout)
+        >>> len(bank), bank.local_rows, bank.gather(torch.tensor([2])).tolist()
+        (4, 4, [[0.0, 0.0, 1.0, 0.0]])
+    """
+
+    def __init__(
+        self,
+        local_rows: torch.Tensor | np.ndarray,
+        doc_ids: Sequence[str] | None,
+        layout: ShardLayout,
+        dtype: str | torch.dtype = torch.float32,
+        copy: bool = True,
+    ) -> None:
+        nn.Module.__init__(self)
+        rows = torch.as_tensor(np.asarray(local_rows) if not torch.is_tensor(local_rows) else local_rows)
+        if rows.ndim != 2 or rows.shape[0] != layout.local_count:
+            raise ArtifactError(
+                f"process {layout.rank} of {layout.world} owns {layout.local_count} of {layout.count} rows, got "
+                f"{tuple(rows.shape)}; pass its own slice (hf_qret.bank.collectives.shard_bounds)."
+            )
+        if doc_ids is not None and len(doc_ids) != layout.count:
+            raise ArtifactError(f"the sharded bank has {layout.count} rows in all but {len(doc_ids)} document ids.")
+        rows = rows.detach().to(storage_dtype(dtype))
+        self.weight = nn.Parameter(rows.clone().contiguous() if copy else rows.contiguous())
+        self.shard = layout
+        self._setup(RowIds(layout.count) if doc_ids is None else doc_ids)
+        #: ``(global rows, gradients)`` of the gathers since the last :meth:`exchange_gradients`.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _setup(self, doc_ids: Sequence[str]) -> None:
+        super()._setup(doc_ids)
+        if isinstance(doc_ids, RowIds):  # TargetBank numbers the rows of its weight: here, the whole bank's
+            self.doc_ids = RowIds(self.shard.count)
+        self._changed = torch.zeros(self.shard.local_count, dtype=torch.bool)
+
+    @classmethod
+    def zeros(  # type: ignore[override]
+        cls, layout: ShardLayout, dim: int, doc_ids: Sequence[str] | None = None, dtype: str | torch.dtype = "fp32"
+    ) -> ShardedTargetBank:
+        """A zero shard to fill with :meth:`write_rows` (positions in this shard), allocated once.
+
+        Example:
+            >>> from hf_qret.bank.collectives import ShardLayout
+            >>> ShardedTargetBank.zeros(ShardLayout(count=5, world=2, rank=1), 4).weight.shape
+            torch.Size([2, 4])
+        """
+        storage = torch.zeros(layout.local_count, int(dim), dtype=storage_dtype(dtype))
+        return cls(storage, doc_ids, layout, dtype, copy=False)
+
+    @classmethod
+    def from_bank(cls, bank: TargetBank, layout: ShardLayout) -> ShardedTargetBank:
+        """This process's shard of a whole ``bank`` (its rows copied; ``bank`` can then be dropped).
+
+        Example:
+            >>> sharded = ShardedTargetBank.from_bank(bank, ShardLayout.create(len(bank)))  # doctest: +SKIP
+        """
+        if len(bank) != layout.count:
+            raise ArtifactError(f"the bank has {len(bank)} rows but the layout splits {layout.count}.")
+        doc_ids = None if isinstance(bank.doc_ids, RowIds) else bank.doc_ids
+        local = bank.weight.detach()[layout.start : layout.end]
+        return cls(local.to("cpu"), doc_ids, layout, bank.dtype)
+
+    # ------------------------------------------------------------------ sizes
+    def __len__(self) -> int:
+        return self.shard.count
+
+    @property
+    def local_rows(self) -> int:
+        """How many rows this process holds."""
+        return int(self.weight.shape[0])
+
+    def to_local(self, rows: torch.Tensor) -> torch.Tensor:
+        """Global row numbers of this shard's rows, as positions in :attr:`weight`."""
+        return rows - self.shard.start
+
+    # ------------------------------------------------------------------ gathering
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The float32 embeddings of global ``rows``, from whichever process owns them: a collective, every process
+        calls it at the same point (with rows of its own). Differentiable: see :meth:`exchange_gradients`."""
+        rows = rows.detach().to("cpu", torch.long).reshape(-1)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return _ShardedGather.apply(self.weight, rows, self)
+        return self._fetch(rows)
+
+    @torch.no_grad()
+    def _fetch(self, rows: torch.Tensor) -> torch.Tensor:
+        layout = self.shard
+        (requested,), _ = all_gather_uneven(layout, rows)
+        union = torch.unique(requested.cpu())
+        owned = (union >= layout.start) & (union < layout.end)
+        device = layout.device()
+        buffer = torch.zeros(union.numel(), self.dim, dtype=torch.float32, device=device)
+        local = self.to_local(union[owned]).to(self.weight.device)
+        buffer[owned.to(device)] = self.weight[local].to(device, torch.float32)
+        if layout.world > 1:  # every row has one owner: the others add exact zeros
+            import torch.distributed as dist
+
+            dist.all_reduce(buffer, group=layout.group)
+        out = buffer.cpu()[torch.searchsorted(union, rows)]
+        target = self.compute_device if self.compute_device is not None else self.weight.device
+        return out.to(target)
+
+    @torch.no_grad()
+    def exchange_gradients(self, average: bool = True) -> int:
+        """Sends the row gradients of every process's gathers to the rows' owners, summed (and divided by the number
+        of processes with ``average``, as the replicated bank averages them), and makes them this shard's sparse
+        ``weight.grad``. A collective: every process calls it at the bank's step.
+
+        Returns:
+            How many of this shard's rows carry a gradient.
+        """
+        layout, dim = self.shard, self.dim
+        if self._pending:
+            rows = torch.cat([r for r, _ in self._pending])
+            values = torch.cat([v for _, v in self._pending])
+            local = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (layout.count, dim), check_invariants=False)
+            local = local.coalesce()
+            rows, values = local.indices()[0], local.values()
+        else:
+            rows = torch.zeros(0, dtype=torch.long)
+            values = torch.zeros(0, dim, dtype=self.weight.dtype)
+        self._pending = []
+        (rows, values), _ = all_gather_uneven(layout, rows, values)
+        rows, values = rows.cpu(), values.cpu()
+        mine = (rows >= layout.start) & (rows < layout.end)
+        if not bool(mine.any()):
+            self.weight.grad = None
+            return 0
+        grad = torch.sparse_coo_tensor(
+            self.to_local(rows[mine]).unsqueeze(0), values[mine], tuple(self.weight.shape), check_invariants=False
+        ).coalesce()
+        if average:
+            grad = grad / layout.world
+        self.weight.grad = grad.to(self.weight.device)
+        return int(grad.indices().shape[1])
+
+    # ------------------------------------------------------------------ files
+    def save_shard(self, path: str | os.PathLike) -> None:
+        """Writes this shard's rows (safetensors, key ``embeddings``, storage dtype), atomically."""
+        TargetBank._from_storage(self.weight.data, None).save(path)
+
+    @torch.no_grad()
+    def load_shard(self, path: str | os.PathLike) -> None:
+        """Reads back :meth:`save_shard`'s rows into this shard (a checkpoint of the same layout)."""
+        TargetBank._from_storage(self.weight.data, None).load_rows_from_file(path)
+        self.version += 1
+        self.mark_all_changed()
+
+    @torch.no_grad()
+    def load_rows_from_file(self, path: str | os.PathLike) -> None:
+        """Copies this shard's rows out of a whole saved bank (an artifact's ``bank.safetensors``), chunk by chunk.
+
+        Raises:
+            ArtifactError: The file is unreadable or has another shape.
+        """
+        path = Path(path)
+        start, end = self.shard.start, self.shard.end
+        try:
+            shape, _, chunks = read_bank_chunks(path)
+            if tuple(shape) != (self.shard.count, self.dim):
+                raise ArtifactError(
+                    f"{path}: the saved bank is {tuple(shape)} but this bank is {(self.shard.count, self.dim)}; "
+                    "resume with the same corpus and model."
+                )
+            first = 0
+            for chunk in chunks:
+                chunk = torch.as_tensor(chunk) if not torch.is_tensor(chunk) else chunk
+                last = first + chunk.shape[0]
+                lo, hi = max(first, start), min(last, end)
+                if lo < hi:
+                    self.weight[lo - start : hi - start].copy_(chunk[lo - first : hi - first].to(self.weight.device))
+                first = last
+        except ArtifactError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
+        self.version += 1
+        self.mark_all_changed()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Refused: the whole bank is written by :meth:`assemble_file` (a collective), a shard by :meth:`save_shard`."""
+        raise ConfigError(
+            "a sharded bank holds one process's rows: write the whole bank with assemble_file() on every process, "
+            "or this shard's rows with save_shard()."
+        )
+
+    @torch.no_grad()
+    def assemble_file(self, path: str | os.PathLike, dst: int = 0) -> AssembledBankFile | None:
+        """Streams every shard's rows, in rank order, into one safetensors bank at ``path`` written by process
+        ``dst`` (to a temporary name: :meth:`AssembledBankFile.save` puts it in place). No process ever holds more
+        than its own rows and one chunk. A collective; returns ``None`` on the other processes.
+
+        Example:
+            >>> assembled = bank.assemble_file("out/bank.safetensors")  # every process  # doctest: +SKIP
+        """
+        layout, weight = self.shard, self.weight.detach()
+
+        def raw(start: int) -> torch.Tensor:
+            return weight[start : start + CHUNK_ROWS].to("cpu").contiguous().view(torch.uint8)
+
+        if layout.rank != dst:
+            send_chunks(layout, (raw(start) for start in range(0, self.local_rows, CHUNK_ROWS)), dst)
+            return None
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        nbytes = layout.count * self.dim * weight.element_size()
+        header = {BANK_KEY: {"dtype": _SAFETENSORS_DTYPE[weight.dtype], "shape": [layout.count, self.dim],
+                             "data_offsets": [0, nbytes]}}  # fmt: skip
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        with open(tmp, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little"))
+            handle.write(encoded)
+            for rank in range(layout.world):
+                if rank == dst:
+                    for start in range(0, self.local_rows, CHUNK_ROWS):
+                        handle.write(raw(start).numpy().tobytes())
+                else:
+                    for chunk in recv_chunks(layout, rank):
+                        handle.write(chunk.numpy().tobytes())
+        return AssembledBankFile(tmp, self.doc_ids, layout.count, self.dim)
+
+
+class AssembledBankFile:
+    """The whole bank, written by :meth:`ShardedTargetBank.assemble_file`: what
+    :func:`hf_qret.serving.artifact.save_retrieval_files` takes as its bank (doc ids, size, dimension;
+    :meth:`save` moves the written file into place).
+
+    Example:
+        >>> assembled = bank.assemble_file("out/bank.safetensors")  # doctest: +SKIP
+        >>> save_retrieval_files("out", assembled, index)  # on the process that wrote it  # doctest: +SKIP
+    """
+
+    def __init__(self, tmp: Path, doc_ids: Sequence[str], count: int, dim: int) -> None:
+        self.tmp, self.doc_ids, self.count, self.dim = Path(tmp), doc_ids, int(count), int(dim)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Moves the assembled file to ``path`` (a copy when it is needed at a second place)."""
+        import shutil
+
+        path = Path(path)
+        if self.tmp.is_file():
+            os.replace(self.tmp, path)
+            self.tmp = path
+        elif self.tmp != path:
+            shutil.copyfile(self.tmp, path)
