@@ -1,12 +1,13 @@
 """Cost of hf-qret's mining and cross-batch candidates over a plain in-batch step.
 
 Times real ``QRetTrainer`` optimizer steps (all-MiniLM-L6-v2, batch 32, SciFact claims, a SciFact-sized 5,183 x 384
-bank and an ``OPQ16,PQ16`` index) two ways: the full hf-qret step (top-k from the quantized index, the cross-batch
+bank and the default ``RQ16x8`` index, every other option at the library's defaults) two ways: the full hf-qret step (top-k from the quantized index, the cross-batch
 candidate union, the row-wise bank update) and the same step whose candidates are only the batch's own positive bank
 rows (no index search). Prints one JSON object as its last line:
-``{"qret_step_s", "inbatch_step_s", "ratio", ...}`` (medians over the timed steps).
+``{"qret_step_s", "inbatch_step_s", "ratio", ...}`` (medians over the timed steps of ``--runs`` alternating runs of
+each kind; ``ratio_per_run``: each pair's ratio).
 
-    python benchmarks/step_overhead.py --json [--steps 25] [--warmup 5]
+    python benchmarks/step_overhead.py --json [--steps 25] [--warmup 5] [--runs 3]
 """
 
 from __future__ import annotations
@@ -78,14 +79,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_negatives", type=int, default=100)
-    parser.add_argument("--index_factory", default="OPQ16,PQ16")
+    parser.add_argument("--index_factory", default="RQ16x8", help="the library's default")
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs of each kind (median over all steps)")
     args = parser.parse_args(argv)
-    qret = timed_run(False, args.steps, args.warmup, args.batch_size, args.num_negatives, args.index_factory)
-    inbatch = timed_run(True, args.steps, args.warmup, args.batch_size, args.num_negatives, args.index_factory)
+    qret: list[float] = []
+    inbatch: list[float] = []
+    ratios = []
+    for _ in range(args.runs):  # alternate, so a slow spell of a shared machine hits both kinds
+        one = timed_run(False, args.steps, args.warmup, args.batch_size, args.num_negatives, args.index_factory)
+        other = timed_run(True, args.steps, args.warmup, args.batch_size, args.num_negatives, args.index_factory)
+        qret += one
+        inbatch += other
+        ratios.append(round(statistics.median(one) / statistics.median(other), 3))
     result = {
         "qret_step_s": round(statistics.median(qret), 4),
         "inbatch_step_s": round(statistics.median(inbatch), 4),
         "ratio": round(statistics.median(qret) / statistics.median(inbatch), 3),
+        "ratio_per_run": ratios,
+        "runs": args.runs,
         "steps": len(qret),
         "batch_size": args.batch_size,
         "num_negatives": args.num_negatives,
