@@ -355,8 +355,9 @@ def test_recipe_under_torchrun_encodes_the_corpus_once_into_one_mmap_file(tiny_m
     into the one bank file (written by rank 0's creation, then by each process's share), and training runs."""
     out = tmp_path / "out"
     # --keep_untrained_if_better false: the tiny random model's dev score is noise, and the shipped model must train
+    # --train_on_eval_split true: the second run on train + dev rewrites the working file (the YAML's default is one run)
     result = recipe_under_torchrun(tiny_model_dir, two_split_dir, out, "--bank_mmap", "true", "--max_steps", "2",
-                                   "--keep_untrained_if_better", "false")  # fmt: skip
+                                   "--keep_untrained_if_better", "false", "--train_on_eval_split", "true")  # fmt: skip
     assert "process 0 of 2 encodes documents 0-150 of 300" in result.stderr
     assert "process 1 of 2 encodes documents 150-300 of 300" in result.stderr
     # the working file is written by one process per model: the run on train, then the shipped model's rerun on
