@@ -10,7 +10,6 @@ processes exactly as the replicated bank averages them; the row optimizer then u
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 from ..errors import ArtifactError, ConfigError
 from .collectives import ShardLayout, all_gather_uneven, recv_chunks, send_chunks
 from .core import TargetBank
-from .storage import _SAFETENSORS_DTYPE, BANK_KEY, CHUNK_ROWS, RowIds, read_bank_chunks, storage_dtype
+from .storage import CHUNK_ROWS, RowIds, read_bank_chunks, storage_dtype, write_safetensors_header
 
 __all__ = ["ShardedTargetBank", "AssembledBankFile"]
 
@@ -269,13 +268,8 @@ class ShardedTargetBank(TargetBank):
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         nbytes = layout.count * self.dim * weight.element_size()
-        header = {BANK_KEY: {"dtype": _SAFETENSORS_DTYPE[weight.dtype], "shape": [layout.count, self.dim],
-                             "data_offsets": [0, nbytes]}}  # fmt: skip
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
         with open(tmp, "wb") as handle:
-            handle.write(len(encoded).to_bytes(8, "little"))
-            handle.write(encoded)
+            write_safetensors_header(handle, weight.dtype, [layout.count, self.dim], nbytes)
             for rank in range(layout.world):
                 if rank == dst:
                     for start in range(0, self.local_rows, CHUNK_ROWS):

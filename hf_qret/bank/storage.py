@@ -43,6 +43,7 @@ __all__ = [
     "storage_dtype",
     "to_storage_array",
     "write_npy",
+    "write_safetensors_header",
     "write_safetensors_streamed",
 ]
 
@@ -316,6 +317,23 @@ def write_npy(target: Path, shape: tuple[int, int], dtype: torch.dtype, chunks: 
     os.replace(tmp, target)
 
 
+def write_safetensors_header(handle: Any, dtype: torch.dtype, shape: list[int], nbytes: int) -> None:
+    """Writes the header of a one-tensor (``BANK_KEY``) safetensors file whose ``nbytes`` of rows follow.
+
+    Example:
+        >>> import io
+        >>> buffer = io.BytesIO()
+        >>> write_safetensors_header(buffer, torch.float32, [2, 4], 32)
+        >>> len(buffer.getvalue()) % 8
+        0
+    """
+    header = {BANK_KEY: {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": shape, "data_offsets": [0, nbytes]}}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    handle.write(len(encoded).to_bytes(8, "little"))
+    handle.write(encoded)
+
+
 def write_safetensors_streamed(weight: torch.Tensor, path: Path) -> None:
     """Writes ``weight`` as a safetensors file (key ``embeddings``) chunk by chunk, to a temp name then renamed.
 
@@ -325,13 +343,8 @@ def write_safetensors_streamed(weight: torch.Tensor, path: Path) -> None:
     weight = weight.detach()
     tmp = path.with_name(path.name + ".tmp")
     nbytes = weight.numel() * weight.element_size()
-    header = {BANK_KEY: {"dtype": _SAFETENSORS_DTYPE[weight.dtype], "shape": list(weight.shape),
-                         "data_offsets": [0, nbytes]}}  # fmt: skip
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
     with open(tmp, "wb") as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
+        write_safetensors_header(handle, weight.dtype, list(weight.shape), nbytes)
         for start in range(0, weight.shape[0], CHUNK_ROWS):
             handle.write(memoryview(to_storage_array(weight[start : start + CHUNK_ROWS], weight.dtype)).cast("B"))
     os.replace(tmp, path)
