@@ -382,6 +382,15 @@ class DataArguments:
     data_dir: str = field(default="", metadata={"help": "A BEIR folder (corpus, queries, qrels/) or a Hub dataset id."})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on."})
     eval_split: str | None = field(default=None, metadata={"help": "qrels split to evaluate on during/after training."})
+    heldout_docs_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Evaluate on documents training never touches: hold out up to this share of --train_split's "
+            "relevant documents, evaluate on the queries whose relevant documents are all held out and drop every "
+            "training pair whose document is held out (hf_qret.splits.carve_document_disjoint_split, seed 13). "
+            "0 (default): off. Replaces --eval_split."
+        },
+    )
     train_on_eval_split: bool = field(
         default=False,
         metadata={

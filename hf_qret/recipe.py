@@ -73,6 +73,31 @@ def _timed_train(trainer: Any, timings: dict[str, float], resume: Any, prefix: s
     timings[f"{prefix}index"] = index_seconds
 
 
+def heldout_docs_data(data: Any, doc_fraction: float) -> tuple[Any, Any]:
+    """``data`` split into training and document-disjoint evaluation data (see
+    :func:`hf_qret.splits.carve_document_disjoint_split`; the evaluation split is named ``heldout_docs``).
+
+    Example:
+        >>> train, held_out = heldout_docs_data(load_beir("recipes/data/scifact", "train"), 0.2)  # doctest: +SKIP
+        >>> held_out.split  # doctest: +SKIP
+        'heldout_docs'
+    """
+    from .data import BeirData
+    from .splits import carve_document_disjoint_split
+
+    split = carve_document_disjoint_split(data.qrels, doc_fraction)
+    logger.info(
+        "document-disjoint evaluation: %d held-out documents, %d evaluation queries, %d training queries (%d pairs "
+        "on held-out documents dropped)",
+        len(split.held_out_docs), len(split.eval), len(split.train), split.dropped_pairs,
+    )  # fmt: skip
+
+    def part(qrels: dict, name: str) -> BeirData:
+        return BeirData(data.corpus, {q: data.queries[q] for q in qrels}, qrels, split=name, path=data.path)
+
+    return part(split.train, data.split), part(split.eval, "heldout_docs")
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -111,6 +136,13 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1. Validate everything cheap before anything heavy.
     train_data = load_beir(data_args.data_dir, split=data_args.train_split)
     eval_data = load_beir(data_args.data_dir, split=data_args.eval_split) if data_args.eval_split else None
+    if data_args.heldout_docs_fraction:
+        if eval_data is not None:
+            raise ConfigError(
+                "--heldout_docs_fraction carves its evaluation split out of --train_split; do not pass --eval_split "
+                "with it (or set --heldout_docs_fraction 0)."
+            )
+        train_data, eval_data = heldout_docs_data(train_data, data_args.heldout_docs_fraction)
     train_on_all = bool(data_args.train_on_eval_split and eval_data is not None)
     if data_args.train_on_eval_split and eval_data is None:
         raise ConfigError("--train_on_eval_split true needs an --eval_split to select on first; pass --eval_split.")
@@ -238,7 +270,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
             notes.extend(net_results.get("notes", ()))
         else:
             results["trained"] = trainer.evaluate(metric_key_prefix="trained")
-        results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=data_args.eval_split)
+        results.update(base_model=card["finetuned_from"], dataset=card["dataset"], eval_split=eval_data.split)
         if trainer.is_world_process_zero():
             print(results_table(results))
 
