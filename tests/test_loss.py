@@ -176,3 +176,57 @@ def test_a_passed_loss_that_contradicts_the_arguments_is_refused(passed_loss_set
     other = TargetBank(bank.weight.detach().clone(), list(bank.doc_ids))
     with pytest.raises(ConfigError, match="another TargetBank"):
         trainer(MinedNegativesLoss(other))
+
+
+# ----------------------------------------------------------------------------- encoder_targets='codes'
+
+
+def test_codes_targets_score_the_encoder_against_what_the_index_serves():
+    """encoder_targets='codes': the query encoder's term is the cross-entropy against the candidates' decoded codes
+    (an untouched row's served vector), the bank rows' term is unchanged (against the bank rows)."""
+    import numpy as np
+
+    from hf_qret import TargetBank
+    from hf_qret.index.core import QuantizedIndex
+    from hf_qret.index.mining import IndexMiner
+    from hf_qret.training.loss import MinedNegativesLoss, served_vectors
+
+    gen = torch.Generator().manual_seed(0)
+    rows = F.normalize(torch.randn(600, 16, generator=gen), dim=-1)
+    bank = TargetBank(rows.clone(), [f"d{i}" for i in range(600)])
+    index = QuantizedIndex(16, "PQ4x4")
+    index.build(rows.numpy())
+    mined = IndexMiner.candidates_from(np.array([[5, 6, 7], [8, 9, 5]]), torch.tensor([1, 2]))
+    mined.bank_queries = F.normalize(torch.randn(2, 16, generator=gen), dim=-1)
+    queries = F.normalize(torch.randn(2, 16, generator=gen), dim=-1).requires_grad_(True)
+    loss = MinedNegativesLoss(bank, scale=20.0, served=served_vectors(index)).train()
+    total, _ = loss(queries, mined)
+    total.backward()
+
+    decoded = torch.from_numpy(index.reconstruct_all())[mined.candidates]
+    assert not torch.allclose(decoded, rows[mined.candidates], atol=1e-3)  # 8 bytes of 16 floats: lossy
+    by_hand = queries.detach().clone().requires_grad_(True)
+    encoder_term = F.cross_entropy(20.0 * by_hand @ decoded.T, mined.targets)
+    encoder_term.backward()
+    assert torch.allclose(queries.grad, by_hand.grad, atol=1e-5)
+    bank_term = F.cross_entropy(20.0 * mined.bank_queries @ rows[mined.candidates].T, mined.targets)
+    assert torch.allclose(total, encoder_term + bank_term, atol=1e-5)
+
+
+def test_codes_targets_come_from_the_arguments(passed_loss_setup):
+    from hf_qret.training.loss import MinedNegativesLoss
+
+    trainer, bank = passed_loss_setup
+    assert trainer(None).loss.served is None
+    built = trainer(None, encoder_targets="codes")
+    assert built.loss.served is not None
+    passed = MinedNegativesLoss(bank)
+    assert trainer(passed, encoder_targets="codes").loss.served is not None
+
+
+def test_an_unknown_encoder_target_is_refused(tmp_path):
+    from hf_qret.config import QRetTrainingArguments
+    from hf_qret.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="encoder_targets must be one of bank, codes"):
+        QRetTrainingArguments(output_dir=str(tmp_path), encoder_targets="decoded")
