@@ -248,13 +248,15 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         return self._served[1]
 
     def index_record(self) -> dict[str, Any]:
-        """How the saved / evaluated index was built: ``qret_config.json``'s ``"index_state"``."""
+        """How the saved / evaluated index was built (``qret_config.json``'s ``"index_state"``): the configured modes
+        and ``last_refresh_mode``, the mode the last refresh actually ran in (``None``: built, never refreshed)."""
         callback = self.refresh_callback
         return {
             "step": self.state.global_step,
             "last_refresh_step": None if callback.last_refresh_step < 0 else callback.last_refresh_step,
             "refresh_mode": callback.mode,
             "final_refresh_mode": callback.final_mode,
+            "last_refresh_mode": callback.last_refresh_mode,
             "rows_reencoded_since_refresh": int(self.bank.num_changed),
         }
 
