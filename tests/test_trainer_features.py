@@ -61,6 +61,9 @@ def test_load_best_model_at_end_restores_encoder_bank_and_index(tiny_model_dir, 
     reloaded = SentenceTransformer(str(out), device="cpu")
     scores = trainer.evaluator(reloaded, files.bank, files.index)
     assert scores["quantized_ndcg@10"] == pytest.approx(trainer.state.best_metric, abs=1e-12)
+    # the record is the best checkpoint's, the model shipped (not the last step's)
+    assert files.config["global_step"] == trainer.state.best_global_step
+    assert files.config["index_state"] == json.loads((best / "qret_config.json").read_text())["index_state"]
 
 
 def test_evaluation_and_saving_use_an_index_in_sync_with_the_bank(tiny_model, two_split_dir, tmp_path):

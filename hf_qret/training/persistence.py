@@ -199,9 +199,12 @@ class CheckpointMixin:
 
     def restore_snapshot(self, folder: str) -> None:
         """Loads encoder, bank and index from a saved folder (a checkpoint or the safety net's snapshot) on every
-        process; the index is that folder's, so nothing is stale."""
+        process; the index is that folder's, so nothing is stale. What ``qret_config.json`` records of the step and
+        the index (``global_step``, ``index_state``) is then that folder's: the record of the model shipped."""
         self._load_encoder(folder)
         files = self._load_bank(folder)
+        #: ``global_step`` / ``index_state`` of the restored folder (``None``: the model is the one training left).
+        self.restored_record = {key: files.config.get(key) for key in ("global_step", "index_state")}
         if is_sharded(self.bank):  # this shard's rows, encoded with the folder's codebooks: its part of that index
             self.index.rebuild_from(files.index.index, self.bank.float32_rows())
         else:

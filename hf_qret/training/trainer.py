@@ -214,6 +214,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``; the index over the bank is built first, unless the run resumes from a checkpoint
         (whose index is loaded instead)."""
+        self.restored_record = None  # the model is again the one training leaves (CheckpointMixin.restore_snapshot)
         if not resume_from_checkpoint:
             self.ensure_index()
             self._save_document_encoder()
