@@ -452,7 +452,7 @@ def training_record(trainer: Any) -> dict[str, Any]:
         {'name': 'query', 'text': 'query: '}
     """
     from .embedding import prompt_record
-    from .encoder import get_pooling, normalizes_embeddings, resolved_precision, similarity_function
+    from .encoder import get_pooling, normalizes_embeddings, similarity_function
     from .peft_utils import adapter_info
 
     base = getattr(trainer.model, "model_card_data", None)
@@ -468,7 +468,8 @@ def training_record(trainer: Any) -> dict[str, Any]:
         "pooling": get_pooling(trainer.model),  # a plain encoder's pooling (None: the sentence-transformers modules)
         "normalize": normalizes_embeddings(trainer.model),
         "prompts": prompt_record(trainer.model),
-        "document_precision": resolved_precision(getattr(trainer.args, "bank_encode_precision", "fp32"), trainer.model),
+        # how the bank's rows were actually encoded (None: not known, e.g. read from a --bank_init_file)
+        "document_precision": getattr(trainer.bank, "encode_precision", None),
         "max_seq_length": _max_seq_length(trainer),
         "num_negatives": trainer.miner.num_negatives,
         "bank_learning_rate": trainer.args.bank_learning_rate,
