@@ -193,7 +193,8 @@ TRAIN_EXTRA_MODULES = ("sentence_transformers", "accelerate", "datasets", "peft"
 
 
 def run_command(command, argv: list[str]) -> int:
-    """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2.
+    """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2 (1 for a
+    Hub failure, :class:`~hf_qret.errors.HubError`).
 
     Example:
         >>> from hf_qret.errors import ConfigError
@@ -207,7 +208,7 @@ def run_command(command, argv: list[str]) -> int:
         command(argv)
     except QRetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
