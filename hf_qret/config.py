@@ -413,6 +413,54 @@ def resolve_model_path(name_or_path: str) -> str:
 
 _PATH_KEYS = {"data_dir", "bank_init_file", "model_name_or_path"}
 
+#: The recipes shipped with hf-qret, by name (``hf-qret train scifact``): ``recipes/NAME.yaml`` of a source checkout,
+#: which a wheel ships as the package data ``hf_qret.recipes`` (the same files: one source).
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _shipped_recipes() -> dict[str, Path]:
+    if RECIPES_DIR.is_dir():
+        return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+    from importlib.resources import files
+
+    try:
+        folder = files("hf_qret.recipes")
+    except ModuleNotFoundError:
+        return {}
+    # a wheel is installed unzipped: these are the files themselves
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of a recipe shipped with hf-qret, by name (``"scifact"``).
+
+    Raises:
+        ConfigError: No recipe has that name.
+
+    Example:
+        >>> recipe_path("scifact").name
+        'scifact.yaml'
+    """
+    recipes = _shipped_recipes()
+    if name not in recipes:
+        raise ConfigError(
+            f"{name!r} is neither a YAML config file (.yaml) nor a recipe shipped with hf-qret "
+            f"({', '.join(recipes) or 'none installed'}); pass one of those names or a path to a .yaml file."
+        )
+    return recipes[name]
+
+
+def _check_recipe_data(name: str, data_dir: str | None) -> None:
+    """A shipped recipe's data folder is in a source checkout only (``recipes/data``), never in the wheel."""
+    if data_dir and Path(data_dir).is_dir():
+        return
+    raise ConfigError(
+        f"the recipe {name!r} trains on the BEIR folder {data_dir}, which does not exist: the wheel ships the recipe's "
+        "settings, not its data. Pass --data_dir DIR, a BEIR folder (corpus.jsonl[.gz], queries.jsonl[.gz], "
+        "qrels/train.tsv and qrels/dev.tsv): recipes/data/scifact of a source checkout, or one made from BEIR's "
+        "SciFact with `python -m hf_qret.recipes.prepare_data SCIFACT_BEIR_FOLDER DIR`."
+    )
+
 
 def _yaml_to_argv(path: Path) -> list[str]:
     import yaml
@@ -438,10 +486,11 @@ def _yaml_to_argv(path: Path) -> list[str]:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, QRetTrainingArguments]:
-    """Parses ``[config.yaml] [--option value ...]``; CLI options override the file's.
+    """Parses ``[config.yaml | recipe name] [--option value ...]``; CLI options override the file's.
 
     Paths in the YAML file are relative to the file; paths on the command line are relative to the working
-    directory.
+    directory. A name instead of a file (``scifact``) is a recipe shipped with hf-qret (:func:`recipe_path`); its data
+    folder is in a source checkout only, so an installed wheel needs ``--data_dir``.
 
     Example:
         >>> model_args, data_args, training_args = parse_config(
@@ -450,10 +499,18 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     file_argv: list[str] = []
+    recipe = None
+    if argv and not argv[0].startswith("-") and not argv[0].endswith((".yaml", ".yml")):
+        recipe = argv[0]
+        argv[0] = str(recipe_path(recipe))
     if argv and argv[0].endswith((".yaml", ".yml")):
         config_path = Path(argv.pop(0))
         if not config_path.is_file():
-            raise ConfigError(f"{config_path}: no such config file.")
+            shipped = ", ".join(_shipped_recipes())
+            raise ConfigError(
+                f"{config_path}: no such config file"
+                + (f"; the recipes shipped with hf-qret are run by name: hf-qret train {shipped}." if shipped else ".")
+            )
         file_argv = _yaml_to_argv(config_path)
     parser = HfArgumentParser((ModelArguments, DataArguments, QRetTrainingArguments))
     model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
@@ -461,4 +518,6 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     )
     if unknown:
         raise ConfigError(f"unknown option(s): {' '.join(unknown)}; run with --help to list the options.")
+    if recipe is not None and not any(a == "--data_dir" or a.startswith("--data_dir=") for a in argv):
+        _check_recipe_data(recipe, data_args.data_dir)  # the recipe's own data folder
     return model_args, data_args, training_args
