@@ -13,6 +13,7 @@ from .bank.storage import BANK_DTYPES
 from .errors import ConfigError
 from .index.core import REFRESH_MODES, check_index_options
 from .serving.encoder import ENCODE_PRECISIONS, POOLINGS
+from .shipped_recipes import check_recipe_data, recipe_path, shipped_recipes
 
 __all__ = [
     "BANK_LEARNING_RATES",
@@ -413,54 +414,6 @@ def resolve_model_path(name_or_path: str) -> str:
 
 _PATH_KEYS = {"data_dir", "bank_init_file", "model_name_or_path"}
 
-#: The recipes shipped with hf-qret, by name (``hf-qret train scifact``): ``recipes/NAME.yaml`` of a source checkout,
-#: which a wheel ships as the package data ``hf_qret.recipes`` (the same files: one source).
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _shipped_recipes() -> dict[str, Path]:
-    if RECIPES_DIR.is_dir():
-        return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.yaml"))}
-    from importlib.resources import files
-
-    try:
-        folder = files("hf_qret.recipes")
-    except ModuleNotFoundError:
-        return {}
-    # a wheel is installed unzipped: these are the files themselves
-    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
-
-
-def recipe_path(name: str) -> Path:
-    """The YAML file of a recipe shipped with hf-qret, by name (``"scifact"``).
-
-    Raises:
-        ConfigError: No recipe has that name.
-
-    Example:
-        >>> recipe_path("scifact").name
-        'scifact.yaml'
-    """
-    recipes = _shipped_recipes()
-    if name not in recipes:
-        raise ConfigError(
-            f"{name!r} is neither a YAML config file (.yaml) nor a recipe shipped with hf-qret "
-            f"({', '.join(recipes) or 'none installed'}); pass one of those names or a path to a .yaml file."
-        )
-    return recipes[name]
-
-
-def _check_recipe_data(name: str, data_dir: str | None) -> None:
-    """A shipped recipe's data folder is in a source checkout only (``recipes/data``), never in the wheel."""
-    if data_dir and Path(data_dir).is_dir():
-        return
-    raise ConfigError(
-        f"the recipe {name!r} trains on the BEIR folder {data_dir}, which does not exist: the wheel ships the recipe's "
-        "settings, not its data. Pass --data_dir DIR, a BEIR folder (corpus.jsonl[.gz], queries.jsonl[.gz], "
-        "qrels/train.tsv and qrels/dev.tsv): recipes/data/scifact of a source checkout, or one made from BEIR's "
-        "SciFact with `python -m hf_qret.recipes.prepare_data SCIFACT_BEIR_FOLDER DIR`."
-    )
-
 
 def _yaml_to_argv(path: Path) -> list[str]:
     import yaml
@@ -506,7 +459,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     if argv and argv[0].endswith((".yaml", ".yml")):
         config_path = Path(argv.pop(0))
         if not config_path.is_file():
-            shipped = ", ".join(_shipped_recipes())
+            shipped = ", ".join(shipped_recipes())
             raise ConfigError(
                 f"{config_path}: no such config file"
                 + (f"; the recipes shipped with hf-qret are run by name: hf-qret train {shipped}." if shipped else ".")
@@ -519,5 +472,5 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     if unknown:
         raise ConfigError(f"unknown option(s): {' '.join(unknown)}; run with --help to list the options.")
     if recipe is not None and not any(a == "--data_dir" or a.startswith("--data_dir=") for a in argv):
-        _check_recipe_data(recipe, data_args.data_dir)  # the recipe's own data folder
+        check_recipe_data(recipe, data_args.data_dir)  # the recipe's own data folder
     return model_args, data_args, training_args

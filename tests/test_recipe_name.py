@@ -27,7 +27,7 @@ def test_a_recipe_name_is_the_recipes_yaml_of_the_checkout():
 
 def test_the_recipe_as_installed_from_a_wheel_needs_data_dir(tmp_path, monkeypatch):
     """As in a wheel: the YAML sits in the package (hf_qret/recipes/), its data folder is not there."""
-    import hf_qret.config as config
+    import hf_qret.shipped_recipes as config
 
     installed = tmp_path / "site-packages" / "hf_qret" / "recipes"
     installed.mkdir(parents=True)
