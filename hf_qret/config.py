@@ -235,6 +235,14 @@ class QRetTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the query and positive columns."}
     )
+    hub_push_training_state: bool = field(
+        default=False,
+        metadata={
+            "help": "With push_to_hub and hub_strategy 'checkpoint' / 'all_checkpoints': also upload the whole "
+            "checkpoint folder (last-checkpoint/ or checkpoint-N/) to resume from, which holds pickles (optimizer.pt, "
+            "rng_state*.pth, training_args.bin) and the training state. Off: every push is the artifact's files only."
+        },
+    )
     keep_untrained_if_better: bool = field(
         default=True,
         metadata={
