@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "ArtifactError": "errors",
     "ConfigError": "errors",
     "DataError": "errors",
+    "HubError": "errors",
     "QRetError": "errors",
     "RetrievalEvaluator": "evaluation.evaluator",
     "PushToHubCallback": "hub.callback",
@@ -81,7 +82,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .bank.core import TargetBank
     from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_config
     from .data import BeirData, build_pairs_dataset, carve_dev_split, load_beir, load_qrels
-    from .errors import ArtifactError, ConfigError, DataError, QRetError
+    from .errors import ArtifactError, ConfigError, DataError, HubError, QRetError
     from .evaluation.evaluator import RetrievalEvaluator
     from .evaluation.metrics import compute_metrics, write_trec_run
     from .hub.callback import PushToHubCallback

@@ -62,7 +62,7 @@ def require_train_extra(command: str = "hf-qret train") -> None:
 
 
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``hf-qret train CONFIG.yaml [--option value ...]``: the training recipe (:func:`hf_qret.recipe.train_main`),
+    """``hf-qret train CONFIG.yaml|RECIPE [--option value ...]``: the training recipe (:func:`hf_qret.recipe.train_main`),
     once :func:`require_train_extra` has checked that it can run. Returns the recipe's evaluation.
 
     Example:
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             "usage: hf-qret {train,evaluate,push,card} ...\n\n"
-            "  train     CONFIG.yaml [--option value ...]   train an encoder + bank for a quantized index\n"
+            "  train     CONFIG.yaml | RECIPE [--option value ...]   train an encoder + bank for a quantized index\n"
+            "            (RECIPE: a shipped recipe by name, e.g. scifact; from a wheel pass --data_dir)\n"
             "  evaluate  OUT --data DIR --split SPLIT [--run-file FILE]   flat vs quantized metrics (JSON)\n"
             "  push      OUT --repo-id USER/NAME [--private] [--revision R]   upload the artifact to the Hub\n"
             "  card      OUT [--repo-id USER/NAME]   (re)write the model card README.md",
@@ -193,7 +194,8 @@ TRAIN_EXTRA_MODULES = ("sentence_transformers", "accelerate", "datasets", "peft"
 
 
 def run_command(command, argv: list[str]) -> int:
-    """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2.
+    """Runs ``command(argv)``; user errors end with one ``error: ...`` line on stderr and exit status 2 (1 for a
+    Hub failure, :class:`~hf_qret.errors.HubError`).
 
     Example:
         >>> from hf_qret.errors import ConfigError
@@ -207,7 +209,7 @@ def run_command(command, argv: list[str]) -> int:
         command(argv)
     except QRetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise

@@ -13,6 +13,7 @@ from .bank.storage import BANK_DTYPES
 from .errors import ConfigError
 from .index.core import REFRESH_MODES, check_index_options
 from .serving.encoder import ENCODE_PRECISIONS, POOLINGS
+from .shipped_recipes import check_recipe_data, recipe_path, shipped_recipes
 
 __all__ = [
     "BANK_LEARNING_RATES",
@@ -244,6 +245,14 @@ class QRetTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the query and positive columns."}
     )
+    hub_push_training_state: bool = field(
+        default=False,
+        metadata={
+            "help": "With push_to_hub and hub_strategy 'checkpoint' / 'all_checkpoints': also upload the whole "
+            "checkpoint folder (last-checkpoint/ or checkpoint-N/) to resume from, which holds pickles (optimizer.pt, "
+            "rng_state*.pth, training_args.bin) and the training state. Off: every push is the artifact's files only."
+        },
+    )
     keep_untrained_if_better: bool = field(
         default=True,
         metadata={
@@ -461,10 +470,11 @@ def _yaml_to_argv(path: Path) -> list[str]:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, QRetTrainingArguments]:
-    """Parses ``[config.yaml] [--option value ...]``; CLI options override the file's.
+    """Parses ``[config.yaml | recipe name] [--option value ...]``; CLI options override the file's.
 
     Paths in the YAML file are relative to the file; paths on the command line are relative to the working
-    directory.
+    directory. A name instead of a file (``scifact``) is a recipe shipped with hf-qret (:func:`recipe_path`); its data
+    folder is in a source checkout only, so an installed wheel needs ``--data_dir``.
 
     Example:
         >>> model_args, data_args, training_args = parse_config(
@@ -473,10 +483,18 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     file_argv: list[str] = []
+    recipe = None
+    if argv and not argv[0].startswith("-") and not argv[0].endswith((".yaml", ".yml")):
+        recipe = argv[0]
+        argv[0] = str(recipe_path(recipe))
     if argv and argv[0].endswith((".yaml", ".yml")):
         config_path = Path(argv.pop(0))
         if not config_path.is_file():
-            raise ConfigError(f"{config_path}: no such config file.")
+            shipped = ", ".join(shipped_recipes())
+            raise ConfigError(
+                f"{config_path}: no such config file"
+                + (f"; the recipes shipped with hf-qret are run by name: hf-qret train {shipped}." if shipped else ".")
+            )
         file_argv = _yaml_to_argv(config_path)
     parser = HfArgumentParser((ModelArguments, DataArguments, QRetTrainingArguments))
     model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
@@ -484,4 +502,6 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     )
     if unknown:
         raise ConfigError(f"unknown option(s): {' '.join(unknown)}; run with --help to list the options.")
+    if recipe is not None and not any(a == "--data_dir" or a.startswith("--data_dir=") for a in argv):
+        check_recipe_data(recipe, data_args.data_dir)  # the recipe's own data folder
     return model_args, data_args, training_args

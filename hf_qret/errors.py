@@ -6,7 +6,8 @@ from __future__ import annotations
 class QRetError(Exception):
     """Base class of every error hf-qret raises for bad input (paths, configs, data, artifacts).
 
-    The command line prints the message of these errors as one line, without a traceback, and exits with status 2.
+    The command line prints the message of these errors as one line, without a traceback, and exits with
+    :attr:`exit_status` (2: bad input; 1: :class:`HubError`, the Hub refused or could not be reached).
 
     Example:
         >>> from hf_qret.errors import ConfigError, QRetError
@@ -16,6 +17,9 @@ class QRetError(Exception):
         ...     print(exc)
         opq_niter must be at least 1, got 0.
     """
+
+    #: The command line's exit status for this error.
+    exit_status = 2
 
 
 class DataError(QRetError, ValueError):
@@ -87,3 +91,15 @@ class TrainingDivergedError(QRetError, RuntimeError):
             f"the encoder or the bank, and {kept}. Lower --learning_rate/--bank_learning_rate or --scale, then "
             "resume with --resume_from_checkpoint."
         )
+
+
+class HubError(QRetError, RuntimeError):
+    """The Hugging Face Hub could not be reached or refused the request (offline mode, no network, no or wrong
+    token, no write access, a repository name taken); the command line exits with status 1.
+
+    Example:
+        >>> HubError.exit_status
+        1
+    """
+
+    exit_status = 1

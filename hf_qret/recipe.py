@@ -204,6 +204,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         shard=shard,
     )
     bank.check_dim(dim, f"the model {model_args.model_name_or_path!r}")
+    bank_precision = bank.encode_precision  # None: read from the user's --bank_init_file, encoded who knows how
     timings = {"encode_bank": time.perf_counter() - clock}
     set_faiss_threads(training_args.faiss_threads)
     index = QuantizedIndex.from_args(dim, training_args)  # built by the trainer (or loaded when resuming)
@@ -286,6 +287,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
             init_file=init_file,
             mmap_path=mmap_path,
             shard=shard,
+            init_precision=bank_precision,
         )
         new_index_ = QuantizedIndex.from_args(dim, training_args)
         return QRetTrainer(

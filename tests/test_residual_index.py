@@ -105,3 +105,23 @@ def test_the_last_refresh_is_made_in_the_final_refresh_mode(tiny_model, beir_dir
     assert trainer.index_record()["final_refresh_mode"] == "retrain"
     files_bank = trainer.bank.float32_rows()[:]
     np.testing.assert_allclose(trainer.index.reconstruct_all(), trainer.index.quantize(files_bank), atol=1e-5)
+
+
+def test_the_final_refresh_mode_runs_when_refresh_steps_divides_the_run(tiny_model, beir_dir, tmp_path):
+    # refresh_steps=2, max_steps=4: the step-4 refresh is the run's last one (nothing is stale at epoch or train end)
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ4x4", refresh_mode="incremental",
+                              final_refresh_mode="retrain", refresh_steps=2, bank_update="all", max_steps=4)  # fmt: skip
+    modes: list[str] = []
+    original = trainer.index.refresh
+
+    def refresh(vectors, mode="reencode", rows=None, **kwargs):
+        modes.append(mode)
+        return original(vectors, mode=mode, rows=rows, **kwargs)
+
+    trainer.index.refresh = refresh
+    trainer.train()
+    assert modes == ["incremental", "retrain"]
+    trainer.save_model()
+    state = load_retrieval_files(trainer.args.output_dir).config["index_state"]
+    assert state["last_refresh_step"] == 4 and state["last_refresh_mode"] == "retrain"  # what actually ran
+    assert state["final_refresh_mode"] == "retrain"

@@ -68,6 +68,10 @@ def test_a_run_that_hurts_the_metric_keeps_the_untrained_encoder_bank_and_index(
     assert results["shipped"] == "untrained" and "TRAINING MADE THE MODEL WORSE" in results["notes"][0]
     config = json.loads((out / "qret_config.json").read_text())
     assert config["global_step"] == 0 and config["safety_net"]["shipped"] == "untrained"
+    # one record of what was shipped: the untrained index was built at step 0 and never refreshed
+    assert trainer.state.global_step == 6 and trainer.refresh_callback.last_refresh_step == 6
+    assert config["index_state"]["step"] == 0 and config["index_state"]["last_refresh_step"] is None
+    assert config["index_state"]["last_refresh_mode"] is None
     trainer.create_model_card()
     assert "TRAINING MADE THE MODEL WORSE" in (out / "README.md").read_text()
     # the saved artifact serves the untrained bank and index

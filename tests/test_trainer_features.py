@@ -61,6 +61,9 @@ def test_load_best_model_at_end_restores_encoder_bank_and_index(tiny_model_dir, 
     reloaded = SentenceTransformer(str(out), device="cpu")
     scores = trainer.evaluator(reloaded, files.bank, files.index)
     assert scores["quantized_ndcg@10"] == pytest.approx(trainer.state.best_metric, abs=1e-12)
+    # the record is the best checkpoint's, the model shipped (not the last step's)
+    assert files.config["global_step"] == trainer.state.best_global_step
+    assert files.config["index_state"] == json.loads((best / "qret_config.json").read_text())["index_state"]
 
 
 def test_evaluation_and_saving_use_an_index_in_sync_with_the_bank(tiny_model, two_split_dir, tmp_path):
@@ -134,6 +137,7 @@ def test_hub_checkpoint_push_reads_the_final_checkpoint_folder(tiny_model, two_s
         trainer = _trainer(
             tiny_model, two_split_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True,
             hub_model_id="user/model", hub_strategy="checkpoint", with_evaluator=False,
+            hub_push_training_state=True,  # the resume state goes to the Hub only when asked
         )  # fmt: skip
         trainer.train()
     checkpoint_pushes = [u for u in uploads if u[1] == "last-checkpoint"]
@@ -142,6 +146,37 @@ def test_hub_checkpoint_push_reads_the_final_checkpoint_folder(tiny_model, two_s
         assert os.path.basename(folder) == "checkpoint-2" and "_staging" not in folder
         assert files is not None and "index.faiss" in files and "bank.safetensors" in files
         assert os.path.isdir(folder)
+
+
+def test_hub_checkpoint_strategy_keeps_the_resume_state_local_unless_asked(tiny_model, two_split_dir, tmp_path, caplog):
+    uploads = []
+
+    class FakeApi:
+        def upload_folder(self, *, folder_path, path_in_repo=None, ignore_patterns=(), **kwargs):
+            from huggingface_hub.utils import filter_repo_objects
+
+            root = Path(folder_path)
+            every = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+            uploads.append((path_in_repo, set(filter_repo_objects(every, ignore_patterns=list(ignore_patterns)))))
+            future = mock.Mock()
+            future.done.return_value = True
+            return future
+
+        def create_repo(self, *args, **kwargs):
+            return mock.Mock(repo_id="user/model")
+
+    with mock.patch("transformers.trainer.hf_api", return_value=FakeApi()):
+        trainer = _trainer(
+            tiny_model, two_split_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True,
+            hub_model_id="user/model", hub_strategy="checkpoint", with_evaluator=False,
+        )  # fmt: skip
+        trainer.train()
+    assert [path for path, _ in uploads] == [None, None]  # the artifact at steps 1 and 2, no last-checkpoint/
+    for _, files in uploads:
+        assert "index.faiss" in files
+        assert not [f for f in files if f.endswith((".pt", ".pth", ".bin")) or f.startswith("checkpoint-")], files
+    notes = [r.getMessage() for r in caplog.records if "hub_push_training_state" in r.getMessage()]
+    assert len(notes) == 1 and "stays local" in notes[0]
 
 
 def test_evaluate_with_eval_dataset_and_evaluator_logs_once(tiny_model, two_split_dir, tmp_path):

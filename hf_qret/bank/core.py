@@ -117,6 +117,10 @@ class TargetBank(nn.Module):
                 raise ArtifactError("the doc-id list of the bank has duplicates; every row needs a unique document id.")
         #: Incremented by every optimizer step that changes rows; the index refresh compares it.
         self.version = 0
+        #: How the rows were encoded (``"fp32"`` / ``"bf16"``): ``qret_config.json``'s ``document_precision``, the
+        #: precision ``add_documents`` encodes new documents in. ``None``: not known (rows read from a file or made by
+        #: an encode function that does not say); set it when you know.
+        self.encode_precision: str | None = None
         #: Where gathered rows are returned (``None``: the bank's device); set by the trainer for a CPU bank.
         self.compute_device: torch.device | None = None
         #: Stage gathered rows in page-locked memory before copying them to ``compute_device``.
@@ -280,7 +284,9 @@ class TargetBank(nn.Module):
 
         Args:
             encode: Maps a list of texts to their ``(n, dim)`` embeddings, for example
-                :func:`hf_qret.serving.encoder.encode_texts` bound to a model (batched, with a progress bar).
+                :func:`hf_qret.serving.encoder.encode_texts` bound to a model (batched, with a progress bar). Its
+                ``precision`` attribute, when it has one (:func:`hf_qret.training.corpus.document_encode`), becomes
+                :attr:`encode_precision`.
             texts: The document texts, in row order.
             doc_ids: The document ids, in row order (``None``: row numbers).
             dtype: Storage dtype (``"fp32"``, ``"bf16"``, ``"fp16"``).
@@ -293,7 +299,9 @@ class TargetBank(nn.Module):
             >>> bank = TargetBank.from_encoder(partial(encode_texts, model, role="document"), texts, ids)  # doctest: +SKIP
         """
         if mmap_path is None:
-            return cls(torch.as_tensor(np.asarray(encode(list(texts)), dtype=np.float32)), doc_ids, dtype)
+            bank = cls(torch.as_tensor(np.asarray(encode(list(texts)), dtype=np.float32)), doc_ids, dtype)
+            bank.encode_precision = getattr(encode, "precision", None)  # document_encode's functions say it
+            return bank
         texts = list(texts)
         first = np.asarray(encode(texts[:chunk_texts]), dtype=np.float32)
         bank = cls.create_mmap(mmap_path, len(texts), first.shape[1], doc_ids, dtype)
@@ -301,6 +309,7 @@ class TargetBank(nn.Module):
         for start in range(chunk_texts, len(texts), chunk_texts):
             bank.write_rows(start, np.asarray(encode(texts[start : start + chunk_texts]), dtype=np.float32))
         bank.flush()
+        bank.encode_precision = getattr(encode, "precision", None)
         return bank
 
     @classmethod

@@ -122,7 +122,9 @@ class ShardedTargetBank(TargetBank):
             raise ArtifactError(f"the bank has {len(bank)} rows but the layout splits {layout.count}.")
         doc_ids = None if isinstance(bank.doc_ids, RowIds) else bank.doc_ids
         local = bank.weight.detach()[layout.start : layout.end]
-        return cls(local.to("cpu"), doc_ids, layout, bank.dtype)
+        shard = cls(local.to("cpu"), doc_ids, layout, bank.dtype)
+        shard.encode_precision = bank.encode_precision
+        return shard
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .push import _check_artifact, artifact_upload_files, push_artifact
+from .push import _check_artifact, artifact_upload_files, prepare_repo, push_artifact
 
 __all__ = [
     "write_corpus",
@@ -81,9 +81,11 @@ def write_corpus(folder: str | os.PathLike, data_dir: str | os.PathLike) -> Path
 def push_main(argv: list[str] | None = None) -> Any:
     """``hf-qret push OUT --repo-id NAME [--private] [--revision R]``: one commit of the artifact to the Hub.
 
-    Checks the artifact first (index size vs doc ids, dimension), renders ``README.md`` (the model card) when the
-    folder has none of hf-qret's (or with ``--refresh-card``), optionally ships the corpus texts, then pushes.
-    ``--dry-run`` prints the files that would be uploaded and pushes nothing.
+    Checks the artifact first (index size vs doc ids, dimension), then the Hub (creates the repository and branch:
+    offline mode, no network, a missing, wrong or read-only token and a name taken fail here, with one
+    :class:`~hf_qret.errors.HubError` and exit status 1, before anything is written locally), renders ``README.md``
+    (the model card) when the folder has none of hf-qret's (or with ``--refresh-card``), optionally ships the corpus
+    texts, then pushes in one commit. ``--dry-run`` prints the files that would be uploaded and contacts nothing.
 
     Example:
         >>> push_main(["runs/scifact", "--repo-id", "me/minilm-scifact-rq16", "--dry-run"])  # doctest: +SKIP
@@ -109,6 +111,9 @@ def push_main(argv: list[str] | None = None) -> Any:
     folder = Path(args.artifact).expanduser()
     _check_artifact(folder)
     load_retrieval_files(folder)  # index size vs doc ids, dimension: refuse to publish a broken artifact
+    repo_id = args.repo_id
+    if not args.dry_run:  # the Hub first: a failure there leaves the folder as it was
+        repo_id = prepare_repo(args.repo_id, args.private or None, args.revision, args.token)
     if args.corpus:
         write_corpus(folder, args.corpus)
     if args.refresh_card or not is_qret_model_card(folder / MODEL_CARD_NAME):
@@ -118,8 +123,8 @@ def push_main(argv: list[str] | None = None) -> Any:
         print(json.dumps({"repo_id": args.repo_id, "files": files}))
         return files
     commit = push_artifact(
-        folder, args.repo_id, private=args.private or None, revision=args.revision, token=args.token,
-        commit_message=args.commit_message,
+        folder, repo_id, revision=args.revision, token=args.token, commit_message=args.commit_message,
+        create_repo=False,
     )  # fmt: skip
     url = getattr(commit, "commit_url", None) or str(commit)
     print(json.dumps({"repo_id": args.repo_id, "commit_url": url, "files": len(files)}))

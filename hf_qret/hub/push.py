@@ -17,13 +17,14 @@ setup.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, HubError
 from ..serving.artifact import (
     ARTIFACT_IGNORE_PATTERNS,
     CONFIG_NAME,
@@ -39,7 +40,80 @@ __all__ = [
     "artifact_upload_files",
     "push_artifact",
     "push_checkpoint",
+    "prepare_repo",
+    "hub_errors",
 ]
+
+#: What a refused request means, by HTTP status, for :func:`hub_errors`.
+_REFUSALS = {
+    401: "the Hub does not accept the token (expired or mistyped); log in again (`hf auth login`) or pass another "
+    "--token / HF_TOKEN",
+    403: "the token has no write access to {repo_id} (a read-only token, or another user's or organization's "
+    "namespace); use a write token of that namespace, or push to a repository of your own",
+    404: "{repo_id} (or the branch) was not found, or the token cannot see it; check --repo-id and --revision",
+    409: "the name {repo_id} is taken (by a repository of another type, or one being created); pick another --repo-id",
+}
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, action: str = "push to") -> Iterator[None]:
+    """Turns every Hub failure a user can cause into one :class:`~hf_qret.errors.HubError` that says what to do:
+    offline mode, no network, no or a wrong token, no write access, a repository name taken.
+
+    Example:
+        >>> with hub_errors("me/minilm-scifact"):  # doctest: +SKIP
+        ...     HfApi().create_repo("me/minilm-scifact", exist_ok=True)
+    """
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalTokenNotFoundError,
+        OfflineModeIsEnabled,
+    )
+    from huggingface_hub.errors import HTTPError as TransportError  # httpx's base error, whichever httpx it uses
+
+    where = f"cannot {action} {repo_id} on the Hugging Face Hub"
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise HubError(f"{where}: HF_HUB_OFFLINE is set (offline mode); unset it to push.") from None
+    except LocalTokenNotFoundError:
+        raise HubError(f"{where}: no Hub token; log in (`hf auth login`) or pass --token / set HF_TOKEN.") from None
+    except HFValidationError as exc:
+        raise HubError(f"{where}: {repo_id!r} is not a valid repository id ({exc}); pass USER/NAME.") from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        reason = _REFUSALS.get(status, "the Hub refused the request").format(repo_id=repo_id)
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise HubError(f"{where}: {reason} (HTTP {status}: {detail}).") from None
+    except (TransportError, ConnectionError, TimeoutError) as exc:
+        raise HubError(
+            f"{where}: the Hub cannot be reached ({type(exc).__name__}: {str(exc)[:200]}); check the network "
+            "(and a proxy, HF_ENDPOINT), then push again."
+        ) from None
+
+
+def prepare_repo(
+    repo_id: str,
+    private: bool | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    api: Any = None,
+) -> str:
+    """Creates the model repository (``exist_ok``) and the branch ``revision`` if missing; returns the repository
+    id the Hub resolved (``"name"`` becomes ``"user/name"``). Hub failures are one :class:`~hf_qret.errors.HubError`.
+
+    Example:
+        >>> prepare_repo("me/minilm-scifact", private=True)  # doctest: +SKIP
+        'me/minilm-scifact'
+    """
+    api = _api(api)
+    with hub_errors(repo_id, "create"):
+        repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        repo_id = getattr(repo_url, "repo_id", None) or repo_id
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+    return repo_id
 
 
 def _api(api: Any = None) -> Any:
@@ -115,6 +189,8 @@ def push_artifact(
 
     Raises:
         ArtifactError: ``folder`` is not a saved artifact.
+        HubError: The Hub cannot be reached (offline mode, no network) or refused the push (no or a wrong token,
+            no write access, the name taken). The upload is one commit: a failed one leaves no commit behind.
 
     Example:
         >>> push_artifact("runs/scifact", "me/minilm-scifact-opq16", private=True)  # doctest: +SKIP
@@ -135,20 +211,21 @@ def push_artifact(
             raise ArtifactError(f"{folder / CONFIG_NAME}: corrupt JSON; re-create the artifact.") from None
     api = _api(api)
     if create_repo:
-        repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-        repo_id = getattr(repo_url, "repo_id", None) or repo_id
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        revision=revision,
-        token=token,
-        commit_message=commit_message,
-        ignore_patterns=[*ARTIFACT_IGNORE_PATTERNS, *extra_ignore],
-        run_as_future=run_as_future,
-    )
+        repo_id = prepare_repo(repo_id, private, revision, token, api)
+    elif revision is not None and revision != "main":
+        with hub_errors(repo_id, "create a branch of"):
+            api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+    with hub_errors(repo_id):
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            token=token,
+            commit_message=commit_message,
+            ignore_patterns=[*ARTIFACT_IGNORE_PATTERNS, *extra_ignore],
+            run_as_future=run_as_future,
+        )
 
 
 def push_checkpoint(

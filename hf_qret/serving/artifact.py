@@ -440,7 +440,8 @@ def load_shipped_corpus(folder: Path, doc_ids: Sequence[str]) -> dict[str, str] 
 def training_record(trainer: Any) -> dict[str, Any]:
     """What ``qret_config.json`` records about a :class:`~hf_qret.training.trainer.QRetTrainer`'s run: the base model, loss,
     scale, similarity, how texts are embedded (pooling, normalisation, the query and document prompts), mining and
-    learning-rate settings, the step and how the index was built.
+    learning-rate settings, the step and how the index was built (those of the restored folder when the safety net
+    kept the untrained model or ``load_best_model_at_end`` loaded a checkpoint: one record of what is shipped).
 
     ``prompts`` is ``{"query": {"name", "text"}, "document": {"name", "text"}}`` (:func:`hf_qret.serving.embedding.prompt_record`):
     the prompts training, the bank and the evaluators used, which :class:`~hf_qret.QuantizedRetriever` applies to
@@ -451,12 +452,13 @@ def training_record(trainer: Any) -> dict[str, Any]:
         {'name': 'query', 'text': 'query: '}
     """
     from .embedding import prompt_record
-    from .encoder import get_pooling, normalizes_embeddings, resolved_precision, similarity_function
+    from .encoder import get_pooling, normalizes_embeddings, similarity_function
     from .peft_utils import adapter_info
 
     base = getattr(trainer.model, "model_card_data", None)
     verdict = getattr(getattr(trainer, "safety_net", None), "verdict", None)
-    kept_untrained = verdict is not None and verdict.shipped == "untrained"  # the model is that of step 0
+    # the safety net's untrained model (or load_best_model_at_end's checkpoint) was restored: its step and index record
+    restored = getattr(trainer, "restored_record", None)
     return {
         "base_model": getattr(base, "base_model", None)
         or getattr(getattr(trainer.model, "config", None), "_name_or_path", None),
@@ -466,7 +468,8 @@ def training_record(trainer: Any) -> dict[str, Any]:
         "pooling": get_pooling(trainer.model),  # a plain encoder's pooling (None: the sentence-transformers modules)
         "normalize": normalizes_embeddings(trainer.model),
         "prompts": prompt_record(trainer.model),
-        "document_precision": resolved_precision(getattr(trainer.args, "bank_encode_precision", "fp32"), trainer.model),
+        # how the bank's rows were actually encoded (None: not known, e.g. read from a --bank_init_file)
+        "document_precision": getattr(trainer.bank, "encode_precision", None),
         "max_seq_length": _max_seq_length(trainer),
         "num_negatives": trainer.miner.num_negatives,
         "bank_learning_rate": trainer.args.bank_learning_rate,
@@ -478,9 +481,9 @@ def training_record(trainer: Any) -> dict[str, Any]:
             if trainer.index.mining_nlist
             else None
         ),
-        "global_step": 0 if kept_untrained else trainer.state.global_step,
+        "global_step": restored["global_step"] if restored else trainer.state.global_step,
         "safety_net": None if verdict is None else verdict.summary(),
-        "index_state": trainer.index_record(),
+        "index_state": restored["index_state"] if restored else trainer.index_record(),
         "adapter": adapter_info(trainer.accelerator.unwrap_model(trainer.model)),
     }
 

@@ -9,6 +9,7 @@ recorded: the encoder's own prompts and sentence-transformers' rules, as before)
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,10 +32,12 @@ from .artifact import (
     write_json,
 )
 from .embedding import recorded_prompt
-from .encoder import embedding_dim, encode_texts
+from .encoder import embedding_dim, encode_texts, resolved_precision
 from .growing import GrowingMixin
 
 __all__ = ["QuantizedRetriever", "CORPUS_NAMES", "PICKLE_PATTERNS"]
+
+logger = logging.getLogger(__name__)
 
 #: What :meth:`QuantizedRetriever.search` can return.
 SEARCH_OUTPUTS = ("tuples", "semantic_search")
@@ -236,9 +239,23 @@ class QuantizedRetriever(GrowingMixin):
             role=role,
             prompt=recorded_prompt(self.config, role),
             normalize=None if normalize is None else bool(normalize),
-            # documents in the precision the bank was encoded in (qret_config's document_precision)
-            precision=self.config.get("document_precision", "fp32") if role == "document" else "fp32",
+            precision=self._document_precision(model) if role == "document" else "fp32",
         )
+
+    def _document_precision(self, model: Any) -> str:
+        """Documents are encoded in the precision the bank was (qret_config's ``document_precision``; float32 when
+        it is not known), except bf16 where the hardware does not compute it natively (a CPU without AMX): emulated
+        bf16 is many times slower there, and float32 embeddings are within bf16's rounding of the bank's."""
+        recorded = self.config.get("document_precision") or "fp32"
+        if recorded == "bf16" and resolved_precision("auto", model) != "bf16":
+            if not getattr(self, "_precision_noted", False):
+                logger.warning(
+                    "the bank was encoded in bf16, which this device does not compute natively; new documents are "
+                    "encoded in float32 (embeddings within bf16's rounding of the bank's rows, much faster here)."
+                )
+                self._precision_noted = True
+            return "fp32"
+        return recorded
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search: ``(scores, rows)``."""

@@ -28,9 +28,10 @@ class IndexRefreshCallback(TrainerCallback):
     ``mode="incremental"`` keeps the codebooks and re-encodes, in place, only the rows the optimizer changed since
     the last refresh (the same codes as ``"reencode"``, at a cost proportional to the changed rows). At train end the
     index is refreshed only if the bank changed since the last refresh, so the saved artifact always indexes the
-    final bank. ``final_mode`` is how that last refresh (at train end, or at the last epoch's end) is made: with
-    ``mode="incremental"`` and ``final_mode="retrain"`` the index follows the moved rows cheaply during training and the
-    saved index gets codebooks trained on the final bank.
+    final bank. ``final_mode`` is how that last refresh (at the run's last step when ``every_n_steps`` divides it, at
+    the last epoch's end, or at train end) is made: with ``mode="incremental"`` and ``final_mode="retrain"`` the index
+    follows the moved rows cheaply during training and the saved index gets codebooks trained on the final bank.
+    :attr:`last_refresh_mode` records the mode the index's last refresh actually ran in (``None``: only built).
 
     Its state (:meth:`state_dict`) is saved with every checkpoint and restored on resume (:mod:`hf_qret.training.checkpoint`),
     so a resumed run refreshes exactly when the unbroken run did. That includes the end-of-epoch refresh of a
@@ -70,6 +71,8 @@ class IndexRefreshCallback(TrainerCallback):
         self.final_mode = final_mode or mode
         self.refreshes = 0
         self.last_refresh_step = -1
+        #: The mode the last refresh ran in (``None`` while the index has only been built).
+        self.last_refresh_mode: str | None = None
         self.last_refresh_seconds = 0.0
         #: Seconds spent building and refreshing the index in this run (the trainer adds its first build).
         self.total_index_seconds = 0.0
@@ -94,6 +97,7 @@ class IndexRefreshCallback(TrainerCallback):
         self.last_refreshed_rows = int(encoded) if encoded is not None else len(bank)
         self.refreshes += 1
         self.last_refresh_step = step
+        self.last_refresh_mode = mode
         self.bank_version_at_refresh = getattr(bank, "version", 0)
         logger.info(
             "refreshed the %s index (%s, %d rows) at step %d in %.2fs",
@@ -117,6 +121,7 @@ class IndexRefreshCallback(TrainerCallback):
             "last_refreshed_rows": self.last_refreshed_rows,
             "stale": self._stale(),  # the bank moved since the index was last refreshed
             "epoch_end_pending": self.epoch_end_pending,
+            "last_refresh_mode": self.last_refresh_mode,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -132,6 +137,7 @@ class IndexRefreshCallback(TrainerCallback):
         self.last_refresh_step = int(state["last_refresh_step"])
         self.last_refreshed_rows = int(state["last_refreshed_rows"])
         self.epoch_end_pending = bool(state["epoch_end_pending"])
+        self.last_refresh_mode = state.get("last_refresh_mode")
         version = getattr(self.bank, "version", 0)
         # Any other version than the bank's makes the index count as stale until the next refresh.
         self.bank_version_at_refresh = version - 1 if state["stale"] else version
@@ -143,7 +149,9 @@ class IndexRefreshCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_n_steps > 0 and state.global_step % self.every_n_steps == 0:
-            self.refresh(state.global_step)
+            # the run's last step (refresh_steps divides the run): this is its last refresh, the epoch-end and
+            # train-end refreshes will find nothing stale
+            self.refresh(state.global_step, final=_is_last_step(state))
         # The Trainer sets state.epoch to exactly epoch + 1 at an epoch's last step; a checkpoint saved now comes
         # before on_epoch_end.
         self.epoch_end_pending = state.epoch is not None and float(state.epoch).is_integer()
@@ -151,11 +159,16 @@ class IndexRefreshCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         self.epoch_end_pending = False
         if self.refresh_at_epoch_end and self.last_refresh_step != state.global_step and self._stale():
-            self.refresh(state.global_step, final=bool(state.max_steps) and state.global_step >= state.max_steps)
+            self.refresh(state.global_step, final=_is_last_step(state))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._stale():
             self.refresh(state.global_step, final=True)
+
+
+def _is_last_step(state: Any) -> bool:
+    """Whether ``state`` is at the run's last optimizer step (``TrainerState.max_steps`` is set at train begin)."""
+    return bool(state.max_steps) and state.global_step >= state.max_steps
 
 
 class RetrievalEvaluationCallback(TrainerCallback):

@@ -238,6 +238,7 @@ def document_encode(
     """The function a bank's documents are encoded with: ``model``'s document embeddings (the document prompt,
     ``role="document"``), batched, with a progress bar (:func:`hf_qret.serving.encoder.encode_texts`), in
     ``precision`` (``"fp32"``, ``"bf16"`` or ``"auto"``: see :func:`hf_qret.serving.encoder.encode_autocast_dtype`).
+    Its ``precision`` attribute is what that resolves to here (``"fp32"`` or ``"bf16"``), what the bank records.
 
     Example:
         >>> encode = document_encode(model, batch_size=128, precision="auto")  # doctest: +SKIP
@@ -249,7 +250,7 @@ def document_encode(
     device = next(model.parameters()).device
     dtype = encode_autocast_dtype(precision, device)
     logger.info("bank: documents encoded in %s", "float32" if dtype is None else str(dtype).replace("torch.", ""))
-    return partial(
+    encode = partial(
         encode_texts,
         model,
         batch_size=batch_size,
@@ -259,6 +260,8 @@ def document_encode(
         role="document",
         precision=precision,
     )
+    encode.precision = "fp32" if dtype is None else "bf16"  # what the bank records (TargetBank.encode_precision)
+    return encode
 
 
 def encode_bank(
@@ -273,6 +276,7 @@ def encode_bank(
     cache_dir: str | os.PathLike | None = None,
     cache_key: dict[str, Any] | None = None,
     shard: bool = False,
+    init_precision: str | None = None,
 ) -> TargetBank:
     """The bank of ``texts``: encoded once per run, under one or several processes, or read from a file.
 
@@ -296,10 +300,35 @@ def encode_bank(
             :class:`~hf_qret.bank.sharding.ShardedTargetBank`: it encodes (or reads) its own rows only, which are
             never gathered (not with ``cache_key`` or an ``init_file`` still to write: those need the whole bank once,
             which the trainer then splits).
+        init_precision: How the rows of an existing ``init_file`` were encoded, when known (``None``: not known).
+
+    The bank's :attr:`~hf_qret.bank.core.TargetBank.encode_precision` records what happened: ``encode``'s
+    ``precision`` when the rows were encoded now or come from the cache (whose key includes the precision),
+    ``init_precision`` when they were read from ``init_file``.
 
     Example:
         >>> bank = encode_bank(document_encode(model), ["a text"], ["d1"], dtype="fp16")  # doctest: +SKIP
     """
+    cached = cache_dir is not None and cache_key is not None
+    from_file = not cached and bool(init_file) and os.path.isfile(init_file)
+    bank = _make_bank(encode, texts, ids, dim, dtype, init_file, mmap_path, cache_dir, cache_key, shard)
+    bank.encode_precision = init_precision if from_file else getattr(encode, "precision", None)
+    return bank
+
+
+def _make_bank(
+    encode: Any,
+    texts: Sequence[str],
+    ids: Sequence[str],
+    dim: int | None,
+    dtype: str,
+    init_file: Any,
+    mmap_path: Any,
+    cache_dir: Any,
+    cache_key: dict[str, Any] | None,
+    shard: bool,
+) -> TargetBank:
+    """:func:`encode_bank`'s rows: from the cache, the init file, or encoded (each process its share)."""
     if cache_dir is not None and cache_key is not None:
         rows_path, meta_path = _cache_paths(cache_dir)
         if _cache_matches(rows_path, meta_path, cache_key):

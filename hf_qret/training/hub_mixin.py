@@ -7,12 +7,15 @@ manifest's ignore patterns; :func:`~hf_qret.hub.push.push_checkpoint` for a whol
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..hub.push import push_artifact, push_checkpoint
 
 __all__ = ["HubMixin"]
+
+logger = logging.getLogger(__name__)
 
 
 class HubMixin:
@@ -147,9 +150,10 @@ class HubMixin:
         artifact files (the sentence-transformers modules, ``index.faiss``, ``doc_ids.json``, ``bank.safetensors``,
         ``qret_config.json``; :func:`hf_qret.serving.artifact.copy_artifact_files`) into ``args.output_dir``, renders the
         model card and uploads the artifact as :meth:`push_to_hub` does; never training state, pickles or working
-        files. ``hub_strategy="checkpoint"`` / ``"all_checkpoints"`` also upload the whole checkpoint folder (training
-        state included, to resume from) to ``last-checkpoint/`` / ``checkpoint-N/``, which
-        :class:`~hf_qret.serving.retriever.QuantizedRetriever` never downloads."""
+        files. With ``args.hub_push_training_state`` (opt-in), ``hub_strategy="checkpoint"`` / ``"all_checkpoints"``
+        also upload the whole checkpoint folder (training state and the ``Trainer``'s pickles included, to resume
+        from) to ``last-checkpoint/`` / ``checkpoint-N/``, which :class:`~hf_qret.serving.retriever.QuantizedRetriever`
+        never downloads; without it they push the artifact only, as ``"every_save"`` does."""
         if self._defer_push:  # inside _save_checkpoint: pushed once the checkpoint is in its final folder
             return
         strategy = getattr(self.args.hub_strategy, "value", self.args.hub_strategy)
@@ -174,7 +178,14 @@ class HubMixin:
                 commit_message, token=self.args.hub_token, revision=self.args.hub_revision, run_as_future=True
             )
         ]
-        if strategy in ("checkpoint", "all_checkpoints"):
+        if strategy in ("checkpoint", "all_checkpoints") and not self.args.hub_push_training_state:
+            if not getattr(self, "_noted_state_push", False):  # once per trainer
+                self._noted_state_push = True
+                logger.warning(
+                    "hub_strategy=%r: pushing the artifact only; the resume state (optimizer.pt, rng_state*.pth, "
+                    "training_args.bin: pickles) stays local unless --hub_push_training_state true.", strategy
+                )  # fmt: skip
+        elif strategy in ("checkpoint", "all_checkpoints"):
             jobs.append(
                 push_checkpoint(
                     checkpoint_folder,

@@ -35,9 +35,36 @@ from .sharded import (
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["CheckpointMixin"]
+__all__ = ["CheckpointMixin", "link_document_encoder"]
 
 logger = logging.getLogger("hf_qret.training.trainer")
+
+
+def link_document_encoder(run_dir: str, folder: str) -> None:
+    """Gives ``folder`` (a checkpoint) the run's ``document_encoder/`` (saved once before training, never changed),
+    as hard links where the file system allows (else copies), so that the checkpoint's ``qret_config.json`` records
+    it and the checkpoint, or a mid-training push of it, is an artifact whose ``add_documents`` works.
+
+    Example:
+        >>> link_document_encoder("runs/scifact", "runs/scifact/_staging-checkpoint-100")  # doctest: +SKIP
+    """
+    import shutil
+
+    from ..serving.artifact import DOCUMENT_ENCODER_DIR
+
+    source = os.path.join(run_dir, DOCUMENT_ENCODER_DIR)
+    target = os.path.join(folder, DOCUMENT_ENCODER_DIR)
+    if os.path.abspath(source) == os.path.abspath(target) or not os.path.isfile(os.path.join(source, "modules.json")):
+        return
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, copy_function=link)
 
 
 class CheckpointMixin:
@@ -66,6 +93,7 @@ class CheckpointMixin:
             return
         if self.args.should_save:
             self._save_model_state(output_dir, state_dict)
+            link_document_encoder(self.args.output_dir, output_dir)  # a checkpoint is a whole artifact too
             if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
                 write_corpus_texts(output_dir, self.corpus_texts)
         if sharded:
@@ -199,9 +227,12 @@ class CheckpointMixin:
 
     def restore_snapshot(self, folder: str) -> None:
         """Loads encoder, bank and index from a saved folder (a checkpoint or the safety net's snapshot) on every
-        process; the index is that folder's, so nothing is stale."""
+        process; the index is that folder's, so nothing is stale. What ``qret_config.json`` records of the step and
+        the index (``global_step``, ``index_state``) is then that folder's: the record of the model shipped."""
         self._load_encoder(folder)
         files = self._load_bank(folder)
+        #: ``global_step`` / ``index_state`` of the restored folder (``None``: the model is the one training left).
+        self.restored_record = {key: files.config.get(key) for key in ("global_step", "index_state")}
         if is_sharded(self.bank):  # this shard's rows, encoded with the folder's codebooks: its part of that index
             self.index.rebuild_from(files.index.index, self.bank.float32_rows())
         else:

@@ -214,6 +214,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``; the index over the bank is built first, unless the run resumes from a checkpoint
         (whose index is loaded instead)."""
+        self.restored_record = None  # the model is again the one training leaves (CheckpointMixin.restore_snapshot)
         if not resume_from_checkpoint:
             self.ensure_index()
             self._save_document_encoder()
@@ -248,13 +249,15 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         return self._served[1]
 
     def index_record(self) -> dict[str, Any]:
-        """How the saved / evaluated index was built: ``qret_config.json``'s ``"index_state"``."""
+        """How the saved / evaluated index was built (``qret_config.json``'s ``"index_state"``): the configured modes
+        and ``last_refresh_mode``, the mode the last refresh actually ran in (``None``: built, never refreshed)."""
         callback = self.refresh_callback
         return {
             "step": self.state.global_step,
             "last_refresh_step": None if callback.last_refresh_step < 0 else callback.last_refresh_step,
             "refresh_mode": callback.mode,
             "final_refresh_mode": callback.final_mode,
+            "last_refresh_mode": callback.last_refresh_mode,
             "rows_reencoded_since_refresh": int(self.bank.num_changed),
         }
 
