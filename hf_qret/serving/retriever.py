@@ -97,6 +97,9 @@ class QuantizedRetriever(GrowingMixin):
         self._device: str | None = None
         self._document_encoder: Any = None
         self._added_rows: list[np.ndarray] = []  # embeddings of documents added since loading, for the bank file
+        #: The second stage over the compact on-disk copy of the bank (enable_rescoring), or None.
+        self.rescorer: Any = None
+        self.rescore_depth = 0
         dim = embedding_dim(model)
         if dim != self.index.dim:
             raise ArtifactError(
@@ -258,8 +261,72 @@ class QuantizedRetriever(GrowingMixin):
         return recorded
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Raw FAISS search: ``(scores, rows)``."""
-        return self.index.search(embeddings, k)
+        """Raw search: ``(scores, rows)`` of the FAISS index, or, after :meth:`enable_rescoring`, its top
+        ``rescore_depth`` rescored with the compact copy of the bank."""
+        rescorer = self.rescorer
+        if rescorer is None:
+            return self.index.search(embeddings, k)
+        if self.index.ntotal > len(rescorer):
+            raise ArtifactError(
+                f"the index holds {self.index.ntotal} documents but the rescoring rows {len(rescorer)}: call "
+                "write_rescore_rows() again after add_documents (or disable_rescoring())."
+            )
+        _, rows = self.index.search(embeddings, max(int(k), self.rescore_depth))
+        return rescorer.rescore(embeddings, rows, k)
+
+    # ------------------------------------------------------------------ rescoring (beyond the index's bytes)
+    def write_rescore_rows(self, dtype: str = "int8", path: str | os.PathLike | None = None) -> Path:
+        """Writes the compact on-disk copy of the bank that :meth:`enable_rescoring` reads (int8 rows with a scale
+        per row, or float16), by default into the artifact folder as ``rescore_int8.npy``.
+
+        Raises:
+            ArtifactError: The artifact has no bank file to copy.
+
+        Example:
+            >>> retriever.write_rescore_rows("int8")  # doctest: +SKIP
+            PosixPath('out/rescore_int8.npy')
+        """
+        from ..bank.core import TargetBank
+        from ..index.rescore import rescore_file_name, write_rescore_rows
+
+        target = Path(path) if path is not None else self._folder_path() / rescore_file_name(dtype)
+        bank = self.files.bank
+        if bank is None:
+            bank_file = self.config.get("bank_file")
+            if not bank_file or not (self._folder_path() / bank_file).is_file():
+                raise ArtifactError(
+                    "this artifact has no bank file to make the rescoring rows from; load an artifact saved with its "
+                    "bank (the default) or pass load_bank=True."
+                )
+            bank = TargetBank.from_file(self._folder_path() / bank_file, self.doc_ids)
+        rows = bank.float32_rows()
+        chunks = (rows[start : start + 65536] for start in range(0, len(rows), 65536))
+        write_rescore_rows(chunks, len(rows), rows.shape[1], target, dtype)
+        return target
+
+    def enable_rescoring(self, depth: int = 100, dtype: str = "int8", path: str | os.PathLike | None = None) -> None:
+        """Rescores each query's top ``depth`` hits of the quantized index with the memory-mapped compact copy of
+        the bank (:meth:`write_rescore_rows`): the index's bytes stay in RAM, the copy's on disk.
+
+        Example:
+            >>> retriever.enable_rescoring(100)  # doctest: +SKIP
+            >>> retriever.search("does aspirin prevent stroke?", k=10)  # doctest: +SKIP
+        """
+        from ..index.rescore import RescoreRows, rescore_file_name
+
+        if int(depth) < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}.")
+        self.rescorer = RescoreRows(Path(path) if path is not None else self._folder_path() / rescore_file_name(dtype))
+        self.rescore_depth = int(depth)
+
+    def disable_rescoring(self) -> None:
+        """Back to the quantized index's own scores."""
+        self.rescorer = None
+
+    def _folder_path(self) -> Path:
+        if self.folder is None:
+            raise ArtifactError("this retriever was not loaded from a folder; pass path= explicitly.")
+        return self.folder
 
     def search(
         self, queries: str | Sequence[str], k: int = 10, *, return_text: bool = False, output: str = "tuples"
