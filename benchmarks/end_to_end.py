@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,8 @@ def summarize(runs: dict[str, list[dict]], order: list[tuple[int, str]]) -> dict
         walls = median_spread([r["wall_s"] for r in results])
         out[f"{side}_wall_s"] = walls["median"]
         out[f"{side}_wall"] = walls
+        if all("cpu_s" in r for r in results):
+            out[f"{side}_cpu_s"] = round(statistics.median(r["cpu_s"] for r in results), 1)
         for key in results[0]:
             if key.startswith("ndcg10_"):
                 out[f"{side}_{key}"] = round(statistics.median(r[key] for r in results), 4)
@@ -148,6 +151,9 @@ def summarize(runs: dict[str, list[dict]], order: list[tuple[int, str]]) -> dict
             ratios = [st["wall_s"] / q["wall_s"] for st, q in zip(runs["st"], runs[fast])]
             out[name] = round(statistics.median(ratios), 2)
             out[f"{name}_runs"] = [round(r, 2) for r in ratios]
+            if all("cpu_s" in r for r in runs[fast] + runs["st"]):  # the same ratio in CPU seconds
+                cpu = [st["cpu_s"] / q["cpu_s"] for st, q in zip(runs["st"], runs[fast])]
+                out[f"{name}_cpu"] = round(statistics.median(cpu), 2)
     return out
 
 
@@ -161,16 +167,26 @@ def _recipe_settings(config: Path, data_dir: str | None = None) -> dict:
     return settings
 
 
-def _run_child(argv: list[str], log: Path, env: dict) -> tuple[float, float]:
-    """Runs ``argv`` (output to ``log``); returns its start time and wall seconds."""
+def _run_child(argv: list[str], log: Path, env: dict) -> tuple[float, float, dict]:
+    """Runs ``argv`` (output to ``log``); returns its start time, wall seconds and what else ran: its CPU seconds
+    (user + system, all its threads) and the 1-minute load average before and after (another job on the cores shows
+    there, and in CPU seconds far below wall x threads)."""
+    load_start = os.getloadavg()[0]
     start = time.time()
     with open(log, "w") as out:
-        code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
     wall = time.time() - start
+    code = os.waitstatus_to_exitcode(status)
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"{argv[1]} failed (exit {code}); the end of its log {log}:\n{tail}")
-    return start, wall
+    seen = {
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "load_avg_start": round(load_start, 2),
+        "load_avg_end": round(os.getloadavg()[0], 2),
+    }
+    return start, wall, seen
 
 
 def run_qret(opts: argparse.Namespace, out: Path, env: dict, bank_init_file: Path | None = None) -> dict:
@@ -182,11 +198,12 @@ def run_qret(opts: argparse.Namespace, out: Path, env: dict, bank_init_file: Pat
         argv += ["--max_steps", str(opts.max_steps)]
     if bank_init_file is not None:
         argv += ["--bank_init_file", str(bank_init_file)]
-    _, wall = _run_child(argv, out.parent / f"{out.name}.log", env)
+    _, wall, seen = _run_child(argv, out.parent / f"{out.name}.log", env)
     results = json.loads((out / "eval_results.json").read_text())
     recorded = json.loads((out / "qret_config.json").read_text()) if (out / "qret_config.json").is_file() else {}
     return {
         "wall_s": round(wall, 1),
+        **seen,
         "phases_s": results.get("timings_s", {}),
         **scores_of(results.get("trained", {}), "trained_"),
         "untrained": scores_of(results.get("untrained", {}), "untrained_"),
@@ -200,10 +217,10 @@ def run_st(opts: argparse.Namespace, out: Path, env: dict) -> dict:
     """sentence-transformers MNRL + re-encode + index, in a fresh process (this script as the child)."""
     out.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(Path(__file__)), "--_child", "st", "--_out", str(out), *opts.child_argv]
-    start, _ = _run_child(argv, out.parent / f"{out.name}.log", env)
+    start, _, seen = _run_child(argv, out.parent / f"{out.name}.log", env)
     child = json.loads((out / "st_result.json").read_text())
     child["wall_s"] = round(child.pop("done_at") - start, 1)
-    return child
+    return {**seen, **child}  # cpu_s: the child's own count when its artifact was saved (its evaluation left out)
 
 
 def _child_setup(opts: argparse.Namespace):
@@ -279,6 +296,8 @@ def st_child(opts: argparse.Namespace, out: Path) -> None:
     index.faiss.write_index(index.index, str(out / "index.faiss"))
     phases["save"] = time.perf_counter() - clock
     done_at = time.time()
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_done = used.ru_utime + used.ru_stime
 
     # not timed: the dev evaluation, as the recipe scores it (flat and 16-byte, overall and seen/unseen)
     from hf_qret.data import load_beir
@@ -293,6 +312,7 @@ def st_child(opts: argparse.Namespace, out: Path) -> None:
             (("quantized", index), ("flat", flat))}  # fmt: skip
     result = {
         "done_at": done_at,
+        "cpu_s": round(cpu_at_done, 1),
         "phases_s": {name: round(seconds, 2) for name, seconds in phases.items()},
         **scores_of(evaluator.score(runs)),
         "encode_precision": opts.precision,
@@ -351,7 +371,7 @@ def warm_child(opts: argparse.Namespace, out: Path) -> None:
 
 def prepare_warm_bank(opts: argparse.Namespace, work: Path, env: dict) -> dict:
     argv = [sys.executable, str(Path(__file__)), "--_child", "warm", "--_out", str(work), *opts.child_argv]
-    _run_child(argv, work / "warm.log", env)
+    _run_child(argv, work / "warm.log", env)  # untimed
     return json.loads((work / "warm.json").read_text())
 
 

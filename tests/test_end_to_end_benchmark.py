@@ -77,7 +77,7 @@ def test_child_arguments_carry_the_resolved_settings_to_both_sides(bench, monkey
 
 
 def _run(wall: float, ndcg: float) -> dict:
-    return {"wall_s": wall, "ndcg10_16b": ndcg, "ndcg10_16b_unseen": ndcg - 0.1, "phases_s": {}}
+    return {"wall_s": wall, "cpu_s": 2 * wall, "ndcg10_16b": ndcg, "ndcg10_16b_unseen": ndcg - 0.1, "phases_s": {}}
 
 
 def test_summary_keys_and_medians(bench):
@@ -95,8 +95,20 @@ def test_summary_keys_and_medians(bench):
     assert out["qret_ndcg10_16b"] == 0.84 and out["st_ndcg10_16b"] == 0.7
     assert out["qret_ndcg10_16b_unseen"] == 0.74
     assert out["st_wall"]["spread"] == 90.0
+    assert out["qret_cpu_s"] == 220.0 and out["speedup_cpu"] == 3.0 and out["speedup_warm_cpu"] == 7.33
     only_qret = bench.summarize({"qret": runs["qret"]}, bench.run_order(3, ("qret",)))
     assert "speedup" not in only_qret and "st_wall_s" not in only_qret
+
+
+def test_child_runs_are_timed_with_their_cpu_seconds(bench, tmp_path):
+    import sys
+
+    argv = [sys.executable, "-c", "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"]
+    start, wall, seen = bench._run_child(argv, tmp_path / "busy.log", {})
+    assert 0.3 <= seen["cpu_s"] + 0.05 and seen["cpu_s"] <= wall + 0.1
+    assert set(seen) == {"cpu_s", "load_avg_start", "load_avg_end"}
+    with pytest.raises(SystemExit, match="exit 3"):
+        bench._run_child([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fails.log", {})
 
 
 def test_scores_read_the_evaluator_keys(bench):
