@@ -46,8 +46,8 @@ CORPORA = {
 #: Candidate changes, each as recipe options added to the defaults.
 VARIANTS = {
     "default": [],
-    "codes": ["--encoder_targets", "codes"],
-    "bank": ["--encoder_targets", "bank"],
+    "raw-scores": ["--normalize_decoded", "false"],
+    "codes": ["--encoder_targets", "codes", "--normalize_decoded", "false"],
 }
 
 METRICS = ("quantized_ndcg@10", "flat_ndcg@10")
@@ -70,6 +70,51 @@ def run_one(out: Path, corpus: str, data_dir: str, bank: str | None, variant: st
     return json.loads(results_file.read_text())
 
 
+def eval_data_of(corpus: str, data_dir: str):
+    """The evaluation queries of ``corpus``'s runs and the documents their training saw (as the recipe carves them)."""
+    from hf_qret.data import load_beir
+    from hf_qret.recipe import heldout_docs_data
+
+    train = load_beir(data_dir, split="train")
+    options = CORPORA[corpus]
+    if "--heldout_docs_fraction" in options:
+        train, held = heldout_docs_data(train, float(options[options.index("--heldout_docs_fraction") + 1]))
+    else:
+        held = load_beir(data_dir, split=options[options.index("--eval_split") + 1])
+    return held, {d for docs in train.qrels.values() for d, s in docs.items() if s > 0}
+
+
+def serving_cells(folder: Path, held, seen_docs: set[str]) -> dict[str, float]:
+    """The trained artifact's 16-byte index served three ways: the raw inner products of the decoded codes, their
+    cosines (``normalize_decoded``) and the cosines' top 100 rescored with the int8 copy of the bank on disk (not a
+    16-byte figure: 16 bytes in RAM plus 388 on disk)."""
+    from hf_qret.evaluation.evaluator import RetrievalEvaluator, search_run
+    from hf_qret.serving.retriever import QuantizedRetriever
+
+    retriever = QuantizedRetriever.from_pretrained(folder, "cpu", load_bank=True)
+    evaluator = RetrievalEvaluator(held.queries, held.qrels, seen_doc_ids=seen_docs)
+    queries = retriever.encode_queries([held.queries[q] for q in evaluator.query_ids])
+    out: dict[str, float] = {}
+
+    class Rescored:
+        @staticmethod
+        def search(embeddings, k):
+            return retriever.search_embeddings(embeddings, k)
+
+    retriever.write_rescore_rows("int8")
+    for name, normalize, rescore in (("raw", False, False), ("cosine", True, False), ("int8", True, True)):
+        retriever.index.normalize_decoded = normalize
+        if rescore:
+            retriever.enable_rescoring(100)
+        run = search_run(queries, evaluator.query_ids, Rescored, retriever.doc_ids, evaluator.k)
+        metrics = evaluator.score({"q": run})
+        for part, suffix in (("all", ""), ("seen", "_seen"), ("unseen", "_unseen")):
+            value = metrics.get(f"q_ndcg@10{suffix}")
+            if value is not None and value == value:
+                out[f"served_{name}_{part}"] = float(value)
+    return out
+
+
 def cells(results: dict) -> dict[str, float]:
     """The run's untrained / trained flat and 16-byte nDCG@10, overall and on the seen / unseen queries."""
     out = {}
@@ -88,8 +133,9 @@ def table(rows: dict[tuple[str, str], list[dict[str, float]]]) -> str:
     """Markdown: one row per corpus and variant, the mean over seeds (and the per-seed 16-byte numbers)."""
     lines = [
         "| corpus | variant | seeds | untrained flat | untrained 16 B | trained flat | **trained 16 B** | flat − 16 B "
-        "| 16 B seen | 16 B unseen | per seed (16 B) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| 16 B seen | 16 B unseen | per seed (16 B) | served raw all / seen / unseen | served cosine all / seen / "
+        "unseen | + int8 rescore (16 B RAM + 388 B disk) all / unseen |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
 
     def mean(runs: list[dict[str, float]], key: str) -> str:
@@ -103,7 +149,13 @@ def table(rows: dict[tuple[str, str], list[dict[str, float]]]) -> str:
             f"| {corpus} | {variant} | {len(runs)} | {mean(runs, 'untrained_flat_all')} | "
             f"{mean(runs, 'untrained_quantized_all')} | {mean(runs, 'trained_flat_all')} | "
             f"**{mean(runs, 'trained_quantized_all')}** | {gap:.3f} | {mean(runs, 'trained_quantized_seen')} | "
-            f"{mean(runs, 'trained_quantized_unseen')} | {per_seed} |"
+            f"{mean(runs, 'trained_quantized_unseen')} | {per_seed} | "
+            + " / ".join(mean(runs, f"served_raw_{p}") for p in ("all", "seen", "unseen"))
+            + " | "
+            + " / ".join(mean(runs, f"served_cosine_{p}") for p in ("all", "seen", "unseen"))
+            + " | "
+            + " / ".join(mean(runs, f"served_int8_{p}") for p in ("all", "unseen"))
+            + " |"
         )
     return "\n".join(lines)
 
@@ -130,8 +182,13 @@ def main() -> None:
         for variant in args.variants:
             for seed in args.seeds:
                 results = run_one(args.out, corpus, data_dir, banks.get(corpus), variant, seed)
-                rows.setdefault((corpus, variant), []).append(cells(results))
-                raw.append({"corpus": corpus, "variant": variant, "seed": seed, **cells(results),
+                folder = args.out / corpus / variant / f"seed{seed}"
+                served_file = folder / "served_variants.json"
+                if not served_file.is_file():
+                    served_file.write_text(json.dumps(serving_cells(folder, *eval_data_of(corpus, data_dir))))
+                found = {**cells(results), **json.loads(served_file.read_text())}
+                rows.setdefault((corpus, variant), []).append(found)
+                raw.append({"corpus": corpus, "variant": variant, "seed": seed, **found,
                             "timings_s": results.get("timings_s")})  # fmt: skip
     markdown = table(rows)
     print(markdown)

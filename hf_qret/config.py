@@ -174,6 +174,15 @@ class QRetTrainingArguments(TrainingArguments):
         },
     )
     refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
+    normalize_decoded: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Score each quantized candidate by the cosine of its decoded vector, q . x_hat / |x_hat| (the "
+            "index's top 100 per query re-scored with norms computed from the codes: no extra byte per vector), in "
+            "mining, evaluation and serving. Unset (default): on for cosine models (unit-norm embeddings), off for "
+            "dot-product models."
+        },
+    )
     encoder_targets: str = field(
         default="bank",
         metadata={

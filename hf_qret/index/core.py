@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 #: ``"reencode"`` keeps the trained codebooks and re-encodes every bank row; ``"retrain"`` also retrains them;
 #: ``"incremental"`` re-encodes, in place, only the rows changed since the last refresh.
 REFRESH_MODES = ("reencode", "retrain", "incremental")
+#: With ``normalize_decoded``, how many of the index's top rows per query are re-scored by their decoded cosine (at
+#: least ``k``): on InsuranceQA and SciFact dev, 50 or more gave the nDCG@10 of the cosine over every row.
+RENORM_DEPTH = 100
 
 
 class QuantizedIndex:
@@ -71,6 +74,8 @@ class QuantizedIndex:
         mining_nprobe: Lists scanned per mining query.
         rq_beam_size: Beam of a residual quantizer's training and encoding (``ResidualQuantizer.max_beam_size``);
             ``None`` keeps FAISS's default (5). Ignored by indexes without a residual quantizer.
+        normalize_decoded: Score each candidate by the cosine of its decoded vector, ``q · x̂ / |x̂|`` (for cosine
+            models; see :meth:`local_search`); the stored codes and bytes per vector are unchanged.
 
     Example:
         >>> import numpy as np
@@ -94,6 +99,7 @@ class QuantizedIndex:
         mining_nlist: int = 0,
         mining_nprobe: int = 16,
         rq_beam_size: int | None = None,
+        normalize_decoded: bool = False,
     ) -> None:
         check_index_options(opq_niter, mining_nlist, mining_nprobe, rq_beam_size)
         self.faiss = import_faiss()
@@ -113,6 +119,8 @@ class QuantizedIndex:
         self._gpu_index = None
         self._gpu_failed = False
         self.version = 0
+        #: Score candidates by their decoded vector's cosine (:meth:`local_search`): cosine models.
+        self.normalize_decoded = bool(normalize_decoded)
 
     # ------------------------------------------------------------------ construction
     def _new_index(self) -> Any:
@@ -177,6 +185,7 @@ class QuantizedIndex:
         self._gpu_index = None
         self._gpu_failed = False
         self.version = 0
+        self.normalize_decoded = False
         return self
 
     # ------------------------------------------------------------------ properties
@@ -399,6 +408,7 @@ class QuantizedIndex:
         copy.opq_niter = self.opq_niter
         copy.rq_beam_size = self.rq_beam_size
         copy.use_gpu = self.use_gpu
+        copy.normalize_decoded = self.normalize_decoded
         copy._apply_search_params(copy.index)
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         if rows.size:
@@ -426,15 +436,38 @@ class QuantizedIndex:
         return self._gpu_index
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` rows by (approximate) inner product.
+        """Top-``k`` rows by (approximate) inner product; with :attr:`normalize_decoded`, by the cosine of each
+        row's decoded vector (see :meth:`local_search`).
 
         Returns:
             ``(scores, rows)``, each ``(num_queries, k)``; ``rows`` is ``-1`` where fewer than ``k`` were found.
         """
         if self.ntotal == 0:
             raise ArtifactError("the index is empty; build it from the bank before searching.")
-        k = min(int(k), self.ntotal)
-        return self._searcher().search(as_float32(queries), k)
+        return self.local_search(as_float32(queries), min(int(k), self.ntotal))
+
+    def local_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS search of this index's own rows (``k`` at most :attr:`ntotal`).
+
+        With :attr:`normalize_decoded` (cosine models), each query's top ``max(k, RENORM_DEPTH)`` rows are scored
+        ``q · x̂ / |x̂|``: the inner product with the row's decoded vector divided by that vector's norm, computed
+        from the codes (no byte is stored for it), and the best ``k`` kept. A quantizer shrinks the reconstruction
+        of a document it fits badly; the cosine serves every document at the unit norm the model gave it.
+        """
+        if not self.normalize_decoded:
+            return self._searcher().search(queries, k)
+        depth = min(max(k, RENORM_DEPTH), self.ntotal)
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        rows = np.empty((len(queries), k), dtype=np.int64)
+        for start in range(0, len(queries), 256):  # (256, depth, dim) decoded floats at a time
+            part = slice(start, start + 256)
+            found_scores, found, decoded = self.index.search_and_reconstruct(queries[part], depth)
+            norms = np.linalg.norm(decoded, axis=2)
+            cosine = np.where((found >= 0) & (norms > 0), found_scores / np.maximum(norms, 1e-12), -np.inf)
+            order = np.argsort(-cosine, axis=1, kind="stable")[:, :k]
+            scores[part] = np.take_along_axis(cosine, order, axis=1)
+            rows[part] = np.where(np.isfinite(scores[part]), np.take_along_axis(found, order, axis=1), -1)
+        return scores, rows
 
     def mine(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for negative mining: :meth:`search`, or the mining shortlist's ``mining_nprobe`` lists

@@ -146,7 +146,7 @@ class ShardedIndex(QuantizedIndex):
         scores = np.full((len(everyone), k), -np.inf, dtype=np.float32)
         rows = np.full((len(everyone), k), -1, dtype=np.int64)
         if len(everyone) and local_k:
-            found_scores, found = self._searcher().search(everyone, local_k)
+            found_scores, found = self.local_search(everyone, local_k)
             scores[:, :local_k] = found_scores
             rows[:, :local_k] = np.where(found >= 0, found + layout.start, -1)
         # every shard's k results of every process's queries: (world * B, k) -> (B, world * k)

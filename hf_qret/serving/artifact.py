@@ -332,6 +332,7 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
     index = QuantizedIndex.load(
         folder / config.get("index_file", INDEX_NAME), config.get("index_factory"), config.get("index_search_params")
     )
+    index.normalize_decoded = bool(config.get("normalize_decoded", False))
     if index.ntotal != len(doc_ids):
         raise ArtifactError(
             f"{folder}: the index holds {index.ntotal} vectors but the doc-id map lists {len(doc_ids)} documents; "
@@ -476,6 +477,8 @@ def training_record(trainer: Any) -> dict[str, Any]:
         "learning_rate": trainer.args.learning_rate,
         "refresh_mode": trainer.args.refresh_mode,
         "opq_niter": trainer.index.opq_niter,
+        # candidates scored by the cosine of their decoded vectors (QuantizedIndex.normalize_decoded)
+        "normalize_decoded": bool(getattr(trainer.index, "normalize_decoded", False)),
         "mining_shortlist": (
             {"nlist": trainer.index.mining_nlist, "nprobe": trainer.index.mining_nprobe}
             if trainer.index.mining_nlist

@@ -21,7 +21,14 @@ from ..errors import TrainingDivergedError
 from ..index.core import QuantizedIndex, set_faiss_threads
 from ..index.mining import IndexMiner, MinedBatch
 from ..serving.artifact import save_document_encoder, training_record
-from ..serving.encoder import configure_encoder, embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
+from ..serving.encoder import (
+    configure_encoder,
+    embed,
+    embedding_dim,
+    is_sentence_transformer,
+    make_tokenize_fn,
+    normalizes_embeddings,
+)
 from ..serving.peft_utils import has_adapter
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import BANK_OPTIMIZER_NAME
@@ -129,6 +136,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         set_faiss_threads(args.faiss_threads)
         if index is None:
             index = QuantizedIndex.from_args(bank.dim, args)
+        # a quantizer shrinks badly fitted rows: a cosine model scores each row's decoded vector at unit norm
+        decoded_norm = args.normalize_decoded
+        index.normalize_decoded = normalizes_embeddings(model) if decoded_norm is None else bool(decoded_norm)
         bank, index = shard_for_training(bank, index, args)  # bank_sharding='rows': this process's rows only
         if index.ntotal not in (0, getattr(bank, "local_rows", len(bank))):
             raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
