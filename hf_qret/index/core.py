@@ -58,6 +58,25 @@ REFRESH_MODES = ("reencode", "retrain", "incremental")
 RENORM_DEPTH = 100
 
 
+def cosine_top(scores: np.ndarray, rows: np.ndarray, norms: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of candidates ordered by score (``norms`` ``None``), or by ``score / norm``: the cosine of each
+    candidate's decoded vector (ties to the earlier candidate; ``-1`` rows and zero norms last, as ``-1`` / ``-inf``).
+
+    Example:
+        >>> import numpy as np
+        >>> top = cosine_top(np.array([[0.9, 0.8]]), np.array([[4, 7]]), np.array([[1.0, 0.8]]), k=1)
+        >>> top[1].tolist(), top[0].tolist()
+        ([[7]], [[1.0]])
+    """
+    if norms is None:
+        return scores[:, :k], rows[:, :k]
+    valid = (rows >= 0) & (norms > 0)
+    cosine = np.where(valid, scores / np.where(valid, norms, 1.0), -np.inf).astype(np.float32)
+    order = np.argsort(-cosine, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(cosine, order, axis=1)
+    return top_scores, np.where(np.isfinite(top_scores), np.take_along_axis(rows, order, axis=1), -1)
+
+
 class QuantizedIndex:
     """A FAISS index (inner product) over the bank, rebuilt as the bank trains.
 
@@ -447,27 +466,31 @@ class QuantizedIndex:
         return self.local_search(as_float32(queries), min(int(k), self.ntotal))
 
     def local_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The FAISS search of this index's own rows (``k`` at most :attr:`ntotal`).
+        """The search of this index's own rows (``k`` at most :attr:`ntotal`): :meth:`raw_candidates`, then
+        :func:`cosine_top`.
 
         With :attr:`normalize_decoded` (cosine models), each query's top ``max(k, RENORM_DEPTH)`` rows are scored
         ``q · x̂ / |x̂|``: the inner product with the row's decoded vector divided by that vector's norm, computed
         from the codes (no byte is stored for it), and the best ``k`` kept. A quantizer shrinks the reconstruction
         of a document it fits badly; the cosine serves every document at the unit norm the model gave it.
         """
+        return cosine_top(*self.raw_candidates(queries, k), k)
+
+    def raw_candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The FAISS search's ``(scores, rows, norms)``: the top ``k`` by inner product and ``norms`` ``None``; with
+        :attr:`normalize_decoded`, the top ``max(k, RENORM_DEPTH)`` and the norms of their decoded vectors."""
         if not self.normalize_decoded:
-            return self._searcher().search(queries, k)
+            scores, rows = self._searcher().search(queries, k)
+            return scores, rows, None
         depth = min(max(k, RENORM_DEPTH), self.ntotal)
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        rows = np.empty((len(queries), k), dtype=np.int64)
+        scores = np.empty((len(queries), depth), dtype=np.float32)
+        rows = np.empty((len(queries), depth), dtype=np.int64)
+        norms = np.empty((len(queries), depth), dtype=np.float32)
         for start in range(0, len(queries), 256):  # (256, depth, dim) decoded floats at a time
             part = slice(start, start + 256)
-            found_scores, found, decoded = self.index.search_and_reconstruct(queries[part], depth)
-            norms = np.linalg.norm(decoded, axis=2)
-            cosine = np.where((found >= 0) & (norms > 0), found_scores / np.maximum(norms, 1e-12), -np.inf)
-            order = np.argsort(-cosine, axis=1, kind="stable")[:, :k]
-            scores[part] = np.take_along_axis(cosine, order, axis=1)
-            rows[part] = np.where(np.isfinite(scores[part]), np.take_along_axis(found, order, axis=1), -1)
-        return scores, rows
+            scores[part], rows[part], decoded = self.index.search_and_reconstruct(queries[part], depth)
+            norms[part] = np.linalg.norm(decoded, axis=2)
+        return scores, rows, norms
 
     def mine(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for negative mining: :meth:`search`, or the mining shortlist's ``mining_nprobe`` lists
