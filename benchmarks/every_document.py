@@ -47,7 +47,6 @@ CORPORA = {
 VARIANTS = {
     "default": [],
     "raw-scores": ["--normalize_decoded", "false"],
-    "codes": ["--encoder_targets", "codes", "--normalize_decoded", "false"],
 }
 
 METRICS = ("quantized_ndcg@10", "flat_ndcg@10")

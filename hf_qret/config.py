@@ -35,7 +35,6 @@ BANK_LEARNING_RATES = {"adam": 2e-3, "sgd": 0.2}
 BANK_OPTIMIZERS = tuple(BANK_LEARNING_RATES)
 #: What the bank rows learn against: the trained encoder's queries or a frozen pretrained encoder's.
 BANK_QUERIES = ("encoder", "initial")
-ENCODER_TARGETS = ("bank", "codes")
 #: Where the bank lives.
 BANK_DEVICES = ("auto", "cpu", "cuda")
 #: How the bank and the index are split across processes: every process holds all of them, or a slice of the rows.
@@ -183,15 +182,6 @@ class QRetTrainingArguments(TrainingArguments):
             "dot-product models."
         },
     )
-    encoder_targets: str = field(
-        default="bank",
-        metadata={
-            "help": "What the query encoder's loss term scores its queries against: 'bank' (the candidates' bank "
-            "rows) or 'codes' (each candidate as the quantized index serves it: its row encoded with the current "
-            "codebooks and decoded), so the encoder learns the code space that every document, trained or not, "
-            "is served from. The bank rows' own term is unchanged."
-        },
-    )
     refresh_mode: str = field(
         default="retrain",
         metadata={
@@ -306,10 +296,6 @@ class QRetTrainingArguments(TrainingArguments):
             )
         if self.bank_update not in BANK_UPDATES:
             raise ConfigError(f"bank_update must be one of {', '.join(BANK_UPDATES)}, got {self.bank_update!r}.")
-        if self.encoder_targets not in ENCODER_TARGETS:
-            raise ConfigError(
-                f"encoder_targets must be one of {', '.join(ENCODER_TARGETS)}, got {self.encoder_targets!r}."
-            )
         if self.bank_queries not in BANK_QUERIES:
             raise ConfigError(f"bank_queries must be one of {', '.join(BANK_QUERIES)}, got {self.bank_queries!r}.")
         if self.scale is not None and self.scale <= 0:
