@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..bank.core import TargetBank
+from ..bank.precomputed import check_texts
 from ..errors import DataError
 from .distributed import barrier, encode_corpus, process_rank, world_size
 
@@ -300,6 +301,9 @@ def encode_bank(
     Example:
         >>> bank = encode_bank(document_encode(model), ["a text"], ["d1"], dtype="fp16")  # doctest: +SKIP
     """
+    from_file = bool(init_file and os.path.isfile(init_file))
+    if not from_file:  # rows from precomputed embeddings (text None) cannot be encoded
+        check_texts(texts, ids)
     if cache_dir is not None and cache_key is not None:
         rows_path, meta_path = _cache_paths(cache_dir)
         if _cache_matches(rows_path, meta_path, cache_key):

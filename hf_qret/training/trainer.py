@@ -128,6 +128,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         bank.check_dim(embedding_dim(model), "the model")
         set_faiss_threads(args.faiss_threads)
         if index is None:
+            from ..index.auto import resolve_auto_index
+
+            resolve_auto_index(args, len(bank))  # index_factory "auto": chosen from the bank's size, logged once
             index = QuantizedIndex.from_args(bank.dim, args)
         bank, index = shard_for_training(bank, index, args)  # bank_sharding='rows': this process's rows only
         if index.ntotal not in (0, getattr(bank, "local_rows", len(bank))):
