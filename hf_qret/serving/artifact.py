@@ -566,7 +566,7 @@ def training_record(trainer: Any) -> dict[str, Any]:
             if trainer.index.mining_nlist
             else None
         ),
-        "index_choice": _index_choice(trainer.args),
+        "index_choice": _index_choice(trainer.args, trainer.index),
         # rows from precomputed embeddings (ids without texts): doc_ids[start : start + count]
         "precomputed_rows": getattr(trainer.args, "precomputed_rows", None),
         "global_step": 0 if kept_untrained else trainer.state.global_step,
@@ -588,8 +588,8 @@ def _max_seq_length(trainer: Any) -> int | None:
     return plain_max_length(tokenizer) if tokenizer is not None else None
 
 
-def _index_choice(args: Any) -> dict[str, Any] | None:
-    """What ``index_factory="auto"`` resolved to (:class:`hf_qret.index.auto.IndexChoice`); ``None`` when the factory
-    was given explicitly."""
-    choice = getattr(args, "index_choice", None)
+def _index_choice(args: Any, index: Any) -> dict[str, Any] | None:
+    """What ``index_factory="auto"`` resolved to (:class:`hf_qret.index.auto.IndexChoice`, on the arguments or the
+    index); ``None`` when the factory was given explicitly."""
+    choice = getattr(args, "index_choice", None) or getattr(index, "choice", None)
     return choice.record() if choice is not None else None
