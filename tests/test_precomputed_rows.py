@@ -106,3 +106,28 @@ def test_auto_index_switches_at_the_measured_point_and_explicit_factories_stay(c
     assert sum("index_factory auto" in r.message for r in caplog.records) == 1
     explicit = SimpleNamespace(index_factory="OPQ16,PQ16", index_search_params=None)
     assert resolve_auto_index(explicit, 10**7) is None and explicit.index_factory == "OPQ16,PQ16"
+
+
+def test_resume_with_precomputed_rows_continues_exactly_and_ships_one_artifact(tiny_model_dir, two_split_dir, tmp_path):
+    """Item 4's properties on the new path: exact resume (a run interrupted at step 4 and resumed ends with the same
+    metrics and bank), one artifact (the joined rows' working file removed)."""
+    import torch
+    from safetensors.torch import load_file
+
+    rows_file, ids_file, _ = extra_rows(tmp_path, 40)
+    extra = ["--extra_rows_file", str(rows_file), "--extra_ids_file", str(ids_file), "--max_steps", "8",
+             "--refresh_steps", "3", "--keep_untrained_if_better", "false"]  # fmt: skip
+    unbroken = train_main(recipe_argv(tiny_model_dir, two_split_dir, tmp_path / "a", *extra, "--save_steps", "4"))
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    resumed = train_main(
+        recipe_argv(tiny_model_dir, two_split_dir, tmp_path / "b", *extra, "--resume_from_checkpoint", str(checkpoint))
+    )
+    for key, value in unbroken["trained"].items():
+        assert resumed["trained"][key] == pytest.approx(value, abs=1e-4), key
+    a = load_file(str(tmp_path / "a" / "bank.safetensors"))["embeddings"]
+    b = load_file(str(tmp_path / "b" / "bank.safetensors"))["embeddings"]
+    assert a.shape[0] == 340
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert not list(out.glob("bank_init.tmp*"))
+        assert len(json.loads((out / "doc_ids.json").read_text())) == 340
