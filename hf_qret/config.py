@@ -56,7 +56,7 @@ class QRetTrainingArguments(TrainingArguments):
     Example:
         >>> args = QRetTrainingArguments(output_dir="out", report_to="none")
         >>> args.index_factory, args.bank_optimizer, args.bank_learning_rate
-        ('RQ16x8', 'sgd', 0.2)
+        ('auto', 'sgd', 0.2)
         >>> QRetTrainingArguments(output_dir="out", bank_optimizer="adam", report_to="none").bank_learning_rate
         0.002
     """
@@ -90,12 +90,15 @@ class QRetTrainingArguments(TrainingArguments):
         },
     )
     index_factory: str = field(
-        default="RQ16x8",
+        default="auto",
         metadata={
-            "help": "faiss.index_factory string of the quantized index (inner product). Default 'RQ16x8': a residual "
-            "quantizer of 16 bytes per vector (SciFact untrained: 0.649 nDCG@10 of flat 0.670; OPQ16,PQ16: 0.557). "
-            "Others: e.g. RQ8x8, PQ16, OPQ16,PQ16, IVF64,PQ16. Too few rows for the factory: it is adapted and "
-            "says so (hf_qret.index.factory.fit_factory)."
+            "help": "faiss.index_factory string of the quantized index (inner product). Default 'auto': chosen from "
+            "the number of bank rows (hf_qret.index.auto.choose_index): 'RQ16x8', a residual quantizer of 16 bytes "
+            "per vector (SciFact untrained: 0.649 nDCG@10 of flat 0.670; OPQ16,PQ16: 0.557), below "
+            "hf_qret.index.auto.AUTO_SWITCH_ROWS rows; 'IVF<nlist>,PQ16' with nprobe=16 from there on (RQ16x8's "
+            "search slows with the corpus; docs/scale.md). Logged once and recorded in qret_config.json. Others: "
+            "e.g. RQ8x8, PQ16, OPQ16,PQ16, IVF64,PQ16. Too few rows for the factory: it is adapted and says so "
+            "(hf_qret.index.factory.fit_factory)."
         },
     )
     index_search_params: str | None = field(
@@ -408,6 +411,18 @@ class DataArguments:
             "training pair whose document is held out (hf_qret.splits.carve_document_disjoint_split, seed 13). "
             "0 (default): off. Replaces --eval_split."
         },
+    )
+    extra_rows_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Rows from precomputed embeddings (.npy, or .safetensors with key 'embeddings'): documents with "
+            "an id and no text, appended to the bank after the corpus (hf_qret.bank.precomputed). They train, are "
+            "indexed and ship in the artifact like the others; qrels may name them. Needs --extra_ids_file."
+        },
+    )
+    extra_ids_file: str | None = field(
+        default=None,
+        metadata={"help": "The ids of --extra_rows_file's rows, in order: a JSON list or one id per line."},
     )
     train_on_eval_split: bool = field(
         default=False,

@@ -132,7 +132,10 @@ class QuantizedIndex:
         self.rq_beam_size = None if rq_beam_size is None else int(rq_beam_size)
         self.mining_nlist, self.mining_nprobe = int(mining_nlist), int(mining_nprobe)
         self.shortlist: MiningShortlist | None = None
-        self.index = self._new_index()
+        #: What ``factory="auto"`` resolved to when the index was first trained (:mod:`hf_qret.index.auto`).
+        self.choice: Any = None
+        # "auto": an empty flat placeholder until train() knows the number of rows
+        self.index = self.faiss.IndexFlatIP(self.dim) if self._is_auto() else self._new_index()
         if self.mining_nlist:
             served_parts(self.faiss, self.index)  # a flat (O)PQ index, or a clear error now
         self._gpu_index = None
@@ -243,12 +246,22 @@ class QuantizedIndex:
     def train(self, vectors: Any, max_train_rows: int | None = MAX_TRAIN_ROWS) -> None:
         """(Re)trains the codebooks (and coarse quantizer / rotation) on ``vectors`` (at most ``max_train_rows``
         rows, a fixed random sample; ``None``: all)."""
+        if self._is_auto():  # the default index, chosen from the number of rows (logged once)
+            from .auto import choose_index, faiss_sees_gpu
+
+            self.choice = choose_index(len(vectors), gpu=faiss_sees_gpu())
+            logger.info("index_factory auto: %s", self.choice.reason)
+            self.requested_factory = self.factory = self.choice.factory
+            self.search_params = self.search_params or self.choice.search_params
         sample = train_sample(vectors, max_train_rows)
         fresh = self._trained_empty(sample)
         if self.mining_nlist:
             self.shortlist = MiningShortlist(fresh, sample, self.mining_nlist, self.mining_nprobe)
         del sample
         self._install(fresh)
+
+    def _is_auto(self) -> bool:
+        return str(self.requested_factory).lower() == "auto"
 
     def _fit_factory(self, num_rows: int) -> None:
         # FAISS aborts the whole process on some samples too small for the factory: check before it trains.

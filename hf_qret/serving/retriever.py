@@ -19,13 +19,16 @@ import numpy as np
 
 from ..errors import ArtifactError
 from .artifact import (
+    BANK_NAME,
     CONFIG_NAME,
     CORPUS_NAMES,
     DOC_IDS_NAME,
     INDEX_NAME,
     PICKLE_PATTERNS,
+    SERVING_IGNORE_PATTERNS,
     RetrievalFiles,
     check_encoder_files,
+    hub_source_of,
     load_retrieval_files,
     load_shipped_corpus,
     resolve_artifact,
@@ -100,6 +103,8 @@ class QuantizedRetriever(GrowingMixin):
         #: The second stage over the compact on-disk copy of the bank (enable_rescoring), or None.
         self.rescorer: Any = None
         self.rescore_depth = 0
+        self._hub: Any = None  # a Hub download: where the parts serving skipped are fetched from (GrowingMixin)
+        self._skipped: list[str] = []  # the patterns of those parts not fetched yet
         dim = embedding_dim(model)
         if dim != self.index.dim:
             raise ArtifactError(
@@ -128,6 +133,11 @@ class QuantizedRetriever(GrowingMixin):
         document_encoder: Any = None,
     ) -> QuantizedRetriever:
         """Loads an artifact folder, or downloads a Hub repository with ``snapshot_download`` first.
+
+        From the Hub only what serving needs is downloaded: the query encoder, the index, the doc-id map, the config,
+        the model card (and ``corpus.jsonl`` with ``load_corpus``). The full-precision bank and ``document_encoder/``
+        are downloaded, from the same commit, when :meth:`add_documents`, :meth:`retrain_index`,
+        :meth:`save_pretrained` or ``load_bank=True`` need them.
 
         Everything is checked before it is used: the index size against the doc-id map, the index dimension
         against the config and the encoder, the shipped corpus against the doc ids. Nothing is unpickled: the
@@ -159,7 +169,12 @@ class QuantizedRetriever(GrowingMixin):
         Example:
             >>> retriever = QuantizedRetriever.from_pretrained("me/minilm-scifact-opq16", "cuda", nprobe=16)  # doctest: +SKIP
         """
-        folder = resolve_artifact(repo_id_or_path, revision, token, cache_dir)
+        local = Path(repo_id_or_path).expanduser().is_dir()
+        # A Hub download fetches what serving needs; the bank and document_encoder/ follow when first needed.
+        skip = [p for p in SERVING_IGNORE_PATTERNS if not (load_bank and p == BANK_NAME)]
+        skip += [] if load_corpus else list(CORPUS_NAMES)
+        folder = resolve_artifact(repo_id_or_path, revision, token, cache_dir, skip=skip)
+        hub = None if local else hub_source_of(folder, str(repo_id_or_path), revision, token, cache_dir)
         if not (folder / CONFIG_NAME).is_file():
             raise ArtifactError(f"{folder}: no {CONFIG_NAME}; this is not an hf-qret artifact folder.")
         check_encoder_files(folder)
@@ -181,6 +196,7 @@ class QuantizedRetriever(GrowingMixin):
             model, files, batch_size=batch_size, corpus=corpus, nprobe=nprobe, ef_search=ef_search, folder=folder
         )
         retriever._device = device
+        retriever._hub, retriever._skipped = hub, skip if hub is not None else []
         if document_encoder is not None:
             retriever.document_encoder = document_encoder
         return retriever
@@ -417,6 +433,7 @@ class QuantizedRetriever(GrowingMixin):
         from .artifact import copy_artifact_files
 
         target = Path(save_directory).expanduser()
+        self._fetch_skipped()  # a Hub download: the bank, document_encoder/ (and corpus) belong to the saved artifact
         source = self.folder
         if not (target.exists() and target.resolve() == source.resolve()):
             copy_artifact_files(source, target)  # the artifact's files only (hf_qret.serving.artifact's manifest)

@@ -135,6 +135,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         bank.check_dim(embedding_dim(model), "the model")
         set_faiss_threads(args.faiss_threads)
         if index is None:
+            from ..index.auto import resolve_auto_index
+
+            resolve_auto_index(args, len(bank))  # index_factory "auto": chosen from the bank's size, logged once
             index = QuantizedIndex.from_args(bank.dim, args)
         # a quantizer shrinks badly fitted rows: a cosine model scores each row's decoded vector at unit norm
         decoded_norm = args.normalize_decoded
