@@ -370,11 +370,16 @@ def test_round_trip_through_a_hub_repo_layout(artifact, tmp_path, monkeypatch):
     assert hits == local.search(queries, k=10)
     assert remote.doc_ids == json.loads((artifact / "doc_ids.json").read_text())
     assert remote.corpus is None
-    # the same as plain faiss over sentence-transformers embeddings
+    # the same as plain faiss over sentence-transformers embeddings: its top 100 re-scored by the cosine of the
+    # decoded vectors (normalize_decoded, recorded for this cosine model)
+    assert json.loads((snapshot / "qret_config.json").read_text())["normalize_decoded"] is True
     model = SentenceTransformer(str(snapshot), device="cpu")
     index = faiss.read_index(str(snapshot / "index.faiss"))
     assert index.ntotal == 300
-    scores, rows = index.search(model.encode(queries, convert_to_numpy=True), 10)
+    raw, found, decoded = index.search_and_reconstruct(model.encode(queries, convert_to_numpy=True), 100)
+    cosine = raw / np.linalg.norm(decoded, axis=2)
+    order = np.argsort(-cosine, axis=1, kind="stable")[:, :10]
+    scores, rows = np.take_along_axis(cosine, order, axis=1), np.take_along_axis(found, order, axis=1)
     assert [[d for d, _ in row] for row in hits] == [[remote.doc_ids[r] for r in row] for row in rows]
     np.testing.assert_allclose([[s for _, s in row] for row in hits], scores, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(remote.encode_queries(queries), model.encode(queries), rtol=1e-5, atol=1e-6)
