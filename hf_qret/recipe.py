@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,31 @@ def _write_with_precomputed(
     return str(path)
 
 
+def load_splits(data_args: Any, extra_ids: Sequence[str] = ()) -> tuple[Any, Any]:
+    """The training data and the evaluation data (``None`` without an evaluation split) the arguments name: with
+    ``--heldout_docs_fraction``, the document-disjoint split carved from ``--train_split`` replaces
+    ``--eval_split`` (see :func:`heldout_docs_data`).
+
+    Example:
+        >>> train, held_out = load_splits(DataArguments("recipes/data/scifact", heldout_docs_fraction=0.2))  # doctest: +SKIP
+        >>> held_out.split  # doctest: +SKIP
+        'heldout_docs'
+    """
+    from .data import load_beir
+
+    train_data = load_beir(data_args.data_dir, split=data_args.train_split, extra_doc_ids=extra_ids)
+    if data_args.heldout_docs_fraction:
+        if data_args.eval_split:
+            logger.info(
+                "--heldout_docs_fraction %s: the document-disjoint split replaces --eval_split %s",
+                data_args.heldout_docs_fraction, data_args.eval_split,
+            )  # fmt: skip
+        return heldout_docs_data(train_data, data_args.heldout_docs_fraction)
+    if not data_args.eval_split:
+        return train_data, None
+    return train_data, load_beir(data_args.data_dir, split=data_args.eval_split, extra_doc_ids=extra_ids)
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -149,7 +175,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import set_seed
 
     from .config import parse_config, resolve_model_path
-    from .data import build_pairs_dataset, load_beir
+    from .data import build_pairs_dataset
     from .errors import ConfigError
     from .evaluation.evaluator import RetrievalEvaluator
     from .index.auto import resolve_auto_index
@@ -170,19 +196,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1. Validate everything cheap before anything heavy.
     extra = _precomputed_rows(data_args)  # rows from precomputed embeddings (ids without texts), or None
     extra_ids = extra.ids if extra is not None else []
-    train_data = load_beir(data_args.data_dir, split=data_args.train_split, extra_doc_ids=extra_ids)
-    eval_data = (
-        load_beir(data_args.data_dir, split=data_args.eval_split, extra_doc_ids=extra_ids)
-        if data_args.eval_split
-        else None
-    )
-    if data_args.heldout_docs_fraction:
-        if eval_data is not None:
-            raise ConfigError(
-                "--heldout_docs_fraction carves its evaluation split out of --train_split; do not pass --eval_split "
-                "with it (or set --heldout_docs_fraction 0)."
-            )
-        train_data, eval_data = heldout_docs_data(train_data, data_args.heldout_docs_fraction)
+    train_data, eval_data = load_splits(data_args, extra_ids)
     if extra is not None:
         taken = next((d for d in extra.ids if d in train_data.corpus), None)
         if taken is not None:

@@ -164,6 +164,8 @@ def test_trainer_resume_rebuilds_the_shortlist(tiny_model_dir, beir_dir, tmp_pat
     _, rows = resumed.index.mine(queries, 10)
     scores, _ = resumed.index.mine(queries, 10)
     decoded = resumed.index.reconstruct_all()
+    assert resumed.index.normalize_decoded  # a cosine model: each mined row scored by its decoded vector's cosine
+    decoded = decoded / np.linalg.norm(decoded, axis=1, keepdims=True)
     for q, (row_ids, row_scores) in enumerate(zip(rows, scores)):
         found = row_ids >= 0
         np.testing.assert_allclose(row_scores[found], decoded[row_ids[found]] @ queries[q], rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from hf_qret.data import BeirData
-from hf_qret.errors import ConfigError, DataError
+from hf_qret.errors import DataError
 from hf_qret.recipe import heldout_docs_data
 from hf_qret.splits import carve_document_disjoint_split
 
@@ -93,11 +93,18 @@ def test_the_recipe_carves_training_and_evaluation_data_over_the_same_corpus():
     assert set(train.qrels).isdisjoint(held.qrels)
 
 
-def test_the_recipe_refuses_heldout_docs_with_an_eval_split(tmp_path, two_split_dir):
-    from hf_qret.recipe import train_main
+def test_the_recipe_s_heldout_split_replaces_the_eval_split(two_split_dir):
+    from hf_qret.config import DataArguments
+    from hf_qret.recipe import load_splits
 
-    with pytest.raises(ConfigError, match="heldout_docs_fraction"):
-        train_main(
-            ["--data_dir", str(two_split_dir), "--eval_split", "dev", "--heldout_docs_fraction", "0.2",
-             "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "nonexistent-model"]
-        )  # fmt: skip
+    train, held = load_splits(DataArguments(str(two_split_dir), eval_split="dev", heldout_docs_fraction=0.25))
+    assert held.split == "heldout_docs" and set(held.qrels) <= set(load_beir_train(two_split_dir).qrels)
+    train, dev = load_splits(DataArguments(str(two_split_dir), eval_split="dev"))
+    assert dev.split == "dev" and set(train.qrels).isdisjoint(dev.qrels)
+    assert load_splits(DataArguments(str(two_split_dir)))[1] is None
+
+
+def load_beir_train(folder):
+    from hf_qret.data import load_beir
+
+    return load_beir(folder, split="train")

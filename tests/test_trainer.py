@@ -129,8 +129,9 @@ def test_refresh_callback_reencodes_bank_with_current_codebooks(tiny_model, beir
     import faiss
 
     trainer, _ = make_trainer(
-        tiny_model, beir_dir, tmp_path, refresh_mode="reencode", refresh_steps=2, refresh_on_epoch_end=False
-    )
+        tiny_model, beir_dir, tmp_path, refresh_mode="reencode", refresh_steps=2, refresh_on_epoch_end=False,
+        final_refresh_mode="reencode",  # the last refresh too (unset: the run's last refresh retrains)
+    )  # fmt: skip
     trainer.ensure_index()
     pq_before = faiss.vector_to_array(faiss.downcast_index(trainer.index.index).pq.centroids).copy()
     trainer.train()

@@ -512,7 +512,14 @@ class QuantizedIndex:
             return self.search(queries, k)
         if self.ntotal == 0:
             raise ArtifactError("the index is empty; build it from the bank before searching.")
-        return self.shortlist.search(as_float32(queries), min(int(k), self.ntotal))
+        k = min(int(k), self.ntotal)
+        if not self.normalize_decoded:
+            return self.shortlist.search(as_float32(queries), k)
+        # the shortlist's top max(k, RENORM_DEPTH) re-scored by decoded cosine, as search() does over the whole index
+        scores, rows = self.shortlist.search(as_float32(queries), min(max(k, RENORM_DEPTH), self.ntotal))
+        decoded = self.index.reconstruct_batch(np.ascontiguousarray(np.where(rows >= 0, rows, 0).ravel()))
+        norms = np.linalg.norm(decoded, axis=1).reshape(rows.shape).astype(np.float32)
+        return cosine_top(scores, rows, norms, k)
 
     def quantize(self, vectors: np.ndarray) -> np.ndarray:
         """Encodes ``vectors`` with the current codebooks and decodes them: what the index would store."""
