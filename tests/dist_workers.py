@@ -199,9 +199,49 @@ def ddp_sharded_main() -> None:
     torch.save(record, out / f"sharded_rank{rank}.pt")
 
 
+def ddp_one_sided_main() -> None:
+    """``torchrun --nproc_per_node 2 dist_workers.py --one-sided MODEL BEIR OUT``: a sharded trainer evaluates on
+    both processes, then ``evaluate()`` on process 0 only and ``save_model()`` on process 1 only; each process saves
+    the errors it got."""
+    import torch
+    import torch.distributed as dist
+    from sentence_transformers import SentenceTransformer
+
+    from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
+    from hf_qret.errors import CollectiveCallError
+    from hf_qret.serving.encoder import encode_texts
+
+    model_dir, beir_dir, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    data = load_beir(beir_dir, split="train")
+    model = SentenceTransformer(model_dir, device="cpu")
+    rows = encode_texts(model, data.doc_texts())
+    args = QRetTrainingArguments(
+        output_dir=str(out / "run"), index_factory="PQ4", num_negatives=8, per_device_eval_batch_size=16,
+        report_to="none", save_strategy="no", bank_sharding="rows", use_cpu=True, dataloader_pin_memory=False,
+        ddp_backend="gloo", disable_tqdm=True,
+    )  # fmt: skip
+    pairs = build_pairs_dataset(data)
+    trainer = QRetTrainer(
+        model, args, train_dataset=pairs, eval_dataset=pairs, bank=TargetBank(torch.from_numpy(rows), data.doc_ids)
+    )
+    rank = args.process_index
+    record: dict = {"together": trainer.evaluate()}  # every process: works
+    trainer.args.ddp_timeout = 5  # how long a process waits for the others (the process group keeps its own)
+    for call, alone in (("evaluate", 0), ("save_model", 1)):
+        if rank == alone:
+            try:
+                trainer.evaluate() if call == "evaluate" else trainer.save_model(str(out / "alone"))
+            except CollectiveCallError as error:
+                record[call] = str(error)
+        dist.barrier()  # the other process waits here (another process group)
+    torch.save(record, out / f"one_sided_rank{rank}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--mmap":
         ddp_mmap_main()
+    elif sys.argv[1] == "--one-sided":
+        ddp_one_sided_main()
     elif sys.argv[1] == "--sharded":
         ddp_sharded_main()
     else:

@@ -189,6 +189,23 @@ def test_sharded_run_equals_the_replicated_run_step_by_step(tiny_model_dir, beir
 
 
 @pytest.mark.integration
+def test_evaluate_or_save_model_on_one_process_says_so(tiny_model_dir, beir_dir, tmp_path):
+    """Two gloo processes with a sharded bank: evaluate() on process 0 only, save_model() on process 1 only. Each
+    raises CollectiveCallError naming the call (after args.ddp_timeout) instead of hanging in the collectives."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--one-sided",
+               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"one_sided_rank{rank}.pt") for rank in range(2)]
+    assert all("eval_loss" in record["together"] for record in ranks)
+    assert "call evaluate() on every process" in ranks[0]["evaluate"] and "evaluate" not in ranks[1]
+    assert "call save_model() on every process" in ranks[1]["save_model"] and "save_model" not in ranks[0]
+    assert not (tmp_path / "alone").exists() or not any((tmp_path / "alone").iterdir())
+
+
+@pytest.mark.integration
 def test_recipe_under_torchrun_trains_a_sharded_bank_into_one_artifact(tiny_model_dir, two_split_dir, tmp_path):
     """`torchrun --nproc_per_node 2 recipes/train.py ... --bank_sharding rows`: each process encodes and keeps half
     of the corpus; the safety net evaluates through the shards; the artifact is one index that serving loads."""

@@ -28,6 +28,7 @@ from .sharded import (
     is_sharded,
     load_shard_optimizer,
     load_shard_state,
+    require_every_process,
     save_shard_state,
     save_sharded_retrieval_files,
 )
@@ -91,6 +92,7 @@ class CheckpointMixin:
         sharded = is_sharded(self.bank)  # every process writes its part: the artifact is assembled from the shards
         if not self.args.should_save and not sharded:
             return
+        require_every_process(self, "save_model()")
         if self.args.should_save:
             self._save_model_state(output_dir, state_dict)
             link_document_encoder(self.args.output_dir, output_dir)  # a checkpoint is a whole artifact too

@@ -33,7 +33,7 @@ from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .optim import FollowScheduler, RowAdam, RowSGD
 from .persistence import CheckpointMixin
 from .safety_net import SafetyNetCallback
-from .sharded import is_sharded, shard_for_training
+from .sharded import is_sharded, require_every_process, shard_for_training
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
 
@@ -351,8 +351,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         together once (one ``on_evaluate``).
 
         Retrieval metrics are logged as ``{prefix}_flat_ndcg@10``, ``{prefix}_quantized_ndcg@10``, ..., measured on
-        :meth:`served_index`.
+        :meth:`served_index`. With ``bank_sharding='rows'``, every process calls it.
         """
+        require_every_process(self, "evaluate()")
         if eval_dataset is not None or self.eval_dataset is not None:
             self._retrieval_prefix = metric_key_prefix  # evaluation_loop adds the retrieval metrics
             try:
