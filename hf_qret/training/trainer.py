@@ -20,7 +20,7 @@ from ..data import training_positive_rows
 from ..errors import TrainingDivergedError
 from ..index.core import QuantizedIndex, set_faiss_threads
 from ..index.mining import IndexMiner, MinedBatch
-from ..serving.artifact import save_document_encoder, training_record
+from ..serving.artifact import save_document_encoder
 from ..serving.encoder import configure_encoder, embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
 from ..serving.peft_utils import has_adapter
 from .callbacks import BankStepCallback, IndexRefreshCallback
@@ -32,6 +32,7 @@ from .hub_mixin import HubMixin
 from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .optim import FollowScheduler, RowAdam, RowSGD
 from .persistence import CheckpointMixin
+from .record import training_record
 from .safety_net import SafetyNetCallback
 from .sharded import is_sharded, require_every_process, shard_for_training
 
@@ -145,7 +146,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         self.miner = IndexMiner(index, min(args.num_negatives, len(bank)))
         # bank_update='positives': only the rows of documents that are training positives ever move.
         self.trainable_rows = training_positive_rows(train_dataset, bank) if args.bank_update == "positives" else None
-        place_bank(bank, args)
+        place_bank(bank, args.device, args.bank_device, args.bank_dtype, args.bank_pin_memory)
         self.loss = resolve_loss(loss, args, model, bank, index, self.trainable_rows)
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
@@ -403,5 +404,5 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
 
     # ------------------------------------------------------------------ saving (and resuming: CheckpointMixin)
     def artifact_config(self) -> dict[str, Any]:
-        """What ``qret_config.json`` records about the training run (:func:`hf_qret.serving.artifact.training_record`)."""
+        """What ``qret_config.json`` records about the training run (:func:`hf_qret.training.record.training_record`)."""
         return training_record(self)
