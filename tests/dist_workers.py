@@ -9,19 +9,12 @@ from pathlib import Path
 
 def reduce_rows_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Two gloo processes with different sparse bank gradients call all_reduce_row_grad; each saves what it got."""
-    import importlib.util
-
     import torch
     import torch.distributed as dist
 
-    # hf_qret/training/distributed.py needs only torch: load it alone, not the package (transformers & co. take seconds)
-    package = importlib.util.find_spec("hf_qret").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location(
-        "_hf_qret_distributed", os.path.join(package, "training", "distributed.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    all_reduce_row_grad = module.all_reduce_row_grad
+    # hf_qret.training.distributed needs only torch (the package and its sub-packages import nothing eagerly): no
+    # transformers & co., which take seconds
+    from hf_qret.training.distributed import all_reduce_row_grad
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import CollectiveCallError
+from .uneven import all_gather_uneven as gather_uneven
+from .uneven import shard_bounds
 
 __all__ = [
     "ShardLayout",
@@ -29,18 +31,6 @@ __all__ = [
     "send_chunks",
     "recv_chunks",
 ]
-
-
-def shard_bounds(count: int, world: int, rank: int) -> tuple[int, int]:
-    """The contiguous range of ``count`` rows process ``rank`` of ``world`` takes (sizes differ by at most one).
-
-    Example:
-        >>> [shard_bounds(5, 2, r) for r in range(2)]
-        [(0, 3), (3, 5)]
-    """
-    base, extra = divmod(int(count), int(world))
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 @dataclass(frozen=True)
@@ -150,30 +140,16 @@ def check_every_process(layout: ShardLayout, call: str, timeout_s: float) -> Non
 
 def all_gather_uneven(layout: ShardLayout, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     """Every process's ``tensors`` (same first dimension within a process, any across processes), concatenated in
-    rank order, and each process's count. A collective on the layout's group.
+    rank order, and each process's count (:func:`hf_qret.bank.uneven.all_gather_uneven`). A collective on the
+    layout's group.
 
     Example:
         >>> rows, counts = all_gather_uneven(layout, torch.tensor([3, 1]))  # under torchrun  # doctest: +SKIP
     """
-    import torch.distributed as dist
-
     if layout.world == 1:
         return list(tensors), [int(tensors[0].shape[0])]
     device = layout.device()
-    count = torch.tensor([tensors[0].shape[0]], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(count) for _ in range(layout.world)]
-    dist.all_gather(counts, count, group=layout.group)
-    sizes = [int(c.item()) for c in counts]
-    width = max(sizes)
-    out = []
-    for tensor in tensors:
-        tensor = tensor.to(device)
-        padded = tensor.new_zeros((width, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        gathered = [torch.empty_like(padded) for _ in range(layout.world)]
-        dist.all_gather(gathered, padded, group=layout.group)
-        out.append(torch.cat([g[:n] for g, n in zip(gathered, sizes)]))
-    return out, sizes
+    return gather_uneven([tensor.to(device) for tensor in tensors], layout.world, layout.group)
 
 
 def broadcast_bytes(layout: ShardLayout, data: bytes | None, src: int = 0) -> bytes:
