@@ -130,7 +130,10 @@ def ddp_mmap_main() -> None:
 def ddp_sharded_main() -> None:
     """``torchrun --nproc_per_node 2 dist_workers.py --sharded MODEL BEIR OUT``: the same 4 DDP steps with the bank
     replicated and with the bank sharded by rows (``bank_sharding='rows'``, a checkpoint at step 2), then the
-    sharded run resumed from that checkpoint; each process saves the candidates, losses and bank of every step."""
+    sharded run resumed from that checkpoint; each process saves the candidates, losses and bank of every step.
+
+    ``... OUT --defaults``: the method's defaults (``RQ16x8``, row-wise SGD), the replicated and the sharded run only.
+    """
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers import TrainerCallback, set_seed
@@ -143,13 +146,16 @@ def ddp_sharded_main() -> None:
     rows = encode_texts(SentenceTransformer(model_dir, device="cpu"), data.doc_texts())
     record: dict = {}
     runs = (("replicated", "none", None), ("sharded", "rows", None), ("resumed", "rows", "sharded/checkpoint-2"))
-    for kind, sharding, resume in runs:
+    defaults = sys.argv[5:] == ["--defaults"]
+    # row-wise Adam and PQ4 (and a checkpoint at step 2, resumed); or the defaults RQ16x8 and SGD, without resuming
+    method = {} if defaults else {"index_factory": "PQ4", "bank_optimizer": "adam"}
+    for kind, sharding, resume in runs[:2] if defaults else runs:
         args = QRetTrainingArguments(
-            output_dir=str(out / ("sharded" if kind == "resumed" else kind)), index_factory="PQ4", num_negatives=8,
+            output_dir=str(out / ("sharded" if kind == "resumed" else kind)), num_negatives=8,
             per_device_train_batch_size=4, max_steps=4, learning_rate=1e-3, bank_learning_rate=1e-2,
-            report_to="none", save_strategy="steps" if sharding == "rows" else "no", save_steps=2, seed=0,
-            bank_optimizer="adam", refresh_steps=2, bank_sharding=sharding, use_cpu=True,
-            dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
+            report_to="none", save_strategy="steps" if sharding == "rows" and not defaults else "no", save_steps=2,
+            seed=0, refresh_steps=2, bank_sharding=sharding, use_cpu=True, dataloader_pin_memory=False,
+            ddp_backend="gloo", disable_tqdm=True, **method,
         )  # fmt: skip
         rank = args.process_index  # forms the process group
         set_seed(0)
@@ -183,7 +189,8 @@ def ddp_sharded_main() -> None:
         trainer.train(resume_from_checkpoint=str(out / resume) if resume else None)
         trainer.save_model()
         steps["start"] = trainer.bank.shard.start if sharding == "rows" else 0
-        steps["row_steps"] = trainer.bank_optimizer.row_steps.clone()
+        if not defaults:  # row-wise Adam's per-row step counts
+            steps["row_steps"] = trainer.bank_optimizer.row_steps.clone()
         if kind == "resumed":  # the safety net's restore (a saved artifact: one bank, one index) into the shards
             trainer.restore_snapshot(str(out / "sharded" / "checkpoint-2"))
             steps["restored"] = trainer.bank.weight.detach().clone()
