@@ -117,12 +117,21 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     data = load_beir(args.data, split=args.split)
     retriever = QuantizedRetriever.from_pretrained(args.artifact, load_bank=True)
     artifact_ids = set(retriever.doc_ids)
+    # rows from precomputed embeddings (no text; e.g. distractors) are not in the folder's corpus: ranked like any
+    # other row, they count as non-relevant (no qrels name them)
+    span = retriever.config.get("precomputed_rows") or {}
+    start = int(span.get("start", 0))
+    precomputed = set(retriever.doc_ids[start : start + int(span.get("count", 0))])
+    corpus_ids = set(data.doc_ids)
     missing = [d for d in data.doc_ids if d not in artifact_ids]
-    if missing or len(artifact_ids) != len(data.doc_ids):
+    unknown = [d for d in retriever.doc_ids if d not in corpus_ids and d not in precomputed]
+    if missing or unknown:
         raise DataError(
             f"{args.data}: its corpus ({len(data.doc_ids)} documents) does not match the artifact's "
-            f"({len(artifact_ids)} documents; {len(missing)} of the folder's ids are not in it, first: "
-            f"{missing[0] if missing else 'n/a'!r}); evaluate on the corpus the artifact was built from."
+            f"({len(artifact_ids)} documents, {len(precomputed)} of them precomputed rows without text; "
+            f"{len(missing)} of the folder's ids are not in it, first: {missing[0] if missing else 'n/a'!r}; "
+            f"{len(unknown)} of its other ids are not in the folder, first: {unknown[0] if unknown else 'n/a'!r}); "
+            "evaluate on the corpus the artifact was built from."
         )
     bank = retriever.files.bank
     if bank is None:
@@ -141,6 +150,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         "bytes_per_vector": retriever.bytes_per_vector,
         **_report(metrics),
         "index_factory": retriever.config.get("index_factory"),
+        "precomputed_rows": len(precomputed),
     }
     if seen is not None:
         for slice_name in ("seen", "unseen"):

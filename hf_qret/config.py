@@ -33,7 +33,6 @@ BANK_LEARNING_RATES = {"adam": 2e-3, "sgd": 0.2}
 BANK_OPTIMIZERS = tuple(BANK_LEARNING_RATES)
 #: What the bank rows learn against: the trained encoder's queries or a frozen pretrained encoder's.
 BANK_QUERIES = ("encoder", "initial")
-ENCODER_TARGETS = ("bank", "codes")
 #: Where the bank lives.
 BANK_DEVICES = ("auto", "cpu", "cuda")
 #: How the bank and the index are split across processes: every process holds all of them, or a slice of the rows.
@@ -55,7 +54,7 @@ class QRetTrainingArguments(TrainingArguments):
     Example:
         >>> args = QRetTrainingArguments(output_dir="out", report_to="none")
         >>> args.index_factory, args.bank_optimizer, args.bank_learning_rate
-        ('RQ16x8', 'sgd', 0.2)
+        ('auto', 'sgd', 0.2)
         >>> QRetTrainingArguments(output_dir="out", bank_optimizer="adam", report_to="none").bank_learning_rate
         0.002
     """
@@ -89,12 +88,15 @@ class QRetTrainingArguments(TrainingArguments):
         },
     )
     index_factory: str = field(
-        default="RQ16x8",
+        default="auto",
         metadata={
-            "help": "faiss.index_factory string of the quantized index (inner product). Default 'RQ16x8': a residual "
-            "quantizer of 16 bytes per vector (SciFact untrained: 0.649 nDCG@10 of flat 0.670; OPQ16,PQ16: 0.557). "
-            "Others: e.g. RQ8x8, PQ16, OPQ16,PQ16, IVF64,PQ16. Too few rows for the factory: it is adapted and "
-            "says so (hf_qret.index.factory.fit_factory)."
+            "help": "faiss.index_factory string of the quantized index (inner product). Default 'auto': chosen from "
+            "the number of bank rows (hf_qret.index.auto.choose_index): 'RQ16x8', a residual quantizer of 16 bytes "
+            "per vector (SciFact untrained: 0.649 nDCG@10 of flat 0.670; OPQ16,PQ16: 0.557), below "
+            "hf_qret.index.auto.AUTO_SWITCH_ROWS rows; 'IVF<nlist>,PQ16' with nprobe=16 from there on (RQ16x8's "
+            "search slows with the corpus; docs/scale.md). Logged once and recorded in qret_config.json. Others: "
+            "e.g. RQ8x8, PQ16, OPQ16,PQ16, IVF64,PQ16. Too few rows for the factory: it is adapted and says so "
+            "(hf_qret.index.factory.fit_factory)."
         },
     )
     index_search_params: str | None = field(
@@ -172,13 +174,13 @@ class QRetTrainingArguments(TrainingArguments):
         },
     )
     refresh_on_epoch_end: bool = field(default=True, metadata={"help": "Rebuild the quantized index at epoch end."})
-    encoder_targets: str = field(
-        default="bank",
+    normalize_decoded: bool | None = field(
+        default=None,
         metadata={
-            "help": "What the query encoder's loss term scores its queries against: 'bank' (the candidates' bank "
-            "rows) or 'codes' (each candidate as the quantized index serves it: its row encoded with the current "
-            "codebooks and decoded), so the encoder learns the code space that every document, trained or not, "
-            "is served from. The bank rows' own term is unchanged."
+            "help": "Score each quantized candidate by the cosine of its decoded vector, q . x_hat / |x_hat| (the "
+            "index's top 100 per query re-scored with norms computed from the codes: no extra byte per vector), in "
+            "mining, evaluation and serving. Unset (default): on for cosine models (unit-norm embeddings), off for "
+            "dot-product models."
         },
     )
     refresh_mode: str = field(
@@ -295,10 +297,6 @@ class QRetTrainingArguments(TrainingArguments):
             )
         if self.bank_update not in BANK_UPDATES:
             raise ConfigError(f"bank_update must be one of {', '.join(BANK_UPDATES)}, got {self.bank_update!r}.")
-        if self.encoder_targets not in ENCODER_TARGETS:
-            raise ConfigError(
-                f"encoder_targets must be one of {', '.join(ENCODER_TARGETS)}, got {self.encoder_targets!r}."
-            )
         if self.bank_queries not in BANK_QUERIES:
             raise ConfigError(f"bank_queries must be one of {', '.join(BANK_QUERIES)}, got {self.bank_queries!r}.")
         if self.scale is not None and self.scale <= 0:
@@ -411,6 +409,18 @@ class DataArguments:
             "training pair whose document is held out (hf_qret.splits.carve_document_disjoint_split, seed 13). "
             "0 (default): off. Replaces --eval_split."
         },
+    )
+    extra_rows_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Rows from precomputed embeddings (.npy, or .safetensors with key 'embeddings'): documents with "
+            "an id and no text, appended to the bank after the corpus (hf_qret.bank.precomputed). They train, are "
+            "indexed and ship in the artifact like the others; qrels may name them. Needs --extra_ids_file."
+        },
+    )
+    extra_ids_file: str | None = field(
+        default=None,
+        metadata={"help": "The ids of --extra_rows_file's rows, in order: a JSON list or one id per line."},
     )
     train_on_eval_split: bool = field(
         default=False,

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +213,12 @@ def _resolve_folder(path_or_repo: str | os.PathLike, revision: str | None) -> Pa
     raise DataError(f"{text}: no such data folder; pass a BEIR folder with corpus.jsonl, queries.jsonl and qrels/.")
 
 
-def load_beir(path_or_repo: str | os.PathLike, split: str = "test", revision: str | None = None) -> BeirData:
+def load_beir(
+    path_or_repo: str | os.PathLike,
+    split: str = "test",
+    revision: str | None = None,
+    extra_doc_ids: Collection[str] = (),
+) -> BeirData:
     """Loads and validates a BEIR-layout data set from a local folder or a Hub dataset repository.
 
     Validation happens before anything heavy: missing files, malformed JSON lines (file and line), duplicate ids,
@@ -223,6 +228,7 @@ def load_beir(path_or_repo: str | os.PathLike, split: str = "test", revision: st
         path_or_repo: A local folder, or a Hub dataset id (``"user/name"``) laid out the same way.
         split: Which ``qrels/<split>.tsv`` to read.
         revision: Hub revision when ``path_or_repo`` is a repository id.
+        extra_doc_ids: Ids of documents without a text (rows from precomputed embeddings) that qrels may name too.
 
     Returns:
         The corpus, the queries that have judgements in ``split`` and those judgements.
@@ -261,7 +267,8 @@ def load_beir(path_or_repo: str | os.PathLike, split: str = "test", revision: st
             f"{qrels_path}: {len(missing_queries)} query id(s) are not in {queries_path.name} "
             f"(first: {missing_queries[0]!r}); fix the qrels or add the queries."
         )
-    missing_docs = sorted({d for docs in qrels.values() for d in docs if d not in corpus})
+    extra = set(extra_doc_ids)
+    missing_docs = sorted({d for docs in qrels.values() for d in docs if d not in corpus and d not in extra})
     if missing_docs:
         raise DataError(
             f"{qrels_path}: {len(missing_docs)} document id(s) are not in {corpus_path.name} "

@@ -98,6 +98,39 @@ def heldout_docs_data(data: Any, doc_fraction: float) -> tuple[Any, Any]:
     return part(split.train, data.split), part(split.eval, "heldout_docs")
 
 
+def _precomputed_rows(data_args: Any) -> Any:
+    """``--extra_rows_file`` / ``--extra_ids_file`` read and checked (:mod:`hf_qret.bank.precomputed`), or ``None``."""
+    from .errors import ConfigError
+
+    if not (data_args.extra_rows_file or data_args.extra_ids_file):
+        return None
+    if not (data_args.extra_rows_file and data_args.extra_ids_file):
+        raise ConfigError("precomputed rows need both --extra_rows_file (the embeddings) and --extra_ids_file.")
+    from .bank.precomputed import load_precomputed_rows
+
+    return load_precomputed_rows(data_args.extra_rows_file, data_args.extra_ids_file)
+
+
+def _write_with_precomputed(
+    encode: Any, data: Any, extra: Any, dim: int, corpus_init: str | None, output_dir: str
+) -> str:
+    """Writes the bank's initial rows, the corpus's (encoded, or read from ``corpus_init``) then the precomputed
+    ones, into one working file of the output folder (removed after the run); one process writes it."""
+    from .bank.precomputed import write_rows_file
+    from .serving.artifact import PRECOMPUTED_INIT_NAME
+    from .training.corpus import encode_bank
+    from .training.distributed import barrier, process_rank
+
+    corpus = encode_bank(encode, data.doc_texts(), data.doc_ids, dim=dim, init_file=corpus_init)
+    path = Path(output_dir) / PRECOMPUTED_INIT_NAME
+    if process_rank() == 0:
+        write_rows_file(path, [corpus.weight.detach(), extra.rows])
+        logger.info("bank: %d corpus rows + %d precomputed rows (%s)", len(corpus), len(extra), path)
+    del corpus
+    barrier()
+    return str(path)
+
+
 def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains the encoder and bank for a quantized index and saves the artifact to ``--output_dir``.
 
@@ -119,6 +152,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     from .data import build_pairs_dataset, load_beir
     from .errors import ConfigError
     from .evaluation.evaluator import RetrievalEvaluator
+    from .index.auto import resolve_auto_index
     from .index.core import QuantizedIndex, set_faiss_threads
     from .serving.artifact import BANK_INIT_SCRATCH_NAME, save_document_encoder, write_json
     from .serving.encoder import configure_encoder, embedding_dim
@@ -134,8 +168,14 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     if not data_args.data_dir:
         raise ConfigError("no --data_dir given; pass a BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")
     # 1. Validate everything cheap before anything heavy.
-    train_data = load_beir(data_args.data_dir, split=data_args.train_split)
-    eval_data = load_beir(data_args.data_dir, split=data_args.eval_split) if data_args.eval_split else None
+    extra = _precomputed_rows(data_args)  # rows from precomputed embeddings (ids without texts), or None
+    extra_ids = extra.ids if extra is not None else []
+    train_data = load_beir(data_args.data_dir, split=data_args.train_split, extra_doc_ids=extra_ids)
+    eval_data = (
+        load_beir(data_args.data_dir, split=data_args.eval_split, extra_doc_ids=extra_ids)
+        if data_args.eval_split
+        else None
+    )
     if data_args.heldout_docs_fraction:
         if eval_data is not None:
             raise ConfigError(
@@ -143,6 +183,16 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
                 "with it (or set --heldout_docs_fraction 0)."
             )
         train_data, eval_data = heldout_docs_data(train_data, data_args.heldout_docs_fraction)
+    if extra is not None:
+        taken = next((d for d in extra.ids if d in train_data.corpus), None)
+        if taken is not None:
+            raise ConfigError(
+                f"{data_args.extra_ids_file}: the id {taken!r} is also a corpus document; precomputed rows need "
+                "ids of their own."
+            )
+    bank_ids = train_data.doc_ids + extra_ids
+    if extra is not None:  # recorded in qret_config.json: `hf-qret evaluate` counts these rows as non-relevant
+        training_args.precomputed_rows = {"start": len(train_data.doc_ids), "count": len(extra_ids)}
     train_on_all = bool(data_args.train_on_eval_split and eval_data is not None)
     if data_args.train_on_eval_split and eval_data is None:
         raise ConfigError("--train_on_eval_split true needs an --eval_split to select on first; pass --eval_split.")
@@ -168,7 +218,13 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = load_model()
     dim = embedding_dim(model)
-    QuantizedIndex.validate_factory(dim, training_args.index_factory, num_rows=len(train_data.doc_ids))
+    if extra is not None and extra.dim != dim:
+        raise ConfigError(
+            f"{data_args.extra_rows_file}: {extra.dim}-d rows, but the model embeds in {dim} dimensions; precomputed "
+            "rows must come from the model being trained."
+        )
+    resolve_auto_index(training_args, len(bank_ids))  # index_factory "auto": from the bank's size, logged once
+    QuantizedIndex.validate_factory(dim, training_args.index_factory, num_rows=len(bank_ids))
     if training_args.should_save:  # the bank's encoder, before training changes it: add_documents encodes with it
         save_document_encoder(training_args.output_dir, model)
 
@@ -193,10 +249,15 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     bank_dtype = training_args.bank_dtype
     shard = training_args.bank_sharding == "rows"  # each process encodes (and keeps) its own rows only
     clock = time.perf_counter()
+    extra_init = None
+    if extra is not None:  # the corpus rows (encoded, or --bank_init_file) then the precomputed ones, in one file
+        init_file = extra_init = _write_with_precomputed(
+            encode, train_data, extra, dim, model_args.bank_init_file, training_args.output_dir
+        )
     bank = encode_bank(
         encode,
-        train_data.doc_texts(),
-        train_data.doc_ids,
+        train_data.doc_texts() + [None] * len(extra_ids),
+        bank_ids,
         dim=dim,
         dtype=bank_dtype,
         init_file=init_file,
@@ -280,8 +341,8 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
         # one writer under several processes (the main one writes mmap_path, the others open it), as for the first
         new_bank = encode_bank(
             None,
-            data.doc_texts(),
-            data.doc_ids,
+            data.doc_texts() + [None] * len(extra_ids),
+            data.doc_ids + extra_ids,
             dim=dim,
             dtype=bank_dtype,
             init_file=init_file,
@@ -324,12 +385,14 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     results["timings_s"] = {name: round(seconds, 2) for name, seconds in timings.items()}
     if evaluator is not None and trainer.is_world_process_zero():
         write_json(results, Path(training_args.output_dir) / "eval_results.json")
-    if scratch_init is not None:
+    for scratch in (scratch_init, extra_init):
+        if scratch is None:
+            continue
         from .training.distributed import barrier, process_rank
 
         barrier()  # every process is done reading it
-        if process_rank() == 0 and os.path.isfile(scratch_init):
-            os.remove(scratch_init)
+        if process_rank() == 0 and os.path.isfile(scratch):
+            os.remove(scratch)
     trainer.create_model_card(**card)  # README.md: hf-qret's model card with the numbers above
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", **card)

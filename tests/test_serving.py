@@ -293,3 +293,72 @@ def test_push_to_hub_uploads_the_grown_artifact(half_artifact, monkeypatch, tmp_
     assert json.loads((out / "doc_ids.json").read_text())[-1] != "pushed-doc"
     saved = QuantizedRetriever.from_pretrained(retriever.save_pretrained(tmp_path / "later"), load_bank=True)
     assert saved.doc_ids[-1] == "pushed-doc" and len(saved.files.bank) == 201
+
+
+# ------------------------------------------------------------------------------------- what a Hub download fetches
+def fake_hub(monkeypatch, repo: Path, cache: Path) -> list[list[str]]:
+    """``snapshot_download`` served from the local folder ``repo`` into a snapshot folder under ``cache``, applying
+    the allow / ignore patterns as huggingface_hub does; returns the files each call downloaded."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls: list[list[str]] = []
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, **kwargs):
+        assert revision in (None, "main", commit)
+        snapshot = cache / "snapshots" / commit
+        files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+        chosen = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        for name in chosen:
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(repo / name, snapshot / name)
+        calls.append(chosen)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_serving_downloads_only_what_serving_needs(half_artifact, tmp_path, monkeypatch):
+    """from_pretrained("user/repo") fetches the encoder, index, ids, config and card; the bank and
+    document_encoder/ come only when add_documents / retrain_index / load_bank=True need them."""
+    from hf_qret import QuantizedRetriever
+
+    out, added = half_artifact
+    calls = fake_hub(monkeypatch, out, tmp_path / "cache")
+    retriever = QuantizedRetriever.from_pretrained("me/repo", device="cpu")
+    first = calls[0]
+    assert {"index.faiss", "doc_ids.json", "qret_config.json", "model.safetensors"} <= set(first)
+    assert "bank.safetensors" not in first and not any(f.startswith("document_encoder/") for f in first)
+    hits = retriever.search(["protein gene cell"], k=5)
+    assert len(hits[0]) == 5 and len(calls) == 1  # serving needed nothing more
+    # growing: the document encoder is fetched when add_documents needs it, the bank when retrain_index does
+    texts = [f"{doc['title']} {doc['text']}" for doc in added.values()]
+    retriever.add_documents(texts[:3], list(added)[:3])
+    assert calls[1] and all(f.startswith("document_encoder/") for f in calls[1]) and len(calls) == 2
+    retriever.retrain_index()
+    assert calls[2] == ["bank.safetensors"]
+    # load_bank=True downloads the bank with the rest, still not the document encoder
+    with_bank = QuantizedRetriever.from_pretrained("me/repo", device="cpu", load_bank=True)
+    assert "bank.safetensors" in calls[3] and not any(f.startswith("document_encoder/") for f in calls[3])
+    assert with_bank.files.bank is not None and len(with_bank.files.bank) == 200
+
+
+def test_lazy_bank_missing_from_the_repo_is_one_clear_error(half_artifact, tmp_path, monkeypatch):
+    import shutil
+
+    from hf_qret import QuantizedRetriever
+
+    out, _ = half_artifact
+    repo = tmp_path / "repo"
+    shutil.copytree(out, repo, ignore=shutil.ignore_patterns("bank.safetensors"))
+    fake_hub(monkeypatch, repo, tmp_path / "cache")
+    retriever = QuantizedRetriever.from_pretrained("me/repo", device="cpu")
+    with pytest.raises(ArtifactError, match="no bank"):
+        retriever.retrain_index()
+    with pytest.raises(ArtifactError, match="lacks it"):
+        QuantizedRetriever.from_pretrained("me/repo", device="cpu", load_bank=True)

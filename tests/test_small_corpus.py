@@ -44,7 +44,7 @@ def test_opq_factory_on_351_vectors_builds_instead_of_aborting():
 
 @pytest.mark.parametrize("rows, dim, fitted", [(100, 32, "RQ16x6"), (3, 8, "RQ16x1")])
 def test_the_default_factory_trains_on_tiny_corpora(tmp_path, rows, dim, fitted):
-    """The default index (RQ16x8) gets as many bits per codebook as the rows allow, and refreshes."""
+    """The default index (auto: RQ16x8 on a small corpus) gets as many bits per codebook as the rows allow, and refreshes."""
     from hf_qret.config import QRetTrainingArguments
 
     args = QRetTrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
@@ -52,7 +52,9 @@ def test_the_default_factory_trains_on_tiny_corpora(tmp_path, rows, dim, fitted)
     index = QuantizedIndex.from_args(dim, args)
     index.build(x)
     index.refresh(x, mode=args.refresh_mode)
-    assert args.index_factory == "RQ16x8" and index.factory == fitted and index.ntotal == rows
+    # the default ("auto") chose RQ16x8 for so few rows, then fitted it to them
+    assert args.index_factory == "auto" and index.choice.factory == "RQ16x8"
+    assert index.factory == fitted and index.ntotal == rows
     assert index.search(x[:2], min(rows, 3))[1].shape == (2, min(rows, 3))
 
 

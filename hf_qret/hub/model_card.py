@@ -179,6 +179,12 @@ def _training_rows(
         )
     if eval_split:
         rows.append(("Evaluation split", eval_split))
+    choice = config.get("index_choice")
+    if isinstance(choice, dict) and choice.get("reason"):  # index_factory "auto" (hf_qret.index.auto)
+        rows.append(("Index choice", f"`index_factory auto`: {choice['reason']}"))
+    precomputed = config.get("precomputed_rows")
+    if isinstance(precomputed, dict) and precomputed.get("count"):
+        rows.append(("Rows from precomputed embeddings", f"{int(precomputed['count']):,} (ids without text)"))
     for key, label in (
         ("learning_rate", "Encoder learning rate"),
         ("bank_learning_rate", "Bank learning rate"),

@@ -17,7 +17,7 @@ import torch
 
 from ..bank.collectives import ShardLayout, all_gather_uneven, broadcast_bytes, gather_bytes, gather_rows
 from ..errors import ArtifactError
-from .core import QuantizedIndex
+from .core import RENORM_DEPTH, QuantizedIndex, cosine_top
 from .faiss_ops import CHUNK_ROWS, MAX_TRAIN_ROWS, as_float32
 
 __all__ = ["ShardedIndex", "merge_topk", "sample_rows"]
@@ -37,9 +37,10 @@ def sample_rows(count: int, max_rows: int | None, seed: int = 1234) -> np.ndarra
     return np.sort(np.random.default_rng(seed).choice(count, size=int(max_rows), replace=False))
 
 
-def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int, *aligned: np.ndarray) -> tuple[np.ndarray, ...]:
     """The top ``k`` of several shards' results: ``(B, n)`` scores and global rows (``-1``: none) side by side,
-    ordered by score (highest first), ties to the lower row, missing results last.
+    ordered by score (highest first), ties to the lower row, missing results last. Arrays in ``aligned`` (e.g. the
+    candidates' decoded norms) are reordered with them and returned after them.
 
     Example:
         >>> scores = np.array([[0.9, 0.5, 0.7, 0.9]], dtype="float32")
@@ -51,7 +52,7 @@ def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray
     key = np.where(missing, np.inf, -scores.astype(np.float64))
     tie = np.where(missing, np.iinfo(np.int64).max, rows)
     order = np.lexsort((tie, key), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+    return tuple(np.take_along_axis(array, order, axis=1) for array in (scores, rows, *aligned))
 
 
 class ShardedIndex(QuantizedIndex):
@@ -142,19 +143,31 @@ class ShardedIndex(QuantizedIndex):
         k = min(int(k), layout.count)
         (everyone,), counts = all_gather_uneven(layout, torch.from_numpy(np.ascontiguousarray(queries)))
         everyone = everyone.cpu().numpy()
+        # normalize_decoded: every shard's raw top `depth` with their decoded norms; the merged raw top `depth` is
+        # then re-scored by cosine, as one index over all the rows would (QuantizedIndex.local_search)
+        depth = min(max(k, RENORM_DEPTH), layout.count) if self.normalize_decoded else k
         local_k = min(k, self.ntotal)
-        scores = np.full((len(everyone), k), -np.inf, dtype=np.float32)
-        rows = np.full((len(everyone), k), -1, dtype=np.int64)
+        scores = np.full((len(everyone), depth), -np.inf, dtype=np.float32)
+        rows = np.full((len(everyone), depth), -1, dtype=np.int64)
+        norms = np.ones((len(everyone), depth), dtype=np.float32)
         if len(everyone) and local_k:
-            found_scores, found = self._searcher().search(everyone, local_k)
-            scores[:, :local_k] = found_scores
-            rows[:, :local_k] = np.where(found >= 0, found + layout.start, -1)
-        # every shard's k results of every process's queries: (world * B, k) -> (B, world * k)
-        (all_scores, all_rows), _ = all_gather_uneven(layout, torch.from_numpy(scores), torch.from_numpy(rows))
-        width = layout.world * k
-        all_scores = all_scores.cpu().numpy().reshape(layout.world, -1, k).transpose(1, 0, 2).reshape(-1, width)
-        all_rows = all_rows.cpu().numpy().reshape(layout.world, -1, k).transpose(1, 0, 2).reshape(-1, width)
-        merged_scores, merged_rows = merge_topk(all_scores, all_rows, k)
+            found_scores, found, found_norms = self.raw_candidates(everyone, local_k)
+            width = found.shape[1]
+            scores[:, :width] = found_scores
+            rows[:, :width] = np.where(found >= 0, found + layout.start, -1)
+            if found_norms is not None:
+                norms[:, :width] = found_norms
+        # every shard's results of every process's queries: (world * B, depth) -> (B, world * depth)
+        parts = (scores, rows, norms)
+        gathered, _ = all_gather_uneven(layout, *(torch.from_numpy(part) for part in parts))
+        width = layout.world * depth
+        gathered = [
+            g.cpu().numpy().reshape(layout.world, -1, depth).transpose(1, 0, 2).reshape(-1, width) for g in gathered
+        ]
+        merged_scores, merged_rows, merged_norms = merge_topk(gathered[0], gathered[1], depth, gathered[2])
+        merged_scores, merged_rows = cosine_top(
+            merged_scores, merged_rows, merged_norms if self.normalize_decoded else None, k
+        )
         first = sum(counts[: layout.rank])
         return merged_scores[first : first + len(queries)], merged_rows[first : first + len(queries)]
 

@@ -47,6 +47,10 @@ __all__ = [
     "save_retrieval_files",
     "load_retrieval_files",
     "resolve_artifact",
+    "HubSource",
+    "SERVING_IGNORE_PATTERNS",
+    "fetch_artifact_part",
+    "hub_source_of",
     "check_encoder_files",
     "load_shipped_corpus",
     "CORPUS_NAMES",
@@ -110,6 +114,8 @@ MMAP_BANK_NAME = "bank_mmap.npy"
 INITIAL_MMAP_NAME = "bank_initial_mmap.npy"
 #: Where the recipe writes the encoded corpus before it becomes the bank.
 BANK_INIT_SCRATCH_NAME = "bank_init.tmp.safetensors"
+#: Where the recipe joins the corpus's rows and the precomputed ones (``--extra_rows_file``) for the run.
+PRECOMPUTED_INIT_NAME = "bank_init.tmp.precomputed.safetensors"
 #: Working files: memory-mapped banks (gigabytes, written while training), files being written (``*.tmp``),
 #: staging folders (``_*``: ``_staging-checkpoint-N``, ``_document_encoder.tmp``), hidden folders and logs.
 WORKING_FILE_PATTERNS: tuple[str, ...] = (
@@ -331,6 +337,7 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
     index = QuantizedIndex.load(
         folder / config.get("index_file", INDEX_NAME), config.get("index_factory"), config.get("index_search_params")
     )
+    index.normalize_decoded = bool(config.get("normalize_decoded", False))
     if index.ntotal != len(doc_ids):
         raise ArtifactError(
             f"{folder}: the index holds {index.ntotal} vectors but the doc-id map lists {len(doc_ids)} documents; "
@@ -340,35 +347,52 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
         raise ArtifactError(f"{folder}: the index has dimension {index.dim}, the config says {config['dim']}.")
     bank = None
     if load_bank and config.get("bank_file"):
+        if not (folder / config["bank_file"]).is_file():
+            raise ArtifactError(
+                f"{folder}: {CONFIG_NAME} records the bank {config['bank_file']} but the folder lacks it; copy or "
+                "download the whole artifact, or load it with load_bank=False to serve without the bank."
+            )
         bank = TargetBank.from_file(folder / config["bank_file"], doc_ids)
     return RetrievalFiles(config=config, doc_ids=doc_ids, index=index, bank=bank)
 
 
-def resolve_artifact(
-    repo_id_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any
-) -> Path:
-    """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (without what
-    is not part of an artifact, :data:`ARTIFACT_IGNORE_PATTERNS`: pickles, checkpoints, working files); one
-    :class:`ArtifactError` saying what to do when it is neither.
+#: What serving does not need, so a Hub download leaves it out until it is needed: the full-precision bank
+#: (``add_documents`` with a saved bank, ``retrain_index``, ``load_bank=True``) and the document encoder
+#: (``add_documents``). :func:`fetch_artifact_part` downloads them on first use.
+SERVING_IGNORE_PATTERNS: tuple[str, ...] = (BANK_NAME, f"{DOCUMENT_ENCODER_DIR}/*")
+
+
+@dataclass
+class HubSource:
+    """Where a downloaded artifact came from, so the parts serving skipped can be fetched later from the same commit.
+
+    Attributes:
+        repo_id: The Hub model id.
+        revision: The commit the first download resolved (its snapshot folder's name), else the requested revision.
+        token: Hub token.
+        cache_dir: Hub cache folder.
 
     Example:
-        >>> folder = resolve_artifact("user/scifact-qret", revision=None, token=None, cache_dir=None)  # doctest: +SKIP
+        >>> HubSource("me/scifact-qret", "0" * 40, None, None).repo_id
+        'me/scifact-qret'
     """
-    folder = Path(repo_id_or_path).expanduser()
-    if folder.is_dir():
-        return folder
-    text = str(repo_id_or_path)
+
+    repo_id: str
+    revision: str | None
+    token: str | bool | None
+    cache_dir: Any
+
+
+def _download(source: HubSource, **patterns: Any) -> Path:
+    """``snapshot_download`` of ``source`` with ``patterns``, its errors turned into one :class:`ArtifactError`."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    text = source.repo_id
     try:
         return Path(
             snapshot_download(
-                text,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                ignore_patterns=list(ARTIFACT_IGNORE_PATTERNS),
+                text, revision=source.revision, token=source.token, cache_dir=source.cache_dir, **patterns
             )
         )
     except HFValidationError:
@@ -386,6 +410,71 @@ def resolve_artifact(
             f"{text}: cannot download it from the Hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
             "check the repository id, revision and token, or pass a local artifact folder."
         ) from None
+
+
+def resolve_artifact(
+    repo_id_or_path: str | os.PathLike,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: Any,
+    *,
+    skip: Sequence[str] = (),
+) -> Path:
+    """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (without what
+    is not part of an artifact, :data:`ARTIFACT_IGNORE_PATTERNS`: pickles, checkpoints, working files, nor the
+    patterns in ``skip``, e.g. :data:`SERVING_IGNORE_PATTERNS`); one :class:`ArtifactError` saying what to do when
+    it is neither.
+
+    Example:
+        >>> folder = resolve_artifact("user/scifact-qret", revision=None, token=None, cache_dir=None)  # doctest: +SKIP
+    """
+    folder = Path(repo_id_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    source = HubSource(str(repo_id_or_path), revision, token, cache_dir)
+    return _download(source, ignore_patterns=[*ARTIFACT_IGNORE_PATTERNS, *skip])
+
+
+def hub_source_of(folder: Path, repo_id: str, revision: str | None, token: Any, cache_dir: Any) -> HubSource:
+    """The :class:`HubSource` of a downloaded snapshot folder: pinned to its commit (the folder's name).
+
+    Example:
+        >>> hub_source_of(Path("cache/snapshots/" + "a" * 40), "me/repo", "main", None, None).revision == "a" * 40
+        True
+    """
+    import re
+
+    pinned = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
+    return HubSource(repo_id, pinned, token, cache_dir)
+
+
+def fetch_artifact_part(source: HubSource | None, folder: Path, patterns: Sequence[str]) -> Path:
+    """Downloads the files of ``patterns`` (e.g. ``bank.safetensors``, ``document_encoder/*``) that a serving
+    download skipped, into the same snapshot folder; a local artifact (``source`` ``None``) is returned as is.
+
+    Raises:
+        ArtifactError: The download fails (offline, no access).
+
+    Example:
+        >>> fetch_artifact_part(retriever._hub, retriever.folder, ["bank.safetensors"])  # doctest: +SKIP
+        PosixPath('.../snapshots/0123.../')
+    """
+    if source is None:
+        return folder
+    import logging
+
+    logging.getLogger(__name__).info("downloading %s of %s (not needed to serve)", ", ".join(patterns), source.repo_id)
+    fetched = _download(source, allow_patterns=list(patterns), ignore_patterns=list(ARTIFACT_IGNORE_PATTERNS))
+    if fetched.resolve() != folder.resolve():  # the same commit lands in the same snapshot folder; else copy
+        import shutil
+        from fnmatch import fnmatch
+
+        for path in fetched.rglob("*"):
+            rel = path.relative_to(fetched).as_posix()
+            if path.is_file() and any(fnmatch(rel, pattern) for pattern in patterns):
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, folder / rel)
+    return folder
 
 
 def check_encoder_files(folder: Path) -> None:

@@ -42,6 +42,8 @@ class GrowingMixin:
             from .sentence_encoder import load_encoder
 
             name = self.config.get("document_encoder")
+            if name:
+                self._fetch([f"{name}/*"])
             path = self.folder / str(name) if (self.folder is not None and name) else None
             if path is None or not path.is_dir():
                 raise ArtifactError(
@@ -155,6 +157,8 @@ class GrowingMixin:
         if self.files.bank is not None:
             return np.ascontiguousarray(self.files.bank.float32_rows()[:], dtype=np.float32)
         name = self.config.get("bank_file")
+        if name:
+            self._fetch([str(name)])
         if not name or self.folder is None or not (self.folder / name).is_file():
             raise ArtifactError(
                 f"{self.folder}: no bank (bank.safetensors) to train the index on; load an artifact saved with its bank."
@@ -175,7 +179,26 @@ class GrowingMixin:
         added = [torch.from_numpy(rows).to(dtype) for rows in self._added_rows]
         return torch.cat([stored.to(dtype), *added]) if added else stored.to(dtype)
 
+    def _fetch(self, patterns: Sequence[str]) -> None:
+        """Downloads the parts of a Hub artifact (``patterns``) that its serving download skipped, once; nothing for
+        a local folder."""
+        skipped = getattr(self, "_skipped", ())
+        wanted = [p for p in patterns if p in skipped]
+        if getattr(self, "_hub", None) is None or self.folder is None or not wanted:
+            return
+        from .artifact import fetch_artifact_part
+
+        fetch_artifact_part(self._hub, self.folder, wanted)
+        self._skipped = [p for p in skipped if p not in wanted]
+
+    def _fetch_skipped(self) -> None:
+        """Downloads everything a Hub artifact's serving download skipped, before the artifact is copied."""
+        self._fetch(list(getattr(self, "_skipped", ())))
+
     def _load_shipped_corpus(self) -> None:
         # A shipped corpus.jsonl must grow with the index; read it now if from_pretrained skipped it.
         if self._corpus is None and self.folder is not None:
+            from .artifact import CORPUS_NAMES
+
+            self._fetch(list(CORPUS_NAMES))  # when from_pretrained(load_corpus=False) skipped it
             self._corpus = load_shipped_corpus(self.folder, self.doc_ids)

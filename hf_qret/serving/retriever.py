@@ -19,13 +19,16 @@ import numpy as np
 
 from ..errors import ArtifactError
 from .artifact import (
+    BANK_NAME,
     CONFIG_NAME,
     CORPUS_NAMES,
     DOC_IDS_NAME,
     INDEX_NAME,
     PICKLE_PATTERNS,
+    SERVING_IGNORE_PATTERNS,
     RetrievalFiles,
     check_encoder_files,
+    hub_source_of,
     load_retrieval_files,
     load_shipped_corpus,
     resolve_artifact,
@@ -97,6 +100,11 @@ class QuantizedRetriever(GrowingMixin):
         self._device: str | None = None
         self._document_encoder: Any = None
         self._added_rows: list[np.ndarray] = []  # embeddings of documents added since loading, for the bank file
+        #: The second stage over the compact on-disk copy of the bank (enable_rescoring), or None.
+        self.rescorer: Any = None
+        self.rescore_depth = 0
+        self._hub: Any = None  # a Hub download: where the parts serving skipped are fetched from (GrowingMixin)
+        self._skipped: list[str] = []  # the patterns of those parts not fetched yet
         dim = embedding_dim(model)
         if dim != self.index.dim:
             raise ArtifactError(
@@ -125,6 +133,11 @@ class QuantizedRetriever(GrowingMixin):
         document_encoder: Any = None,
     ) -> QuantizedRetriever:
         """Loads an artifact folder, or downloads a Hub repository with ``snapshot_download`` first.
+
+        From the Hub only what serving needs is downloaded: the query encoder, the index, the doc-id map, the config,
+        the model card (and ``corpus.jsonl`` with ``load_corpus``). The full-precision bank and ``document_encoder/``
+        are downloaded, from the same commit, when :meth:`add_documents`, :meth:`retrain_index`,
+        :meth:`save_pretrained` or ``load_bank=True`` need them.
 
         Everything is checked before it is used: the index size against the doc-id map, the index dimension
         against the config and the encoder, the shipped corpus against the doc ids. Nothing is unpickled: the
@@ -156,7 +169,12 @@ class QuantizedRetriever(GrowingMixin):
         Example:
             >>> retriever = QuantizedRetriever.from_pretrained("me/minilm-scifact-opq16", "cuda", nprobe=16)  # doctest: +SKIP
         """
-        folder = resolve_artifact(repo_id_or_path, revision, token, cache_dir)
+        local = Path(repo_id_or_path).expanduser().is_dir()
+        # A Hub download fetches what serving needs; the bank and document_encoder/ follow when first needed.
+        skip = [p for p in SERVING_IGNORE_PATTERNS if not (load_bank and p == BANK_NAME)]
+        skip += [] if load_corpus else list(CORPUS_NAMES)
+        folder = resolve_artifact(repo_id_or_path, revision, token, cache_dir, skip=skip)
+        hub = None if local else hub_source_of(folder, str(repo_id_or_path), revision, token, cache_dir)
         if not (folder / CONFIG_NAME).is_file():
             raise ArtifactError(f"{folder}: no {CONFIG_NAME}; this is not an hf-qret artifact folder.")
         check_encoder_files(folder)
@@ -178,6 +196,7 @@ class QuantizedRetriever(GrowingMixin):
             model, files, batch_size=batch_size, corpus=corpus, nprobe=nprobe, ef_search=ef_search, folder=folder
         )
         retriever._device = device
+        retriever._hub, retriever._skipped = hub, skip if hub is not None else []
         if document_encoder is not None:
             retriever.document_encoder = document_encoder
         return retriever
@@ -258,8 +277,72 @@ class QuantizedRetriever(GrowingMixin):
         return recorded
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Raw FAISS search: ``(scores, rows)``."""
-        return self.index.search(embeddings, k)
+        """Raw search: ``(scores, rows)`` of the FAISS index, or, after :meth:`enable_rescoring`, its top
+        ``rescore_depth`` rescored with the compact copy of the bank."""
+        rescorer = self.rescorer
+        if rescorer is None:
+            return self.index.search(embeddings, k)
+        if self.index.ntotal > len(rescorer):
+            raise ArtifactError(
+                f"the index holds {self.index.ntotal} documents but the rescoring rows {len(rescorer)}: call "
+                "write_rescore_rows() again after add_documents (or disable_rescoring())."
+            )
+        _, rows = self.index.search(embeddings, max(int(k), self.rescore_depth))
+        return rescorer.rescore(embeddings, rows, k)
+
+    # ------------------------------------------------------------------ rescoring (beyond the index's bytes)
+    def write_rescore_rows(self, dtype: str = "int8", path: str | os.PathLike | None = None) -> Path:
+        """Writes the compact on-disk copy of the bank that :meth:`enable_rescoring` reads (int8 rows with a scale
+        per row, or float16), by default into the artifact folder as ``rescore_int8.npy``.
+
+        Raises:
+            ArtifactError: The artifact has no bank file to copy.
+
+        Example:
+            >>> retriever.write_rescore_rows("int8")  # doctest: +SKIP
+            PosixPath('out/rescore_int8.npy')
+        """
+        from ..bank.core import TargetBank
+        from ..index.rescore import rescore_file_name, write_rescore_rows
+
+        target = Path(path) if path is not None else self._folder_path() / rescore_file_name(dtype)
+        bank = self.files.bank
+        if bank is None:
+            bank_file = self.config.get("bank_file")
+            if not bank_file or not (self._folder_path() / bank_file).is_file():
+                raise ArtifactError(
+                    "this artifact has no bank file to make the rescoring rows from; load an artifact saved with its "
+                    "bank (the default) or pass load_bank=True."
+                )
+            bank = TargetBank.from_file(self._folder_path() / bank_file, self.doc_ids)
+        rows = bank.float32_rows()
+        chunks = (rows[start : start + 65536] for start in range(0, len(rows), 65536))
+        write_rescore_rows(chunks, len(rows), rows.shape[1], target, dtype)
+        return target
+
+    def enable_rescoring(self, depth: int = 100, dtype: str = "int8", path: str | os.PathLike | None = None) -> None:
+        """Rescores each query's top ``depth`` hits of the quantized index with the memory-mapped compact copy of
+        the bank (:meth:`write_rescore_rows`): the index's bytes stay in RAM, the copy's on disk.
+
+        Example:
+            >>> retriever.enable_rescoring(100)  # doctest: +SKIP
+            >>> retriever.search("does aspirin prevent stroke?", k=10)  # doctest: +SKIP
+        """
+        from ..index.rescore import RescoreRows, rescore_file_name
+
+        if int(depth) < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}.")
+        self.rescorer = RescoreRows(Path(path) if path is not None else self._folder_path() / rescore_file_name(dtype))
+        self.rescore_depth = int(depth)
+
+    def disable_rescoring(self) -> None:
+        """Back to the quantized index's own scores."""
+        self.rescorer = None
+
+    def _folder_path(self) -> Path:
+        if self.folder is None:
+            raise ArtifactError("this retriever was not loaded from a folder; pass path= explicitly.")
+        return self.folder
 
     def search(
         self, queries: str | Sequence[str], k: int = 10, *, return_text: bool = False, output: str = "tuples"
@@ -350,6 +433,7 @@ class QuantizedRetriever(GrowingMixin):
         from .artifact import copy_artifact_files
 
         target = Path(save_directory).expanduser()
+        self._fetch_skipped()  # a Hub download: the bank, document_encoder/ (and corpus) belong to the saved artifact
         source = self.folder
         if not (target.exists() and target.resolve() == source.resolve()):
             copy_artifact_files(source, target)  # the artifact's files only (hf_qret.serving.artifact's manifest)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..bank.core import TargetBank
+from ..bank.precomputed import check_texts
 from ..errors import DataError
 from .distributed import barrier, encode_corpus, process_rank, world_size
 
@@ -311,6 +312,8 @@ def encode_bank(
     """
     cached = cache_dir is not None and cache_key is not None
     from_file = not cached and bool(init_file) and os.path.isfile(init_file)
+    if not (cached or from_file):  # rows from precomputed embeddings (text None) cannot be encoded
+        check_texts(texts, ids)
     bank = _make_bank(encode, texts, ids, dim, dtype, init_file, mmap_path, cache_dir, cache_key, shard)
     bank.encode_precision = init_precision if from_file else getattr(encode, "precision", None)
     return bank

@@ -13,7 +13,6 @@ Any subclass of :class:`QRetLoss` can be passed to :class:`~hf_qret.training.tra
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,7 +32,6 @@ __all__ = [
     "QRetLoss",
     "build_loss",
     "resolve_loss",
-    "served_vectors",
 ]
 
 
@@ -142,9 +140,6 @@ class MinedNegativesLoss(QRetLoss):
             trainer; yes outside one).
         trainable_rows: ``(num_docs,)`` mask of the rows that may move (``None``: the trainer's ``bank_update``;
             all of them outside a trainer).
-        served: ``encoder_targets='codes'``: a function of ``(candidate row numbers, their bank rows)`` returning the
-            vectors the quantized index serves for them (:func:`served_vectors`); the query encoder's term scores
-            those in training. ``None``: the bank rows.
 
     Example:
         >>> import torch
@@ -163,12 +158,9 @@ class MinedNegativesLoss(QRetLoss):
         scale: float | None = None,
         train_bank: bool | None = None,
         trainable_rows: torch.Tensor | None = None,
-        served: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.bank = bank
-        #: ``encoder_targets='codes'``: maps (candidate rows, their bank rows) to what the index serves for them.
-        self.served = served
         #: The settings given here (not left to the trainer's arguments); see :func:`resolve_loss`.
         self.given_settings = frozenset(
             name
@@ -209,39 +201,13 @@ class MinedNegativesLoss(QRetLoss):
         if self.training and self.train_bank and mined.bank_queries is not None:
             # bank_queries='initial': the encoder follows the bank it will be served with, the bank rows learn
             # against the frozen pretrained queries.
-            encoder_targets = targets.detach()
-            if self.served is not None:
-                encoder_targets = self.served(mined.candidates, encoder_targets)
             loss, stats = self.cross_entropy(
-                query_embeddings, encoder_targets, mined.targets, mined.mask, mined.weights
+                query_embeddings, targets.detach(), mined.targets, mined.mask, mined.weights
             )
             bank_queries = mined.bank_queries.detach().to(query_embeddings.device, query_embeddings.dtype)
             bank_loss, _ = self.cross_entropy(bank_queries, targets, mined.targets, mined.mask, mined.weights)
             return loss + bank_loss, stats
         return self.cross_entropy(query_embeddings, targets, mined.targets, mined.mask, mined.weights)
-
-
-def served_vectors(index: QuantizedIndex) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``encoder_targets='codes'``: candidates as ``index`` serves them, each bank row encoded with the index's
-    current codebooks and decoded (:meth:`~hf_qret.index.core.QuantizedIndex.quantize`; for a row that has not moved
-    since the last refresh, exactly the vector its stored code decodes to).
-
-    Example:
-        >>> import numpy as np, torch
-        >>> from hf_qret.index.core import QuantizedIndex
-        >>> index = QuantizedIndex(8, "PQ2x4")
-        >>> index.build(np.random.default_rng(0).standard_normal((256, 8)).astype("float32"))
-        >>> rows = torch.randn(3, 8)
-        >>> served = served_vectors(index)(torch.tensor([0, 1, 2]), rows)
-        >>> served.shape, bool(torch.equal(served, served_vectors(index)(torch.tensor([0, 1, 2]), rows)))
-        (torch.Size([3, 8]), True)
-    """
-
-    def served(candidates: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        decoded = index.quantize(rows.detach().float().cpu().numpy())
-        return torch.from_numpy(decoded).to(rows.device, rows.dtype)
-
-    return served
 
 
 def build_loss(
@@ -254,20 +220,13 @@ def build_loss(
     """The method's :class:`MinedNegativesLoss` as the training arguments ask for it.
 
     ``scale`` overrides ``args.scale`` (the trainer passes :func:`hf_qret.serving.encoder.resolve_scale`'s value);
-    ``index`` is what ``encoder_targets='codes'`` scores the query encoder against (:func:`served_vectors`).
+    ``index`` is unused (kept for custom loss factories with the same signature).
 
     Example:
         >>> loss = build_loss(args, bank, index, scale=20.0)  # doctest: +SKIP
     """
     scale = args.scale if scale is None else scale
-    served = None
-    if getattr(args, "encoder_targets", "bank") == "codes":
-        if index is None:
-            raise ConfigError("encoder_targets='codes' scores against the quantized index; pass the index.")
-        served = served_vectors(index)
-    return MinedNegativesLoss(
-        bank, 20.0 if scale is None else scale, args.bank_learning_rate > 0, trainable_rows, served=served
-    )
+    return MinedNegativesLoss(bank, 20.0 if scale is None else scale, args.bank_learning_rate > 0, trainable_rows)
 
 
 def _conflict(what: str, loss_value: Any, arg: str, arg_value: Any, fix: str) -> ConfigError:
@@ -322,7 +281,7 @@ def resolve_loss(
         resolve_scale(model, given_scale)  # the model's similarity function must allow training at all
         return MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, trainable_rows)
     if isinstance(loss, MinedNegativesLoss):
-        _honour_arguments(loss, args, model, bank, trainable_rows, index)
+        _honour_arguments(loss, args, model, bank, trainable_rows)
     return loss
 
 
@@ -332,7 +291,6 @@ def _honour_arguments(
     model: nn.Module,
     bank: TargetBank,
     trainable_rows: torch.Tensor | None,
-    index: QuantizedIndex,
 ) -> None:
     """Fills in what ``loss`` left to the arguments; refuses what contradicts them (see :func:`resolve_loss`)."""
     from ..serving.encoder import resolve_scale
@@ -364,5 +322,3 @@ def _honour_arguments(
             )
     else:
         loss.trainable_rows = trainable_rows
-    if args.encoder_targets == "codes" and loss.served is None:
-        loss.served = served_vectors(index)

@@ -54,11 +54,16 @@ def training_record(trainer: Any) -> dict[str, Any]:
         "learning_rate": trainer.args.learning_rate,
         "refresh_mode": trainer.args.refresh_mode,
         "opq_niter": trainer.index.opq_niter,
+        # candidates scored by the cosine of their decoded vectors (QuantizedIndex.normalize_decoded)
+        "normalize_decoded": bool(getattr(trainer.index, "normalize_decoded", False)),
         "mining_shortlist": (
             {"nlist": trainer.index.mining_nlist, "nprobe": trainer.index.mining_nprobe}
             if trainer.index.mining_nlist
             else None
         ),
+        "index_choice": _index_choice(trainer.args, trainer.index),
+        # rows from precomputed embeddings (ids without texts): doc_ids[start : start + count]
+        "precomputed_rows": getattr(trainer.args, "precomputed_rows", None),
         "global_step": restored["global_step"] if restored else trainer.state.global_step,
         "safety_net": None if verdict is None else verdict.summary(),
         "index_state": restored["index_state"] if restored else trainer.index_record(),
@@ -74,3 +79,10 @@ def _max_seq_length(trainer: Any) -> int | None:
         return int(value) if value else None
     tokenizer = getattr(trainer, "processing_class", None)
     return plain_max_length(tokenizer) if tokenizer is not None else None
+
+
+def _index_choice(args: Any, index: Any) -> dict[str, Any] | None:
+    """What ``index_factory="auto"`` resolved to (:class:`hf_qret.index.auto.IndexChoice`, on the arguments or the
+    index); ``None`` when the factory was given explicitly."""
+    choice = getattr(args, "index_choice", None) or getattr(index, "choice", None)
+    return choice.record() if choice is not None else None

@@ -136,6 +136,7 @@ def shard_for_training(bank: TargetBank, index: QuantizedIndex, args: Any) -> tu
         search_params=index.search_params,
         opq_niter=index.opq_niter,
         rq_beam_size=index.rq_beam_size,
+        normalize_decoded=index.normalize_decoded,
     )
     return bank, sharded
 

@@ -19,7 +19,14 @@ from ..config import QRetTrainingArguments
 from ..errors import TrainingDivergedError
 from ..index.core import QuantizedIndex, set_faiss_threads
 from ..index.mining import IndexMiner, MinedBatch
-from ..serving.encoder import configure_encoder, embed, embedding_dim, is_sentence_transformer, make_tokenize_fn
+from ..serving.encoder import (
+    configure_encoder,
+    embed,
+    embedding_dim,
+    is_sentence_transformer,
+    make_tokenize_fn,
+    normalizes_embeddings,
+)
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import BANK_OPTIMIZER_NAME
 from .collator import QRetDataCollator, training_positive_rows
@@ -125,7 +132,13 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         bank.check_dim(embedding_dim(model), "the model")
         set_faiss_threads(args.faiss_threads)
         if index is None:
+            from ..index.auto import resolve_auto_index
+
+            resolve_auto_index(args, len(bank))  # index_factory "auto": chosen from the bank's size, logged once
             index = QuantizedIndex.from_args(bank.dim, args)
+        # a quantizer shrinks badly fitted rows: a cosine model scores each row's decoded vector at unit norm
+        decoded_norm = args.normalize_decoded
+        index.normalize_decoded = normalizes_embeddings(model) if decoded_norm is None else bool(decoded_norm)
         bank, index = shard_for_training(bank, index, args)  # bank_sharding='rows': this process's rows only
         if index.ntotal not in (0, getattr(bank, "local_rows", len(bank))):
             raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
