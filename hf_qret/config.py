@@ -9,10 +9,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .bank.storage import BANK_DTYPES
 from .errors import ConfigError
-from .index.core import REFRESH_MODES, check_index_options
-from .serving.encoder import ENCODE_PRECISIONS, POOLINGS
+from .options import BANK_DTYPE_NAMES, ENCODE_PRECISIONS, POOLINGS, REFRESH_MODES, check_index_options
 from .shipped_recipes import check_recipe_data, recipe_path, shipped_recipes
 
 __all__ = [
@@ -314,8 +312,8 @@ class QRetTrainingArguments(TrainingArguments):
         self._check_scale_options()
 
     def _check_scale_options(self) -> None:
-        if self.bank_dtype not in BANK_DTYPES:
-            raise ConfigError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}.")
+        if self.bank_dtype not in BANK_DTYPE_NAMES:
+            raise ConfigError(f"bank_dtype must be one of {', '.join(BANK_DTYPE_NAMES)}, got {self.bank_dtype!r}.")
         if self.bank_device not in BANK_DEVICES:
             raise ConfigError(f"bank_device must be one of {', '.join(BANK_DEVICES)}, got {self.bank_device!r}.")
         if self.bank_device == "cuda":

@@ -16,14 +16,9 @@ import random
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    import torch
-
-    from .bank.core import TargetBank
+from .errors import DataError
 
 __all__ = [
     "BeirData",
@@ -36,7 +31,6 @@ __all__ = [
     "TextColumns",
     "text_columns",
     "pairs_from_texts",
-    "training_positive_rows",
 ]
 
 
@@ -477,31 +471,3 @@ def texts_of(dataset, columns: TextColumns) -> Iterator[str]:
             for text in _texts(value):
                 if text.strip():
                     yield text
-
-
-def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
-    """``(num_docs,)`` mask of the bank rows that are a training positive (``positive_id`` / ``positive_ids``).
-
-    Raises:
-        ConfigError: the dataset has no ``positive_id`` column to read them from.
-
-    Example:
-        >>> training_positive_rows(trainer.train_dataset, trainer.bank).sum()  # doctest: +SKIP
-    """
-    import torch
-
-    mask = torch.zeros(len(bank), dtype=torch.bool)
-    if dataset is None:
-        return mask
-    columns = getattr(dataset, "column_names", None) or []
-    if "positive_id" not in columns:
-        raise ConfigError(
-            "bank_update='positives' moves only the rows of training positives, read from the train_dataset's "
-            "'positive_id' (and 'positive_ids') columns, which it does not have; build it with build_pairs_dataset "
-            "or pass --bank_update all."
-        )
-    doc_ids = {str(d) for d in dataset["positive_id"]}
-    if "positive_ids" in columns:
-        doc_ids.update(str(d) for docs in dataset["positive_ids"] for d in (docs or []))
-    mask[bank.rows_of(sorted(doc_ids))] = True
-    return mask

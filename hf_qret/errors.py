@@ -103,3 +103,13 @@ class HubError(QRetError, RuntimeError):
     """
 
     exit_status = 1
+
+
+class CollectiveCallError(QRetError, RuntimeError):
+    """A call every process of a multi-process run makes together (``evaluate()``, ``save_model()`` with
+    ``bank_sharding='rows'``, where each process holds part of the bank and the index) was made by only some of them.
+
+    Example:
+        >>> issubclass(CollectiveCallError, RuntimeError)
+        True
+    """

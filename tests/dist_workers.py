@@ -9,19 +9,12 @@ from pathlib import Path
 
 def reduce_rows_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Two gloo processes with different sparse bank gradients call all_reduce_row_grad; each saves what it got."""
-    import importlib.util
-
     import torch
     import torch.distributed as dist
 
-    # hf_qret/training/distributed.py needs only torch: load it alone, not the package (transformers & co. take seconds)
-    package = importlib.util.find_spec("hf_qret").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location(
-        "_hf_qret_distributed", os.path.join(package, "training", "distributed.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    all_reduce_row_grad = module.all_reduce_row_grad
+    # hf_qret.training.distributed needs only torch (the package and its sub-packages import nothing eagerly): no
+    # transformers & co., which take seconds
+    from hf_qret.training.distributed import all_reduce_row_grad
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -137,7 +130,10 @@ def ddp_mmap_main() -> None:
 def ddp_sharded_main() -> None:
     """``torchrun --nproc_per_node 2 dist_workers.py --sharded MODEL BEIR OUT``: the same 4 DDP steps with the bank
     replicated and with the bank sharded by rows (``bank_sharding='rows'``, a checkpoint at step 2), then the
-    sharded run resumed from that checkpoint; each process saves the candidates, losses and bank of every step."""
+    sharded run resumed from that checkpoint; each process saves the candidates, losses and bank of every step.
+
+    ``... OUT --defaults``: the method's defaults (``RQ16x8``, row-wise SGD), the replicated and the sharded run only.
+    """
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers import TrainerCallback, set_seed
@@ -150,13 +146,16 @@ def ddp_sharded_main() -> None:
     rows = encode_texts(SentenceTransformer(model_dir, device="cpu"), data.doc_texts())
     record: dict = {}
     runs = (("replicated", "none", None), ("sharded", "rows", None), ("resumed", "rows", "sharded/checkpoint-2"))
-    for kind, sharding, resume in runs:
+    defaults = sys.argv[5:] == ["--defaults"]
+    # row-wise Adam and PQ4 (and a checkpoint at step 2, resumed); or the defaults RQ16x8 and SGD, without resuming
+    method = {} if defaults else {"index_factory": "PQ4", "bank_optimizer": "adam"}
+    for kind, sharding, resume in runs[:2] if defaults else runs:
         args = QRetTrainingArguments(
-            output_dir=str(out / ("sharded" if kind == "resumed" else kind)), index_factory="PQ4", num_negatives=8,
+            output_dir=str(out / ("sharded" if kind == "resumed" else kind)), num_negatives=8,
             per_device_train_batch_size=4, max_steps=4, learning_rate=1e-3, bank_learning_rate=1e-2,
-            report_to="none", save_strategy="steps" if sharding == "rows" else "no", save_steps=2, seed=0,
-            bank_optimizer="adam", refresh_steps=2, bank_sharding=sharding, use_cpu=True,
-            dataloader_pin_memory=False, ddp_backend="gloo", disable_tqdm=True,
+            report_to="none", save_strategy="steps" if sharding == "rows" and not defaults else "no", save_steps=2,
+            seed=0, refresh_steps=2, bank_sharding=sharding, use_cpu=True, dataloader_pin_memory=False,
+            ddp_backend="gloo", disable_tqdm=True, **method,
         )  # fmt: skip
         rank = args.process_index  # forms the process group
         set_seed(0)
@@ -190,7 +189,8 @@ def ddp_sharded_main() -> None:
         trainer.train(resume_from_checkpoint=str(out / resume) if resume else None)
         trainer.save_model()
         steps["start"] = trainer.bank.shard.start if sharding == "rows" else 0
-        steps["row_steps"] = trainer.bank_optimizer.row_steps.clone()
+        if not defaults:  # row-wise Adam's per-row step counts
+            steps["row_steps"] = trainer.bank_optimizer.row_steps.clone()
         if kind == "resumed":  # the safety net's restore (a saved artifact: one bank, one index) into the shards
             trainer.restore_snapshot(str(out / "sharded" / "checkpoint-2"))
             steps["restored"] = trainer.bank.weight.detach().clone()
@@ -199,9 +199,49 @@ def ddp_sharded_main() -> None:
     torch.save(record, out / f"sharded_rank{rank}.pt")
 
 
+def ddp_one_sided_main() -> None:
+    """``torchrun --nproc_per_node 2 dist_workers.py --one-sided MODEL BEIR OUT``: a sharded trainer evaluates on
+    both processes, then ``evaluate()`` on process 0 only and ``save_model()`` on process 1 only; each process saves
+    the errors it got."""
+    import torch
+    import torch.distributed as dist
+    from sentence_transformers import SentenceTransformer
+
+    from hf_qret import QRetTrainer, QRetTrainingArguments, TargetBank, build_pairs_dataset, load_beir
+    from hf_qret.errors import CollectiveCallError
+    from hf_qret.serving.encoder import encode_texts
+
+    model_dir, beir_dir, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    data = load_beir(beir_dir, split="train")
+    model = SentenceTransformer(model_dir, device="cpu")
+    rows = encode_texts(model, data.doc_texts())
+    args = QRetTrainingArguments(
+        output_dir=str(out / "run"), index_factory="PQ4", num_negatives=8, per_device_eval_batch_size=16,
+        report_to="none", save_strategy="no", bank_sharding="rows", use_cpu=True, dataloader_pin_memory=False,
+        ddp_backend="gloo", disable_tqdm=True,
+    )  # fmt: skip
+    pairs = build_pairs_dataset(data)
+    trainer = QRetTrainer(
+        model, args, train_dataset=pairs, eval_dataset=pairs, bank=TargetBank(torch.from_numpy(rows), data.doc_ids)
+    )
+    rank = args.process_index
+    record: dict = {"together": trainer.evaluate()}  # every process: works
+    trainer.args.ddp_timeout = 5  # how long a process waits for the others (the process group keeps its own)
+    for call, alone in (("evaluate", 0), ("save_model", 1)):
+        if rank == alone:
+            try:
+                trainer.evaluate() if call == "evaluate" else trainer.save_model(str(out / "alone"))
+            except CollectiveCallError as error:
+                record[call] = str(error)
+        dist.barrier()  # the other process waits here (another process group)
+    torch.save(record, out / f"one_sided_rank{rank}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--mmap":
         ddp_mmap_main()
+    elif sys.argv[1] == "--one-sided":
+        ddp_one_sided_main()
     elif sys.argv[1] == "--sharded":
         ddp_sharded_main()
     else:

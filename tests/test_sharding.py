@@ -189,6 +189,57 @@ def test_sharded_run_equals_the_replicated_run_step_by_step(tiny_model_dir, beir
 
 
 @pytest.mark.integration
+def test_three_uneven_shards_equal_the_replicated_run_up_to_float_rounding(tiny_model_dir, tmp_path):
+    """Three gloo processes, 301 rows (shards of 101, 100, 100), the method's defaults (RQ16x8, row-wise SGD), 4
+    steps with a refresh at step 2: the sharded run mines the same candidates as the replicated run, and its losses
+    and bank rows equal the replicated run's up to float rounding (the sums of three partial gradients are added in
+    another order than the replicated run's one sum)."""
+    from conftest import synthetic_beir, write_beir
+
+    beir = write_beir(tmp_path / "beir", *synthetic_beir(num_docs=301))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
+               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--sharded",
+               tiny_model_dir, str(beir), str(tmp_path), "--defaults"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"sharded_rank{rank}.pt") for rank in range(3)]
+    assert [record["sharded"]["banks"][0].shape[0] for record in ranks] == [101, 100, 100]
+    assert [record["sharded"]["start"] for record in ranks] == [0, 101, 201]
+    for record in ranks:
+        replicated, sharded = record["replicated"], record["sharded"]
+        assert len(replicated["candidates"]) == len(sharded["candidates"]) == 4
+        assert all(torch.equal(a, b) for a, b in zip(replicated["candidates"], sharded["candidates"]))
+        assert sharded["losses"] == pytest.approx(replicated["losses"], rel=0, abs=1e-6)
+    whole = [torch.cat(parts) for parts in zip(*(record["sharded"]["banks"] for record in ranks))]
+    replicated = ranks[0]["replicated"]["banks"]
+    assert len(whole) == len(replicated) == 4
+    assert not torch.equal(replicated[-1], replicated[0])  # the bank moved
+    for a, b in zip(replicated, whole):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    files = {kind: load_retrieval_files(tmp_path / kind, load_bank=True) for kind in ("replicated", "sharded")}
+    torch.testing.assert_close(files["sharded"].bank.weight, files["replicated"].bank.weight, rtol=0, atol=1e-6)
+    assert files["sharded"].config["bank_sharding"] == {"processes": 3}
+
+
+@pytest.mark.integration
+def test_evaluate_or_save_model_on_one_process_says_so(tiny_model_dir, beir_dir, tmp_path):
+    """Two gloo processes with a sharded bank: evaluate() on process 0 only, save_model() on process 1 only. Each
+    raises CollectiveCallError naming the call (after args.ddp_timeout) instead of hanging in the collectives."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--one-sided",
+               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"one_sided_rank{rank}.pt") for rank in range(2)]
+    assert all("eval_loss" in record["together"] for record in ranks)
+    assert "call evaluate() on every process" in ranks[0]["evaluate"] and "evaluate" not in ranks[1]
+    assert "call save_model() on every process" in ranks[1]["save_model"] and "save_model" not in ranks[0]
+    assert not (tmp_path / "alone").exists() or not any((tmp_path / "alone").iterdir())
+
+
+@pytest.mark.integration
 def test_recipe_under_torchrun_trains_a_sharded_bank_into_one_artifact(tiny_model_dir, two_split_dir, tmp_path):
     """`torchrun --nproc_per_node 2 recipes/train.py ... --bank_sharding rows`: each process encodes and keeps half
     of the corpus; the safety net evaluates through the shards; the artifact is one index that serving loads."""

@@ -30,6 +30,24 @@ def e5_like(model_dir: str):
     return SentenceTransformer(modules=[transformer, Pooling(32, "mean")], prompts=dict(PROMPTS), device="cpu")
 
 
+def reference_embeddings(model_dir, texts, pooling="mean", prompt="", precision="fp32"):
+    """The vectors computed without hf-qret: a plain transformers forward pass (in float32, or under bfloat16
+    autocast), then mean (or CLS) pooling and L2 normalisation in float32."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    features = tokenizer([prompt + t for t in texts], padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        hidden = model(**features).last_hidden_state.float()
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
 @pytest.fixture()
 def prompted_run(tiny_model_dir, st_data, tmp_path):  # noqa: F811
     """A 3-step run of the prompted model (bank built from corpus=), its bank before training, the artifact."""
@@ -98,6 +116,45 @@ def test_prompted_documents_are_the_same_vectors_in_the_bank_and_add_documents(p
     np.testing.assert_allclose(added, initial_bank[:5], rtol=1e-5, atol=1e-6)
 
 
+def test_the_default_bf16_bank_and_add_documents_agree(tiny_model_dir, st_data, tmp_path, monkeypatch):  # noqa: F811
+    """bank_encode_precision='auto' (the default) on a CPU with AMX (made to look so here: this machine has none)
+    encodes the bank under bfloat16 autocast, and add_documents encodes new documents the same way: a document added
+    again gets its bank row back within 1e-6 per component, while the bank differs from sentence-transformers' own
+    float32 encode_document by more than that (and is within bf16's rounding of it: cosine >= 0.999). On a CPU
+    without native bf16, add_documents gives that float32 encoding (1e-6)."""
+    from sentence_transformers import SentenceTransformer
+
+    corpus, pairs, _, _ = st_data
+    texts = list(corpus.values())[:8]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    trainer = QRetTrainer(model=e5_like(tiny_model_dir), args=st_args(tmp_path), train_dataset=pairs, corpus=corpus)
+    assert trainer.args.bank_encode_precision == "auto"
+    bank_rows = trainer.bank.numpy()[:8].copy()
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert json.loads((out / "qret_config.json").read_text())["document_precision"] == "bf16"
+    reference = SentenceTransformer(str(out / "document_encoder"), device="cpu").encode_document(
+        texts, convert_to_numpy=True
+    )
+
+    def cosine(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    assert not np.allclose(bank_rows, reference, rtol=0, atol=1e-6)  # the bank was encoded in bf16
+    assert cosine(bank_rows, reference).min() >= 0.999
+    retriever = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
+    retriever.add_documents(texts, [f"again-{i}" for i in range(8)])
+    added = retriever.files.bank.float32_rows()[-8:]
+    np.testing.assert_allclose(added, bank_rows, rtol=0, atol=1e-6)  # in bf16 too: float32 would be off by more
+    assert cosine(added, reference).min() >= 0.999
+    # no native bf16: add_documents encodes in float32, sentence-transformers' own encoding
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    retriever = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
+    retriever.add_documents(texts, [f"again-{i}" for i in range(8)])
+    np.testing.assert_allclose(retriever.files.bank.float32_rows()[-8:], reference, rtol=0, atol=1e-6)
+
+
 def test_an_evaluator_prompt_other_than_the_trained_one_is_refused(tiny_model_dir, st_data, tmp_path):  # noqa: F811
     corpus, pairs, dev, _ = st_data
     args = st_args(tmp_path)
@@ -153,8 +210,9 @@ def test_plain_folder_artifact_adds_a_document_as_a_rebuild_would(plain_artifact
     configure_encoder(bank_model)
     stored = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
     # no prompts (the document role adds nothing), in the precision the bank was encoded in
-    expected = encode_texts(bank_model, [text], precision=stored.config["document_precision"])
-    assert np.linalg.norm(expected) == pytest.approx(1.0, abs=1e-5)
+    precision = stored.config["document_precision"]  # bank_encode_precision='auto': bf16 on a CPU with AMX
+    expected = reference_embeddings(str(plain), [text], precision=precision)  # plain transformers, mean pooling
+    np.testing.assert_allclose(expected, encode_texts(bank_model, [text], precision=precision), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(stored.files.bank.float32_rows()[:], axis=1), 1.0, atol=1e-4)
     # the rebuild: the artifact's index (same codebooks) with the expected row added
     rebuilt = QuantizedRetriever.from_pretrained(out, "cpu")
@@ -193,7 +251,10 @@ def test_plain_transformers_encoder_is_saved_as_a_sentence_transformer(tiny_mode
     out = tmp_path / "plain_cls"
     trainer.save_model(str(out))
     served = QuantizedRetriever.from_pretrained(out, "cpu").encode_queries(QUERIES)
-    np.testing.assert_allclose(served, encode_texts(model, QUERIES, tokenizer=tokenizer), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path / "trained_plain")
+    tokenizer.save_pretrained(tmp_path / "trained_plain")
+    reference = reference_embeddings(str(tmp_path / "trained_plain"), QUERIES, pooling="cls")
+    np.testing.assert_allclose(served, reference, rtol=1e-4, atol=1e-5)
     reference = SentenceTransformer(str(out), device="cpu").encode(QUERIES, convert_to_numpy=True)
     np.testing.assert_allclose(reference, served, rtol=1e-5, atol=1e-6)
 

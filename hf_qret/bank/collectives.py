@@ -10,14 +10,20 @@ device under NCCL. Bottom layer: imports neither training, hub nor evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import CollectiveCallError
+from .uneven import all_gather_uneven as gather_uneven
+from .uneven import shard_bounds
+
 __all__ = [
     "ShardLayout",
     "shard_bounds",
+    "check_every_process",
     "all_gather_uneven",
     "broadcast_bytes",
     "gather_bytes",
@@ -25,18 +31,6 @@ __all__ = [
     "send_chunks",
     "recv_chunks",
 ]
-
-
-def shard_bounds(count: int, world: int, rank: int) -> tuple[int, int]:
-    """The contiguous range of ``count`` rows process ``rank`` of ``world`` takes (sizes differ by at most one).
-
-    Example:
-        >>> [shard_bounds(5, 2, r) for r in range(2)]
-        [(0, 3), (3, 5)]
-    """
-    base, extra = divmod(int(count), int(world))
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 @dataclass(frozen=True)
@@ -48,6 +42,7 @@ class ShardLayout:
         world: Number of processes.
         rank: This process.
         group: The ``torch.distributed`` process group the shards talk on (``None``: the default group).
+        monitor: A gloo process group of the same processes for :func:`check_every_process` (``None``: no check).
 
     Example:
         >>> layout = ShardLayout(count=10, world=3, rank=1)
@@ -61,19 +56,23 @@ class ShardLayout:
     world: int
     rank: int
     group: Any = None
+    monitor: Any = None
 
     @classmethod
     def create(cls, count: int) -> ShardLayout:
         """The layout of this process in the initialised ``torch.distributed`` world, with a process group of its
-        own for the shards' collectives (a collective: every process calls it at the same point).
+        own for the shards' collectives and a gloo one for :func:`check_every_process` (a collective: every process
+        calls it at the same point).
 
         Example:
             >>> layout = ShardLayout.create(len(bank))  # under torchrun  # doctest: +SKIP
         """
         import torch.distributed as dist
 
-        group = dist.new_group(ranks=list(range(dist.get_world_size())))
-        return cls(int(count), dist.get_world_size(), dist.get_rank(), group)
+        ranks = list(range(dist.get_world_size()))
+        group = dist.new_group(ranks=ranks)
+        monitor = dist.new_group(ranks=ranks, backend="gloo")
+        return cls(int(count), dist.get_world_size(), dist.get_rank(), group, monitor)
 
     def bounds(self, rank: int) -> tuple[int, int]:
         """``(start, end)`` rows of process ``rank``."""
@@ -114,32 +113,43 @@ class ShardLayout:
         return torch.device("cpu")
 
 
+def check_every_process(layout: ShardLayout, call: str, timeout_s: float) -> None:
+    """Waits until every process has reached ``call`` (a gloo ``monitored_barrier`` on the layout's monitor group),
+    so that a call made on some processes only fails with a message instead of hanging in the collectives after it.
+
+    Raises:
+        CollectiveCallError: Some process did not reach ``call`` within ``timeout_s`` seconds.
+
+    Example:
+        >>> check_every_process(ShardLayout(count=4, world=1, rank=0), "evaluate()", 60)  # one process: no wait
+    """
+    import torch.distributed as dist
+
+    if layout.world == 1 or layout.monitor is None:
+        return
+    try:
+        dist.monitored_barrier(group=layout.monitor, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as error:
+        raise CollectiveCallError(
+            f"process {layout.rank} called {call}, but not every one of the {layout.world} processes did within "
+            f"{timeout_s:g} s (--ddp_timeout): with bank_sharding='rows' each process holds part of the bank and "
+            f"the index, so call {call} on every process (not only on the main one; the main process writes the "
+            f"files). ({error})"
+        ) from error
+
+
 def all_gather_uneven(layout: ShardLayout, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     """Every process's ``tensors`` (same first dimension within a process, any across processes), concatenated in
-    rank order, and each process's count. A collective on the layout's group.
+    rank order, and each process's count (:func:`hf_qret.bank.uneven.all_gather_uneven`). A collective on the
+    layout's group.
 
     Example:
         >>> rows, counts = all_gather_uneven(layout, torch.tensor([3, 1]))  # under torchrun  # doctest: +SKIP
     """
-    import torch.distributed as dist
-
     if layout.world == 1:
         return list(tensors), [int(tensors[0].shape[0])]
     device = layout.device()
-    count = torch.tensor([tensors[0].shape[0]], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(count) for _ in range(layout.world)]
-    dist.all_gather(counts, count, group=layout.group)
-    sizes = [int(c.item()) for c in counts]
-    width = max(sizes)
-    out = []
-    for tensor in tensors:
-        tensor = tensor.to(device)
-        padded = tensor.new_zeros((width, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        gathered = [torch.empty_like(padded) for _ in range(layout.world)]
-        dist.all_gather(gathered, padded, group=layout.group)
-        out.append(torch.cat([g[:n] for g, n in zip(gathered, sizes)]))
-    return out, sizes
+    return gather_uneven([tensor.to(device) for tensor in tensors], layout.world, layout.group)
 
 
 def broadcast_bytes(layout: ShardLayout, data: bytes | None, src: int = 0) -> bytes:

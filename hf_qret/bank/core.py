@@ -435,26 +435,36 @@ class TargetBank(nn.Module):
         self.weight[start:end].copy_(values.to(self.weight.device))
         self._changed[start:end] = True
 
+    def _file_window(self) -> tuple[int, int, int]:
+        """The rows of the whole bank a saved file holds, and the window ``[start, end)`` of them this bank keeps
+        (all of them; one process's shard in a sharded bank)."""
+        return self.weight.shape[0], 0, self.weight.shape[0]
+
     @torch.no_grad()
     def load_rows_from_file(self, path: str | os.PathLike) -> None:
-        """Copies the rows of a saved bank file into this bank's storage, chunk by chunk (resuming a checkpoint).
+        """Copies the rows of a saved bank file (the whole bank) this bank keeps into its storage, chunk by chunk
+        (resuming a checkpoint; a sharded bank takes its window of rows).
 
         Raises:
             ArtifactError: The file is unreadable or has another shape.
         """
         path = Path(path)
+        count, start, end = self._file_window()
         try:
             shape, _, chunks = read_bank_chunks(path)
-            if tuple(shape) != tuple(self.weight.shape):
+            if tuple(shape) != (count, self.dim):
                 raise ArtifactError(
-                    f"{path}: the saved bank is {tuple(shape)} but this bank is {tuple(self.weight.shape)}; "
+                    f"{path}: the saved bank is {tuple(shape)} but this bank is {(count, self.dim)}; "
                     "resume with the same corpus and model."
                 )
-            start = 0
+            first = 0
             for chunk in chunks:
                 chunk = torch.as_tensor(chunk) if not torch.is_tensor(chunk) else chunk
-                self.weight[start : start + chunk.shape[0]].copy_(chunk.to(self.weight.device))
-                start += chunk.shape[0]
+                last = first + chunk.shape[0]
+                lo, hi = max(first, start), min(last, end)
+                if lo < hi:
+                    self.weight[lo - start : hi - start].copy_(chunk[lo - first : hi - first].to(self.weight.device))
+                first = last
         except ArtifactError:
             raise
         except Exception as exc:  # noqa: BLE001

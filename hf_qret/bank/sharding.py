@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ArtifactError, ConfigError
 from .collectives import ShardLayout, all_gather_uneven, recv_chunks, send_chunks
 from .core import TargetBank
-from .storage import CHUNK_ROWS, RowIds, read_bank_chunks, storage_dtype, write_safetensors_header
+from .storage import CHUNK_ROWS, RowIds, storage_dtype, write_safetensors_header
 
 __all__ = ["ShardedTargetBank", "AssembledBankFile"]
 
@@ -212,36 +212,9 @@ class ShardedTargetBank(TargetBank):
         self.version += 1
         self.mark_all_changed()
 
-    @torch.no_grad()
-    def load_rows_from_file(self, path: str | os.PathLike) -> None:
-        """Copies this shard's rows out of a whole saved bank (an artifact's ``bank.safetensors``), chunk by chunk.
-
-        Raises:
-            ArtifactError: The file is unreadable or has another shape.
-        """
-        path = Path(path)
-        start, end = self.shard.start, self.shard.end
-        try:
-            shape, _, chunks = read_bank_chunks(path)
-            if tuple(shape) != (self.shard.count, self.dim):
-                raise ArtifactError(
-                    f"{path}: the saved bank is {tuple(shape)} but this bank is {(self.shard.count, self.dim)}; "
-                    "resume with the same corpus and model."
-                )
-            first = 0
-            for chunk in chunks:
-                chunk = torch.as_tensor(chunk) if not torch.is_tensor(chunk) else chunk
-                last = first + chunk.shape[0]
-                lo, hi = max(first, start), min(last, end)
-                if lo < hi:
-                    self.weight[lo - start : hi - start].copy_(chunk[lo - first : hi - first].to(self.weight.device))
-                first = last
-        except ArtifactError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
-        self.version += 1
-        self.mark_all_changed()
+    def _file_window(self) -> tuple[int, int, int]:
+        """A saved bank file holds the whole bank; this process keeps its shard's rows of it."""
+        return self.shard.count, self.shard.start, self.shard.end
 
     def save(self, path: str | os.PathLike) -> None:
         """Refused: the whole bank is written by :meth:`assemble_file` (a collective), a shard by :meth:`save_shard`."""

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, ConfigError
+from ..options import BANK_DTYPE_NAMES
 
 if TYPE_CHECKING:
-    from ..config import QRetTrainingArguments
     from .core import TargetBank
 
 __all__ = [
@@ -53,7 +53,7 @@ logger = logging.getLogger("hf_qret.bank.core")
 BANK_KEY = "embeddings"
 
 #: Storage dtypes of the bank, by their config name.
-BANK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BANK_DTYPES: dict[str, torch.dtype] = dict(zip(BANK_DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
 # numpy has no bfloat16: a bf16 memory-mapped bank is a .npy of its raw uint16 bit patterns.
 NUMPY_STORAGE = {torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2")}
@@ -408,19 +408,27 @@ def open_npy_memmap(path: Path, dtype: torch.dtype | None = None, mode: str = "r
     return tensor, array
 
 
-def place_bank(bank: TargetBank, args: QRetTrainingArguments) -> None:
-    """Applies ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` to the bank (see the README, "Scale").
+def place_bank(
+    bank: TargetBank,
+    device: str | torch.device,
+    bank_device: str = "auto",
+    bank_dtype: str = "fp32",
+    pin_memory: bool = False,
+) -> None:
+    """Stores the bank as the options ``bank_dtype`` / ``bank_device`` / ``bank_pin_memory`` say (see the README,
+    "Scale"): on ``device`` (where training computes), or on the CPU with ``bank_device='cpu'`` (and by default for
+    a memory-mapped bank), its gathered rows then moved to ``device``.
 
     Example:
-        >>> place_bank(bank, QRetTrainingArguments("out", bank_device="cpu"))  # doctest: +SKIP
+        >>> place_bank(bank, "cuda", bank_device="cpu", bank_dtype="bf16", pin_memory=True)  # doctest: +SKIP
     """
-    device = torch.device(args.device)
-    if args.bank_device == "cpu" or (args.bank_device == "auto" and bank.is_mmap):
+    device = torch.device(device)
+    if bank_device == "cpu" or (bank_device == "auto" and bank.is_mmap):
         target = torch.device("cpu")
     else:
         target = device
-    if bank.dtype != storage_dtype(args.bank_dtype) and not bank.is_mmap:
-        logger.info("bank: storing the rows as %s (bank_dtype)", args.bank_dtype)
-    bank.to_storage(args.bank_dtype, target)
+    if bank.dtype != storage_dtype(bank_dtype) and not bank.is_mmap:
+        logger.info("bank: storing the rows as %s (bank_dtype)", bank_dtype)
+    bank.to_storage(bank_dtype, target)
     bank.compute_device = None if target == device else device
-    bank.pin_memory = bool(args.bank_pin_memory)
+    bank.pin_memory = bool(pin_memory)

@@ -307,7 +307,7 @@ def render_model_card(
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -121,7 +121,7 @@ def _api(api: Any = None) -> Any:
         return api
     from huggingface_hub import HfApi
 
-    from .. import __version__
+    from .._version import __version__
 
     return HfApi(library_name="hf-qret", library_version=__version__)
 

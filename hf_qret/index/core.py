@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError
+from ..options import REFRESH_MODES
 from .codes import DecodedCodes, in_place_updater, served_codes_nbytes
 from .factory import OPQ_MIN_ROWS, check_index_options, fit_factory
 from .faiss_ops import (
@@ -50,9 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``"reencode"`` keeps the trained codebooks and re-encodes every bank row; ``"retrain"`` also retrains them;
-#: ``"incremental"`` re-encodes, in place, only the rows changed since the last refresh.
-REFRESH_MODES = ("reencode", "retrain", "incremental")
 #: With ``normalize_decoded``, how many of the index's top rows per query are re-scored by their decoded cosine (at
 #: least ``k``): on InsuranceQA and SciFact dev, 50 or more gave the nDCG@10 of the cosine over every row.
 RENORM_DEPTH = 100

@@ -10,6 +10,7 @@ import math
 import re
 
 from ..errors import ConfigError
+from ..options import check_index_options
 
 __all__ = ["fit_factory", "check_index_options", "OPQ_MIN_ROWS"]
 
@@ -89,27 +90,3 @@ def fit_factory(factory: str, num_rows: int) -> tuple[str, str]:
         parts.append(name)
     fitted = ",".join(parts)
     return fitted, "; ".join(reasons)
-
-
-def check_index_options(
-    opq_niter: int | None, mining_nlist: int, mining_nprobe: int, rq_beam_size: int | None = None
-) -> None:
-    """Raises :class:`ConfigError` for an OPQ iteration count, mining-shortlist setting or residual-quantizer beam
-    that cannot work.
-
-    Example:
-        >>> check_index_options(opq_niter=None, mining_nlist=0, mining_nprobe=16)  # the defaults: fine
-        >>> check_index_options(opq_niter=0, mining_nlist=0, mining_nprobe=16)
-        Traceback (most recent call last):
-        ...
-        hf_qret.errors.ConfigError: opq_niter must be at least 1 (FAISS's default is 50), got 0.
-    """
-    if opq_niter is not None and int(opq_niter) < 1:
-        raise ConfigError(f"opq_niter must be at least 1 (FAISS's default is 50), got {opq_niter}.")
-    if int(mining_nlist) < 0 or int(mining_nprobe) < 1:
-        raise ConfigError(
-            f"mining_nlist must be >= 0 (0: no shortlist) and mining_nprobe >= 1, got {mining_nlist} and "
-            f"{mining_nprobe}."
-        )
-    if rq_beam_size is not None and int(rq_beam_size) < 1:
-        raise ConfigError(f"rq_beam_size must be at least 1 (FAISS's default is 5), got {rq_beam_size}.")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import ENCODE_PRECISIONS, POOLINGS
 from .embedding import pool, prompt_for
 
 __all__ = [
@@ -51,15 +52,10 @@ __all__ = [
     "DEFAULT_SCALES",
 ]
 
-#: Pooling of a plain transformers encoder's token states.
-POOLINGS = ("mean", "cls")
 #: The loss's default scale (inverse temperature) per similarity function (MultipleNegativesRankingLoss: 20 for
 #: cosine scores, 1 for dot products).
 DEFAULT_SCALES = {"cosine": 20.0, "dot": 1.0}
 _POOLING_ATTR = "_hf_qret_pooling"
-#: Precisions :func:`encode_texts` runs a model in: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the
-#: hardware computes it natively, see :func:`encode_autocast_dtype`).
-ENCODE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def encode_autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:

@@ -10,7 +10,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..bank.core import TargetBank
-from ..index.core import REFRESH_MODES, QuantizedIndex
+from ..index.core import QuantizedIndex
+from ..options import REFRESH_MODES
 
 __all__ = ["BankStepCallback", "IndexRefreshCallback", "RetrievalEvaluationCallback"]
 

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from ..bank.core import TargetBank
+from ..errors import ConfigError
 
-__all__ = ["QRetDataCollator"]
+__all__ = ["QRetDataCollator", "training_positive_rows"]
 
 
 class QRetDataCollator:
@@ -72,3 +73,29 @@ class QRetDataCollator:
         if width:
             batch["negative_rows"] = torch.tensor([n + [-1] * (width - len(n)) for n in negatives], dtype=torch.long)
         return batch
+
+
+def training_positive_rows(dataset: Any, bank: TargetBank) -> torch.Tensor:
+    """``(num_docs,)`` mask of the bank rows that are a training positive (``positive_id`` / ``positive_ids``).
+
+    Raises:
+        ConfigError: the dataset has no ``positive_id`` column to read them from.
+
+    Example:
+        >>> training_positive_rows(trainer.train_dataset, trainer.bank).sum()  # doctest: +SKIP
+    """
+    mask = torch.zeros(len(bank), dtype=torch.bool)
+    if dataset is None:
+        return mask
+    columns = getattr(dataset, "column_names", None) or []
+    if "positive_id" not in columns:
+        raise ConfigError(
+            "bank_update='positives' moves only the rows of training positives, read from the train_dataset's "
+            "'positive_id' (and 'positive_ids') columns, which it does not have; build it with build_pairs_dataset "
+            "or pass --bank_update all."
+        )
+    doc_ids = {str(d) for d in dataset["positive_id"]}
+    if "positive_ids" in columns:
+        doc_ids.update(str(d) for docs in dataset["positive_ids"] for d in (docs or []))
+    mask[bank.rows_of(sorted(doc_ids))] = True
+    return mask

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..bank.uneven import all_gather_uneven, shard_bounds
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -71,18 +73,6 @@ def barrier() -> None:
 
     if world_size() > 1:
         dist.barrier()
-
-
-def shard_bounds(count: int, world: int, rank: int) -> tuple[int, int]:
-    """The contiguous range of ``count`` rows process ``rank`` of ``world`` takes (sizes differ by at most one).
-
-    Example:
-        >>> [shard_bounds(5, 2, r) for r in range(2)]
-        [(0, 3), (3, 5)]
-    """
-    base, extra = divmod(int(count), int(world))
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def encode_corpus(
@@ -154,30 +144,9 @@ def _collective_device() -> torch.device:
 
 
 def _all_gather_uneven(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's ``tensors`` (same first dimension within a process, any across processes), concatenated in
-    rank order: one collective for the counts, then one per tensor padded to the largest count.
-
-    The tensors must already be on :func:`_collective_device`.
-    """
-    import torch.distributed as dist
-
-    world = world_size()
-    device = tensors[0].device
-    count = torch.tensor([tensors[0].shape[0]], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    width = max(sizes)
-    if width == 0:  # the same on every process: nothing to move
-        return [tensor[:0] for tensor in tensors]
-    out = []
-    for tensor in tensors:
-        padded = tensor.new_zeros((width, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded)
-        out.append(torch.cat([g[:n] for g, n in zip(gathered, sizes)]))
-    return out
+    """Every process's ``tensors`` concatenated in rank order (:func:`hf_qret.bank.uneven.all_gather_uneven` on the
+    default group); the tensors must already be on :func:`_collective_device`."""
+    return all_gather_uneven(tensors, world_size())[0]
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..serving.artifact import save_retrieval_files, write_json
+from ..serving.artifact import save_document_encoder, save_retrieval_files, write_json
 from ..serving.encoder import is_sentence_transformer
 from ..serving.peft_utils import has_adapter
 from .checkpoint import (
@@ -23,11 +23,13 @@ from .checkpoint import (
     staging_folder,
 )
 from .dropin import write_corpus_texts
+from .record import training_record
 from .sharded import (
     check_shard_checkpoint,
     is_sharded,
     load_shard_optimizer,
     load_shard_state,
+    require_every_process,
     save_shard_state,
     save_sharded_retrieval_files,
 )
@@ -78,6 +80,35 @@ class CheckpointMixin:
         True
     """
 
+    def artifact_config(self) -> dict[str, Any]:
+        """What ``qret_config.json`` records about the training run (:func:`hf_qret.training.record.training_record`)."""
+        return training_record(self)
+
+    def index_record(self) -> dict[str, Any]:
+        """How the saved / evaluated index was built (``qret_config.json``'s ``"index_state"``): the configured modes
+        and ``last_refresh_mode``, the mode the last refresh actually ran in (``None``: built, never refreshed)."""
+        callback = self.refresh_callback
+        return {
+            "step": self.state.global_step,
+            "last_refresh_step": None if callback.last_refresh_step < 0 else callback.last_refresh_step,
+            "refresh_mode": callback.mode,
+            "final_refresh_mode": callback.final_mode,
+            "last_refresh_mode": callback.last_refresh_mode,
+            "rows_reencoded_since_refresh": int(self.bank.num_changed),
+        }
+
+    def _save_document_encoder(self) -> None:
+        """When the trainer encoded the bank (``corpus=`` / text pairs), saves the untrained model as the artifact's
+        document encoder before the first step, so ``QuantizedRetriever.add_documents`` encodes new documents as the
+        bank's were (the recipe does the same). A ``bank=`` built elsewhere: call
+        :func:`hf_qret.serving.artifact.save_document_encoder` with its encoder yourself."""
+        model = self.accelerator.unwrap_model(self.model)
+        untrained = self.state.global_step == 0
+        if untrained and self.encodes_bank and self.args.should_save and is_sentence_transformer(model):
+            if not has_adapter(model):
+                save_document_encoder(self.args.output_dir, model)
+        self.accelerator.wait_for_everyone()
+
     def save_merged_model(self, output_dir: str | None = None) -> str:
         """Saves the artifact with the encoder's peft adapter merged into a copy of the base weights (a plain,
         self-contained model); see :func:`hf_qret.serving.peft_utils.save_merged`. ``save_model`` keeps the adapter."""
@@ -91,6 +122,7 @@ class CheckpointMixin:
         sharded = is_sharded(self.bank)  # every process writes its part: the artifact is assembled from the shards
         if not self.args.should_save and not sharded:
             return
+        require_every_process(self, "save_model()")
         if self.args.should_save:
             self._save_model_state(output_dir, state_dict)
             link_document_encoder(self.args.output_dir, output_dir)  # a checkpoint is a whole artifact too

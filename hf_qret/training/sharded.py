@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..bank.collectives import ShardLayout
+from ..bank.collectives import ShardLayout, check_every_process
 from ..bank.sharding import ShardedTargetBank
 from ..errors import ConfigError
 from ..index.core import QuantizedIndex
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "shard_for_training",
     "is_sharded",
+    "require_every_process",
     "shard_file",
     "check_shard_checkpoint",
     "save_sharded_retrieval_files",
@@ -71,6 +72,20 @@ def is_sharded(bank: Any) -> bool:
         False
     """
     return isinstance(bank, ShardedTargetBank)
+
+
+def require_every_process(trainer: Any, call: str) -> None:
+    """In a sharded run, waits until every process has reached ``call`` (``evaluate()``, ``save_model()``: their
+    collectives need all of them) and raises a clear error after ``args.ddp_timeout`` seconds instead of hanging.
+
+    Raises:
+        CollectiveCallError: Some process did not call ``call`` (:func:`~hf_qret.bank.collectives.check_every_process`).
+
+    Example:
+        >>> require_every_process(trainer, "evaluate()")  # doctest: +SKIP
+    """
+    if is_sharded(trainer.bank):
+        check_every_process(trainer.bank.shard, call, trainer.args.ddp_timeout)
 
 
 def shard_for_training(bank: TargetBank, index: QuantizedIndex, args: Any) -> tuple[TargetBank, QuantizedIndex]:

@@ -16,11 +16,9 @@ from transformers import Trainer
 from ..bank.core import TargetBank
 from ..bank.storage import place_bank
 from ..config import QRetTrainingArguments
-from ..data import training_positive_rows
 from ..errors import TrainingDivergedError
 from ..index.core import QuantizedIndex, set_faiss_threads
 from ..index.mining import IndexMiner, MinedBatch
-from ..serving.artifact import save_document_encoder, training_record
 from ..serving.encoder import (
     configure_encoder,
     embed,
@@ -29,10 +27,9 @@ from ..serving.encoder import (
     make_tokenize_fn,
     normalizes_embeddings,
 )
-from ..serving.peft_utils import has_adapter
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import BANK_OPTIMIZER_NAME
-from .collator import QRetDataCollator
+from .collator import QRetDataCollator, training_positive_rows
 from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
 from .dropin import prepare_dropin
 from .hub_mixin import HubMixin
@@ -40,7 +37,7 @@ from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .optim import FollowScheduler, RowAdam, RowSGD
 from .persistence import CheckpointMixin
 from .safety_net import SafetyNetCallback
-from .sharded import is_sharded, shard_for_training
+from .sharded import is_sharded, require_every_process, shard_for_training
 
 __all__ = ["QRetTrainer", "BANK_OPTIMIZER_NAME", "training_positive_rows"]
 
@@ -158,7 +155,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         self.miner = IndexMiner(index, min(args.num_negatives, len(bank)))
         # bank_update='positives': only the rows of documents that are training positives ever move.
         self.trainable_rows = training_positive_rows(train_dataset, bank) if args.bank_update == "positives" else None
-        place_bank(bank, args)
+        place_bank(bank, args.device, args.bank_device, args.bank_dtype, args.bank_pin_memory)
         self.loss = resolve_loss(loss, args, model, bank, index, self.trainable_rows)
         self.evaluator = evaluator
         self._qret_stats: dict[str, list[float]] = defaultdict(list)
@@ -233,18 +230,6 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
             self._save_document_encoder()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _save_document_encoder(self) -> None:
-        """When the trainer encoded the bank (``corpus=`` / text pairs), saves the untrained model as the artifact's
-        document encoder before the first step, so ``QuantizedRetriever.add_documents`` encodes new documents as the
-        bank's were (the recipe does the same). A ``bank=`` built elsewhere: call
-        :func:`hf_qret.serving.artifact.save_document_encoder` with its encoder yourself."""
-        model = self.accelerator.unwrap_model(self.model)
-        untrained = self.state.global_step == 0
-        if untrained and self.encodes_bank and self.args.should_save and is_sentence_transformer(model):
-            if not has_adapter(model):
-                save_document_encoder(self.args.output_dir, model)
-        self.accelerator.wait_for_everyone()
-
     def served_index(self) -> QuantizedIndex:
         """The index of the bank as it is now, as it would be served: the mining index with the rows moved since its
         last refresh re-encoded with the current codebooks (:meth:`QuantizedIndex.synced_copy`).
@@ -260,19 +245,6 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         if self._served is None or self._served[0] != key:
             self._served = (key, self.index.synced_copy(self.bank.float32_rows(), changed))
         return self._served[1]
-
-    def index_record(self) -> dict[str, Any]:
-        """How the saved / evaluated index was built (``qret_config.json``'s ``"index_state"``): the configured modes
-        and ``last_refresh_mode``, the mode the last refresh actually ran in (``None``: built, never refreshed)."""
-        callback = self.refresh_callback
-        return {
-            "step": self.state.global_step,
-            "last_refresh_step": None if callback.last_refresh_step < 0 else callback.last_refresh_step,
-            "refresh_mode": callback.mode,
-            "final_refresh_mode": callback.final_mode,
-            "last_refresh_mode": callback.last_refresh_mode,
-            "rows_reencoded_since_refresh": int(self.bank.num_changed),
-        }
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -364,8 +336,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         together once (one ``on_evaluate``).
 
         Retrieval metrics are logged as ``{prefix}_flat_ndcg@10``, ``{prefix}_quantized_ndcg@10``, ..., measured on
-        :meth:`served_index`.
+        :meth:`served_index`. With ``bank_sharding='rows'``, every process calls it.
         """
+        require_every_process(self, "evaluate()")
         if eval_dataset is not None or self.eval_dataset is not None:
             self._retrieval_prefix = metric_key_prefix  # evaluation_loop adds the retrieval metrics
             try:
@@ -412,8 +385,3 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         if prediction_loss_only:
             return loss, None, None
         return loss, outputs["query_embeddings"].detach(), inputs["positive_rows"]
-
-    # ------------------------------------------------------------------ saving (and resuming: CheckpointMixin)
-    def artifact_config(self) -> dict[str, Any]:
-        """What ``qret_config.json`` records about the training run (:func:`hf_qret.serving.artifact.training_record`)."""
-        return training_record(self)
