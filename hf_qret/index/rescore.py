@@ -60,7 +60,7 @@ def write_rescore_rows(
         >>> rows = np.random.default_rng(0).standard_normal((10, 4)).astype("float32")
         >>> path = os.path.join(tempfile.mkdtemp(), "rescore_int8.npy")
         >>> write_rescore_rows([rows[:6], rows[6:]], 10, 4, path, "int8")
-        102
+        336
         >>> bool(np.abs(RescoreRows(path).rows(np.arange(10)) - rows).max() < 0.02)
         True
     """
@@ -114,7 +114,7 @@ class RescoreRows:
         >>> _ = write_rescore_rows([rows], 4, 4, path, "float16")
         >>> scores, found = RescoreRows(path).rescore(rows[:1], np.array([[2, 0, 1]]), k=2)
         >>> found.tolist(), scores.tolist()
-        [[0, 1]], [[1.0, 0.0]]
+        [[0, 2]], [[1.0, 0.0]]
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
