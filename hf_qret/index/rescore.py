@@ -114,7 +114,7 @@ class RescoreRows:
         >>> _ = write_rescore_rows([rows], 4, 4, path, "float16")
         >>> scores, found = RescoreRows(path).rescore(rows[:1], np.array([[2, 0, 1]]), k=2)
         >>> found.tolist(), scores.tolist()
-        [[0, 2]], [[1.0, 0.0]]
+        ([[0, 2]], [[1.0, 0.0]])
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
