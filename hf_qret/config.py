@@ -93,7 +93,7 @@ class QRetTrainingArguments(TrainingArguments):
             "help": "faiss.index_factory string of the quantized index (inner product). Default 'auto': chosen from "
             "the number of bank rows (hf_qret.index.auto.choose_index): 'RQ16x8', a residual quantizer of 16 bytes "
             "per vector (SciFact untrained: 0.649 nDCG@10 of flat 0.670; OPQ16,PQ16: 0.557), below "
-            "hf_qret.index.auto.AUTO_SWITCH_ROWS rows; 'IVF<nlist>,PQ16' with nprobe=16 from there on (RQ16x8's "
+            "hf_qret.index.auto.AUTO_SWITCH_ROWS rows; 'OPQ16,IVF<nlist>,PQ16' with nprobe=16 from there on (RQ16x8's "
             "search slows with the corpus; docs/scale.md). Logged once and recorded in qret_config.json. Others: "
             "e.g. RQ8x8, PQ16, OPQ16,PQ16, IVF64,PQ16. Too few rows for the factory: it is adapted and says so "
             "(hf_qret.index.factory.fit_factory)."

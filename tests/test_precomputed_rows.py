@@ -97,7 +97,9 @@ def test_rows_without_text_cannot_be_encoded(tmp_path):
 def test_auto_index_switches_at_the_measured_point_and_explicit_factories_stay(caplog):
     small, large = choose_index(AUTO_SWITCH_ROWS - 1), choose_index(AUTO_SWITCH_ROWS)
     assert small.factory == "RQ16x8" and small.search_params is None
-    assert large.factory.startswith("IVF") and large.factory.endswith(",PQ16") and large.search_params == "nprobe=16"
+    assert (
+        large.factory.startswith("OPQ16,IVF") and large.factory.endswith(",PQ16") and large.search_params == "nprobe=16"
+    )
     args = SimpleNamespace(index_factory="auto", index_search_params=None)
     with caplog.at_level(logging.INFO, logger="hf_qret"):
         assert resolve_auto_index(args, AUTO_SWITCH_ROWS).factory == large.factory
@@ -131,3 +133,29 @@ def test_resume_with_precomputed_rows_continues_exactly_and_ships_one_artifact(t
     for out in (tmp_path / "a", tmp_path / "b"):
         assert not list(out.glob("bank_init.tmp*"))
         assert len(json.loads((out / "doc_ids.json").read_text())) == 340
+
+
+def test_large_auto_index_trains_searches_and_updates_in_place():
+    """The large-corpus default (an OPQ rotation in front of IVF-PQ) goes through every path the trainer uses."""
+    import faiss
+
+    from hf_qret.index.core import QuantizedIndex
+
+    rows = AUTO_SWITCH_ROWS
+    choice = choose_index(rows)
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((rows, 32)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    index = QuantizedIndex(32, choice.factory, choice.search_params, opq_niter=4, normalize_decoded=True)
+    index.build(bank, max_train_rows=12_000)
+    assert isinstance(faiss.downcast_index(index.index), faiss.IndexPreTransform)
+    assert faiss.extract_index_ivf(index.index).nprobe == 16 and index.ntotal == rows
+    scores, found = index.search(bank[:8], 10)
+    assert (found[:, 0] == np.arange(8)).mean() >= 0.75  # a row finds itself through the rotation and the lists
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    moved = np.arange(0, rows, 5)
+    bank[moved] = -bank[moved]
+    assert index.refresh(bank, mode="incremental", rows=moved) == len(moved)  # in place, no fallback
+    in_place = index.search(bank[:64], 10)[1]
+    index.refresh(bank, mode="reencode")
+    np.testing.assert_array_equal(in_place, index.search(bank[:64], 10)[1])

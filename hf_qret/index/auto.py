@@ -18,7 +18,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["AUTO", "AUTO_SWITCH_ROWS", "SERVING_TARGET_QPS", "IndexChoice", "choose_index", "resolve_auto_index"]
+__all__ = [
+    "AUTO",
+    "AUTO_SWITCH_ROWS",
+    "LARGE_FACTORY",
+    "SERVING_TARGET_QPS",
+    "IndexChoice",
+    "choose_index",
+    "resolve_auto_index",
+]
 
 logger = logging.getLogger("hf_qret")
 
@@ -32,6 +40,7 @@ SERVING_TARGET_QPS = 1000
 AUTO_SWITCH_ROWS = 50_000
 #: The small-corpus and the large-corpus index.
 SMALL_FACTORY = "RQ16x8"
+LARGE_FACTORY = "OPQ16,IVF{nlist},PQ16"
 LARGE_NPROBE = 16
 
 
@@ -97,11 +106,11 @@ def choose_index(rows: int, gpu: bool = False) -> IndexChoice:
     """The default index for a bank of ``rows`` rows.
 
     ``gpu`` does not move the switch point: ``RQ16x8`` has no FAISS GPU implementation (it is searched on the CPU
-    either way, and the artifact is served where it is loaded), and ``IVF,PQ16`` runs on both. It is recorded.
+    either way, and the artifact is served where it is loaded), and ``OPQ16,IVF,PQ16`` runs on both. It is recorded.
 
     Example:
         >>> choose_index(5183).factory, choose_index(1_000_000).factory, choose_index(1_000_000).search_params
-        ('RQ16x8', 'IVF1024,PQ16', 'nprobe=16')
+        ('RQ16x8', 'OPQ16,IVF1024,PQ16', 'nprobe=16')
     """
     rows = int(rows)
     if rows < AUTO_SWITCH_ROWS:
@@ -110,7 +119,7 @@ def choose_index(rows: int, gpu: bool = False) -> IndexChoice:
             f"corpora (it serves >= {SERVING_TARGET_QPS:,} queries/s below that size on 2 CPU cores)"
         )
         return IndexChoice(SMALL_FACTORY, None, rows, AUTO_SWITCH_ROWS, gpu, reason)
-    factory = f"IVF{ivf_lists(rows)},PQ16"
+    factory = LARGE_FACTORY.format(nlist=ivf_lists(rows))
     reason = (
         f"{rows:,} rows >= {AUTO_SWITCH_ROWS:,}: {factory} with nprobe={LARGE_NPROBE} ({SMALL_FACTORY} decodes every "
         f"code per query and falls below {SERVING_TARGET_QPS:,} queries/s at this size on 2 CPU cores)"
@@ -127,7 +136,7 @@ def resolve_auto_index(args: Any, rows: int) -> IndexChoice | None:
         >>> from types import SimpleNamespace
         >>> args = SimpleNamespace(index_factory="auto", index_search_params=None)
         >>> resolve_auto_index(args, 2_000_000).factory, args.index_factory, args.index_search_params
-        ('IVF2048,PQ16', 'IVF2048,PQ16', 'nprobe=16')
+        ('OPQ16,IVF1024,PQ16', 'OPQ16,IVF1024,PQ16', 'nprobe=16')
     """
     if str(getattr(args, "index_factory", "")).lower() != AUTO:
         return None
