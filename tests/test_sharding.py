@@ -94,9 +94,9 @@ def test_a_sharded_bank_writes_the_whole_bank_and_reads_its_slice(tmp_path):
     layout = ShardLayout(count=7, world=2, rank=1)
     shard = ShardedTargetBank(torch.zeros(3, 4), ids, layout)
     shard.load_rows_from_file(tmp_path / "bank.safetensors")
-    assert torch.equal(shard.weight.detach(), rows[4:])
+    assert torch.equal(shard.local_weight.detach(), rows[4:])
     assert len(shard) == 7 and shard.local_rows == 3 and shard.row_of("d5") == 5
-    assert shard.changed_rows().tolist() == [0, 1, 2]
+    assert shard.local_changed_rows().tolist() == [0, 1, 2]
     with pytest.raises(ConfigError, match="assemble_file"):
         shard.save(tmp_path / "x.safetensors")
     with pytest.raises(Exception, match="owns 3 of 7 rows"):
@@ -106,10 +106,42 @@ def test_a_sharded_bank_writes_the_whole_bank_and_reads_its_slice(tmp_path):
 def test_sharded_bank_gradients_go_to_the_owner_rows():
     bank = ShardedTargetBank(torch.zeros(3, 2), ["a", "b", "c"], ShardLayout(count=3, world=1, rank=0))
     (bank.gather(torch.tensor([2, 0])) * torch.tensor([[1.0], [3.0]])).sum().backward()
-    assert bank.weight.grad is None  # kept aside until the bank's step
+    assert bank.local_weight.grad is None  # kept aside until the bank's step
     assert bank.exchange_gradients() == 2
-    assert bank.weight.grad.to_dense().tolist() == [[3.0, 3.0], [0.0, 0.0], [1.0, 1.0]]
-    assert bank.exchange_gradients() == 0 and bank.weight.grad is None
+    assert bank.local_weight.grad.to_dense().tolist() == [[3.0, 3.0], [0.0, 0.0], [1.0, 1.0]]
+    assert bank.exchange_gradients() == 0 and bank.local_weight.grad is None
+
+
+def test_a_sharded_bank_and_index_name_their_local_parts_and_refuse_the_whole_bank_names():
+    # process 1 of 2 holds rows 4..6 of 7: len() is global, what it holds is local_*; the whole-bank names would
+    # silently mean this shard only, so they raise and name the replacement
+    layout = ShardLayout(count=7, world=2, rank=1)
+    rows = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    bank = ShardedTargetBank(rows, None, layout)
+    assert len(bank) == 7 and tuple(bank.local_weight.shape) == (3, 2)
+    assert bank.local_row_norms().tolist() == [5.0, 2.0, 1.0]
+    bank.write_rows(1, torch.ones(1, 2))
+    assert bank.local_changed_rows().tolist() == [1]
+    for name, replacement in (
+        ("weight", "local_weight"),
+        ("changed_rows", "local_changed_rows"),
+        ("row_norms", "local_row_norms"),
+    ):
+        assert not hasattr(bank, name)
+        with pytest.raises(AttributeError, match=rf"has no \.{name}:.*\.{replacement}"):
+            getattr(bank, name)
+    assert [name for name, _ in bank.named_parameters()] == ["weight"]  # the checkpoint key is unchanged
+
+    index = ShardedIndex(2, "Flat", layout)
+    assert not hasattr(index, "ntotal")
+    with pytest.raises(AttributeError, match=r"has no \.ntotal:.*\.local_ntotal.*\.global_ntotal"):
+        _ = index.ntotal
+    index.add(rows.numpy())
+    assert (index.local_ntotal, index.global_ntotal) == (3, 7)
+    assert index.reconstruct_all().shape == (3, 2)
+    # a refresh of this shard's rows (numbered from 0) runs on the shard: the incremental path, not a rebuild
+    assert index.refresh(bank.float32_rows(), mode="incremental", rows=bank.local_changed_rows()) == 1
+    assert index.reconstruct_all()[1].tolist() == [1.0, 1.0] and index.local_ntotal == 3
 
 
 def test_resuming_with_another_number_of_processes_says_so(tmp_path):
