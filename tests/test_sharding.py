@@ -3,14 +3,10 @@ artifact, checkpoints of another number of processes) and the gloo equivalence w
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from test_dropin import REPO, free_port
+from _helpers import dist_workers
 
 from hf_qret import QRetTrainingArguments, TargetBank
 from hf_qret.bank.collectives import ShardLayout, shard_bounds
@@ -179,12 +175,7 @@ def test_sharded_run_equals_the_replicated_run_step_by_step(tiny_model_dir, beir
     """Two gloo processes, 4 steps (an index refresh with retrained codebooks at step 2): the sharded bank gives the
     same candidates, losses and bank rows as the replicated bank at every step; its checkpoint resumes to the same
     bank; its artifact is the replicated run's (one bank, one index)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--sharded",
-               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers("--sharded", tiny_model_dir, str(beir_dir), str(tmp_path), timeout=300)
     ranks = [torch.load(tmp_path / f"sharded_rank{rank}.pt") for rank in range(2)]
     for record in ranks:
         replicated, sharded = record["replicated"], record["sharded"]
@@ -229,12 +220,7 @@ def test_three_uneven_shards_equal_the_replicated_run_up_to_float_rounding(tiny_
     from conftest import synthetic_beir, write_beir
 
     beir = write_beir(tmp_path / "beir", *synthetic_beir(num_docs=301))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--sharded",
-               tiny_model_dir, str(beir), str(tmp_path), "--defaults"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers("--sharded", tiny_model_dir, str(beir), str(tmp_path), "--defaults", nproc=3, timeout=400)
     ranks = [torch.load(tmp_path / f"sharded_rank{rank}.pt") for rank in range(3)]
     assert [record["sharded"]["banks"][0].shape[0] for record in ranks] == [101, 100, 100]
     assert [record["sharded"]["start"] for record in ranks] == [0, 101, 201]
@@ -258,12 +244,7 @@ def test_three_uneven_shards_equal_the_replicated_run_up_to_float_rounding(tiny_
 def test_evaluate_or_save_model_on_one_process_says_so(tiny_model_dir, beir_dir, tmp_path):
     """Two gloo processes with a sharded bank: evaluate() on process 0 only, save_model() on process 1 only. Each
     raises CollectiveCallError naming the call (after args.ddp_timeout) instead of hanging in the collectives."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--one-sided",
-               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers("--one-sided", tiny_model_dir, str(beir_dir), str(tmp_path), timeout=240)
     ranks = [torch.load(tmp_path / f"one_sided_rank{rank}.pt") for rank in range(2)]
     assert all("eval_loss" in record["together"] for record in ranks)
     assert "call evaluate() on every process" in ranks[0]["evaluate"] and "evaluate" not in ranks[1]
