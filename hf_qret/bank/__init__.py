@@ -5,6 +5,24 @@ from a :class:`BankSpec` and a source (:class:`EncodeSource`, :class:`FileSource
 Bottom layer with :mod:`hf_qret.index.core`: imports neither training, hub nor evaluation.
 """
 
-from .build import BankSource, BankSpec, CacheSource, EncodeSource, FileSource, build_bank
+from __future__ import annotations
 
-__all__ = ["BankSource", "BankSpec", "CacheSource", "EncodeSource", "FileSource", "build_bank"]
+import importlib
+from typing import Any
+
+#: Names importable from ``hf_qret.bank`` and their module, loaded on first use: importing the package (as
+#: ``hf_qret.bank.uneven``'s users do) loads nothing else.
+_EXPORTS = {
+    name: "build" for name in ("BankSource", "BankSpec", "CacheSource", "EncodeSource", "FileSource", "build_bank")
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
