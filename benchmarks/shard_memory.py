@@ -87,7 +87,7 @@ def worker(rank: int, world: int, port: int, mode: str, opts: dict, out: str) ->
         if mode == "sharded":
             bank.exchange_gradients()
         else:
-            all_reduce_row_grad(bank.weight)
+            all_reduce_row_grad(bank.local_weight)
         optimizer.step()
         optimizer.zero_grad()
     index.build(bank.float32_rows(), max_train_rows=opts["train_rows"])
@@ -96,7 +96,7 @@ def worker(rank: int, world: int, port: int, mode: str, opts: dict, out: str) ->
     seconds = time.perf_counter() - start_time
     record = {
         "rank": rank,
-        "bank_rows": int(bank.weight.shape[0]),
+        "bank_rows": int(bank.local_weight.shape[0]),
         "bank_bytes": int(bank.nbytes),
         "optimizer_bytes": int(optimizer.nbytes),
         "index_bytes": int(index.faiss.serialize_index(index.index).size),

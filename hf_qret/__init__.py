@@ -39,10 +39,13 @@ _EXPORTS: dict[str, str] = {
     "load_beir": "data",
     "load_qrels": "data",
     "ArtifactError": "errors",
+    "CollectiveCallError": "errors",
     "ConfigError": "errors",
     "DataError": "errors",
     "HubError": "errors",
+    "MissingExtraError": "errors",
     "QRetError": "errors",
+    "TrainingDivergedError": "errors",
     "RetrievalEvaluator": "evaluation.evaluator",
     "PushToHubCallback": "hub.callback",
     "push_artifact": "hub.push",
@@ -82,7 +85,16 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .bank.core import TargetBank
     from .config import DataArguments, ModelArguments, QRetTrainingArguments, parse_config
     from .data import BeirData, build_pairs_dataset, carve_dev_split, load_beir, load_qrels
-    from .errors import ArtifactError, ConfigError, DataError, HubError, QRetError
+    from .errors import (
+        ArtifactError,
+        CollectiveCallError,
+        ConfigError,
+        DataError,
+        HubError,
+        MissingExtraError,
+        QRetError,
+        TrainingDivergedError,
+    )
     from .evaluation.evaluator import RetrievalEvaluator
     from .evaluation.metrics import compute_metrics, write_trec_run
     from .hub.callback import PushToHubCallback

@@ -78,7 +78,7 @@ def ddp_train_main() -> None:
     torch.save(
         {
             "world": trainer.accelerator.num_processes,
-            "bank": trainer.bank.weight.detach().clone(),
+            "bank": trainer.bank.local_weight.detach().clone(),
             "row_steps": trainer.bank_optimizer.row_steps.clone(),
             "mined": mined_batches,
             "encoder": {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()},
@@ -122,7 +122,7 @@ def ddp_mmap_main() -> None:
         trainer = QRetTrainer(model, args, train_dataset=build_pairs_dataset(data), bank=bank)
         trainer.train()
         barrier()
-        banks[kind] = np.array(trainer.bank.weight.detach().numpy(), copy=True)
+        banks[kind] = np.array(trainer.bank.local_weight.detach().numpy(), copy=True)
         banks[f"{kind}_row_steps"] = trainer.bank_optimizer.row_steps.clone()
     torch.save(banks, out / f"mmap_rank{rank}.pt")
 
@@ -181,7 +181,7 @@ def ddp_sharded_main() -> None:
 
         class Banks(TrainerCallback):
             def on_step_end(self, args, state, control, _trainer=trainer, _steps=steps, **kwargs):
-                _steps["banks"].append(_trainer.bank.weight.detach().clone())
+                _steps["banks"].append(_trainer.bank.local_weight.detach().clone())
 
         trainer.miner.mine, trainer.loss.forward = recording_mine, recording_forward
         trainer.add_callback(Banks())
@@ -193,8 +193,8 @@ def ddp_sharded_main() -> None:
             steps["row_steps"] = trainer.bank_optimizer.row_steps.clone()
         if kind == "resumed":  # the safety net's restore (a saved artifact: one bank, one index) into the shards
             trainer.restore_snapshot(str(out / "sharded" / "checkpoint-2"))
-            steps["restored"] = trainer.bank.weight.detach().clone()
-            steps["restored_index_rows"] = trainer.index.ntotal
+            steps["restored"] = trainer.bank.local_weight.detach().clone()
+            steps["restored_index_rows"] = trainer.index.local_ntotal
         record[kind] = steps
     torch.save(record, out / f"sharded_rank{rank}.pt")
 

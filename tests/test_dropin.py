@@ -8,8 +8,6 @@ import difflib
 import multiprocessing
 import os
 import runpy
-import socket
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import REPO, dist_workers, free_port, torchrun
 from test_trainer import make_args
 from torch import nn
 from transformers import TrainerCallback
@@ -24,7 +23,6 @@ from transformers import TrainerCallback
 from hf_qret import QRetTrainer, QuantizedIndex, QuantizedRetriever, TargetBank, build_pairs_dataset, load_beir
 from hf_qret.serving.encoder import _unwrap, embedding_dim, encode_texts, is_sentence_transformer
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
@@ -241,12 +239,6 @@ def test_accelerate_multi_gpu_config_loads():
     assert config.num_processes == 2 and config.mixed_precision == "bf16" and not config.use_cpu
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_all_reduce_row_grad_averages_sparse_rows_across_processes(tmp_path):
     from dist_workers import reduce_rows_worker
 
@@ -276,12 +268,7 @@ def test_all_reduce_row_grad_averages_sparse_rows_across_processes(tmp_path):
 @pytest.mark.integration
 def test_ddp_processes_keep_identical_banks(tiny_model_dir, beir_dir, tmp_path):
     """Two CPU processes (gloo DDP): the encoder and the bank stay identical on both after 3 steps."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"),
-               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers(tiny_model_dir, str(beir_dir), str(tmp_path), timeout=300)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
     assert first["world"] == 2
     assert torch.equal(first["bank"], second["bank"])
@@ -299,17 +286,13 @@ def test_ddp_processes_keep_identical_banks(tiny_model_dir, beir_dir, tmp_path):
 def recipe_under_torchrun(model_dir: str, data: Path, out: Path, *extra: str, timeout: int = 600):
     """`torchrun --nproc_per_node 2 recipes/train.py recipes/scifact.yaml` with a tiny model and index on ``data``
     (eval split ``dev``), plus ``extra`` options; asserts exit 0 and returns the finished process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("ACCELERATE_USE_CPU", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "recipes" / "train.py"), str(REPO / "recipes" / "scifact.yaml"),
-               "--model_name_or_path", model_dir, "--data_dir", str(data), "--eval_split", "dev",
-               "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8",
-               "--per_device_train_batch_size", "4", "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
-               *extra]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return torchrun(
+        REPO / "recipes" / "train.py", str(REPO / "recipes" / "scifact.yaml"),
+        "--model_name_or_path", model_dir, "--data_dir", str(data), "--eval_split", "dev",
+        "--output_dir", str(out), "--index_factory", "PQ4", "--num_negatives", "8",
+        "--per_device_train_batch_size", "4", "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
+        *extra, timeout=timeout, pythonpath=(REPO,), unset_env=("ACCELERATE_USE_CPU",),
+    )  # fmt: skip
 
 
 @pytest.mark.integration
@@ -335,12 +318,7 @@ def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tw
 def test_ddp_shared_mmap_bank_moves_each_row_once_per_step(tiny_model_dir, beir_dir, tmp_path):
     """Two gloo processes mapping one bank file: rank 0 writes each step's rows, so the shared bank ends exactly
     where the per-process banks in RAM do (before, every process applied the same update to the same file)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--mmap",
-               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers("--mmap", tiny_model_dir, str(beir_dir), str(tmp_path), timeout=600)
     first, second = (torch.load(tmp_path / f"mmap_rank{rank}.pt", weights_only=False) for rank in range(2))
     assert int(first["ram_row_steps"].gt(0).sum()) > 8  # rows moved
     for banks in (first, second):

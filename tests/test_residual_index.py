@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import record_refresh_modes
 from test_trainer import make_trainer
 
 from hf_qret import QuantizedRetriever
@@ -91,14 +92,7 @@ def test_the_last_refresh_is_made_in_the_final_refresh_mode(tiny_model, beir_dir
     trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ4x4", refresh_mode="incremental",
                               final_refresh_mode="retrain", refresh_steps=2, refresh_on_epoch_end=epoch_end,
                               bank_update="all", max_steps=5)  # fmt: skip
-    modes: list[str] = []
-    original = trainer.index.refresh
-
-    def refresh(vectors, mode="reencode", rows=None, **kwargs):
-        modes.append(mode)
-        return original(vectors, mode=mode, rows=rows, **kwargs)
-
-    trainer.index.refresh = refresh
+    modes = record_refresh_modes(trainer)
     trainer.train()
     # steps 2 and 4 follow the moved rows in place; the last one (train end, or the last epoch's end) retrains
     assert modes == ["incremental", "incremental", "retrain"]
@@ -111,14 +105,7 @@ def test_the_final_refresh_mode_runs_when_refresh_steps_divides_the_run(tiny_mod
     # refresh_steps=2, max_steps=4: the step-4 refresh is the run's last one (nothing is stale at epoch or train end)
     trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ4x4", refresh_mode="incremental",
                               final_refresh_mode="retrain", refresh_steps=2, bank_update="all", max_steps=4)  # fmt: skip
-    modes: list[str] = []
-    original = trainer.index.refresh
-
-    def refresh(vectors, mode="reencode", rows=None, **kwargs):
-        modes.append(mode)
-        return original(vectors, mode=mode, rows=rows, **kwargs)
-
-    trainer.index.refresh = refresh
+    modes = record_refresh_modes(trainer)
     trainer.train()
     assert modes == ["incremental", "retrain"]
     trainer.save_model()

@@ -3,14 +3,10 @@ artifact, checkpoints of another number of processes) and the gloo equivalence w
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from test_dropin import REPO, free_port
+from _helpers import dist_workers
 
 from hf_qret import QRetTrainingArguments, TargetBank
 from hf_qret.bank.collectives import ShardLayout, shard_bounds
@@ -94,9 +90,9 @@ def test_a_sharded_bank_writes_the_whole_bank_and_reads_its_slice(tmp_path):
     layout = ShardLayout(count=7, world=2, rank=1)
     shard = ShardedTargetBank(torch.zeros(3, 4), ids, layout)
     shard.load_rows_from_file(tmp_path / "bank.safetensors")
-    assert torch.equal(shard.weight.detach(), rows[4:])
+    assert torch.equal(shard.local_weight.detach(), rows[4:])
     assert len(shard) == 7 and shard.local_rows == 3 and shard.row_of("d5") == 5
-    assert shard.changed_rows().tolist() == [0, 1, 2]
+    assert shard.local_changed_rows().tolist() == [0, 1, 2]
     with pytest.raises(ConfigError, match="assemble_file"):
         shard.save(tmp_path / "x.safetensors")
     with pytest.raises(Exception, match="owns 3 of 7 rows"):
@@ -106,10 +102,42 @@ def test_a_sharded_bank_writes_the_whole_bank_and_reads_its_slice(tmp_path):
 def test_sharded_bank_gradients_go_to_the_owner_rows():
     bank = ShardedTargetBank(torch.zeros(3, 2), ["a", "b", "c"], ShardLayout(count=3, world=1, rank=0))
     (bank.gather(torch.tensor([2, 0])) * torch.tensor([[1.0], [3.0]])).sum().backward()
-    assert bank.weight.grad is None  # kept aside until the bank's step
+    assert bank.local_weight.grad is None  # kept aside until the bank's step
     assert bank.exchange_gradients() == 2
-    assert bank.weight.grad.to_dense().tolist() == [[3.0, 3.0], [0.0, 0.0], [1.0, 1.0]]
-    assert bank.exchange_gradients() == 0 and bank.weight.grad is None
+    assert bank.local_weight.grad.to_dense().tolist() == [[3.0, 3.0], [0.0, 0.0], [1.0, 1.0]]
+    assert bank.exchange_gradients() == 0 and bank.local_weight.grad is None
+
+
+def test_a_sharded_bank_and_index_name_their_local_parts_and_refuse_the_whole_bank_names():
+    # process 1 of 2 holds rows 4..6 of 7: len() is global, what it holds is local_*; the whole-bank names would
+    # silently mean this shard only, so they raise and name the replacement
+    layout = ShardLayout(count=7, world=2, rank=1)
+    rows = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    bank = ShardedTargetBank(rows, None, layout)
+    assert len(bank) == 7 and tuple(bank.local_weight.shape) == (3, 2)
+    assert bank.local_row_norms().tolist() == [5.0, 2.0, 1.0]
+    bank.write_rows(1, torch.ones(1, 2))
+    assert bank.local_changed_rows().tolist() == [1]
+    for name, replacement in (
+        ("weight", "local_weight"),
+        ("changed_rows", "local_changed_rows"),
+        ("row_norms", "local_row_norms"),
+    ):
+        assert not hasattr(bank, name)
+        with pytest.raises(AttributeError, match=rf"has no \.{name}:.*\.{replacement}"):
+            getattr(bank, name)
+    assert [name for name, _ in bank.named_parameters()] == ["weight"]  # the checkpoint key is unchanged
+
+    index = ShardedIndex(2, "Flat", layout)
+    assert not hasattr(index, "ntotal")
+    with pytest.raises(AttributeError, match=r"has no \.ntotal:.*\.local_ntotal.*\.global_ntotal"):
+        _ = index.ntotal
+    index.add(rows.numpy())
+    assert (index.local_ntotal, index.global_ntotal) == (3, 7)
+    assert index.reconstruct_all().shape == (3, 2)
+    # a refresh of this shard's rows (numbered from 0) runs on the shard: the incremental path, not a rebuild
+    assert index.refresh(bank.float32_rows(), mode="incremental", rows=bank.local_changed_rows()) == 1
+    assert index.reconstruct_all()[1].tolist() == [1.0, 1.0] and index.local_ntotal == 3
 
 
 def test_resuming_with_another_number_of_processes_says_so(tmp_path):
@@ -147,12 +175,7 @@ def test_sharded_run_equals_the_replicated_run_step_by_step(tiny_model_dir, beir
     """Two gloo processes, 4 steps (an index refresh with retrained codebooks at step 2): the sharded bank gives the
     same candidates, losses and bank rows as the replicated bank at every step; its checkpoint resumes to the same
     bank; its artifact is the replicated run's (one bank, one index)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--sharded",
-               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers("--sharded", tiny_model_dir, str(beir_dir), str(tmp_path), timeout=300)
     ranks = [torch.load(tmp_path / f"sharded_rank{rank}.pt") for rank in range(2)]
     for record in ranks:
         replicated, sharded = record["replicated"], record["sharded"]
@@ -197,12 +220,7 @@ def test_three_uneven_shards_equal_the_replicated_run_up_to_float_rounding(tiny_
     from conftest import synthetic_beir, write_beir
 
     beir = write_beir(tmp_path / "beir", *synthetic_beir(num_docs=301))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--sharded",
-               tiny_model_dir, str(beir), str(tmp_path), "--defaults"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers("--sharded", tiny_model_dir, str(beir), str(tmp_path), "--defaults", nproc=3, timeout=400)
     ranks = [torch.load(tmp_path / f"sharded_rank{rank}.pt") for rank in range(3)]
     assert [record["sharded"]["banks"][0].shape[0] for record in ranks] == [101, 100, 100]
     assert [record["sharded"]["start"] for record in ranks] == [0, 101, 201]
@@ -226,12 +244,7 @@ def test_three_uneven_shards_equal_the_replicated_run_up_to_float_rounding(tiny_
 def test_evaluate_or_save_model_on_one_process_says_so(tiny_model_dir, beir_dir, tmp_path):
     """Two gloo processes with a sharded bank: evaluate() on process 0 only, save_model() on process 1 only. Each
     raises CollectiveCallError naming the call (after args.ddp_timeout) instead of hanging in the collectives."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "tests" / "dist_workers.py"), "--one-sided",
-               tiny_model_dir, str(beir_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    dist_workers("--one-sided", tiny_model_dir, str(beir_dir), str(tmp_path), timeout=240)
     ranks = [torch.load(tmp_path / f"one_sided_rank{rank}.pt") for rank in range(2)]
     assert all("eval_loss" in record["together"] for record in ranks)
     assert "call evaluate() on every process" in ranks[0]["evaluate"] and "evaluate" not in ranks[1]

@@ -11,6 +11,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from _helpers import FakeTrainerHubApi
 from test_trainer import make_args, record_candidates
 from transformers import TrainerCallback
 
@@ -120,57 +121,38 @@ def test_checkpoint_index_agrees_with_its_bank_and_resume_stays_exact(tiny_model
 
 
 def test_hub_checkpoint_push_reads_the_final_checkpoint_folder(tiny_model, two_split_dir, tmp_path):
-    uploads = []
-
-    class FakeApi:
-        def upload_folder(self, *, folder_path, path_in_repo=None, **kwargs):
-            files = sorted(os.listdir(folder_path)) if os.path.isdir(folder_path) else None
-            uploads.append((folder_path, path_in_repo, files))
-            future = mock.Mock()
-            future.done.return_value = True
-            return future
-
-        def create_repo(self, *args, **kwargs):
-            return mock.Mock(repo_id="user/model")
-
-    with mock.patch("transformers.trainer.hf_api", return_value=FakeApi()):
+    api = FakeTrainerHubApi()
+    with api.patch():
         trainer = _trainer(
             tiny_model, two_split_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True,
             hub_model_id="user/model", hub_strategy="checkpoint", with_evaluator=False,
             hub_push_training_state=True,  # the resume state goes to the Hub only when asked
         )  # fmt: skip
         trainer.train()
-    checkpoint_pushes = [u for u in uploads if u[1] == "last-checkpoint"]
-    assert checkpoint_pushes, uploads
-    for folder, _, files in checkpoint_pushes:
+    checkpoint_pushes = [u for u in api.uploads if u["path_in_repo"] == "last-checkpoint"]
+    assert checkpoint_pushes, api.uploads
+    for upload in checkpoint_pushes:
+        folder, files = upload["folder_path"], upload["files"]
         assert os.path.basename(folder) == "checkpoint-2" and "_staging" not in folder
         assert files is not None and "index.faiss" in files and "bank.safetensors" in files
         assert os.path.isdir(folder)
 
 
 def test_hub_checkpoint_strategy_keeps_the_resume_state_local_unless_asked(tiny_model, two_split_dir, tmp_path, caplog):
-    uploads = []
+    from huggingface_hub.utils import filter_repo_objects
 
-    class FakeApi:
-        def upload_folder(self, *, folder_path, path_in_repo=None, ignore_patterns=(), **kwargs):
-            from huggingface_hub.utils import filter_repo_objects
-
-            root = Path(folder_path)
-            every = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-            uploads.append((path_in_repo, set(filter_repo_objects(every, ignore_patterns=list(ignore_patterns)))))
-            future = mock.Mock()
-            future.done.return_value = True
-            return future
-
-        def create_repo(self, *args, **kwargs):
-            return mock.Mock(repo_id="user/model")
-
-    with mock.patch("transformers.trainer.hf_api", return_value=FakeApi()):
+    api = FakeTrainerHubApi()
+    with api.patch():
         trainer = _trainer(
             tiny_model, two_split_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True,
             hub_model_id="user/model", hub_strategy="checkpoint", with_evaluator=False,
         )  # fmt: skip
         trainer.train()
+    # what each push sends: the folder's files at the push, less its ignore patterns
+    uploads = [
+        (u["path_in_repo"], set(filter_repo_objects(u["files"], ignore_patterns=u["ignore_patterns"])))
+        for u in api.uploads
+    ]
     assert [path for path, _ in uploads] == [None, None]  # the artifact at steps 1 and 2, no last-checkpoint/
     for _, files in uploads:
         assert "index.faiss" in files

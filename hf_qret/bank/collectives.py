@@ -21,6 +21,7 @@ from .uneven import all_gather_uneven as gather_uneven
 from .uneven import shard_bounds
 
 __all__ = [
+    "LocalOnly",
     "ShardLayout",
     "shard_bounds",
     "check_every_process",
@@ -111,6 +112,42 @@ class ShardLayout:
         if self.world > 1 and dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+class LocalOnly:
+    """A whole-bank (or whole-index) name a sharded class does not have, because there it would mean this process's
+    rows only: reading it raises an ``AttributeError`` that names the ``local_`` replacement (``hasattr`` is
+    ``False``).
+
+    Args:
+        replacement: What to use instead, e.g. ``"local_weight"``.
+        global_name: The whole-bank equivalent, if there is one (e.g. ``"global_ntotal"``).
+
+    Example:
+        >>> class Shard:
+        ...     size = LocalOnly("local_size")
+        >>> hasattr(Shard(), "size")
+        False
+    """
+
+    def __init__(self, replacement: str, global_name: str | None = None) -> None:
+        self.replacement, self.global_name, self.name = replacement, global_name, "?"
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def message(self, owner: type) -> str:
+        """The error message: what the name would mean and what to use."""
+        whole = f"; for all of them use .{self.global_name}" if self.global_name else ""
+        return (
+            f"{owner.__name__} has no .{self.name}: in a sharded object it would be this process's rows only. Use "
+            f".{self.replacement} for this process's rows (numbered from 0){whole}."
+        )
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        raise AttributeError(self.message(type(obj)))
 
 
 def check_every_process(layout: ShardLayout, call: str, timeout_s: float) -> None:

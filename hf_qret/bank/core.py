@@ -106,7 +106,7 @@ class TargetBank(nn.Module):
     _check_shape = staticmethod(check_bank_shape)
 
     def _setup(self, doc_ids: Sequence[str] | None) -> None:
-        count = int(self.weight.shape[0])
+        count = int(self.local_weight.shape[0])
         if doc_ids is None or isinstance(doc_ids, RowIds):
             self.doc_ids: Sequence[str] = RowIds(count)
             self._row_of: dict[str, int] | None = None
@@ -149,23 +149,29 @@ class TargetBank(nn.Module):
         return self
 
     # ------------------------------------------------------------------ basics
+    @property
+    def local_weight(self) -> nn.Parameter:
+        """The parameter of the rows this process holds (what the row optimizer updates): :attr:`weight`, every row,
+        here; one process's rows, numbered from 0, in a :class:`~hf_qret.bank.sharding.ShardedTargetBank`."""
+        return self._parameters["weight"]
+
     def __len__(self) -> int:
-        return self.weight.shape[0]
+        return self.local_weight.shape[0]
 
     @property
     def dim(self) -> int:
         """The embedding dimension."""
-        return self.weight.shape[1]
+        return self.local_weight.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
         """The storage dtype of the rows."""
-        return self.weight.dtype
+        return self.local_weight.dtype
 
     @property
     def nbytes(self) -> int:
         """Bytes of the row storage."""
-        return self.weight.numel() * self.weight.element_size()
+        return self.local_weight.numel() * self.local_weight.element_size()
 
     @property
     def is_mmap(self) -> bool:
@@ -194,7 +200,7 @@ class TargetBank(nn.Module):
         Rows are returned on :attr:`compute_device` when it is set (a CPU bank feeding a GPU), else on the bank's
         device.
         """
-        weight = self.weight
+        weight = self.local_weight
         target = self.compute_device
         if target is not None and torch.device(target) != weight.device:
             pin = self.pin_memory and weight.device.type == "cpu" and torch.device(target).type == "cuda"
@@ -204,11 +210,11 @@ class TargetBank(nn.Module):
 
     def numpy(self) -> np.ndarray:
         """A float32 ``(num_docs, dim)`` copy for FAISS (the whole bank: prefer :meth:`float32_rows` at scale)."""
-        return np.ascontiguousarray(self.weight.detach().to("cpu", torch.float32).numpy())
+        return np.ascontiguousarray(self.local_weight.detach().to("cpu", torch.float32).numpy())
 
     def float32_rows(self) -> Float32Rows:
         """A float32 view converted chunk by chunk (see :class:`Float32Rows`); what the index refresh reads."""
-        return Float32Rows(self.weight)
+        return Float32Rows(self.local_weight)
 
     def iter_float32(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """Yields ``(start_row, float32 rows)`` chunks of the whole bank."""
@@ -225,9 +231,14 @@ class TargetBank(nn.Module):
         """Records every row as changed (for example after loading rows from a checkpoint)."""
         self._changed.fill_(True)
 
-    def changed_rows(self) -> np.ndarray:
-        """The sorted rows changed since the last :meth:`clear_changed` (``int64``)."""
+    def local_changed_rows(self) -> np.ndarray:
+        """The sorted rows of :attr:`local_weight` changed since the last :meth:`clear_changed` (``int64``; in a
+        sharded bank this shard's, numbered from 0)."""
         return self._changed.nonzero().squeeze(1).numpy()
+
+    #: The sorted rows changed since the last :meth:`clear_changed`: :meth:`local_changed_rows` (all the rows of an
+    #: unsharded bank are this process's; a sharded bank has no ``changed_rows``).
+    changed_rows = local_changed_rows
 
     @property
     def num_changed(self) -> int:
@@ -252,16 +263,16 @@ class TargetBank(nn.Module):
         Raises:
             ConfigError: The bank is memory mapped: its file fixes the dtype and it stays on the CPU.
         """
-        dtype = storage_dtype(dtype) if dtype is not None else self.weight.dtype
-        device = torch.device(device) if device is not None else self.weight.device
-        if dtype == self.weight.dtype and device == self.weight.device:
+        dtype = storage_dtype(dtype) if dtype is not None else self.local_weight.dtype
+        device = torch.device(device) if device is not None else self.local_weight.device
+        if dtype == self.local_weight.dtype and device == self.local_weight.device:
             return self
         if self.is_mmap:
             raise ConfigError(
-                f"the bank is memory mapped from {self._mmap_path} ({dtype_name(self.weight.dtype)}, CPU); it cannot "
+                f"the bank is memory mapped from {self._mmap_path} ({dtype_name(self.local_weight.dtype)}, CPU); it cannot "
                 f"become {dtype_name(dtype)} on {device}: create the mmap file with that dtype, or turn bank_mmap off."
             )
-        self.weight.data = self.weight.data.to(device, dtype)
+        self.local_weight.data = self.local_weight.data.to(device, dtype)
         return self
 
     def flush(self) -> None:
@@ -432,13 +443,13 @@ class TargetBank(nn.Module):
         """Overwrites rows ``start .. start + len(rows)`` (cast to the storage dtype); marks them changed."""
         values = torch.as_tensor(rows) if not torch.is_tensor(rows) else rows
         end = start + values.shape[0]
-        self.weight[start:end].copy_(values.to(self.weight.device))
+        self.local_weight[start:end].copy_(values.to(self.local_weight.device))
         self._changed[start:end] = True
 
     def _file_window(self) -> tuple[int, int, int]:
         """The rows of the whole bank a saved file holds, and the window ``[start, end)`` of them this bank keeps
         (all of them; one process's shard in a sharded bank)."""
-        return self.weight.shape[0], 0, self.weight.shape[0]
+        return self.local_weight.shape[0], 0, self.local_weight.shape[0]
 
     @torch.no_grad()
     def load_rows_from_file(self, path: str | os.PathLike) -> None:
@@ -463,7 +474,9 @@ class TargetBank(nn.Module):
                 last = first + chunk.shape[0]
                 lo, hi = max(first, start), min(last, end)
                 if lo < hi:
-                    self.weight[lo - start : hi - start].copy_(chunk[lo - first : hi - first].to(self.weight.device))
+                    self.local_weight[lo - start : hi - start].copy_(
+                        chunk[lo - first : hi - first].to(self.local_weight.device)
+                    )
                 first = last
         except ArtifactError:
             raise
@@ -472,14 +485,17 @@ class TargetBank(nn.Module):
         self.version += 1
         self.mark_all_changed()
 
-    def row_norms(self, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-        """The float32 L2 norm of every row, computed chunk by chunk."""
-        weight = self.weight.detach()
+    def local_row_norms(self, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+        """The float32 L2 norm of every row of :attr:`local_weight` (this shard's in a sharded bank), chunk by chunk."""
+        weight = self.local_weight.detach()
         if weight.dtype == torch.float32 and not self.is_mmap:
             return weight.norm(dim=1)
         return torch.cat(
             [weight[s : s + chunk_rows].float().norm(dim=1) for s in range(0, weight.shape[0], chunk_rows)]
         )
+
+    #: The float32 L2 norm of every row: :meth:`local_row_norms` (a sharded bank has no ``row_norms``).
+    row_norms = local_row_norms
 
     # ------------------------------------------------------------------ saving
     def save(self, path: str | os.PathLike) -> None:
@@ -487,14 +503,14 @@ class TargetBank(nn.Module):
         ``embeddings``, in the storage dtype). A memory-mapped bank is streamed in chunks."""
         path = Path(path)
         if path.suffix == ".npy":
-            write_npy(path, tuple(self.weight.shape), torch.float32, (c for _, c in self.iter_float32()))
+            write_npy(path, tuple(self.local_weight.shape), torch.float32, (c for _, c in self.iter_float32()))
         elif self.is_mmap:
-            write_safetensors_streamed(self.weight, path)
+            write_safetensors_streamed(self.local_weight, path)
         else:
             from safetensors.torch import save_file
 
             tmp = path.with_name(path.name + ".tmp")
-            save_file({BANK_KEY: self.weight.detach().to("cpu").contiguous()}, str(tmp))
+            save_file({BANK_KEY: self.local_weight.detach().to("cpu").contiguous()}, str(tmp))
             os.replace(tmp, path)
 
     def check_dim(self, dim: int, what: str = "the encoder") -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from .collectives import ShardLayout, all_gather_uneven, recv_chunks, send_chunks
+from .collectives import LocalOnly, ShardLayout, all_gather_uneven, recv_chunks, send_chunks
 from .core import TargetBank
 from .storage import CHUNK_ROWS, RowIds, storage_dtype, write_safetensors_header
 
@@ -40,7 +41,7 @@ class _ShardedGather(torch.autograd.Function):
         (rows,) = ctx.saved_tensors
         bank = ctx.bank
         # the replicated bank's gradient is in its storage dtype (embedding backward): the same values here
-        bank._pending.append((rows.to("cpu", torch.long), grad.detach().to("cpu", bank.weight.dtype)))
+        bank._pending.append((rows.to("cpu", torch.long), grad.detach().to("cpu", bank.local_weight.dtype)))
         return None, None, None
 
 
@@ -48,8 +49,10 @@ class ShardedTargetBank(TargetBank):
     """A :class:`~hf_qret.bank.core.TargetBank` of which this process holds one contiguous slice of rows.
 
     ``len(bank)``, ``doc_ids`` and every row number the bank takes or returns in :meth:`gather` are global;
-    ``weight`` (what the row optimizer updates), :meth:`float32_rows` (what the index over this shard encodes),
-    :meth:`changed_rows` and :meth:`row_norms` are this shard's, numbered from 0.
+    :attr:`local_weight` (what the row optimizer updates), :meth:`float32_rows` (what the index over this shard
+    encodes), :meth:`local_changed_rows` and :meth:`local_row_norms` are this shard's, numbered from 0. The
+    whole-bank names ``weight``, ``changed_rows()`` and ``row_norms()`` of a :class:`~hf_qret.bank.core.TargetBank`
+    raise an ``AttributeError`` naming their ``local_`` replacement.
 
     Args:
         local_rows: ``(end - start, dim)`` this process's rows (copied).
@@ -65,7 +68,14 @@ class ShardedTargetBank(TargetBank):
         >>> bank = ShardedTargetBank(torch.eye(4), ["a", "b", "c", "d"], layout)
         >>> len(bank), bank.local_rows, bank.gather(torch.tensor([2])).tolist()
         (4, 4, [[0.0, 0.0, 1.0, 0.0]])
+        >>> hasattr(bank, "weight"), tuple(bank.local_weight.shape)
+        (False, (4, 4))
     """
+
+    # this process's rows under whole-bank names: refused, with the local_ name to use (LocalOnly)
+    weight = LocalOnly("local_weight")
+    changed_rows = LocalOnly("local_changed_rows()")
+    row_norms = LocalOnly("local_row_norms()")
 
     def __init__(
         self,
@@ -91,6 +101,12 @@ class ShardedTargetBank(TargetBank):
         #: ``(global rows, gradients)`` of the gathers since the last :meth:`exchange_gradients`.
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def __getattr__(self, name: str) -> Any:
+        hidden = type(self).__dict__.get(name)
+        if isinstance(hidden, LocalOnly):  # nn.Module's lookup of the parameter would otherwise answer for "weight"
+            raise AttributeError(hidden.message(type(self)))
+        return super().__getattr__(name)
+
     def _setup(self, doc_ids: Sequence[str]) -> None:
         super()._setup(doc_ids)
         if isinstance(doc_ids, RowIds):  # TargetBank numbers the rows of its weight: here, the whole bank's
@@ -105,7 +121,7 @@ class ShardedTargetBank(TargetBank):
 
         Example:
             >>> from hf_qret.bank.collectives import ShardLayout
-            >>> ShardedTargetBank.zeros(ShardLayout(count=5, world=2, rank=1), 4).weight.shape
+            >>> ShardedTargetBank.zeros(ShardLayout(count=5, world=2, rank=1), 4).local_weight.shape
             torch.Size([2, 4])
         """
         storage = torch.zeros(layout.local_count, int(dim), dtype=storage_dtype(dtype))
@@ -121,7 +137,7 @@ class ShardedTargetBank(TargetBank):
         if len(bank) != layout.count:
             raise ArtifactError(f"the bank has {len(bank)} rows but the layout splits {layout.count}.")
         doc_ids = None if isinstance(bank.doc_ids, RowIds) else bank.doc_ids
-        local = bank.weight.detach()[layout.start : layout.end]
+        local = bank.local_weight.detach()[layout.start : layout.end]
         shard = cls(local.to("cpu"), doc_ids, layout, bank.dtype)
         shard.encode_precision = bank.encode_precision
         return shard
@@ -133,10 +149,10 @@ class ShardedTargetBank(TargetBank):
     @property
     def local_rows(self) -> int:
         """How many rows this process holds."""
-        return int(self.weight.shape[0])
+        return int(self.local_weight.shape[0])
 
     def to_local(self, rows: torch.Tensor) -> torch.Tensor:
-        """Global row numbers of this shard's rows, as positions in :attr:`weight`."""
+        """Global row numbers of this shard's rows, as positions in :attr:`local_weight`."""
         return rows - self.shard.start
 
     # ------------------------------------------------------------------ gathering
@@ -144,8 +160,8 @@ class ShardedTargetBank(TargetBank):
         """The float32 embeddings of global ``rows``, from whichever process owns them: a collective, every process
         calls it at the same point (with rows of its own). Differentiable: see :meth:`exchange_gradients`."""
         rows = rows.detach().to("cpu", torch.long).reshape(-1)
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return _ShardedGather.apply(self.weight, rows, self)
+        if torch.is_grad_enabled() and self.local_weight.requires_grad:
+            return _ShardedGather.apply(self.local_weight, rows, self)
         return self._fetch(rows)
 
     @torch.no_grad()
@@ -156,21 +172,21 @@ class ShardedTargetBank(TargetBank):
         owned = (union >= layout.start) & (union < layout.end)
         device = layout.device()
         buffer = torch.zeros(union.numel(), self.dim, dtype=torch.float32, device=device)
-        local = self.to_local(union[owned]).to(self.weight.device)
-        buffer[owned.to(device)] = self.weight[local].to(device, torch.float32)
+        local = self.to_local(union[owned]).to(self.local_weight.device)
+        buffer[owned.to(device)] = self.local_weight[local].to(device, torch.float32)
         if layout.world > 1:  # every row has one owner: the others add exact zeros
             import torch.distributed as dist
 
             dist.all_reduce(buffer, group=layout.group)
         out = buffer.cpu()[torch.searchsorted(union, rows)]
-        target = self.compute_device if self.compute_device is not None else self.weight.device
+        target = self.compute_device if self.compute_device is not None else self.local_weight.device
         return out.to(target)
 
     @torch.no_grad()
     def exchange_gradients(self, average: bool = True) -> int:
         """Sends the row gradients of every process's gathers to the rows' owners, summed (and divided by the number
         of processes with ``average``, as the replicated bank averages them), and makes them this shard's sparse
-        ``weight.grad``. A collective: every process calls it at the bank's step.
+        ``local_weight.grad``. A collective: every process calls it at the bank's step.
 
         Returns:
             How many of this shard's rows carry a gradient.
@@ -184,31 +200,31 @@ class ShardedTargetBank(TargetBank):
             rows, values = local.indices()[0], local.values()
         else:
             rows = torch.zeros(0, dtype=torch.long)
-            values = torch.zeros(0, dim, dtype=self.weight.dtype)
+            values = torch.zeros(0, dim, dtype=self.local_weight.dtype)
         self._pending = []
         (rows, values), _ = all_gather_uneven(layout, rows, values)
         rows, values = rows.cpu(), values.cpu()
         mine = (rows >= layout.start) & (rows < layout.end)
         if not bool(mine.any()):
-            self.weight.grad = None
+            self.local_weight.grad = None
             return 0
         grad = torch.sparse_coo_tensor(
-            self.to_local(rows[mine]).unsqueeze(0), values[mine], tuple(self.weight.shape), check_invariants=False
+            self.to_local(rows[mine]).unsqueeze(0), values[mine], tuple(self.local_weight.shape), check_invariants=False
         ).coalesce()
         if average:
             grad = grad / layout.world
-        self.weight.grad = grad.to(self.weight.device)
+        self.local_weight.grad = grad.to(self.local_weight.device)
         return int(grad.indices().shape[1])
 
     # ------------------------------------------------------------------ files
     def save_shard(self, path: str | os.PathLike) -> None:
         """Writes this shard's rows (safetensors, key ``embeddings``, storage dtype), atomically."""
-        TargetBank._from_storage(self.weight.data, None).save(path)
+        TargetBank._from_storage(self.local_weight.data, None).save(path)
 
     @torch.no_grad()
     def load_shard(self, path: str | os.PathLike) -> None:
         """Reads back :meth:`save_shard`'s rows into this shard (a checkpoint of the same layout)."""
-        TargetBank._from_storage(self.weight.data, None).load_rows_from_file(path)
+        TargetBank._from_storage(self.local_weight.data, None).load_rows_from_file(path)
         self.version += 1
         self.mark_all_changed()
 
@@ -232,7 +248,7 @@ class ShardedTargetBank(TargetBank):
         Example:
             >>> assembled = bank.assemble_file("out/bank.safetensors")  # every process  # doctest: +SKIP
         """
-        layout, weight = self.shard, self.weight.detach()
+        layout, weight = self.shard, self.local_weight.detach()
 
         def raw(start: int) -> torch.Tensor:
             return weight[start : start + CHUNK_ROWS].to("cpu").contiguous().view(torch.uint8)

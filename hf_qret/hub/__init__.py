@@ -1,3 +1,5 @@
-"""The Hugging Face Hub: pushing artifacts (:mod:`.push`, also used by serving), the training callback
-(:mod:`.callback`), the ``hf-qret push`` / ``card`` commands (:mod:`.cli`) and the model card.
+"""The Hugging Face Hub: pushing artifacts and checkpoints (:mod:`.push`), the training callback (:mod:`.callback`),
+the ``hf-qret push`` / ``card`` commands (:mod:`.cli`) and the model card (:mod:`.model_card`). The artifact's upload
+and model card are the serving layer's (:mod:`hf_qret.serving.upload`, :mod:`hf_qret.serving.model_card`), which
+``QuantizedRetriever`` uses; :mod:`.push` and :mod:`.model_card` re-export them.
 """

@@ -87,7 +87,8 @@ class IndexMiner:
 
     def _k(self) -> int:
         k = self.num_negatives
-        total = getattr(self.index, "global_ntotal", self.index.ntotal)  # a sharded index: every shard's rows
+        total = getattr(self.index, "global_ntotal", None)  # a sharded index: every shard's rows
+        total = self.index.ntotal if total is None else total
         if k > total:
             if not self._warned:
                 logger.warning(

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..bank.collectives import ShardLayout, all_gather_uneven, broadcast_bytes, gather_bytes, gather_rows
+from ..bank.collectives import LocalOnly, ShardLayout, all_gather_uneven, broadcast_bytes, gather_bytes, gather_rows
 from ..errors import ArtifactError
-from .core import RENORM_DEPTH, QuantizedIndex, cosine_top
+from .core import REFRESH_MODES, RENORM_DEPTH, QuantizedIndex, cosine_top
 from .faiss_ops import CHUNK_ROWS, MAX_TRAIN_ROWS, as_float32
 
-__all__ = ["ShardedIndex", "merge_topk", "sample_rows"]
+__all__ = ["ShardedIndex", "local_ntotal_of", "merge_topk", "sample_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,18 @@ def sample_rows(count: int, max_rows: int | None, seed: int = 1234) -> np.ndarra
     if max_rows is None or count <= max_rows:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).choice(count, size=int(max_rows), replace=False))
+
+
+def local_ntotal_of(index: QuantizedIndex) -> int:
+    """Rows this process's ``index`` holds: a :class:`ShardedIndex`'s :attr:`~ShardedIndex.local_ntotal`, every row of
+    an unsharded :class:`~hf_qret.index.core.QuantizedIndex` (what code that takes either compares with the bank).
+
+    Example:
+        >>> index = ShardedIndex(8, "Flat", ShardLayout(count=16, world=2, rank=1))
+        >>> index.add(np.eye(8, dtype="float32")); local_ntotal_of(index), index.global_ntotal
+        (8, 16)
+    """
+    return int(index.index.ntotal)
 
 
 def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int, *aligned: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -59,9 +71,9 @@ class ShardedIndex(QuantizedIndex):
     """A :class:`~hf_qret.index.core.QuantizedIndex` over this process's rows, searched as one index over all of
     them.
 
-    :attr:`ntotal` and everything that builds or refreshes the index (:meth:`add`, :meth:`refresh`,
+    :attr:`local_ntotal` and everything that builds or refreshes the index (:meth:`add`, :meth:`refresh`,
     :meth:`update`) are this shard's; :attr:`global_ntotal`, :meth:`search` and :meth:`mine` are the whole index's
-    (row numbers global). :meth:`train`, :meth:`search`, :meth:`mine` and :meth:`assemble` are collectives: every
+    (row numbers global). ``ntotal`` raises an ``AttributeError`` that names both. :meth:`train`, :meth:`search`, :meth:`mine` and :meth:`assemble` are collectives: every
     process calls them at the same point.
 
     Args:
@@ -78,6 +90,9 @@ class ShardedIndex(QuantizedIndex):
         >>> index.search(np.eye(8, dtype="float32")[:1], k=2)[1].tolist()
         [[0, 1]]
     """
+
+    #: this shard's row count under the whole index's name: refused, naming local_ntotal and global_ntotal
+    ntotal = LocalOnly("local_ntotal", "global_ntotal")
 
     def __init__(self, dim: int, factory: str, layout: ShardLayout, **kwargs: Any) -> None:
         super().__init__(dim, factory, **kwargs)
@@ -104,9 +119,40 @@ class ShardedIndex(QuantizedIndex):
         return self
 
     @property
+    def local_ntotal(self) -> int:
+        """Rows this shard indexes (numbered from 0 here, from :attr:`ShardLayout.start` in the whole index)."""
+        return local_ntotal_of(self)
+
+    @property
     def global_ntotal(self) -> int:
         """Rows indexed by all the shards together (the whole bank, once built)."""
-        return self.shard.count if self.ntotal else 0
+        return self.shard.count if self.local_ntotal else 0
+
+    def _local_view(self) -> QuantizedIndex:
+        # This shard as a plain QuantizedIndex sharing this object's state (the same __dict__): what
+        # QuantizedIndex's own methods run on, where they read ntotal as the rows they hold.
+        view = QuantizedIndex.__new__(QuantizedIndex)
+        view.__dict__ = self.__dict__
+        return view
+
+    # ------------------------------------------------------------------ refresh
+    def refresh(
+        self,
+        vectors: Any,
+        mode: str = "reencode",
+        rows: np.ndarray | None = None,
+        max_train_rows: int | None = MAX_TRAIN_ROWS,
+    ) -> int:
+        """:meth:`QuantizedIndex.refresh <hf_qret.index.core.QuantizedIndex.refresh>` of this shard's ``vectors``
+        (``rows`` numbered from 0 in this shard); retraining is :meth:`train`, a collective."""
+        if mode in REFRESH_MODES and (mode == "retrain" or not self.is_trained):
+            self.build(vectors, max_train_rows)
+            return len(vectors)
+        return QuantizedIndex.refresh(self._local_view(), vectors, mode, rows, max_train_rows)
+
+    def reconstruct_all(self) -> np.ndarray:
+        """The decoded (quantized) vector of every row of this shard, ``(local_ntotal, dim)``."""
+        return self.index.reconstruct_n(0, self.local_ntotal)
 
     # ------------------------------------------------------------------ training
     def train(self, vectors: Any, max_train_rows: int | None = MAX_TRAIN_ROWS) -> None:
@@ -146,7 +192,7 @@ class ShardedIndex(QuantizedIndex):
         # normalize_decoded: every shard's raw top `depth` with their decoded norms; the merged raw top `depth` is
         # then re-scored by cosine, as one index over all the rows would (QuantizedIndex.local_search)
         depth = min(max(k, RENORM_DEPTH), layout.count) if self.normalize_decoded else k
-        local_k = min(k, self.ntotal)
+        local_k = min(k, self.local_ntotal)
         scores = np.full((len(everyone), depth), -np.inf, dtype=np.float32)
         rows = np.full((len(everyone), depth), -1, dtype=np.int64)
         norms = np.ones((len(everyone), depth), dtype=np.float32)
@@ -170,6 +216,11 @@ class ShardedIndex(QuantizedIndex):
         )
         first = sum(counts[: layout.rank])
         return merged_scores[first : first + len(queries)], merged_rows[first : first + len(queries)]
+
+    def raw_candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """This shard's :meth:`QuantizedIndex.raw_candidates <hf_qret.index.core.QuantizedIndex.raw_candidates>`
+        (rows numbered from 0 in this shard)."""
+        return QuantizedIndex.raw_candidates(self._local_view(), queries, k)
 
     def mine(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for negative mining: :meth:`search` (a sharded index has no mining shortlist)."""

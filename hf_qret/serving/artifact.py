@@ -15,7 +15,8 @@ The files written here (index, doc-id map, bank, config) go to a temporary name 
 encoder's own files are written in place by its ``save_pretrained``. Loading never unpickles anything.
 
 What belongs to an artifact, and what never does (checkpoints, training state, pickles, working files such as the
-memory-mapped bank), is this module's manifest: :data:`ARTIFACT_IGNORE_PATTERNS`, :func:`artifact_files`.
+memory-mapped bank), is the manifest of :mod:`hf_qret.serving.manifest` (:data:`ARTIFACT_IGNORE_PATTERNS`,
+:func:`artifact_files`), re-exported here with the file names; a Hub download is :mod:`hf_qret.serving.download`.
 """
 
 from __future__ import annotations
@@ -58,130 +59,37 @@ __all__ = [
     "RetrievalFiles",
 ]
 
-INDEX_NAME = "index.faiss"
-DOC_IDS_NAME = "doc_ids.json"
-BANK_NAME = "bank.safetensors"
-CONFIG_NAME = "qret_config.json"
-#: Subfolder holding the (pretrained) encoder the bank's rows were computed with: new documents are encoded with it.
-DOCUMENT_ENCODER_DIR = "document_encoder"
-#: Where an artifact may ship its document texts (BEIR ``{"_id", "title", "text"}`` lines).
-CORPUS_NAMES = ("corpus.jsonl", "corpus.jsonl.gz")
+from .download import SERVING_IGNORE_PATTERNS, HubSource, fetch_artifact_part, hub_source_of, resolve_artifact
+from .manifest import (  # noqa: F401  the file names and the manifest, re-exported: this module held them before
+    ANCHORS_NAME,
+    ARTIFACT_IGNORE_PATTERNS,
+    BANK_INIT_SCRATCH_NAME,
+    BANK_NAME,
+    BANK_OPTIMIZER_NAME,
+    CHECKPOINT_PATTERNS,
+    CONFIG_NAME,
+    CORPUS_NAMES,
+    DOC_IDS_NAME,
+    DOCUMENT_ENCODER_DIR,
+    INDEX_NAME,
+    INITIAL_MMAP_NAME,
+    LOSS_OPTIMIZER_NAME,
+    MINING_INDEX_NAME,
+    MMAP_BANK_NAME,
+    PICKLE_PATTERNS,
+    PRECOMPUTED_INIT_NAME,
+    REFRESH_STATE_NAME,
+    SHORTLIST_NAME,
+    TRAINER_STATE_PATTERNS,
+    TRAINING_STATE_NAMES,
+    WORKING_FILE_PATTERNS,
+    artifact_files,
+    copy_artifact_files,
+    is_artifact_file,
+)
+
 _ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 FORMAT_VERSION = 1
-
-# ------------------------------------------------------------------------------------------- the artifact manifest
-# An artifact folder is everything under it except what the patterns below match (``fnmatch`` on the relative POSIX
-# path, ``*`` crossing ``/``, as ``huggingface_hub`` matches them): the encoder's own files (whatever its
-# ``save_pretrained`` writes), the retrieval files above, ``document_encoder/``, the shipped corpus and the model card.
-# Every path that writes, copies, pushes or downloads an artifact applies them: ``hf_qret.hub`` (``push_artifact``,
-# ``PushToHubCallback``, ``hf-qret push``), ``QRetTrainer.push_to_hub`` and its mid-training pushes,
-# ``copy_artifact_files`` and ``QuantizedRetriever.save_pretrained`` / ``push_to_hub`` / ``from_pretrained``.
-
-#: hf-qret's own training state in a checkpoint (:mod:`hf_qret.training.checkpoint` writes them).
-BANK_OPTIMIZER_NAME = "bank_optimizer.safetensors"
-LOSS_OPTIMIZER_NAME = "loss_optimizer.safetensors"
-ANCHORS_NAME = "bank_anchors.safetensors"
-MINING_INDEX_NAME = "mining_index.faiss"
-SHORTLIST_NAME = "mining_shortlist.faiss"
-REFRESH_STATE_NAME = "index_refresh_state.json"
-TRAINING_STATE_NAMES: tuple[str, ...] = (
-    BANK_OPTIMIZER_NAME,
-    LOSS_OPTIMIZER_NAME,
-    ANCHORS_NAME,
-    "values." + ANCHORS_NAME,
-    MINING_INDEX_NAME,
-    SHORTLIST_NAME,
-    REFRESH_STATE_NAME,
-    # bank_sharding='rows': each process's part (bank-shard-0-of-2.safetensors, mining_index-shard-0-of-2.faiss...)
-    "*-shard-*-of-*.safetensors",
-    "*-shard-*-of-*.faiss",
-)
-#: The base ``Trainer``'s checkpoint state (``training_args.bin`` is matched by :data:`PICKLE_PATTERNS`).
-TRAINER_STATE_PATTERNS: tuple[str, ...] = (
-    "trainer_state.json",
-    "optimizer.*",
-    "scheduler.*",
-    "scaler.*",
-    "rng_state*",
-    "global_step*",
-)
-#: Pickled files: never pushed, copied or downloaded (hf-qret never unpickles anything).
-PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
-#: Checkpoint folders of a run (their artifact files are pushed from the output folder, not from there).
-CHECKPOINT_PATTERNS: tuple[str, ...] = ("checkpoint-*", "last-checkpoint", "last-checkpoint/*")
-#: The memory-mapped working copy of the bank (``--bank_mmap``) and of its initial rows, under ``--output_dir``.
-MMAP_BANK_NAME = "bank_mmap.npy"
-INITIAL_MMAP_NAME = "bank_initial_mmap.npy"
-#: Where the recipe writes the encoded corpus before it becomes the bank.
-BANK_INIT_SCRATCH_NAME = "bank_init.tmp.safetensors"
-#: Where the recipe joins the corpus's rows and the precomputed ones (``--extra_rows_file``) for the run.
-PRECOMPUTED_INIT_NAME = "bank_init.tmp.precomputed.safetensors"
-#: Working files: memory-mapped banks (gigabytes, written while training), files being written (``*.tmp``),
-#: staging folders (``_*``: ``_staging-checkpoint-N``, ``_document_encoder.tmp``), hidden folders and logs.
-WORKING_FILE_PATTERNS: tuple[str, ...] = (
-    "bank_mmap*.npy",
-    INITIAL_MMAP_NAME,
-    "bank_init.tmp*",
-    "*.tmp",
-    "_*",
-    ".*",
-    "runs/*",
-)
-#: Everything that is not part of an artifact: never pushed, copied, or read back from a download.
-ARTIFACT_IGNORE_PATTERNS: tuple[str, ...] = (
-    *CHECKPOINT_PATTERNS,
-    *TRAINER_STATE_PATTERNS,
-    *TRAINING_STATE_NAMES,
-    *PICKLE_PATTERNS,
-    *WORKING_FILE_PATTERNS,
-)
-
-
-def is_artifact_file(path: str) -> bool:
-    """Whether the file at ``path`` (relative to the artifact folder, ``/``-separated) belongs to the artifact.
-
-    Example:
-        >>> is_artifact_file("index.faiss"), is_artifact_file("bank_mmap.npy"), is_artifact_file("training_args.bin")
-        (True, False, False)
-    """
-    from fnmatch import fnmatch
-
-    return not any(fnmatch(path, pattern) for pattern in ARTIFACT_IGNORE_PATTERNS)
-
-
-def artifact_files(folder: str | os.PathLike) -> list[str]:
-    """The files of the artifact in ``folder``: relative POSIX paths, sorted, without :data:`ARTIFACT_IGNORE_PATTERNS`.
-
-    Example:
-        >>> artifact_files("runs/scifact")  # doctest: +SKIP
-        ['1_Pooling/config.json', 'README.md', 'bank.safetensors', 'config.json', 'doc_ids.json', 'index.faiss', ...]
-    """
-    root = Path(folder)
-    paths = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    return sorted(path for path in paths if is_artifact_file(path))
-
-
-def copy_artifact_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
-    """Copies the artifact in ``source`` (a checkpoint or an artifact folder) into ``target``: the files of
-    :func:`artifact_files`, each to a temporary name renamed into place. Returns the copied paths.
-
-    Example:
-        >>> copy_artifact_files("runs/scifact/checkpoint-500", "runs/scifact")  # doctest: +SKIP
-        ['1_Pooling/config.json', 'bank.safetensors', 'config.json', 'doc_ids.json', 'index.faiss', ...]
-    """
-    import shutil
-
-    source, target = Path(source), Path(target)
-    if not source.is_dir():
-        raise ArtifactError(f"{source}: no such artifact folder; pass the --output_dir of a training run.")
-    names = artifact_files(source)
-    for name in names:
-        destination = target / name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = destination.with_name(destination.name + ".tmp")
-        shutil.copyfile(source / name, tmp)
-        os.replace(tmp, destination)
-    return names
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
@@ -354,127 +262,6 @@ def load_retrieval_files(folder: str | os.PathLike, load_bank: bool = False) -> 
             )
         bank = TargetBank.from_file(folder / config["bank_file"], doc_ids)
     return RetrievalFiles(config=config, doc_ids=doc_ids, index=index, bank=bank)
-
-
-#: What serving does not need, so a Hub download leaves it out until it is needed: the full-precision bank
-#: (``add_documents`` with a saved bank, ``retrain_index``, ``load_bank=True``) and the document encoder
-#: (``add_documents``). :func:`fetch_artifact_part` downloads them on first use.
-SERVING_IGNORE_PATTERNS: tuple[str, ...] = (BANK_NAME, f"{DOCUMENT_ENCODER_DIR}/*")
-
-
-@dataclass
-class HubSource:
-    """Where a downloaded artifact came from, so the parts serving skipped can be fetched later from the same commit.
-
-    Attributes:
-        repo_id: The Hub model id.
-        revision: The commit the first download resolved (its snapshot folder's name), else the requested revision.
-        token: Hub token.
-        cache_dir: Hub cache folder.
-
-    Example:
-        >>> HubSource("me/scifact-qret", "0" * 40, None, None).repo_id
-        'me/scifact-qret'
-    """
-
-    repo_id: str
-    revision: str | None
-    token: str | bool | None
-    cache_dir: Any
-
-
-def _download(source: HubSource, **patterns: Any) -> Path:
-    """``snapshot_download`` of ``source`` with ``patterns``, its errors turned into one :class:`ArtifactError`."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    text = source.repo_id
-    try:
-        return Path(
-            snapshot_download(
-                text, revision=source.revision, token=source.token, cache_dir=source.cache_dir, **patterns
-            )
-        )
-    except HFValidationError:
-        raise ArtifactError(
-            f"{text}: no such artifact folder, and not a Hub model id (USER/NAME); pass the --output_dir of a "
-            "training run or a Hub repository id."
-        ) from None
-    except LocalEntryNotFoundError:
-        raise ArtifactError(
-            f"{text}: not a local folder and not in the Hub cache, and the Hub cannot be reached (or HF_HUB_OFFLINE "
-            "is set); download it once online or pass a local artifact folder."
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ArtifactError(
-            f"{text}: cannot download it from the Hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
-            "check the repository id, revision and token, or pass a local artifact folder."
-        ) from None
-
-
-def resolve_artifact(
-    repo_id_or_path: str | os.PathLike,
-    revision: str | None,
-    token: str | bool | None,
-    cache_dir: Any,
-    *,
-    skip: Sequence[str] = (),
-) -> Path:
-    """A local artifact folder as is, else the Hub repository downloaded with ``snapshot_download`` (without what
-    is not part of an artifact, :data:`ARTIFACT_IGNORE_PATTERNS`: pickles, checkpoints, working files, nor the
-    patterns in ``skip``, e.g. :data:`SERVING_IGNORE_PATTERNS`); one :class:`ArtifactError` saying what to do when
-    it is neither.
-
-    Example:
-        >>> folder = resolve_artifact("user/scifact-qret", revision=None, token=None, cache_dir=None)  # doctest: +SKIP
-    """
-    folder = Path(repo_id_or_path).expanduser()
-    if folder.is_dir():
-        return folder
-    source = HubSource(str(repo_id_or_path), revision, token, cache_dir)
-    return _download(source, ignore_patterns=[*ARTIFACT_IGNORE_PATTERNS, *skip])
-
-
-def hub_source_of(folder: Path, repo_id: str, revision: str | None, token: Any, cache_dir: Any) -> HubSource:
-    """The :class:`HubSource` of a downloaded snapshot folder: pinned to its commit (the folder's name).
-
-    Example:
-        >>> hub_source_of(Path("cache/snapshots/" + "a" * 40), "me/repo", "main", None, None).revision == "a" * 40
-        True
-    """
-    import re
-
-    pinned = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
-    return HubSource(repo_id, pinned, token, cache_dir)
-
-
-def fetch_artifact_part(source: HubSource | None, folder: Path, patterns: Sequence[str]) -> Path:
-    """Downloads the files of ``patterns`` (e.g. ``bank.safetensors``, ``document_encoder/*``) that a serving
-    download skipped, into the same snapshot folder; a local artifact (``source`` ``None``) is returned as is.
-
-    Raises:
-        ArtifactError: The download fails (offline, no access).
-
-    Example:
-        >>> fetch_artifact_part(retriever._hub, retriever.folder, ["bank.safetensors"])  # doctest: +SKIP
-        PosixPath('.../snapshots/0123.../')
-    """
-    if source is None:
-        return folder
-    import logging
-
-    logging.getLogger(__name__).info("downloading %s of %s (not needed to serve)", ", ".join(patterns), source.repo_id)
-    fetched = _download(source, allow_patterns=list(patterns), ignore_patterns=list(ARTIFACT_IGNORE_PATTERNS))
-    if fetched.resolve() != folder.resolve():  # the same commit lands in the same snapshot folder; else copy
-        import shutil
-        from fnmatch import fnmatch
-
-        for path in fetched.rglob("*"):
-            rel = path.relative_to(fetched).as_posix()
-            if path.is_file() and any(fnmatch(rel, pattern) for pattern in patterns):
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, folder / rel)
-    return folder
 
 
 def check_encoder_files(folder: Path) -> None:

@@ -480,7 +480,7 @@ class QuantizedRetriever(GrowingMixin):
     @staticmethod
     def _refresh_card(folder: Path) -> None:
         try:
-            from ..hub.model_card import MODEL_CARD_NAME, is_qret_model_card, write_model_card
+            from .model_card import MODEL_CARD_NAME, is_qret_model_card, write_model_card
 
             if is_qret_model_card(folder / MODEL_CARD_NAME):
                 write_model_card(folder)
@@ -494,14 +494,14 @@ class QuantizedRetriever(GrowingMixin):
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                     token: str | bool | None = None, commit_message: str | None = None) -> Any:  # fmt: skip
         """Saves the artifact (with the added documents) into a temporary folder and pushes it in one commit
-        (:func:`hf_qret.hub.push.push_artifact`).
+        (:func:`hf_qret.serving.upload.push_artifact`).
 
         Example:
             >>> retriever.push_to_hub("me/minilm-scifact-opq16")  # doctest: +SKIP
         """
         import tempfile
 
-        from ..hub.push import push_artifact
+        from .upload import push_artifact
 
         folder, unsaved, config = self.folder, list(self._added_rows), dict(self.config)
         with tempfile.TemporaryDirectory(prefix="hf-qret-push-") as tmp:

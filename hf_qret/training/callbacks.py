@@ -89,7 +89,7 @@ class IndexRefreshCallback(TrainerCallback):
         bank = self.bank
         mode = self.final_mode if final else self.mode
         vectors = bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy()
-        rows = bank.changed_rows() if mode == "incremental" and hasattr(bank, "changed_rows") else None
+        rows = bank.local_changed_rows() if mode == "incremental" and hasattr(bank, "local_changed_rows") else None
         encoded = self.index.refresh(vectors, mode=mode, rows=rows)
         if hasattr(bank, "clear_changed"):
             bank.clear_changed()

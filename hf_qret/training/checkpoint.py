@@ -122,7 +122,7 @@ def save_training_state(
     if refresh_state is not None:
         write_json(refresh_state, folder / REFRESH_STATE_NAME)
     state = dict(bank_optimizer.state_dict())
-    state[CHANGED_ROWS_KEY] = torch.from_numpy(bank.changed_rows())  # for incremental refreshes
+    state[CHANGED_ROWS_KEY] = torch.from_numpy(bank.local_changed_rows())  # for incremental refreshes
     _save_tensors(folder / BANK_OPTIMIZER_NAME, state)
     loss_state = loss.optimizer_state()
     if loss_state:
@@ -146,7 +146,7 @@ def load_optimizer_states(
     folder = Path(folder)
     path = folder / BANK_OPTIMIZER_NAME
     if path.is_file():
-        state = _load_tensors(path, bank.weight.device)
+        state = _load_tensors(path, bank.local_weight.device)
         changed = state.pop(CHANGED_ROWS_KEY, None)
         bank_optimizer.load_state_dict(state)
         if changed is not None:  # else every row counts as changed (set when the bank was loaded)

@@ -10,7 +10,6 @@ under ``OUTPUT_DIR/_qret_cache/``, keyed by the texts and the encoder, so a re-r
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from ..bank.build import CACHE_DIR, BankSource, BankSpec, CacheSource, EncodeSource, FileSource, build_bank
 from ..bank.core import TargetBank
-from ..bank.precomputed import check_texts
 from ..errors import DataError
-from .distributed import barrier, encode_corpus, process_rank, world_size
 
 __all__ = [
     "DocumentSet",
@@ -40,8 +37,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The bank cache folder under the output folder (``_*`` folders are never pushed to the Hub).
-CACHE_DIR = "_qret_cache"
 #: Prefix of the ids given to texts that are not in the corpus.
 TEXT_ID_PREFIX = "text-"
 _ID_COLUMNS = ("_id", "id", "doc_id", "corpus_id", "corpus-id", "docid")
@@ -219,20 +214,6 @@ def encoder_fingerprint(model: nn.Module, tokenizer: Any = None) -> str:
     return digest.hexdigest()
 
 
-def _cache_paths(output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    folder = Path(output_dir) / CACHE_DIR
-    return folder / "bank_init.npy", folder / "bank_init.json"
-
-
-def _cache_matches(rows_path: Path, meta_path: Path, key: dict[str, Any]) -> bool:
-    if not (rows_path.is_file() and meta_path.is_file()):
-        return False
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8")) == key
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def document_encode(
     model: nn.Module, batch_size: int = 64, tokenizer: Any = None, precision: str = "fp32"
 ) -> Callable[[list[str]], np.ndarray]:
@@ -279,11 +260,11 @@ def encode_bank(
     shard: bool = False,
     init_precision: str | None = None,
 ) -> TargetBank:
-    """The bank of ``texts``: encoded once per run, under one or several processes, or read from a file.
-
-    Under several processes (``torchrun``, ``accelerate launch``) the texts are split across the processes
-    (:func:`hf_qret.training.distributed.encode_corpus`), and every file (the init file, the cache, the memory-mapped
-    working file) is written by one process while the others wait, then open it.
+    """The bank of ``texts``: encoded once per run, under one or several processes, or read from a file. The
+    arguments choose the source of :func:`hf_qret.bank.build.build_bank`, which builds it: the cache
+    (:class:`~hf_qret.bank.build.CacheSource`) with ``cache_dir`` and ``cache_key``, else an existing ``init_file``
+    (:class:`~hf_qret.bank.build.FileSource`), else the texts encoded now
+    (:class:`~hf_qret.bank.build.EncodeSource`, written to ``init_file`` first when one is given).
 
     Args:
         encode: Maps a list of texts to their ``(n, dim)`` embeddings (:func:`document_encode`); not called when
@@ -310,112 +291,11 @@ def encode_bank(
     Example:
         >>> bank = encode_bank(document_encode(model), ["a text"], ["d1"], dtype="fp16")  # doctest: +SKIP
     """
-    cached = cache_dir is not None and cache_key is not None
-    from_file = not cached and bool(init_file) and os.path.isfile(init_file)
-    if not (cached or from_file):  # rows from precomputed embeddings (text None) cannot be encoded
-        check_texts(texts, ids)
-    bank = _make_bank(encode, texts, ids, dim, dtype, init_file, mmap_path, cache_dir, cache_key, shard)
-    bank.encode_precision = init_precision if from_file else getattr(encode, "precision", None)
-    return bank
-
-
-def _make_bank(
-    encode: Any,
-    texts: Sequence[str],
-    ids: Sequence[str],
-    dim: int | None,
-    dtype: str,
-    init_file: Any,
-    mmap_path: Any,
-    cache_dir: Any,
-    cache_key: dict[str, Any] | None,
-    shard: bool,
-) -> TargetBank:
-    """:func:`encode_bank`'s rows: from the cache, the init file, or encoded (each process its share)."""
+    source: BankSource
     if cache_dir is not None and cache_key is not None:
-        rows_path, meta_path = _cache_paths(cache_dir)
-        if _cache_matches(rows_path, meta_path, cache_key):
-            logger.info("bank: loading the %d encoded documents cached in %s", len(ids), rows_path)
-            return _bank_from_file(rows_path, ids, dtype, mmap_path)
-        bank = _encoded_bank(encode, texts, ids, dim, dtype, rows_path, mmap_path)
-        if process_rank() == 0:
-            meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-            meta_tmp.write_text(json.dumps(cache_key) + "\n", encoding="utf-8")
-            os.replace(meta_tmp, meta_path)
-        return bank
-    sharded = shard and world_size() > 1 and mmap_path is None
-    if init_file and os.path.isfile(init_file):
-        return (
-            _sharded_from_file(init_file, ids, dtype) if sharded else _bank_from_file(init_file, ids, dtype, mmap_path)
-        )
-    if sharded and not init_file:
-        from ..bank.collectives import ShardLayout
-        from ..bank.sharding import ShardedTargetBank
-
-        rows = encode_corpus(encode, texts, local=True)  # this process's rows: the whole bank is never in one place
-        return ShardedTargetBank(torch.from_numpy(rows), ids, ShardLayout.create(len(ids)), dtype)
-    return _encoded_bank(encode, texts, ids, dim, dtype, init_file, mmap_path)
-
-
-def _sharded_from_file(path: str | os.PathLike, ids: Sequence[str], dtype: str) -> TargetBank:
-    """This process's rows of a saved bank file, read chunk by chunk."""
-    from ..bank.collectives import ShardLayout
-    from ..bank.sharding import ShardedTargetBank
-    from ..bank.storage import read_bank_chunks
-
-    shape, _, chunks = read_bank_chunks(Path(path))
-    del chunks
-    layout = ShardLayout.create(len(ids))
-    bank = ShardedTargetBank.zeros(layout, shape[1], ids, dtype)
-    bank.load_rows_from_file(path)
-    return bank
-
-
-def _from_main(make: Callable[[], TargetBank], mmap_path: Path, ids: Sequence[str], dtype: str) -> TargetBank:
-    """``make()`` on the main process (which writes ``mmap_path``); the others open the file it wrote."""
-    main = process_rank() == 0
-    bank = make() if main else None
-    barrier()
-    return bank if main else TargetBank.open_mmap(mmap_path, ids, dtype)
-
-
-def _bank_from_file(path: str | os.PathLike, ids: Sequence[str], dtype: str, mmap_path: Any) -> TargetBank:
-    """The bank read from a file of rows; into one memory-mapped working file written by the main process."""
-    if mmap_path is None:
-        return TargetBank.from_file(path, ids, dtype=dtype)
-    if world_size() == 1:
-        return TargetBank.from_file(path, ids, dtype=dtype, mmap_path=mmap_path)
-    return _from_main(lambda: TargetBank.from_file(path, ids, dtype=dtype, mmap_path=mmap_path), mmap_path, ids, dtype)
-
-
-def _encoded_bank(
-    encode: Any, texts: Sequence[str], ids: Sequence[str], dim: int | None, dtype: str, init_file: Any, mmap_path: Any
-) -> TargetBank:
-    """Encodes ``texts`` once into the bank (written to ``init_file`` first, in float32, when given)."""
-    if world_size() == 1:  # one process: stream the encoding straight into the bank
-        if not init_file:
-            return TargetBank.from_encoder(encode, texts, ids, dtype, mmap_path)
-        bank = TargetBank.from_encoder(encode, texts, ids)  # the init file keeps float32 rows
-        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
-        bank.save(init_file)
-        if dtype == "fp32" and mmap_path is None:
-            return bank
-        del bank
-        return TargetBank.from_file(init_file, ids, dtype=dtype, mmap_path=mmap_path)
-    if not init_file and mmap_path is not None:
-        # the main process creates the (sparse, zero) file; each process writes the rows it encoded into it
-        bank = _from_main(lambda: TargetBank.create_mmap(mmap_path, len(ids), dim, ids, dtype), mmap_path, ids, dtype)
-        encode_corpus(encode, texts, write=lambda start, rows: (bank.write_rows(start, rows), bank.flush()))
-        bank.mark_all_changed()  # on every process, as with one process
-        return bank
-    rows = torch.from_numpy(encode_corpus(encode, texts))
-    if not init_file:
-        return TargetBank(rows, ids, dtype)
-    if process_rank() == 0:
-        Path(init_file).parent.mkdir(parents=True, exist_ok=True)
-        TargetBank(rows, ids).save(init_file)
-    barrier()
-    if mmap_path is None:
-        return TargetBank(rows, ids, dtype)
-    del rows
-    return _bank_from_file(init_file, ids, dtype, mmap_path)
+        source = CacheSource(encode, texts, cache_dir, cache_key)
+    elif init_file and os.path.isfile(init_file):
+        source = FileSource(init_file, init_precision)
+    else:
+        source = EncodeSource(encode, texts, init_file or None)
+    return build_bank(BankSpec(ids, dtype, dim, mmap_path, shard), source)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from ..bank.processes import barrier, collective_device, encode_corpus, process_rank, world_size
 from ..bank.uneven import all_gather_uneven, shard_bounds
 
 logger = logging.getLogger(__name__)
@@ -32,83 +31,6 @@ __all__ = [
     "encode_corpus",
     "is_row_writer",
 ]
-
-
-def _group() -> Any:
-    """``torch.distributed`` when a process group is initialised, else ``None``."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def world_size() -> int:
-    """The number of processes of the initialised ``torch.distributed`` group (1 when not distributed).
-
-    Example:
-        >>> world_size()  # outside torch.distributed
-        1
-    """
-    dist = _group()
-    return 1 if dist is None else dist.get_world_size()
-
-
-def process_rank() -> int:
-    """This process's rank in the initialised ``torch.distributed`` group (0 when not distributed).
-
-    Example:
-        >>> process_rank()
-        0
-    """
-    dist = _group()
-    return 0 if dist is None else dist.get_rank()
-
-
-def barrier() -> None:
-    """Waits for every process (a no-op outside ``torch.distributed``).
-
-    Example:
-        >>> barrier()  # outside torch.distributed: returns at once
-    """
-    import torch.distributed as dist
-
-    if world_size() > 1:
-        dist.barrier()
-
-
-def encode_corpus(
-    encode: Callable[[list[str]], Any],
-    texts: Sequence[str],
-    write: Callable[[int, np.ndarray], None] | None = None,
-    chunk_texts: int = 65536,
-    local: bool = False,
-) -> np.ndarray | None:
-    """Encodes ``texts`` once per run, whatever the number of processes: each process encodes its contiguous share
-    (:func:`shard_bounds`), then either ``write(start, rows)`` stores it, ``chunk_texts`` rows at a time (e.g. into
-    a memory-mapped bank every process shares; returns ``None`` once every process has written) or the shares are
-    gathered so that every process returns all ``(len(texts), dim)`` float32 rows. One process: ``encode(texts)``.
-    ``local``: every process returns its own share only (the rows of a sharded bank).
-
-    Example:
-        >>> encode_corpus(lambda t: np.ones((len(t), 2)), ["a", "b"]).shape
-        (2, 2)
-    """
-    texts = list(texts)
-    world, rank = world_size(), process_rank()
-    start, end = shard_bounds(len(texts), world, rank)
-    if world > 1:
-        logger.info("bank: process %d of %d encodes documents %d-%d of %d", rank, world, start, end, len(texts))
-    if write is not None:  # chunk by chunk: the share never needs to fit in RAM
-        for first in range(start, end, chunk_texts):
-            last = min(end, first + chunk_texts)
-            write(first, np.asarray(encode(texts[first:last]), dtype=np.float32).reshape(last - first, -1))
-        barrier()
-        return None
-    rows = np.asarray(encode(texts[start:end]), dtype=np.float32).reshape(end - start, -1)
-    if world == 1 or local:
-        return rows
-    device = _collective_device()
-    gathered = _all_gather_uneven(torch.from_numpy(rows).to(device))[0]
-    return gathered.cpu().numpy()
 
 
 def is_row_writer(mmap_path: str | Path | None) -> bool:
@@ -134,18 +56,9 @@ def is_row_writer(mmap_path: str | Path | None) -> bool:
     return process_rank() == min(r for r, other in enumerate(keys) if other == key)
 
 
-def _collective_device() -> torch.device:
-    """Where this process's collective tensors must live: the current CUDA device under NCCL, else the CPU."""
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_gather_uneven(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Every process's ``tensors`` concatenated in rank order (:func:`hf_qret.bank.uneven.all_gather_uneven` on the
-    default group); the tensors must already be on :func:`_collective_device`."""
+    default group); the tensors must already be on :func:`~hf_qret.bank.processes.collective_device`."""
     return all_gather_uneven(tensors, world_size())[0]
 
 
@@ -164,7 +77,7 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return rows
-    local = rows.detach().reshape(-1).to(device=_collective_device(), dtype=torch.long)
+    local = rows.detach().reshape(-1).to(device=collective_device(), dtype=torch.long)
     return _all_gather_uneven(local)[0].to(rows.device)
 
 
@@ -218,7 +131,7 @@ def all_reduce_row_grad(weight: torch.Tensor, average: bool = True) -> int:
             return 0
         return int(grad.coalesce().indices().shape[1]) if grad.is_sparse else int(grad.abs().sum(dim=1).gt(0).sum())
     # NCCL only moves CUDA tensors, gloo CPU tensors; the bank may live elsewhere (a CPU bank feeding a GPU).
-    device = _collective_device()
+    device = collective_device()
     rows, values = row_gradients(weight)
     rows, values = _all_gather_uneven(rows.to(device), values.to(device))
     if rows.numel() == 0:

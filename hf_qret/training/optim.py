@@ -76,14 +76,14 @@ class RowAdam(torch.optim.Optimizer):
     ) -> None:
         if block_rows < 1:
             raise ValueError(f"block_rows must be at least 1, got {block_rows}.")
-        super().__init__([bank.weight], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__([bank.local_weight], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.bank = bank
         self.block_rows = int(block_rows)
         self.keep_norms = keep_norms
         #: ``False``: :meth:`step` updates the state only and leaves the rows to the process that writes them (a
         #: memory-mapped bank shared by several processes: one update per step, written once).
         self.write_rows = True
-        weight = bank.weight
+        weight = bank.local_weight
         self._num_rows = int(weight.shape[0])
         self._dim = int(weight.shape[1])
         self._device = weight.device
@@ -192,12 +192,12 @@ class RowAdam(torch.optim.Optimizer):
         """The rows that have a gradient and their gradients (float32); optimizers over rows take no closure."""
         if closure is not None:
             raise ValueError(f"{type(self).__name__} does not take a closure.")
-        rows, grads = row_gradients(self.bank.weight)
+        rows, grads = row_gradients(self.bank.local_weight)
         return rows, grads.float()
 
     def _move(self, rows: torch.Tensor, update: torch.Tensor) -> int:
         """``row -= lr * update`` (after decoupled weight decay), drift control, written back in the bank's dtype."""
-        lr, weight_decay, weight = self.lr, self.weight_decay, self.bank.weight
+        lr, weight_decay, weight = self.lr, self.weight_decay, self.bank.local_weight
         if not self.write_rows:
             self.bank.version += 1
             if hasattr(self.bank, "mark_changed"):
@@ -222,7 +222,7 @@ class RowAdam(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drops the accumulated (sparse) gradient of the bank."""
-        self.bank.weight.grad = None
+        self.bank.local_weight.grad = None
 
     # ------------------------------------------------------------------ inspection
     def touched_rows(self) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..bank.collectives import ShardLayout, check_every_process
 from ..bank.sharding import ShardedTargetBank
 from ..errors import ConfigError
 from ..index.core import QuantizedIndex
-from ..index.sharding import ShardedIndex
+from ..index.sharding import ShardedIndex, local_ntotal_of
 from ..serving.artifact import BANK_NAME, LOSS_OPTIMIZER_NAME, REFRESH_STATE_NAME, save_retrieval_files, write_json
 from .checkpoint import CHANGED_ROWS_KEY, _load_tensors, _save_tensors, _write_faiss, load_refresh_state
 
@@ -125,7 +125,7 @@ def shard_for_training(bank: TargetBank, index: QuantizedIndex, args: Any) -> tu
     )  # fmt: skip
     if isinstance(index, ShardedIndex):
         return bank, index
-    if index.ntotal:
+    if local_ntotal_of(index):
         raise ConfigError(
             "bank_sharding='rows' builds its own index over each process's rows; pass an empty index= (or none)."
         )
@@ -206,7 +206,7 @@ def save_shard_state(folder: str | os.PathLike, trainer: Any) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     bank.save_shard(folder / shard_file("bank", layout))
     state = dict(trainer.bank_optimizer.state_dict())
-    state[CHANGED_ROWS_KEY] = torch.from_numpy(bank.changed_rows())
+    state[CHANGED_ROWS_KEY] = torch.from_numpy(bank.local_changed_rows())
     _save_tensors(folder / shard_file("bank_optimizer", layout), state)
     if trainer.bank_optimizer.keep_norms is not None:
         _save_tensors(folder / shard_file("bank_anchors", layout), {"norms": trainer.bank_optimizer.keep_norms})
@@ -251,7 +251,7 @@ def load_shard_optimizer(folder: str | os.PathLike, trainer: Any) -> None:
     folder = Path(folder)
     bank, layout = trainer.bank, trainer.bank.shard
     check_shard_checkpoint(folder, layout)
-    state = _load_tensors(folder / shard_file("bank_optimizer", layout), bank.weight.device)
+    state = _load_tensors(folder / shard_file("bank_optimizer", layout), bank.local_weight.device)
     changed = state.pop(CHANGED_ROWS_KEY, None)
     trainer.bank_optimizer.load_state_dict(state)
     if changed is not None:

@@ -19,6 +19,7 @@ from ..config import QRetTrainingArguments
 from ..errors import TrainingDivergedError
 from ..index.core import QuantizedIndex, set_faiss_threads
 from ..index.mining import IndexMiner, MinedBatch
+from ..index.sharding import local_ntotal_of
 from ..serving.encoder import (
     configure_encoder,
     embed,
@@ -140,8 +141,8 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         decoded_norm = args.normalize_decoded
         index.normalize_decoded = normalizes_embeddings(model) if decoded_norm is None else bool(decoded_norm)
         bank, index = shard_for_training(bank, index, args)  # bank_sharding='rows': this process's rows only
-        if index.ntotal not in (0, getattr(bank, "local_rows", len(bank))):
-            raise ValueError(f"the index holds {index.ntotal} vectors but the bank has {len(bank)} rows.")
+        if local_ntotal_of(index) not in (0, len(bank.local_weight)):  # this process's rows (all unsharded)
+            raise ValueError(f"the index holds {local_ntotal_of(index)} vectors but the bank has {len(bank)} rows.")
         self.bank = bank
         #: The index training mines from (built over the bank on first use, unless a checkpoint provides it).
         self.index = index
@@ -197,7 +198,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
             bank,
             lr=args.bank_learning_rate,
             weight_decay=args.bank_weight_decay,
-            keep_norms=bank.row_norms() if args.bank_keep_norm else None,
+            keep_norms=bank.local_row_norms() if args.bank_keep_norm else None,
         )
         #: bank_queries='initial': a frozen copy of the pretrained encoder, whose queries the bank rows learn against.
         self.frozen_encoder: nn.Module | None = None
@@ -214,7 +215,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
     def ensure_index(self) -> None:
         """Builds the index over the bank now, if nothing built or loaded it yet (``train()`` does it first, unless
         it resumes from a checkpoint, whose index it loads instead; evaluation and saving do it too)."""
-        if self.index.ntotal == 0:
+        if local_ntotal_of(self.index) == 0:
             start = time.perf_counter()
             self.index.build(self.bank.float32_rows())
             self.refresh_callback.total_index_seconds += time.perf_counter() - start
@@ -238,7 +239,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         has it (stale between refreshes), so evaluating or saving never changes what the run mines next.
         """
         self.ensure_index()
-        changed = self.bank.changed_rows()
+        changed = self.bank.local_changed_rows()
         if changed.size == 0:
             return self.index
         key = (self.bank.version, self.index.version)
@@ -306,7 +307,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
             if is_sharded(self.bank):
                 self.bank.exchange_gradients()  # each row's averaged gradient goes to the process that owns it
             elif world_size > 1:
-                all_reduce_row_grad(self.bank.weight)  # DDP averages the encoder's gradients, we average the bank's
+                all_reduce_row_grad(
+                    self.bank.local_weight
+                )  # DDP averages the encoder's gradients, we average the bank's
             if self.bank_scheduler is not None:
                 self.bank_scheduler.step()
             self.bank_optimizer.step()
