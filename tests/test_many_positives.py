@@ -115,3 +115,45 @@ def test_initial_bank_queries_come_from_the_frozen_pretrained_encoder(tiny_model
 def test_bank_queries_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="bank_queries"):
         QRetTrainingArguments(output_dir=str(tmp_path), bank_queries="bank", report_to="none")
+
+
+def test_the_frozen_encoder_embeds_each_query_once(tiny_model_dir, beir_dir, tmp_path):
+    """bank_queries='initial' over several epochs: the frozen encoder runs on a batch only while it holds a query not
+    met before; later epochs get their queries' first embeddings back (hf_qret.training.frozen)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(tiny_model_dir, device="cpu")
+    trainer, _ = make_trainer(
+        model, beir_dir, tmp_path, max_steps=-1, num_train_epochs=3, bank_queries="initial", refresh_on_epoch_end=False
+    )
+    rows_embedded = []
+    original_forward = trainer.frozen_encoder.forward
+
+    def forward(features, *args, **kwargs):
+        rows_embedded.append(int(features["input_ids"].shape[0]))
+        return original_forward(features, *args, **kwargs)
+
+    trainer.frozen_encoder.forward = forward
+    seen = record_batches(trainer)
+    batches = []
+    original_loss = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        batches.append({k: v.clone() for k, v in inputs.items() if k in ("input_ids", "attention_mask")})
+        return original_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    trainer.train()
+    pairs = len(trainer.train_dataset)
+    assert trainer.state.epoch == 3 and sum(len(features["input_ids"]) for features in batches) == 3 * pairs
+    assert 0 < sum(rows_embedded) <= pairs  # the first epoch's batches only (without the cache: 3 x pairs)
+    assert trainer.frozen_queries.embedded_rows == sum(rows_embedded)
+    first: dict[tuple, torch.Tensor] = {}  # a query's first embedding, given back in the later epochs
+    done = 0
+    for features, (_, mined) in zip(batches, seen):
+        for ids, mask, vector in zip(features["input_ids"], features["attention_mask"], mined.bank_queries):
+            key = tuple(ids[mask.bool()].tolist())
+            if done >= pairs:
+                assert torch.equal(first[key], vector)
+            first.setdefault(key, vector)
+        done += len(features["input_ids"])
