@@ -3,7 +3,7 @@
 The bank rows learn against the queries of a frozen copy of the pretrained encoder. That copy never changes, so a
 query's embedding is the same in every epoch: :class:`FrozenQueries` embeds each distinct training query once,
 before the first step (:meth:`FrozenQueries.prefill`, in batches of similar lengths), and gives it back to every
-batch that holds it instead of running the frozen encoder per batch (on the 4-epoch SciFact recipe: 646 distinct
+batch that holds it instead of running the frozen encoder per batch (on the 4-epoch SciFact recipe: 647 distinct
 claims embedded once instead of 96 batches of 32). A query is known by its tokens (every feature at the positions its
 attention mask keeps). A batch with a query not met before (a dataset the trainer cannot read queries from) is
 embedded whole, as without the cache, and its queries kept; a batch without an attention mask is embedded as before.
