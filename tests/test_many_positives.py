@@ -178,13 +178,3 @@ def test_frozen_queries_embed_a_batch_with_a_new_query_whole(tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(mixed, embed(encoder, tokenize(["a short query", "a new query"])))
     assert FrozenQueries(encoder, max_bytes=0)(tokenize(["a short query"])).shape == first[:1].shape
-
-
-def test_a_run_shorter_than_an_epoch_embeds_only_the_queries_it_meets(tiny_model_dir, beir_dir, tmp_path):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(tiny_model_dir, device="cpu")
-    trainer, _ = make_trainer(model, beir_dir, tmp_path, max_steps=2, bank_queries="initial")
-    assert 2 * 8 < len(set(trainer.train_dataset["query"]))
-    trainer.train()
-    assert trainer.frozen_queries.embedded_rows == 2 * 8  # its two batches (a prefill: every distinct query)

@@ -110,19 +110,15 @@ class FrozenQueries:
             moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
             self._keep(keys, self._embed(moved))
 
-    def prefill_from(self, dataset: Any, collator: Any, examples: int | None = None) -> None:
+    def prefill_from(self, dataset: Any, collator: Any) -> None:
         """:meth:`prefill` with a training dataset's queries, when its collator says where they are and how they are
-        tokenized (:class:`~hf_qret.training.collator.QRetDataCollator`) and the run reads the whole dataset
-        (``examples``: how many examples it reads, ``None``: at least one epoch); else nothing: batches fill the
-        cache as they come.
+        tokenized (:class:`~hf_qret.training.collator.QRetDataCollator`); else nothing: batches fill the cache.
 
         Example:
             >>> frozen.prefill_from(trainer.train_dataset, trainer.data_collator)  # doctest: +SKIP
         """
         column, tokenize = getattr(collator, "query_column", None), getattr(collator, "tokenize_fn", None)
-        if column is None or tokenize is None or column not in (getattr(dataset, "column_names", None) or []):
-            return
-        if examples is None or examples >= len(dataset):
+        if column is not None and tokenize is not None and column in (getattr(dataset, "column_names", None) or []):
             self.prefill(dataset[column], tokenize)
 
     def _keep(self, keys: list[bytes], vectors: torch.Tensor) -> None:

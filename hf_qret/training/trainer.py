@@ -232,11 +232,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
             self.ensure_index()
             self._save_document_encoder()
         if self.frozen_queries is not None:  # bank_queries='initial': the training queries embedded once, now
-            run = self.args  # a run shorter than an epoch embeds only the queries it meets
-            reads = run.max_steps * run.train_batch_size * run.gradient_accumulation_steps * run.world_size
-            self.frozen_queries.prefill_from(
-                self.train_dataset, self.data_collator, reads if run.max_steps > 0 else None
-            )
+            self.frozen_queries.prefill_from(self.train_dataset, self.data_collator)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def served_index(self) -> QuantizedIndex:
