@@ -1,21 +1,20 @@
 """The frozen pretrained encoder's query embeddings (``bank_queries='initial'``), each distinct query embedded once.
 
 The bank rows learn against the queries of a frozen copy of the pretrained encoder. That copy never changes, so a
-query's embedding is the same in every epoch: :class:`FrozenQueries` embeds each distinct training query once,
-before the first step (:meth:`FrozenQueries.prefill`, in batches of similar lengths), and gives it back to every
-batch that holds it instead of running the frozen encoder per batch (on the 4-epoch SciFact recipe: 647 distinct
-claims embedded once instead of 96 batches of 32). A query is known by its tokens (every feature at the positions its
-attention mask keeps). A batch with a query not met before (a dataset the trainer cannot read queries from) is
-embedded whole, as without the cache, and its queries kept; a batch without an attention mask is embedded as before.
+query's embedding is the same in every epoch: :class:`FrozenQueries` keeps each one the first time its batch is
+embedded and gives it back in later epochs instead of running the frozen encoder again (on the 4-epoch SciFact recipe,
+72 of its 96 forward passes). A query is known by its tokens (every feature at the positions its attention mask
+keeps), so any collator works; a batch without an attention mask is embedded as before.
 
-The embeddings are those of the frozen encoder run on the same tokens, in another batch: padding to another length
-changes the order of float sums, so they can differ in the last bits from a per-batch run (on all-MiniLM-L6-v2 and
+A batch with any query not met before is embedded whole, exactly as without the cache (so the first epoch is
+unchanged); a batch of known queries gets their first embeddings back, where the encoder run again in another batch
+could differ in the last bits (padding to another length changes the order of float sums: on all-MiniLM-L6-v2 and
 SciFact's training claims, 41 of 742 queries, by at most 1.4e-7).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -85,41 +84,6 @@ class FrozenQueries:
             return vectors
         device = next((v.device for v in features.values() if torch.is_tensor(v)), torch.device("cpu"))
         return torch.stack(found).to(device)
-
-    def prefill(
-        self, texts: Sequence[str], tokenize: Callable[[list[str]], Mapping[str, Any]], batch_size: int = 64
-    ) -> None:
-        """Embeds every distinct text of ``texts`` now (tokenized as training tokenizes them, in batches of similar
-        lengths: little padding), so that no training batch runs the frozen encoder.
-
-        Example:
-            >>> frozen.prefill(trainer.train_dataset["query"], trainer.data_collator.tokenize_fn)  # doctest: +SKIP
-        """
-        unique = list(dict.fromkeys(str(t) for t in texts))
-        unique.sort(key=len)
-        device = next(self.encoder.parameters()).device
-        for start in range(0, len(unique), batch_size):
-            if self._bytes >= self.max_bytes:
-                return
-            features = dict(tokenize(unique[start : start + batch_size]))
-            keys = _query_keys(features)
-            if keys is None:
-                return
-            if all(key in self._rows for key in keys):
-                continue
-            moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
-            self._keep(keys, self._embed(moved))
-
-    def prefill_from(self, dataset: Any, collator: Any) -> None:
-        """:meth:`prefill` with a training dataset's queries, when its collator says where they are and how they are
-        tokenized (:class:`~hf_qret.training.collator.QRetDataCollator`); else nothing: batches fill the cache.
-
-        Example:
-            >>> frozen.prefill_from(trainer.train_dataset, trainer.data_collator)  # doctest: +SKIP
-        """
-        column, tokenize = getattr(collator, "query_column", None), getattr(collator, "tokenize_fn", None)
-        if column is not None and tokenize is not None and column in (getattr(dataset, "column_names", None) or []):
-            self.prefill(dataset[column], tokenize)
 
     def _keep(self, keys: list[bytes], vectors: torch.Tensor) -> None:
         rows = vectors.detach().float().cpu()

@@ -231,8 +231,6 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         if not resume_from_checkpoint:
             self.ensure_index()
             self._save_document_encoder()
-        if self.frozen_queries is not None:  # bank_queries='initial': the training queries embedded once, now
-            self.frozen_queries.prefill_from(self.train_dataset, self.data_collator)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def served_index(self) -> QuantizedIndex:
