@@ -32,7 +32,6 @@ from .checkpoint import BANK_OPTIMIZER_NAME
 from .collator import QRetDataCollator, training_positive_rows
 from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
 from .dropin import prepare_dropin
-from .frozen import FrozenQueries
 from .hub_mixin import HubMixin
 from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
 from .optim import FollowScheduler, RowAdam, RowSGD
@@ -204,8 +203,6 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         self.frozen_encoder: nn.Module | None = None
         if args.bank_queries == "initial" and args.bank_learning_rate > 0:
             self.frozen_encoder = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
-        #: The frozen encoder's queries, each distinct query embedded once (:mod:`hf_qret.training.frozen`).
-        self.frozen_queries = FrozenQueries(self.frozen_encoder) if self.frozen_encoder is not None else None
         #: Drives the bank's learning rate with the encoder's schedule; made with the encoder's scheduler.
         self.bank_scheduler: FollowScheduler | None = None
         # Several processes mapping one bank file: one of them writes each step's rows, the others wait for it.
@@ -262,8 +259,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         rows = {key: inputs.pop(key, None) for key in ("positive_rows", "positive_sets", "negative_rows")}
         query_embeddings = embed(model, inputs)
         mined = self.mine(query_embeddings, **rows, global_batch=model.training)
-        if self.frozen_queries is not None and model.training:  # bank_queries='initial'
-            mined.bank_queries = self.frozen_queries(inputs)
+        if self.frozen_encoder is not None and model.training:  # bank_queries='initial'
+            with torch.no_grad():
+                mined.bank_queries = embed(self.frozen_encoder, inputs)
         self.loss.train(model.training)
         loss, stats = self.loss(query_embeddings, mined)
         if model.training:
