@@ -112,3 +112,37 @@ def test_the_final_refresh_mode_runs_when_refresh_steps_divides_the_run(tiny_mod
     state = load_retrieval_files(trainer.args.output_dir).config["index_state"]
     assert state["last_refresh_step"] == 4 and state["last_refresh_mode"] == "retrain"  # what actually ran
     assert state["final_refresh_mode"] == "retrain"
+
+
+def test_train_end_distils_the_flat_ranking_into_an_8_bit_residual_index(tiny_model, beir_dir, tmp_path):
+    """distill_codebooks: the codebooks (not the codes) move at train end, the listwise KL to the flat ranking falls,
+    the record says what ran, and the saved artifact serves the distilled codebooks."""
+    trainer, data = make_trainer(tiny_model, beir_dir, tmp_path, index_factory="RQ2x8", max_steps=2,
+                                 distill_codebooks=3, distill_doc_queries=100)  # fmt: skip
+    trainer.ensure_index()
+    books = trainer.index.faiss.vector_to_array(trainer.index.faiss.downcast_index(trainer.index.index).rq.codebooks)
+    trainer.train()
+    record = trainer.index_record()["codebook_distillation"]
+    assert isinstance(record, dict) and record["epochs"] == 3 and record["kl_last"] < record["kl_first"]
+    assert record["queries"] == len(set(data.queries[q] for q in data.qrels)) + 100
+    index = trainer.index.faiss.downcast_index(trainer.index.index)
+    codes_before = index.sa_encode(trainer.bank.float32_rows()[:])  # what a plain encode of the bank stores
+    assert not np.allclose(trainer.index.faiss.vector_to_array(index.rq.codebooks), books)
+    trainer.save_model()
+    files = load_retrieval_files(trainer.args.output_dir)
+    assert files.config["index_state"]["codebook_distillation"] == record
+    saved = files.index.faiss.downcast_index(files.index.index)
+    np.testing.assert_array_equal(
+        files.index.faiss.vector_to_array(saved.rq.codebooks), files.index.faiss.vector_to_array(index.rq.codebooks)
+    )
+    assert codes_before.shape == (len(trainer.bank), 2)
+
+
+def test_distillation_leaves_other_indexes_alone_and_can_be_switched_off(tiny_model, beir_dir, tmp_path):
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path / "pq", index_factory="PQ4", max_steps=1)
+    trainer.train()
+    assert "not an additive quantizer" in trainer.index_record()["codebook_distillation"]
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path / "off", index_factory="RQ2x8", max_steps=1,
+                              distill_codebooks=0)  # fmt: skip
+    trainer.train()
+    assert trainer.index_record()["codebook_distillation"].startswith("off")

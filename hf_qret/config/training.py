@@ -189,6 +189,19 @@ class QRetTrainingArguments(TrainingArguments):
             "'incremental', or unset: as --refresh_mode."
         },
     )
+    distill_codebooks: int = field(
+        default=2,
+        metadata={
+            "help": "Epochs of codebook distillation at train end (0: off): the flat ranking of the training queries "
+            "and of --distill_doc_queries bank rows used as queries is distilled into the codebooks of an 8-bit "
+            "additive-quantizer index (RQ16x8, the small-corpus default; other indexes are left alone), codes kept "
+            "(hf_qret.index.distill). InsuranceQA dev, 16 bytes: 0.387 -> 0.404 nDCG@10 (flat 0.420)."
+        },
+    )
+    distill_doc_queries: int = field(
+        default=10_000,
+        metadata={"help": "Bank rows used as queries by the codebook distillation (a fixed random sample)."},
+    )
     bank_encode_precision: str = field(
         default="auto",
         metadata={
@@ -276,6 +289,9 @@ class QRetTrainingArguments(TrainingArguments):
         check_index_options(self.opq_niter, self.mining_nlist, self.mining_nprobe, self.rq_beam_size)
         if self.num_negatives < 1:
             raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}.")
+        for name in ("distill_codebooks", "distill_doc_queries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}.")
         for name in ("refresh_mode", "final_refresh_mode"):
             value = getattr(self, name)
             if value not in REFRESH_MODES and not (name == "final_refresh_mode" and value is None):

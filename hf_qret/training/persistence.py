@@ -95,6 +95,8 @@ class CheckpointMixin:
             "final_refresh_mode": callback.final_mode,
             "last_refresh_mode": callback.last_refresh_mode,
             "rows_reencoded_since_refresh": int(self.bank.num_changed),
+            # the flat ranking distilled into the codebooks at train end (hf_qret.training.distillation)
+            "codebook_distillation": self.distillation.record() if hasattr(self, "distillation") else None,
         }
 
     def _save_document_encoder(self) -> None:

@@ -31,6 +31,7 @@ from ..serving.encoder import (
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import BANK_OPTIMIZER_NAME
 from .collator import QRetDataCollator, training_positive_rows
+from .distillation import CodebookDistillationCallback
 from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
 from .dropin import prepare_dropin
 from .hub_mixin import HubMixin
@@ -175,6 +176,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
                 )
             )
         self.refresh_callback = next(cb for cb in callbacks if isinstance(cb, IndexRefreshCallback))
+        #: At train end, after the final refresh and before the safety net: codebooks fitted to the flat ranking.
+        self.distillation = CodebookDistillationCallback(self)
+        callbacks.insert(callbacks.index(self.refresh_callback) + 1, self.distillation)
 
         # The Trainer refuses an eval strategy without eval_dataset; an evaluator is enough for us.
         restore_strategy = None
