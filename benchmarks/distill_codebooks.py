@@ -4,7 +4,7 @@
 ``--doc_queries`` bank rows (the same seeded sample), ``--epochs`` epochs, the artifact's ``normalize_decoded``.
 
     python benchmarks/distill_codebooks.py --run NAME=ARTIFACT_DIR:DATA_DIR[:HELDOUT_FRACTION] ... \\
-        [--split dev] [--epochs 2] [--doc_queries 10000] [--json_out benchmarks/results/distill_codebooks.json]
+        [--split dev] [--epochs 4] [--doc_queries 10000] [--json_out benchmarks/results/distill_codebooks.json]
 
 ``HELDOUT_FRACTION``: the artifact was trained with ``--heldout_docs_fraction`` (its training and evaluation split
 are carved from ``train`` as the recipe carves them). "seen": evaluation queries with a relevant document that is a
@@ -73,7 +73,14 @@ def measure(name: str, artifact: str, data_dir: str, fraction: float | None, arg
     flat = ndcg(_flat(index, bank), queries, evaluation, files.doc_ids, slices)
     clock = time.perf_counter()
     report = distill_codebooks(
-        index, bank, distill_queries, cosine=bool(index.normalize_decoded), epochs=args.epochs, seed=args.seed
+        index,
+        bank,
+        distill_queries,
+        cosine=bool(index.normalize_decoded),
+        epochs=args.epochs,
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+        candidates=args.candidates,
     )
     seconds = time.perf_counter() - clock
     after = ndcg(index, queries, evaluation, files.doc_ids, slices)
@@ -100,9 +107,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="NAME=ARTIFACT:DATA[:HELDOUT_FRACTION]")
     parser.add_argument("--split", default="dev")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--doc_queries", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--json_out", type=Path)
     args = parser.parse_args()
     rows = []
@@ -110,7 +119,14 @@ def main() -> None:
         name, _, rest = spec.partition("=")
         parts = rest.split(":")
         rows.append(measure(name, parts[0], parts[1], float(parts[2]) if len(parts) > 2 else None, args))
-    result = {"epochs": args.epochs, "doc_queries": args.doc_queries, "seed": args.seed, "runs": rows}
+    result = {
+        "epochs": args.epochs,
+        "doc_queries": args.doc_queries,
+        "seed": args.seed,
+        "learning_rate": args.learning_rate,
+        "candidates": args.candidates,
+        "runs": rows,
+    }
     if args.json_out:
         tmp = args.json_out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")

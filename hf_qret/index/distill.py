@@ -7,7 +7,8 @@ through the trained query encoder, and a sample of the bank's own rows as querie
 covered, not only the documents training touched), the flat top ``candidates`` rows and their float scores are the
 teacher; the student scores the same rows through their decoded codes (the decoded vector's cosine when the index
 serves with ``normalize_decoded``); the codebooks (not the codes) take Adam steps on the listwise KL divergence
-between the two softmaxes (temperature ``temperature``). The codes stay as they are, so the index keeps its bytes per
+between the two softmaxes (temperature ``temperature``). A held-out 5 % of the queries (at most
+:data:`HELD_OUT_MAX`) is scored before and after: the new codebooks are kept only if its KL fell. The codes stay as they are, so the index keeps its bytes per
 row and the rows that no query reached move with the shared codebooks. This is the codebook half of JPQ /
 Distill-VQ, with the flat ranking as the teacher.
 
@@ -33,6 +34,9 @@ __all__ = ["CodebookDistillation", "distill_codebooks", "distillable"]
 
 logger = logging.getLogger("hf_qret")
 
+#: At most this many of the queries (5 % of them) are held out to decide whether the distilled codebooks are kept.
+HELD_OUT_MAX = 2000
+
 
 @dataclass(frozen=True)
 class CodebookDistillation:
@@ -45,9 +49,12 @@ class CodebookDistillation:
         kl_first: Mean KL divergence over the first epoch.
         kl_last: Mean KL divergence over the last epoch.
         seconds: Wall time, teacher search included.
+        held_out_kl_before: KL on the held-out queries (a 5 % slice, at most 2,000) before.
+        held_out_kl_after: The same after the epochs.
+        kept: Whether the new codebooks were kept (the held-out KL fell); else the index keeps its codebooks.
 
     Example:
-        >>> CodebookDistillation(2, 100, 50, 0.1, 0.05, 1.5).record()["kl_last"]
+        >>> CodebookDistillation(2, 100, 50, 0.1, 0.05, 1.5, 0.1, 0.06, True).record()["kl_last"]
         0.05
     """
 
@@ -57,13 +64,16 @@ class CodebookDistillation:
     kl_first: float
     kl_last: float
     seconds: float
+    held_out_kl_before: float
+    held_out_kl_after: float
+    kept: bool
 
     def record(self) -> dict[str, Any]:
         """The JSON record.
 
         Example:
-            >>> sorted(CodebookDistillation(1, 10, 5, 0.2, 0.2, 0.1).record())[:3]
-            ['candidates', 'epochs', 'kl_first']
+            >>> sorted(CodebookDistillation(1, 10, 5, 0.2, 0.2, 0.1, 0.2, 0.3, False).record())[:3]
+            ['candidates', 'epochs', 'held_out_kl_after']
         """
         return asdict(self)
 
@@ -97,7 +107,7 @@ def distill_codebooks(
     queries: np.ndarray,
     *,
     cosine: bool = True,
-    epochs: int = 2,
+    epochs: int = 4,
     candidates: int = 100,
     batch_size: int = 128,
     learning_rate: float = 1e-4,
@@ -129,8 +139,8 @@ def distill_codebooks(
         >>> bank = rng.standard_normal((2000, 16)).astype("float32")
         >>> index = QuantizedIndex(16, "RQ4x8"); index.build(bank)
         >>> report = distill_codebooks(index, bank, bank[:256], epochs=3, candidates=20, learning_rate=1e-3)
-        >>> report.kl_last < report.kl_first
-        True
+        >>> report.kl_last < report.kl_first, report.kept, report.held_out_kl_after < report.held_out_kl_before
+        (True, True, True)
     """
     import torch
 
@@ -162,31 +172,52 @@ def distill_codebooks(
     books = torch.nn.Parameter(
         torch.from_numpy(faiss.vector_to_array(aq.codebooks).reshape(num_books * 256, dim).copy())
     )
+    initial = books.detach().clone()
     optimizer = torch.optim.Adam([books], lr=learning_rate)
     queries_t, teacher_t = torch.from_numpy(queries), torch.from_numpy(teacher_scores) / temperature
     rows_t = torch.from_numpy(teacher_rows)
     generator = torch.Generator().manual_seed(seed)
+    # a held-out slice of the queries decides whether the new codebooks are kept
+    order = torch.randperm(len(queries), generator=generator)
+    held = order[: min(HELD_OUT_MAX, len(queries) // 20)]
+    fitted = order[len(held) :]
+
+    def kl(picked: Any) -> Any:
+        decoded = torch.nn.functional.embedding_bag(codes_t[rows_t[picked].reshape(-1)], books, mode="sum")
+        decoded = decoded.view(len(picked), candidates, dim)
+        if cosine:
+            decoded = decoded / decoded.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        student = torch.einsum("bd,bkd->bk", queries_t[picked], decoded) / temperature
+        return torch.nn.functional.kl_div(
+            student.log_softmax(-1), teacher_t[picked].log_softmax(-1), log_target=True, reduction="batchmean"
+        )
+
+    def held_out_kl() -> float:
+        if len(held) == 0:
+            return float("nan")
+        with torch.no_grad():
+            parts = [
+                float(kl(held[i : i + batch_size])) * len(held[i : i + batch_size])
+                for i in range(0, len(held), batch_size)
+            ]
+        return sum(parts) / len(held)
+
+    kl_before = held_out_kl()
     epoch_kl: list[float] = []
     for _ in range(int(epochs)):
-        order = torch.randperm(len(queries), generator=generator)
+        shuffled = fitted[torch.randperm(len(fitted), generator=generator)]
         total, steps = 0.0, 0
-        for begin in range(0, len(order), batch_size):
-            picked = order[begin : begin + batch_size]
-            rows = rows_t[picked]  # (B, K)
-            decoded = torch.nn.functional.embedding_bag(codes_t[rows.reshape(-1)], books, mode="sum")
-            decoded = decoded.view(len(picked), candidates, dim)
-            if cosine:
-                decoded = decoded / decoded.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            student = torch.einsum("bd,bkd->bk", queries_t[picked], decoded) / temperature
-            loss = torch.nn.functional.kl_div(
-                student.log_softmax(-1), teacher_t[picked].log_softmax(-1), log_target=True, reduction="batchmean"
-            )
+        for begin in range(0, len(shuffled), batch_size):
+            loss = kl(shuffled[begin : begin + batch_size])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
         epoch_kl.append(total / max(steps, 1))
-    faiss.copy_array_to_vector(books.detach().numpy().astype(np.float32).ravel(), aq.codebooks)
+    kl_after = held_out_kl()
+    kept = not (kl_after >= kl_before)  # NaN (no held-out queries): kept
+    final = books.detach() if kept else initial
+    faiss.copy_array_to_vector(final.numpy().astype(np.float32).ravel(), aq.codebooks)
     if hasattr(aq, "compute_codebook_tables"):
         aq.compute_codebook_tables()  # the cross products RQ's beam search encodes new rows with
     if owner is not None:
@@ -198,9 +229,14 @@ def distill_codebooks(
         kl_first=round(epoch_kl[0], 5) if epoch_kl else 0.0,
         kl_last=round(epoch_kl[-1], 5) if epoch_kl else 0.0,
         seconds=round(time.perf_counter() - start, 2),
+        held_out_kl_before=round(kl_before, 5),
+        held_out_kl_after=round(kl_after, 5),
+        kept=bool(kept),
     )
     logger.info(
-        "distilled the flat ranking into the index's codebooks: %d queries x %d candidates, %d epochs, KL %.4f -> "
-        "%.4f, %.1fs", report.queries, candidates, report.epochs, report.kl_first, report.kl_last, report.seconds,
+        "distilled the flat ranking into the index's codebooks: %d queries x %d candidates, %d epochs, held-out KL "
+        "%.4f -> %.4f (%s), %.1fs", report.queries, candidates, report.epochs, report.held_out_kl_before,
+        report.held_out_kl_after, "kept" if report.kept else "not lower: the codebooks stay as they were",
+        report.seconds,
     )  # fmt: skip
     return report
