@@ -1,0 +1,85 @@
+"""A million-row run holds one copy of its bank: loading it, evaluating the flat baseline, training the index and
+joining precomputed rows never materialise a second one (nor keep a file's pages resident)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from hf_qret.bank.core import TargetBank
+from hf_qret.bank.precomputed import write_rows_file
+from hf_qret.bank.storage import load_bank_file, safetensors_chunks
+
+_PEAK_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from hf_qret.bank.core import TargetBank
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident set
+except OSError:
+    print(json.dumps({"skip": True}))
+    sys.exit(0)
+before = status("VmRSS")
+bank = TargetBank.from_file(sys.argv[1], None, dtype=sys.argv[2])
+print(json.dumps({"growth": status("VmHWM") - before, "bank": bank.nbytes}))
+"""
+
+
+def _load_growth(path, dtype: str) -> tuple[int, int]:
+    """Peak resident-set growth of a fresh process while it loads the bank file ``path``, and the bank's bytes."""
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_PEAK_SCRIPT), str(path), dtype],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    if found.get("skip"):
+        pytest.skip("this kernel does not let a process reset its peak resident set")
+    return found["growth"], found["bank"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("suffix,dtype", [(".npy", "fp32"), (".safetensors", "fp32"), (".safetensors", "fp16")])
+def test_loading_a_bank_file_holds_one_copy_of_its_rows(tmp_path, suffix, dtype):
+    rows = np.random.default_rng(0).standard_normal((400_000, 96)).astype(np.float32)  # 154 MB
+    path = tmp_path / f"bank{suffix}"
+    if suffix == ".npy":
+        np.save(path, rows)
+    else:
+        write_rows_file(path, [rows])
+    del rows
+    growth, bank_bytes = _load_growth(path, dtype)
+    # one bank in its dtype plus one 65,536-row chunk; a second full copy (or the file's pages) would be 2x+
+    file_bytes = 400_000 * 96 * 4
+    assert growth < bank_bytes + 0.5 * file_bytes, (growth, bank_bytes)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_chunked_loading_gives_the_rows_safetensors_gives(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from hf_qret.bank.storage import BANK_DTYPES
+
+    rows = torch.randn(70_000, 8)
+    stored = rows.to(BANK_DTYPES[dtype])
+    save_file({"other": torch.zeros(3), "embeddings": stored}, str(tmp_path / "bank.safetensors"))
+    expected = load_file(str(tmp_path / "bank.safetensors"))["embeddings"]
+    shape, chunks = safetensors_chunks(tmp_path / "bank.safetensors", chunk_rows=65_536)
+    assert shape == (70_000, 8)
+    assert torch.equal(torch.cat(list(chunks)), expected)
+    for target in ("fp32", "fp16"):
+        loaded = load_bank_file(tmp_path / "bank.safetensors", BANK_DTYPES[target])
+        assert torch.equal(loaded, expected.to(BANK_DTYPES[target]))
+    bank = TargetBank.from_file(tmp_path / "bank.safetensors", None, dtype=dtype)
+    assert torch.equal(bank.weight.detach(), expected) and not bank.is_mmap
