@@ -3,14 +3,18 @@ joining precomputed rows never materialise a second one (nor keep a file's pages
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import numpy as np
 import pytest
 import torch
+from test_cli import recipe_argv
+from test_precomputed_rows import extra_rows, without_auto
 
 from hf_qret.bank.core import TargetBank
 from hf_qret.bank.precomputed import write_rows_file
@@ -83,3 +87,36 @@ def test_chunked_loading_gives_the_rows_safetensors_gives(tmp_path, dtype):
         assert torch.equal(loaded, expected.to(BANK_DTYPES[target]))
     bank = TargetBank.from_file(tmp_path / "bank.safetensors", None, dtype=dtype)
     assert torch.equal(bank.weight.detach(), expected) and not bank.is_mmap
+
+
+def test_the_recipe_unmaps_the_precomputed_rows_once_they_are_joined(tiny_model_dir, two_split_dir, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    import hf_qret.bank.precomputed as precomputed
+    import hf_qret.training.corpus as corpus
+
+    rows_file, ids_file, _ = extra_rows(tmp_path, 50)
+    mapped = []
+    load = precomputed.load_precomputed_rows
+
+    def tracked_load(*args):
+        extra = load(*args)
+        mapped.append(weakref.ref(extra.rows))  # the read-only memory map of the .npy file
+        return extra
+
+    alive_at_bank = []
+    encode_bank = corpus.encode_bank
+
+    def tracked_encode_bank(encode, texts, ids, **kwargs):
+        if len(ids) == 350:  # the whole bank (corpus + precomputed rows), read from the joined file
+            gc.collect()
+            alive_at_bank.append(mapped[0]() is not None)
+        return encode_bank(encode, texts, ids, **kwargs)
+
+    monkeypatch.setattr(precomputed, "load_precomputed_rows", tracked_load)
+    monkeypatch.setattr(corpus, "encode_bank", tracked_encode_bank)
+    argv = recipe_argv(tiny_model_dir, two_split_dir, tmp_path / "out", "--extra_rows_file", str(rows_file),
+                       "--extra_ids_file", str(ids_file), "--max_steps", "1")  # fmt: skip
+    from hf_qret.cli import train_main
+
+    train_main(without_auto(argv))
+    assert mapped and alive_at_bank == [False]
