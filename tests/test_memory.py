@@ -19,6 +19,11 @@ from test_precomputed_rows import extra_rows, without_auto
 from hf_qret.bank.core import TargetBank
 from hf_qret.bank.precomputed import write_rows_file
 from hf_qret.bank.storage import load_bank_file, safetensors_chunks
+from hf_qret.data import load_beir
+from hf_qret.evaluation import evaluator as evaluator_module
+from hf_qret.evaluation.evaluator import RetrievalEvaluator, search_run
+from hf_qret.index.core import QuantizedIndex
+from hf_qret.index.exact import ExactSearch
 
 _PEAK_SCRIPT = """
 import json, sys, torch
@@ -87,6 +92,44 @@ def test_chunked_loading_gives_the_rows_safetensors_gives(tmp_path, dtype):
         assert torch.equal(loaded, expected.to(BANK_DTYPES[target]))
     bank = TargetBank.from_file(tmp_path / "bank.safetensors", None, dtype=dtype)
     assert torch.equal(bank.weight.detach(), expected) and not bank.is_mmap
+
+
+def test_exact_search_ranks_as_a_flat_index_across_chunks():
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((5_000, 16)).astype(np.float32)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    flat = QuantizedIndex(16, "Flat", use_gpu=False)
+    flat.add(rows)
+    for chunk_rows, k in ((1024, 10), (1024, 100), (4096, 5_000), (65_536, 7)):
+        scores, found = ExactSearch(rows, chunk_rows=chunk_rows).search(queries, k)
+        expected_scores, expected_rows = flat.search(queries, k)
+        np.testing.assert_array_equal(found, expected_rows)
+        np.testing.assert_array_equal(scores, expected_scores)
+    assert ExactSearch(rows[:3]).search(queries, 10)[1].shape == (40, 3)  # k capped at the rows, as the index does
+
+
+def test_the_evaluation_searches_the_bank_itself_not_a_flat_copy(tiny_model, beir_dir, monkeypatch):
+    data = load_beir(beir_dir, split="train")
+    rows = np.random.default_rng(1).standard_normal((len(data.doc_ids), 32)).astype(np.float32)
+    bank = TargetBank(rows, data.doc_ids)
+    index = QuantizedIndex(32, "PQ4", use_gpu=False)
+    index.build(bank.float32_rows())
+    evaluator = RetrievalEvaluator(data.queries, data.qrels)
+
+    class NoFlatCopy(QuantizedIndex):
+        def __init__(self, dim, factory, *args, **kwargs):
+            assert factory != "Flat", "the evaluation copied the bank into a flat index"
+            super().__init__(dim, factory, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "QuantizedIndex", NoFlatCopy)
+    runs = evaluator.runs(tiny_model, bank, index)
+    monkeypatch.undo()
+    from hf_qret.serving.encoder import encode_texts
+
+    flat = QuantizedIndex(32, "Flat", use_gpu=False)
+    flat.add(rows)
+    queries = encode_texts(tiny_model, evaluator.queries, batch_size=evaluator.batch_size, role="query")
+    assert runs["flat"] == search_run(queries, evaluator.query_ids, flat, bank.doc_ids, evaluator.k)
 
 
 def test_the_recipe_unmaps_the_precomputed_rows_once_they_are_joined(tiny_model_dir, two_split_dir, tmp_path,
