@@ -24,6 +24,7 @@ from hf_qret.evaluation import evaluator as evaluator_module
 from hf_qret.evaluation.evaluator import RetrievalEvaluator, search_run
 from hf_qret.index.core import QuantizedIndex
 from hf_qret.index.exact import ExactSearch
+from hf_qret.index.faiss_ops import import_faiss, pq_encode_block
 
 _PEAK_SCRIPT = """
 import json, sys, torch
@@ -130,6 +131,34 @@ def test_the_evaluation_searches_the_bank_itself_not_a_flat_copy(tiny_model, bei
     flat.add(rows)
     queries = encode_texts(tiny_model, evaluator.queries, batch_size=evaluator.batch_size, role="query")
     assert runs["flat"] == search_run(queries, evaluator.query_ids, flat, bank.doc_ids, evaluator.k)
+
+
+def test_index_training_encodes_pq_codes_in_small_batches(monkeypatch):
+    faiss = import_faiss()
+    default = faiss.cvar.product_quantizer_compute_codes_bs
+    index = faiss.index_factory(384, "OPQ16,IVF64,PQ16", faiss.METRIC_INNER_PRODUCT)
+    with pq_encode_block(faiss, index) as rows:
+        # (rows, 16, 256) float32 tables of about 128 MB instead of FAISS's 262,144-row batches (4 GB)
+        assert faiss.cvar.product_quantizer_compute_codes_bs == rows and rows * 16 * 256 * 4 <= 1 << 27
+    assert faiss.cvar.product_quantizer_compute_codes_bs == default
+    seen = []
+    trained_empty = QuantizedIndex._trained_empty
+
+    def spy(self, sample):
+        original = self.faiss.IndexPreTransform.train
+
+        def train(index, *args):
+            seen.append(faiss.cvar.product_quantizer_compute_codes_bs)
+            return original(index, *args)
+
+        monkeypatch.setattr(self.faiss.IndexPreTransform, "train", train)
+        return trained_empty(self, sample)
+
+    monkeypatch.setattr(QuantizedIndex, "_trained_empty", spy)
+    vectors = np.random.default_rng(0).standard_normal((4_000, 32)).astype(np.float32)
+    QuantizedIndex(32, "OPQ4,PQ4").build(vectors)
+    assert seen and seen[0] < default
+    assert faiss.cvar.product_quantizer_compute_codes_bs == default
 
 
 def test_the_recipe_unmaps_the_precomputed_rows_once_they_are_joined(tiny_model_dir, two_split_dir, tmp_path,
