@@ -30,9 +30,9 @@ from .storage import (
     copy_file_atomic,
     create_npy_memmap,
     dtype_name,
+    load_bank_file,
     open_npy_memmap,
     read_bank_chunks,
-    read_bank_file,
     storage_dtype,
     write_npy,
     write_safetensors_streamed,
@@ -352,7 +352,7 @@ class TargetBank(nn.Module):
             if not path.is_file():
                 raise ArtifactError(f"{path}: no such bank file; pass a .npy or .safetensors file of embeddings.")
             return cls._mmap_from_file(path, doc_ids, dtype, Path(mmap_path))
-        return cls(read_bank_file(Path(path)), doc_ids, dtype)
+        return cls._from_storage(load_bank_file(Path(path), dtype), doc_ids)  # one copy: read chunk by chunk into it
 
     @classmethod
     def _mmap_from_file(cls, path: Path, doc_ids: Sequence[str] | None, dtype: torch.dtype, target: Path) -> TargetBank:

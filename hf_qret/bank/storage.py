@@ -39,7 +39,9 @@ __all__ = [
     "open_npy_memmap",
     "place_bank",
     "read_bank_chunks",
+    "load_bank_file",
     "read_bank_file",
+    "safetensors_chunks",
     "storage_dtype",
     "to_storage_array",
     "write_npy",
@@ -217,7 +219,10 @@ def npy_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> tuple[tuple[int, int
         raise
     if fortran_order or len(shape) != 2 or dtype.hasobject:
         handle.close()
-        raise ArtifactError(f"{path}: a bank .npy must be a 2-D C-ordered numeric matrix; re-save it with np.save.")
+        raise ArtifactError(
+            f"{path}: cannot be read as a bank: a bank .npy must be a 2-D C-ordered numeric matrix; re-save it "
+            "with np.save."
+        )
 
     def chunks() -> Iterator[np.ndarray]:
         with handle:
@@ -231,8 +236,66 @@ def npy_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> tuple[tuple[int, int
     return (int(shape[0]), int(shape[1])), dtype, chunks()
 
 
+def _safetensors_entry(handle: Any, path: Path) -> tuple[tuple[int, ...], torch.dtype, int]:
+    """Shape, dtype and absolute byte offset of the ``embeddings`` tensor of an open safetensors file (the format's
+    header: 8 bytes of little-endian length, then that many bytes of JSON)."""
+    size = int.from_bytes(handle.read(8), "little")
+    if size <= 0 or size > 100 << 20:
+        raise ArtifactError(f"{path}: cannot be read as a bank (not a safetensors file); re-create it.")
+    header = json.loads(handle.read(size))
+    entry = header.get(BANK_KEY)
+    if entry is None:
+        raise ArtifactError(
+            f"{path}: no {BANK_KEY!r} tensor; found {sorted(k for k in header if k != '__metadata__')}."
+        )
+    dtype = {name: dtype for dtype, name in _SAFETENSORS_DTYPE.items()}.get(entry.get("dtype"))
+    if dtype is None:
+        raise ArtifactError(f"{path}: {BANK_KEY!r} is {entry.get('dtype')}; a bank is F32, F16 or BF16.")
+    shape = tuple(int(n) for n in entry["shape"])
+    begin, end = (int(n) for n in entry["data_offsets"])
+    if len(shape) == 2 and end - begin != shape[0] * shape[1] * NUMPY_STORAGE[dtype].itemsize:
+        raise ArtifactError(f"{path}: the {BANK_KEY!r} tensor's byte range does not match its shape; re-create it.")
+    return shape, dtype, 8 + size + begin
+
+
+def safetensors_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> tuple[tuple[int, ...], Iterator[torch.Tensor]]:
+    """Shape and a chunk iterator (tensors in the file's dtype) of a bank safetensors file's ``embeddings``, read
+    with plain file reads: unlike a memory map, the rows already read do not stay in the process's resident set.
+
+    Raises:
+        ArtifactError: The file is not safetensors, or has no float ``embeddings`` tensor.
+
+    Example:
+        >>> shape, chunks = safetensors_chunks(Path("runs/scifact/bank.safetensors"))  # doctest: +SKIP
+    """
+    handle = open(path, "rb")
+    try:
+        shape, dtype, offset = _safetensors_entry(handle, path)
+    except ArtifactError:
+        handle.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed header is a corrupt file for the user
+        handle.close()
+        raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
+
+    def chunks() -> Iterator[torch.Tensor]:
+        with handle:
+            handle.seek(offset)
+            width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+            for start in range(0, shape[0], chunk_rows):
+                count = min(chunk_rows, shape[0] - start)
+                data = np.fromfile(handle, dtype=NUMPY_STORAGE[dtype], count=count * width)
+                if data.size != count * width:
+                    raise ArtifactError(f"{path}: the file is truncated; re-create it.")
+                tensor = torch.from_numpy(data.reshape(count, *shape[1:]))
+                yield tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+    return shape, chunks()
+
+
 def read_bank_chunks(path: Path) -> tuple[tuple[int, int], np.dtype | None, Iterator[Any]]:
-    """Shape, the ``.npy`` dtype (``None`` for safetensors) and a chunk iterator of a saved bank file.
+    """Shape, the ``.npy`` dtype (``None`` for safetensors) and a chunk iterator of a saved bank file, read with
+    plain file reads (see :func:`npy_chunks`, :func:`safetensors_chunks`).
 
     Raises:
         ArtifactError: A safetensors file without the ``embeddings`` tensor.
@@ -242,14 +305,37 @@ def read_bank_chunks(path: Path) -> tuple[tuple[int, int], np.dtype | None, Iter
     """
     if path.suffix == ".npy":
         return npy_chunks(path)
-    from safetensors import safe_open
+    shape, chunks = safetensors_chunks(path)
+    return shape, None, chunks
 
-    handle = safe_open(str(path), framework="pt")
-    if BANK_KEY not in handle.keys():
-        raise ArtifactError(f"{path}: no {BANK_KEY!r} tensor; found {sorted(handle.keys())}.")
-    sliced = handle.get_slice(BANK_KEY)
-    shape = tuple(sliced.get_shape())
-    return shape, None, (sliced[start : start + CHUNK_ROWS] for start in range(0, shape[0], CHUNK_ROWS))
+
+def load_bank_file(path: Path, dtype: torch.dtype) -> torch.Tensor:
+    """The whole embedding matrix of a bank file (``.npy`` or safetensors), cast to ``dtype``: read chunk by chunk
+    into the one tensor returned, so loading a bank never holds a second full copy of it (nor its file's pages).
+
+    Raises:
+        ArtifactError: The file is missing, unreadable, or not a 2-D matrix of embeddings.
+
+    Example:
+        >>> load_bank_file(Path("runs/scifact/bank.safetensors"), torch.float16).dtype  # doctest: +SKIP
+        torch.float16
+    """
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such bank file; pass a .npy or .safetensors file of embeddings.")
+    try:
+        shape, _, chunks = read_bank_chunks(path)
+        check_bank_shape(tuple(shape), None)
+        out = torch.empty(tuple(shape), dtype=dtype)
+        start = 0
+        for chunk in chunks:
+            values = torch.as_tensor(np.asarray(chunk, dtype=np.float32)) if not torch.is_tensor(chunk) else chunk
+            out[start : start + values.shape[0]].copy_(values.float() if values.dtype != torch.float32 else values)
+            start += values.shape[0]
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt file for the user
+        raise ArtifactError(f"{path}: cannot be read as a bank ({exc}); re-create it.") from None
+    return out
 
 
 def read_bank_file(path: Path) -> torch.Tensor:

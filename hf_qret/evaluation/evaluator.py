@@ -9,7 +9,9 @@ import numpy as np
 from torch import nn
 
 from ..bank.core import TargetBank
+from ..index.auto import faiss_sees_gpu
 from ..index.core import QuantizedIndex
+from ..index.exact import ExactSearch
 from ..serving.encoder import encode_texts
 from .metrics import DEFAULT_METRICS, compute_metrics
 
@@ -24,7 +26,11 @@ def _run_from(scores: np.ndarray, rows: np.ndarray, query_ids: list[str], doc_id
 
 
 def search_run(
-    query_embeddings: np.ndarray, query_ids: list[str], searcher: QuantizedIndex, doc_ids: list[str], k: int = 100
+    query_embeddings: np.ndarray,
+    query_ids: list[str],
+    searcher: QuantizedIndex | ExactSearch,
+    doc_ids: list[str],
+    k: int = 100,
 ) -> dict[str, dict[str, float]]:
     """Top-``k`` run (``{query id: {doc id: score}}``) of ``searcher`` for the given query embeddings.
 
@@ -101,9 +107,11 @@ class RetrievalEvaluator:
         rows = bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy()
         if hasattr(index, "flat_index"):  # a sharded index (bank_sharding='rows'): a flat index over every shard
             flat = index.flat_index(rows)
-        else:
+        elif index.use_gpu is not False and faiss_sees_gpu():  # a GPU flat index searches there
             flat = QuantizedIndex(bank.dim, "Flat", use_gpu=index.use_gpu)
             flat.add(rows)
+        else:  # the bank's own rows, chunk by chunk: an IndexFlat would hold a second copy of the bank
+            flat = ExactSearch(rows)
         return {
             "flat": search_run(query_embeddings, self.query_ids, flat, bank.doc_ids, self.k),
             "quantized": search_run(query_embeddings, self.query_ids, index, bank.doc_ids, self.k),

@@ -32,6 +32,7 @@ from .faiss_ops import (
     fit_training_to_sample,
     import_faiss,
     nested_indexes,
+    pq_encode_block,
     set_faiss_threads,
     set_opq_iterations,
     set_rq_beam_size,
@@ -276,7 +277,8 @@ class QuantizedIndex:
         self._fit_factory(len(sample))
         fresh = self._new_index()
         fit_training_to_sample(self.faiss, fresh, len(sample))
-        fresh.train(sample)
+        with pq_encode_block(self.faiss, fresh):  # FAISS's 1 GB distance tables per PQ encoding batch: 128 MB
+            fresh.train(sample)
         return fresh
 
     def _install(self, fresh: Any) -> None:

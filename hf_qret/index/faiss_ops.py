@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "disable_polysemous_training",
     "fit_training_to_sample",
     "encode_chunk_rows",
+    "pq_encode_block",
     "chunks",
     "train_sample",
     "as_float32",
@@ -192,6 +194,39 @@ def encode_chunk_rows(faiss: Any, index: Any, budget: int = 1 << 27) -> int:
             per_row = int(pq.M) * int(pq.ksub) * 4 + 4 * int(node.d)
             return int(min(CHUNK_ROWS, max(1024, budget // per_row)))
     return CHUNK_ROWS
+
+
+@contextmanager
+def pq_encode_block(faiss: Any, index: Any, budget: int = 1 << 27) -> Iterator[int]:
+    """Within the block, FAISS's product quantizers encode at most as many rows per batch as keep their
+    ``(rows, M, ksub)`` float32 distance table near ``budget`` bytes; yields that row count.
+
+    FAISS encodes PQ codes in batches of ``product_quantizer_compute_codes_bs`` rows (262,144), so training an OPQ
+    rotation on its 65,536-row sample allocates a 1 GB table at each of its iterations for ``OPQ16`` (and 4 GB for a
+    full batch); :meth:`hf_qret.index.core.QuantizedIndex.train` runs inside this block. Every row's code is
+    computed on its own, so the codes (and what is trained from them) are the same at any batch size. The previous
+    batch size is restored on exit.
+
+    Example:
+        >>> faiss = import_faiss()
+        >>> with pq_encode_block(faiss, faiss.index_factory(384, "OPQ16,PQ16", faiss.METRIC_INNER_PRODUCT)) as rows:
+        ...     rows
+        7489
+    """
+    rows = encode_chunk_rows(faiss, index, budget)
+    for transform in split_pretransform(faiss, index)[0]:
+        if isinstance(transform, faiss.OPQMatrix):  # its own PQ: M sub-quantizers of 256 centroids
+            rows = min(rows, max(1024, budget // (int(transform.M) * 256 * 4 + 4 * int(transform.d_out))))
+    settings = getattr(faiss, "cvar", None)
+    previous = getattr(settings, "product_quantizer_compute_codes_bs", None)
+    if previous is None:  # a FAISS without the setting: nothing to cap
+        yield rows
+        return
+    settings.product_quantizer_compute_codes_bs = int(min(rows, previous))
+    try:
+        yield rows
+    finally:
+        settings.product_quantizer_compute_codes_bs = previous
 
 
 def chunks(vectors: Any, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
