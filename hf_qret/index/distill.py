@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .exact import ExactSearch
 from .faiss_ops import as_float32
 
 __all__ = ["CodebookDistillation", "distill_codebooks", "distillable"]
@@ -119,7 +120,8 @@ def distill_codebooks(
     Args:
         index: A trained :class:`~hf_qret.index.core.QuantizedIndex` (or a CPU FAISS index) whose row ``i`` is
             ``bank[i]``.
-        bank: The float rows, ``(ntotal, dim)``.
+        bank: The float rows, ``(ntotal, dim)``: an array, or anything whose slices are float32 arrays (a
+            :class:`~hf_qret.bank.storage.Float32Rows`); read in chunks, never copied whole.
         queries: The queries to distill over, ``(n, dim)`` float32 (training queries, bank rows...).
         cosine: Score decoded rows by their cosine (an index serving with ``normalize_decoded``).
         epochs: Passes over ``queries``.
@@ -156,16 +158,12 @@ def distill_codebooks(
     top = faiss.downcast_index(raw)
     aq = top.aq
     num_books, dim = int(aq.M), int(aq.d)
-    bank = as_float32(np.asarray(bank))
     queries = as_float32(np.asarray(queries))
     if len(bank) != top.ntotal:
         raise ValueError(f"the bank has {len(bank)} rows and the index {top.ntotal}; distill the index of this bank.")
     candidates = int(min(candidates, len(bank)))
-    # the teacher: exact float scores of each query's flat top rows
-    flat = faiss.IndexFlatIP(dim)
-    flat.add(bank)
-    teacher_scores, teacher_rows = flat.search(queries, candidates)
-    del flat
+    # the teacher: exact float scores of each query's flat top rows, read chunk by chunk (no copy of the bank)
+    teacher_scores, teacher_rows = ExactSearch(bank).search(queries, candidates)
     codes = faiss.vector_to_array(top.codes).reshape(top.ntotal, num_books).astype(np.int64)
     codes += np.arange(num_books, dtype=np.int64) * 256  # offsets into the stacked codebooks
     codes_t = torch.from_numpy(codes)

@@ -61,7 +61,7 @@ def distill_trainer_index(trainer: Any) -> CodebookDistillation | str:
     if reason:
         return reason
     trainer.ensure_index()
-    vectors = np.asarray(trainer.bank.float32_rows()[: len(trainer.bank)], dtype=np.float32)
+    vectors = trainer.bank.float32_rows()  # float32 rows by slice or index array: the bank is never copied whole
     texts = training_query_texts(trainer.train_dataset)
     model = trainer.accelerator.unwrap_model(trainer.model)
     was_training = model.training
@@ -73,7 +73,7 @@ def distill_trainer_index(trainer: Any) -> CodebookDistillation | str:
     sample = int(min(len(vectors), max(0, int(getattr(args, "distill_doc_queries", 0) or 0))))
     if sample:
         rows = np.sort(np.random.default_rng(args.seed).choice(len(vectors), sample, replace=False))
-        queries = np.concatenate([queries.reshape(-1, vectors.shape[1]), vectors[rows]])
+        queries = np.concatenate([queries.reshape(-1, trainer.bank.dim), vectors[rows]])
     if len(queries) == 0:
         return "no queries to distill over"
     return distill_codebooks(
