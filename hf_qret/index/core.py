@@ -216,6 +216,13 @@ class QuantizedIndex:
         return int(self.index.ntotal)
 
     @property
+    def local_ntotal(self) -> int:
+        """Rows this process's index holds (numbered from 0): every row here; a
+        :class:`~hf_qret.index.sharding.ShardedIndex`'s own shard there. What :meth:`refresh` compares the bank's
+        rows with."""
+        return int(self.index.ntotal)
+
+    @property
     def is_trained(self) -> bool:
         """Whether the codebooks (and coarse quantizer / rotation) are trained: :meth:`train` or :meth:`build` ran."""
         return bool(self.index.is_trained)
@@ -309,6 +316,9 @@ class QuantizedIndex:
     ) -> int:
         """Brings the index up to date with the current bank.
 
+        A :class:`~hf_qret.index.sharding.ShardedIndex` refreshes its own shard the same way: ``vectors`` and ``rows``
+        are then this shard's (rows numbered from 0 in it), and ``"retrain"`` is its collective :meth:`train`.
+
         Args:
             vectors: The whole bank, ``(num_docs, dim)`` (an array or a chunk-sliceable array-like).
             mode: ``"reencode"`` keeps the codebooks and re-encodes every row with them; ``"retrain"`` retrains
@@ -329,12 +339,13 @@ class QuantizedIndex:
         if mode == "retrain" or not self.is_trained:
             self.build(vectors, max_train_rows)
             return len(vectors)
-        if mode == "incremental" and rows is not None and self.ntotal == len(vectors):
+        held = self.local_ntotal
+        if mode == "incremental" and rows is not None and held == len(vectors):
             rows = np.unique(np.asarray(rows, dtype=np.int64))
             if rows.size == 0:
                 return 0
-            if rows[0] < 0 or rows[-1] >= self.ntotal:
-                raise ValueError(f"rows to update must lie in [0, {self.ntotal}), got {rows[0]}..{rows[-1]}.")
+            if rows[0] < 0 or rows[-1] >= held:
+                raise ValueError(f"rows to update must lie in [0, {held}), got {rows[0]}..{rows[-1]}.")
             updater, reason = in_place_updater(self.faiss, self.index, self.shortlist)
             if updater is not None:
                 chunk_rows = encode_chunk_rows(self.faiss, self.index)
@@ -491,11 +502,12 @@ class QuantizedIndex:
 
     def raw_candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The FAISS search's ``(scores, rows, norms)``: the top ``k`` by inner product and ``norms`` ``None``; with
-        :attr:`normalize_decoded`, the top ``max(k, RENORM_DEPTH)`` and the norms of their decoded vectors."""
+        :attr:`normalize_decoded`, the top ``max(k, RENORM_DEPTH)`` and the norms of their decoded vectors. Rows are
+        those this process holds (:attr:`local_ntotal`; a shard's numbered from 0)."""
         if not self.normalize_decoded:
             scores, rows = self._searcher().search(queries, k)
             return scores, rows, None
-        depth = min(max(k, RENORM_DEPTH), self.ntotal)
+        depth = min(max(k, RENORM_DEPTH), self.local_ntotal)
         scores = np.empty((len(queries), depth), dtype=np.float32)
         rows = np.empty((len(queries), depth), dtype=np.int64)
         norms = np.empty((len(queries), depth), dtype=np.float32)
@@ -527,8 +539,8 @@ class QuantizedIndex:
         return codec.sa_decode(codec.sa_encode(as_float32(vectors)))
 
     def reconstruct_all(self) -> np.ndarray:
-        """The decoded (quantized) vector of every row, ``(ntotal, dim)``."""
-        return self.index.reconstruct_n(0, self.ntotal)
+        """The decoded (quantized) vector of every row this process holds, ``(local_ntotal, dim)``."""
+        return self.index.reconstruct_n(0, self.local_ntotal)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ..bank.collectives import LocalOnly, ShardLayout, all_gather_uneven, broadcast_bytes, gather_bytes, gather_rows
 from ..errors import ArtifactError
-from .core import REFRESH_MODES, RENORM_DEPTH, QuantizedIndex, cosine_top
+from .core import RENORM_DEPTH, QuantizedIndex, cosine_top
 from .faiss_ops import CHUNK_ROWS, MAX_TRAIN_ROWS, as_float32
 
 __all__ = ["ShardedIndex", "local_ntotal_of", "merge_topk", "sample_rows"]
@@ -46,7 +46,7 @@ def local_ntotal_of(index: QuantizedIndex) -> int:
         >>> index.add(np.eye(8, dtype="float32")); local_ntotal_of(index), index.global_ntotal
         (8, 16)
     """
-    return int(index.index.ntotal)
+    return index.local_ntotal
 
 
 def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int, *aligned: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -119,40 +119,9 @@ class ShardedIndex(QuantizedIndex):
         return self
 
     @property
-    def local_ntotal(self) -> int:
-        """Rows this shard indexes (numbered from 0 here, from :attr:`ShardLayout.start` in the whole index)."""
-        return local_ntotal_of(self)
-
-    @property
     def global_ntotal(self) -> int:
         """Rows indexed by all the shards together (the whole bank, once built)."""
         return self.shard.count if self.local_ntotal else 0
-
-    def _local_view(self) -> QuantizedIndex:
-        # This shard as a plain QuantizedIndex sharing this object's state (the same __dict__): what
-        # QuantizedIndex's own methods run on, where they read ntotal as the rows they hold.
-        view = QuantizedIndex.__new__(QuantizedIndex)
-        view.__dict__ = self.__dict__
-        return view
-
-    # ------------------------------------------------------------------ refresh
-    def refresh(
-        self,
-        vectors: Any,
-        mode: str = "reencode",
-        rows: np.ndarray | None = None,
-        max_train_rows: int | None = MAX_TRAIN_ROWS,
-    ) -> int:
-        """:meth:`QuantizedIndex.refresh <hf_qret.index.core.QuantizedIndex.refresh>` of this shard's ``vectors``
-        (``rows`` numbered from 0 in this shard); retraining is :meth:`train`, a collective."""
-        if mode in REFRESH_MODES and (mode == "retrain" or not self.is_trained):
-            self.build(vectors, max_train_rows)
-            return len(vectors)
-        return QuantizedIndex.refresh(self._local_view(), vectors, mode, rows, max_train_rows)
-
-    def reconstruct_all(self) -> np.ndarray:
-        """The decoded (quantized) vector of every row of this shard, ``(local_ntotal, dim)``."""
-        return self.index.reconstruct_n(0, self.local_ntotal)
 
     # ------------------------------------------------------------------ training
     def train(self, vectors: Any, max_train_rows: int | None = MAX_TRAIN_ROWS) -> None:
@@ -216,11 +185,6 @@ class ShardedIndex(QuantizedIndex):
         )
         first = sum(counts[: layout.rank])
         return merged_scores[first : first + len(queries)], merged_rows[first : first + len(queries)]
-
-    def raw_candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """This shard's :meth:`QuantizedIndex.raw_candidates <hf_qret.index.core.QuantizedIndex.raw_candidates>`
-        (rows numbered from 0 in this shard)."""
-        return QuantizedIndex.raw_candidates(self._local_view(), queries, k)
 
     def mine(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for negative mining: :meth:`search` (a sharded index has no mining shortlist)."""
