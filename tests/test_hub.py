@@ -520,3 +520,23 @@ def test_the_manifest_leaves_out_every_working_and_training_state_file():
               "corpus.jsonl", "corpus.jsonl.gz", "quality_vs_bytes.png", "eval_results.json", "adapter_config.json",
               "adapter_model.safetensors")  # fmt: skip
     assert [name for name in always if not is_artifact_file(name)] == []
+
+
+def test_the_card_modules_export_one_list_of_names():
+    # serving.card_data's public names are the one list: serving.model_card and the hub shims re-export all of it
+    from hf_qret.hub import card_data as hub_card_data
+    from hf_qret.hub import model_card as hub_model_card
+    from hf_qret.serving import card_data, model_card
+
+    def defined_in(module):
+        return {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_") and (name.isupper() or getattr(value, "__module__", None) == module.__name__)
+        }
+
+    assert set(card_data.__all__) == defined_in(card_data)
+    assert set(model_card.__all__) == (defined_in(model_card) - set(card_data.__all__)) | defined_in(card_data)
+    for shim, source in ((hub_card_data, card_data), (hub_model_card, model_card)):
+        assert list(shim.__all__) == list(source.__all__)
+        assert all(getattr(shim, name) is getattr(source, name) for name in source.__all__)

@@ -18,12 +18,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+#: Every public name of this module: what :mod:`hf_qret.serving.model_card` and the :mod:`hf_qret.hub` shims re-export.
 __all__ = [
     "CARD_TAGS",
+    "METRIC_COLUMNS",
+    "KINDS",
+    "STAGE_LABELS",
     "card_metrics",
     "metrics_from_log_history",
+    "ordered_stages",
     "hub_base_model",
     "dataset_id_from_path",
+    "dataset_display_name",
     "card_metadata",
     "front_matter",
     "is_qret_model_card",

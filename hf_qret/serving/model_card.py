@@ -26,39 +26,32 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError
-from .card_data import (  # noqa: F401  (card_metrics ... is_qret_model_card: re-exported, importable from here)
-    CARD_TAGS,
+from . import card_data
+from .card_data import *  # noqa: F403  (every card_data name, importable from here too: see __all__)
+from .card_data import (
     KINDS,
     METRIC_COLUMNS,
     STAGE_LABELS,
     card_metadata,
     card_metrics,
     dataset_display_name,
-    dataset_id_from_path,
-    front_matter,
     hub_base_model,
-    is_qret_model_card,
     metrics_from_log_history,
     ordered_stages,
 )
 
+#: This module's names, then every name of :mod:`hf_qret.serving.card_data` (re-exported).
 __all__ = [
     "MODEL_CARD_NAME",
     "PLOT_NAME",
     "EVAL_RESULTS_NAME",
-    "CARD_TAGS",
     "TEMPLATE_PATH",
     "default_template_path",
-    "card_metrics",
-    "metrics_from_log_history",
     "render_model_card",
     "plot_quality_vs_bytes",
     "write_model_card",
     "write_training_card",
-    "is_qret_model_card",
-    "front_matter",
-    "hub_base_model",
-    "dataset_id_from_path",
+    *card_data.__all__,
 ]
 
 MODEL_CARD_NAME = "README.md"
