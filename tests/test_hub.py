@@ -25,7 +25,7 @@ from hf_qret import (
     load_beir,
 )
 from hf_qret.hub.model_card import front_matter, is_qret_model_card, render_model_card, write_model_card
-from hf_qret.hub.push import artifact_upload_files, push_artifact
+from hf_qret.hub.push import artifact_upload_files, check_artifact_folder, push_artifact
 from hf_qret.serving.encoder import encode_texts
 
 # The encoder (tiny BERT as sentence-transformers) + the retrieval files: what every push must contain.
@@ -181,6 +181,11 @@ def test_push_refuses_a_folder_that_is_not_an_artifact(tmp_path, hub):
     with pytest.raises(ArtifactError, match="not a saved hf-qret artifact"):
         push_artifact(tmp_path, "me/x")
     assert hub.uploads == [] and hub.created == []
+    # the check hf-qret push runs first is public where it lives (and re-exported by hf_qret.hub.push)
+    with pytest.raises(ArtifactError, match=r"missing qret_config\.json, index\.faiss; this is not a saved"):
+        check_artifact_folder(str(tmp_path))
+    with pytest.raises(ArtifactError, match="no such folder; pass the --output_dir"):
+        check_artifact_folder(tmp_path / "missing")
 
 
 def test_cli_push_renders_the_card_when_missing_and_pushes_once(artifact, hub, tmp_path, capsys):

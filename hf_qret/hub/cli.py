@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .push import _check_artifact, artifact_upload_files, prepare_repo, push_artifact
+from .push import artifact_upload_files, check_artifact_folder, prepare_repo, push_artifact
 
 __all__ = [
     "write_corpus",
@@ -109,7 +109,7 @@ def push_main(argv: list[str] | None = None) -> Any:
     from .model_card import MODEL_CARD_NAME, is_qret_model_card, write_model_card
 
     folder = Path(args.artifact).expanduser()
-    _check_artifact(folder)
+    check_artifact_folder(folder)
     load_retrieval_files(folder)  # index size vs doc ids, dimension: refuse to publish a broken artifact
     repo_id = args.repo_id
     if not args.dry_run:  # the Hub first: a failure there leaves the folder as it was

@@ -10,8 +10,8 @@ from typing import Any
 
 from ..serving.manifest import ARTIFACT_IGNORE_PATTERNS, WORKING_FILE_PATTERNS, copy_artifact_files
 from ..serving.upload import (  # noqa: F401  re-exported: this module held them before
-    _check_artifact,
     artifact_upload_files,
+    check_artifact_folder,
     hub_api,
     hub_errors,
     prepare_repo,
@@ -26,6 +26,7 @@ __all__ = [
     "push_checkpoint",
     "prepare_repo",
     "hub_errors",
+    "check_artifact_folder",
 ]
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "prepare_repo",
     "hub_errors",
     "hub_api",
+    "check_artifact_folder",
 ]
 
 #: What a refused request means, by HTTP status, for :func:`hub_errors`.
@@ -132,7 +133,20 @@ def hub_api(api: Any = None) -> Any:
     return HfApi(library_name="hf-qret", library_version=__version__)
 
 
-def _check_artifact(folder: Path) -> None:
+def check_artifact_folder(folder: str | os.PathLike) -> None:
+    """Checks that ``folder`` is a saved hf-qret artifact (a folder holding ``qret_config.json`` and
+    ``index.faiss``) before anything is uploaded from it: what ``hf-qret push`` and :func:`push_artifact` check first.
+
+    Raises:
+        ArtifactError: ``folder`` does not exist or lacks those files; the message says which.
+
+    Example:
+        >>> check_artifact_folder("no/such/run")
+        Traceback (most recent call last):
+        ...
+        hf_qret.errors.ArtifactError: no/such/run: no such folder; pass the --output_dir of a training run.
+    """
+    folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such folder; pass the --output_dir of a training run.")
     missing = [name for name in (CONFIG_NAME, INDEX_NAME) if not (folder / name).is_file()]
@@ -203,7 +217,7 @@ def push_artifact(
         CommitInfo(commit_url='https://huggingface.co/me/minilm-scifact-opq16/commit/...', ...)
     """
     folder = Path(folder).expanduser()
-    _check_artifact(folder)
+    check_artifact_folder(folder)
     if not repo_id or not str(repo_id).strip():
         raise ConfigError("no repository id; pass --repo-id USER/NAME (or set hub_model_id).")
     if commit_message is None:
