@@ -90,14 +90,14 @@ def worker(rank: int, world: int, port: int, mode: str, opts: dict, out: str) ->
             all_reduce_row_grad(bank.local_weight)
         optimizer.step()
         optimizer.zero_grad()
-    index.build(bank.float32_rows(), max_train_rows=opts["train_rows"])
+    index.build(bank.local_float32_rows(), max_train_rows=opts["train_rows"])
     queries = np.random.default_rng(7 + rank).standard_normal((64, dim)).astype(np.float32)
     index.mine(queries, 100)
     seconds = time.perf_counter() - start_time
     record = {
         "rank": rank,
         "bank_rows": int(bank.local_weight.shape[0]),
-        "bank_bytes": int(bank.nbytes),
+        "bank_bytes": int(bank.local_nbytes),
         "optimizer_bytes": int(optimizer.nbytes),
         "index_bytes": int(index.faiss.serialize_index(index.index).size),
         "rss_now_above_start_bytes": _status("VmRSS") - base_rss,

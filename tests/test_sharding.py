@@ -116,17 +116,28 @@ def test_a_sharded_bank_and_index_name_their_local_parts_and_refuse_the_whole_ba
     bank = ShardedTargetBank(rows, None, layout)
     assert len(bank) == 7 and tuple(bank.local_weight.shape) == (3, 2)
     assert bank.local_row_norms().tolist() == [5.0, 2.0, 1.0]
+    # the row copies and their size are this shard's too: 3 rows of 2 float32s
+    assert bank.local_numpy().shape == (3, 2) and len(bank.local_float32_rows()) == 3
+    assert bank.local_nbytes == 3 * 2 * 4
     bank.write_rows(1, torch.ones(1, 2))
     assert bank.local_changed_rows().tolist() == [1]
     for name, replacement in (
         ("weight", "local_weight"),
         ("changed_rows", "local_changed_rows"),
         ("row_norms", "local_row_norms"),
+        ("numpy", "local_numpy"),
+        ("float32_rows", "local_float32_rows"),
+        ("iter_float32", "local_float32_rows"),
+        ("nbytes", "local_nbytes"),
     ):
         assert not hasattr(bank, name)
         with pytest.raises(AttributeError, match=rf"has no \.{name}:.*\.{replacement}"):
             getattr(bank, name)
     assert [name for name, _ in bank.named_parameters()] == ["weight"]  # the checkpoint key is unchanged
+    # an unsharded bank holds every row: its whole-bank names are its local ones
+    whole = TargetBank(rows, None)
+    assert whole.nbytes == whole.local_nbytes == 3 * 2 * 4 and len(whole.float32_rows()) == 3
+    np.testing.assert_array_equal(whole.numpy(), whole.local_numpy())
 
     index = ShardedIndex(2, "Flat", layout)
     assert not hasattr(index, "ntotal")
@@ -136,7 +147,7 @@ def test_a_sharded_bank_and_index_name_their_local_parts_and_refuse_the_whole_ba
     assert (index.local_ntotal, index.global_ntotal) == (3, 7)
     assert index.reconstruct_all().shape == (3, 2)
     # a refresh of this shard's rows (numbered from 0) runs on the shard: the incremental path, not a rebuild
-    assert index.refresh(bank.float32_rows(), mode="incremental", rows=bank.local_changed_rows()) == 1
+    assert index.refresh(bank.local_float32_rows(), mode="incremental", rows=bank.local_changed_rows()) == 1
     assert index.reconstruct_all()[1].tolist() == [1.0, 1.0] and index.local_ntotal == 3
 
 

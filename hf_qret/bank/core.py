@@ -169,9 +169,13 @@ class TargetBank(nn.Module):
         return self.local_weight.dtype
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of the row storage."""
+    def local_nbytes(self) -> int:
+        """Bytes of the row storage of :attr:`local_weight`: every row here; one process's rows in a
+        :class:`~hf_qret.bank.sharding.ShardedTargetBank`."""
         return self.local_weight.numel() * self.local_weight.element_size()
+
+    #: Bytes of the row storage: :attr:`local_nbytes` (a sharded bank has no ``nbytes``).
+    nbytes = local_nbytes
 
     @property
     def is_mmap(self) -> bool:
@@ -208,16 +212,24 @@ class TargetBank(nn.Module):
         gathered = nn.functional.embedding(rows.to(weight.device), weight, sparse=True)
         return gathered if gathered.dtype == torch.float32 else gathered.float()
 
-    def numpy(self) -> np.ndarray:
-        """A float32 ``(num_docs, dim)`` copy for FAISS (the whole bank: prefer :meth:`float32_rows` at scale)."""
+    def local_numpy(self) -> np.ndarray:
+        """A float32 copy of :attr:`local_weight` (every row here, this shard's in a sharded bank) for FAISS:
+        prefer :meth:`local_float32_rows` at scale."""
         return np.ascontiguousarray(self.local_weight.detach().to("cpu", torch.float32).numpy())
 
-    def float32_rows(self) -> Float32Rows:
-        """A float32 view converted chunk by chunk (see :class:`Float32Rows`); what the index refresh reads."""
+    #: A float32 ``(num_docs, dim)`` copy of the whole bank: :meth:`local_numpy` (a sharded bank has no ``numpy``).
+    numpy = local_numpy
+
+    def local_float32_rows(self) -> Float32Rows:
+        """A float32 view of :attr:`local_weight` (every row here, this shard's in a sharded bank, numbered from 0),
+        converted chunk by chunk (see :class:`Float32Rows`): what the index (refresh) over these rows reads."""
         return Float32Rows(self.local_weight)
 
+    #: A float32 view of the whole bank: :meth:`local_float32_rows` (a sharded bank has no ``float32_rows``).
+    float32_rows = local_float32_rows
+
     def iter_float32(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        """Yields ``(start_row, float32 rows)`` chunks of the whole bank."""
+        """Yields ``(start_row, float32 rows)`` chunks of the whole bank (a sharded bank has no ``iter_float32``)."""
         view = self.float32_rows()
         for start in range(0, len(self), chunk_rows):
             yield start, view[start : start + chunk_rows]

@@ -49,10 +49,11 @@ class ShardedTargetBank(TargetBank):
     """A :class:`~hf_qret.bank.core.TargetBank` of which this process holds one contiguous slice of rows.
 
     ``len(bank)``, ``doc_ids`` and every row number the bank takes or returns in :meth:`gather` are global;
-    :attr:`local_weight` (what the row optimizer updates), :meth:`float32_rows` (what the index over this shard
-    encodes), :meth:`local_changed_rows` and :meth:`local_row_norms` are this shard's, numbered from 0. The
-    whole-bank names ``weight``, ``changed_rows()`` and ``row_norms()`` of a :class:`~hf_qret.bank.core.TargetBank`
-    raise an ``AttributeError`` naming their ``local_`` replacement.
+    :attr:`local_weight` (what the row optimizer updates), :meth:`local_float32_rows` (what the index over this shard
+    encodes), :meth:`local_numpy`, :attr:`local_nbytes`, :meth:`local_changed_rows` and :meth:`local_row_norms` are
+    this shard's, numbered from 0. The whole-bank names ``weight``, ``float32_rows()``, ``numpy()``, ``nbytes``,
+    ``iter_float32()``, ``changed_rows()`` and ``row_norms()`` of a :class:`~hf_qret.bank.core.TargetBank` raise an
+    ``AttributeError`` naming their ``local_`` replacement.
 
     Args:
         local_rows: ``(end - start, dim)`` this process's rows (copied).
@@ -76,6 +77,10 @@ class ShardedTargetBank(TargetBank):
     weight = LocalOnly("local_weight")
     changed_rows = LocalOnly("local_changed_rows()")
     row_norms = LocalOnly("local_row_norms()")
+    numpy = LocalOnly("local_numpy()")
+    float32_rows = LocalOnly("local_float32_rows()")
+    iter_float32 = LocalOnly("local_float32_rows()")
+    nbytes = LocalOnly("local_nbytes")
 
     def __init__(
         self,

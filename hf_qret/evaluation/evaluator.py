@@ -104,7 +104,7 @@ class RetrievalEvaluator:
         query_embeddings = encode_texts(
             model, self.queries, batch_size=self.batch_size, tokenizer=tokenizer, role="query"
         )
-        rows = bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy()
+        rows = bank.local_float32_rows()  # a sharded bank: this shard's rows, for its shard of the flat index
         if hasattr(index, "flat_index"):  # a sharded index (bank_sharding='rows'): a flat index over every shard
             flat = index.flat_index(rows)
         elif index.use_gpu is not False and faiss_sees_gpu():  # a GPU flat index searches there

@@ -88,7 +88,7 @@ class IndexRefreshCallback(TrainerCallback):
         start = time.perf_counter()
         bank = self.bank
         mode = self.final_mode if final else self.mode
-        vectors = bank.float32_rows() if hasattr(bank, "float32_rows") else bank.numpy()
+        vectors = bank.local_float32_rows()  # a sharded bank: this shard's rows, what its index shard holds
         rows = bank.local_changed_rows() if mode == "incremental" and hasattr(bank, "local_changed_rows") else None
         encoded = self.index.refresh(vectors, mode=mode, rows=rows)
         if hasattr(bank, "clear_changed"):

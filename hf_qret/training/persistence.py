@@ -268,7 +268,7 @@ class CheckpointMixin:
         #: ``global_step`` / ``index_state`` of the restored folder (``None``: the model is the one training left).
         self.restored_record = {key: files.config.get(key) for key in ("global_step", "index_state")}
         if is_sharded(self.bank):  # this shard's rows, encoded with the folder's codebooks: its part of that index
-            self.index.rebuild_from(files.index.index, self.bank.float32_rows())
+            self.index.rebuild_from(files.index.index, self.bank.local_float32_rows())
         else:
             self.index.replace(files.index.index)
         self.bank.clear_changed()

@@ -221,7 +221,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         it resumes from a checkpoint, whose index it loads instead; evaluation and saving do it too)."""
         if local_ntotal_of(self.index) == 0:
             start = time.perf_counter()
-            self.index.build(self.bank.float32_rows())
+            self.index.build(self.bank.local_float32_rows())
             self.refresh_callback.total_index_seconds += time.perf_counter() - start
             self.refresh_callback.bank_version_at_refresh = self.bank.version
             self.bank.clear_changed()
@@ -248,7 +248,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
             return self.index
         key = (self.bank.version, self.index.version)
         if self._served is None or self._served[0] != key:
-            self._served = (key, self.index.synced_copy(self.bank.float32_rows(), changed))
+            self._served = (key, self.index.synced_copy(self.bank.local_float32_rows(), changed))
         return self._served[1]
 
     # ------------------------------------------------------------------ loss
