@@ -74,7 +74,7 @@ class TrainingDivergedError(QRetError, RuntimeError):
 
     Example:
         >>> str(TrainingDivergedError.at(float("nan"), step=120, epoch=0.5, output_dir="no-such-run"))  # doctest: +ELLIPSIS
-        'the loss became nan at step 120 (epoch 0.50); ... no checkpoint was saved yet (set --save_steps)...'
+        'the loss became nan at step 120 (epoch 0.50); ... no checkpoint was saved yet (set --save_strategy steps --save_steps N)...'
     """
 
     @classmethod
@@ -85,7 +85,11 @@ class TrainingDivergedError(QRetError, RuntimeError):
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet (set --save_steps)"
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last
+            else "no checkpoint was saved yet (set --save_strategy steps --save_steps N)"
+        )
         return cls(
             f"the loss became {value} at step {step} (epoch {epoch:.2f}); training stopped before that step changed "
             f"the encoder or the bank, and {kept}. Lower --learning_rate/--bank_learning_rate or --scale, then "

@@ -1,7 +1,7 @@
 """Train a retriever for the quantized index it will be served from.
 
     accelerate launch recipes/train.py recipes/scifact.yaml --output_dir runs/scifact [--data_dir DIR]
-        [--index_factory S] [--num_negatives K] [--max_steps N] [--save_steps N] [--seed N]
+        [--index_factory S] [--num_negatives K] [--max_steps N] [--save_strategy steps --save_steps N] [--seed N]
         [--resume_from_checkpoint PATH]
 
 Every option of hf_qret.config.ModelArguments, DataArguments and QRetTrainingArguments (a TrainingArguments

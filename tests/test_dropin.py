@@ -300,7 +300,8 @@ def test_recipe_under_torchrun_on_cpus_is_one_distributed_run(tiny_model_dir, tw
     """`torchrun --nproc_per_node 2 recipes/train.py ...` forms one gloo world: one writer, one artifact, exit 0."""
     out = tmp_path / "out"
     # --keep_untrained_if_better false: the tiny random model's dev score is noise, and this run must train
-    result = recipe_under_torchrun(tiny_model_dir, two_split_dir, out, "--max_steps", "4", "--save_steps", "2",
+    result = recipe_under_torchrun(tiny_model_dir, two_split_dir, out, "--max_steps", "4", "--save_strategy", "steps",
+                                   "--save_steps", "2",
                                    "--keep_untrained_if_better", "false", timeout=300)  # fmt: skip
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

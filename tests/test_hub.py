@@ -487,8 +487,9 @@ def test_recipe_with_push_to_hub_writes_the_card_and_pushes_once(tiny_model_dir,
         "--dataloader_pin_memory", "false", "--push_to_hub", "true", "--hub_model_id", "me/recipe-qret",
         "--keep_untrained_if_better", "false",  # the tiny random model's dev score is noise; this run must train
     ])  # fmt: skip
-    # the final checkpoint's mid-training push (hub_strategy every_save), then one final push after the evaluation
-    assert [u["commit_message"] for u in hub.uploads] == ["Training in progress, step 2", "End of training"]
+    # the recipe saves no checkpoint (save_strategy "no"), so no mid-training push: one push, after the evaluation
+    assert [u["commit_message"] for u in hub.uploads] == ["End of training"]
+    assert not list(out.glob("checkpoint-*"))
     upload = hub.uploads[-1]
     assert ARTIFACT_FILES | {"eval_results.json", "quality_vs_bytes.png"} <= upload["files"]
     card = (out / "README.md").read_text()

@@ -119,7 +119,8 @@ def test_resume_with_precomputed_rows_continues_exactly_and_ships_one_artifact(t
     rows_file, ids_file, _ = extra_rows(tmp_path, 40)
     extra = ["--extra_rows_file", str(rows_file), "--extra_ids_file", str(ids_file), "--max_steps", "8",
              "--refresh_steps", "3", "--keep_untrained_if_better", "false"]  # fmt: skip
-    unbroken = train_main(recipe_argv(tiny_model_dir, two_split_dir, tmp_path / "a", *extra, "--save_steps", "4"))
+    unbroken = train_main(recipe_argv(tiny_model_dir, two_split_dir, tmp_path / "a", *extra, "--save_strategy", "steps",
+                                  "--save_steps", "4"))  # fmt: skip
     checkpoint = tmp_path / "a" / "checkpoint-4"
     resumed = train_main(
         recipe_argv(tiny_model_dir, two_split_dir, tmp_path / "b", *extra, "--resume_from_checkpoint", str(checkpoint))

@@ -49,3 +49,30 @@ def test_the_wheel_ships_the_recipes_yaml_from_the_recipes_folder():
     assert setuptools["package-dir"]["hf_qret.recipes"] == "recipes"  # the one file, not a copy
     assert setuptools["package-data"]["hf_qret.recipes"] == ["*.yaml"]
     assert Path(REPO_ROOT / "recipes" / "scifact.yaml").is_file()
+
+
+def _saves_at(args, steps: int) -> list[int]:
+    """The steps of a ``steps``-step run at which the Trainer's own flow (``DefaultFlowCallback``) saves a checkpoint."""
+    from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
+
+    flow, state = DefaultFlowCallback(), TrainerState(max_steps=steps)
+    state.compute_steps(args, steps)
+    saved = []
+    for step in range(1, steps + 1):
+        state.global_step, control = step, TrainerControl()
+        flow.on_step_end(args, state, control)
+        flow.on_epoch_end(args, state, control)
+        if control.should_save:
+            saved.append(step)
+    return saved
+
+
+def test_the_shipped_recipe_writes_checkpoints_only_when_asked(tmp_path):
+    # the YAML says no checkpoints: none at all, not even checkpoint-<last step> with optimizer.pt at the end
+    _, _, args = parse_config(["scifact", "--output_dir", str(tmp_path)])
+    assert _saves_at(args, 96) == []
+    # what the YAML's comment tells users to pass for resumable checkpoints
+    _, _, asked = parse_config(
+        ["scifact", "--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "40"]
+    )
+    assert _saves_at(asked, 96) == [40, 80, 96]

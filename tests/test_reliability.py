@@ -51,6 +51,8 @@ def test_recipe_resume_continues_as_if_nothing_happened(tiny_model_dir, data_dir
             "8",
             "--refresh_steps",
             "3",
+            "--save_strategy",
+            "steps",
             "--save_steps",
             "4",
             "--keep_untrained_if_better",

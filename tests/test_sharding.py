@@ -273,7 +273,8 @@ def test_recipe_under_torchrun_trains_a_sharded_bank_into_one_artifact(tiny_mode
 
     out = tmp_path / "out"
     result = recipe_under_torchrun(tiny_model_dir, two_split_dir, out, "--bank_sharding", "rows", "--max_steps", "4",
-                                   "--save_steps", "2", "--keep_untrained_if_better", "false", timeout=300)  # fmt: skip
+                                   "--save_strategy", "steps", "--save_steps", "2", "--keep_untrained_if_better", "false",
+                                   timeout=300)  # fmt: skip
     assert "process 1 of 2 holds rows 150-300 of 300" in result.stderr
     assert (out / "eval_results.json").is_file()
     assert {p.name for p in (out / "checkpoint-4").glob("bank-shard-*")} == {
