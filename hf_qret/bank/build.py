@@ -195,8 +195,8 @@ def _from_file(spec: BankSpec, path: PathLike) -> TargetBank:
     if not _sharded(spec):
         return _whole_from_file(spec, path)
     from .collectives import ShardLayout
+    from .files import read_bank_chunks
     from .sharding import ShardedTargetBank
-    from .storage import read_bank_chunks
 
     shape, _, chunks = read_bank_chunks(Path(path))
     del chunks

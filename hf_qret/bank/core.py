@@ -2,8 +2,9 @@
 
 The bank is an ``nn.Module`` whose single parameter is the ``(num_docs, dim)`` matrix of target embeddings. The
 trainer gathers the rows of a batch's candidate set with a *sparse* gradient, and :class:`~hf_qret.training.optim.RowAdam`
-updates only those rows, each with its own optimizer state. How the rows are stored (dtype, memory-mapped files,
-chunked I/O) lives in :mod:`hf_qret.bank.storage`; the bank records which rows changed since the last index refresh
+updates only those rows, each with its own optimizer state. How the rows are held (row ids, float32 views, device
+placement) lives in :mod:`hf_qret.bank.storage`, their files (dtypes, memory maps, chunked I/O) in
+:mod:`hf_qret.bank.files`; the bank records which rows changed since the last index refresh
 (:meth:`TargetBank.changed_rows`).
 """
 
@@ -19,13 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from .storage import (
+from .files import (
     BANK_DTYPES,
     BANK_KEY,
     CHUNK_ROWS,
     NUMPY_STORAGE,
-    Float32Rows,
-    RowIds,
     check_bank_shape,
     copy_file_atomic,
     create_npy_memmap,
@@ -37,6 +36,7 @@ from .storage import (
     write_npy,
     write_safetensors_streamed,
 )
+from .storage import Float32Rows, RowIds
 
 __all__ = ["TargetBank", "RowIds", "Float32Rows", "BANK_DTYPES", "storage_dtype"]
 

@@ -69,7 +69,7 @@ def _read_rows(path: Path) -> Any:
     if path.suffix == ".npy":
         return np.load(path, mmap_mode="r", allow_pickle=False)
     if path.suffix == ".safetensors":
-        from .storage import read_bank_file
+        from .files import read_bank_file
 
         return read_bank_file(path).float().numpy()
     raise DataError(f"{path}: precomputed rows must be a .npy or .safetensors file (key 'embeddings').")
@@ -115,7 +115,7 @@ def write_rows_file(path: str | os.PathLike, parts: Sequence[Any]) -> Path:
     """
     import torch
 
-    from .storage import write_safetensors_header
+    from .files import write_safetensors_header
 
     path = Path(path)
     dims = {int(part.shape[1]) for part in parts}

@@ -22,7 +22,8 @@ from torch import nn
 from ..errors import ArtifactError, ConfigError
 from .collectives import LocalOnly, ShardLayout, all_gather_uneven, recv_chunks, send_chunks
 from .core import TargetBank
-from .storage import CHUNK_ROWS, RowIds, storage_dtype, write_safetensors_header
+from .files import CHUNK_ROWS, storage_dtype, write_safetensors_header
+from .storage import RowIds
 
 __all__ = ["ShardedTargetBank", "AssembledBankFile"]
 
