@@ -35,6 +35,7 @@ from hf_qret.data import build_pairs_dataset, load_beir  # noqa: E402
 from hf_qret.evaluation.evaluator import RetrievalEvaluator, search_run  # noqa: E402
 from hf_qret.index.core import QuantizedIndex  # noqa: E402
 from hf_qret.index.mining import IndexMiner  # noqa: E402
+from hf_qret.training.collator import positives_by_query  # noqa: E402
 from hf_qret.training.distributed import row_gradients  # noqa: E402
 from hf_qret.training.loss import CandidateCrossEntropyLoss  # noqa: E402
 from hf_qret.training.optim import RowAdam, RowSGD  # noqa: E402
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     per_epoch = (len(pairs) + args.batch_size - 1) // args.batch_size
     steps = args.epochs * per_epoch if args.epochs else args.steps
-    query_ids, positive_ids, positive_sets = pairs["query_id"], pairs["positive_id"], pairs["positive_ids"]
+    query_ids, positive_ids = list(pairs["query_id"]), list(pairs["positive_id"])
+    positives_of = positives_by_query(pairs)  # a query's rows are its positives
+    positive_sets = [positives_of[q] for q in query_ids]
     results = []
     for variant in args.variants:
         kind, lr = variant.split(":")

@@ -25,8 +25,10 @@ documents. Steps:
 5. **(b) Trained.** The recipe (``hf-qret train``, ``recipes/scifact.yaml``'s settings, everything else the library's
    defaults: ``index_factory auto``, mining, refreshes, the safety net, evaluation) on the training pairs over the
    whole haystack bank (the distractors are ``--extra_rows_file`` rows), in a child process: ``train_wall_s`` is its
-   wall time (launch to saved artifact), ``peak_rss_gb`` its peak RSS. Then ``hf-qret evaluate OUT --data DATA
-   --split dev`` (child process) scores the artifact; serving and mining speed are measured on the saved index.
+   wall time (launch to saved artifact), ``peak_rss_gb`` its own peak RSS (read by ``benchmarks/rss_profile.py``,
+   which runs it; ``peak_rss_phase`` is the log line before the peak; the profile is ``OUT-data/train_rss.json``).
+   Then ``hf-qret evaluate OUT --data DATA --split dev`` (child process) scores the artifact; serving and mining speed
+   are measured on the saved index.
 
 The last stdout line is one JSON object; ``--json_out`` also writes it (and a Markdown table next to it).
 """
@@ -37,7 +39,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -245,6 +246,21 @@ def run_child(argv: list[str], log_path: Path) -> float:
     return time.perf_counter() - clock
 
 
+def run_measured_child(argv: list[str], log_path: Path, profile_path: Path) -> tuple[float, dict]:
+    """Runs ``argv`` under ``benchmarks/rss_profile.py`` (its output, timestamped, in ``log_path``): its wall seconds
+    and the profile (``ru_maxrss_bytes``: the command's own peak; ``peak_phase``: the log line before the sampled
+    peak).
+
+    This process's ``RUSAGE_CHILDREN.ru_maxrss`` is not the child's peak: Linux starts a child's ``maxrss`` at the
+    high-water mark of the address space it replaced at ``exec`` (``subprocess`` spawns with ``vfork``: this whole
+    process's, haystack and untrained indexes included). ``rss_profile.py`` is a small process, so the peak it reads
+    for its own child is the training command's.
+    """
+    profiler = [sys.executable, str(REPO / "benchmarks" / "rss_profile.py"), "--json_out", str(profile_path)]
+    wall = run_child([*profiler, "--log", str(log_path), "--", *argv], profile_path.with_suffix(".log"))
+    return wall, json.loads(profile_path.read_text())
+
+
 def artifact_bytes(folder: Path) -> int:
     from hf_qret.serving.artifact import artifact_files
 
@@ -299,8 +315,8 @@ def main() -> None:
         "--report_to", "none", *args.train_args,
     ]  # fmt: skip
     log("training: " + " ".join(train_argv))
-    train_wall = run_child(train_argv, work / "train.log")
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the training child's peak
+    train_wall, profile = run_measured_child(train_argv, work / "train.log", work / "train_rss.json")
+    peak_rss = profile["ru_maxrss_bytes"]  # the training command's own peak (not this process's, see above)
     train_log = (work / "train.log").read_text()
     refreshes = [float(s) for s in re.findall(r"refreshed the .* index \(.*\) at step \d+ in ([0-9.]+)s", train_log)]
     config = json.loads((out / "qret_config.json").read_text())
@@ -368,6 +384,7 @@ def main() -> None:
         "serving_qps_k10_all": round(search_qps(retriever.index, trained_queries, 10, None), 1),
         "end_to_end_qps_k10_all": round(end_to_end, 1),
         "peak_rss_gb": round(peak_rss / 1e9, 3),
+        "peak_rss_phase": profile["peak_phase"],
         "bank_bytes": bank_bytes,
         "index_bytes": index_bytes,
         "rss_over_bank_plus_index": round(peak_rss / (bank_bytes + index_bytes), 2),

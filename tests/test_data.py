@@ -20,6 +20,7 @@ from hf_qret.data import (
     write_qrels,
 )
 from hf_qret.errors import DataError
+from hf_qret.training.collator import positives_by_query
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -317,22 +318,24 @@ def _pairs_data() -> BeirData:
 
 def test_build_pairs_dataset_one_row_per_relevant_pair():
     dataset = build_pairs_dataset(_pairs_data())
-    assert set(dataset.column_names) == {"query_id", "query", "positive_id", "positive_ids"}
+    assert set(dataset.column_names) == {"query_id", "query", "positive_id"}
     rows = dataset.to_list()
     assert len(rows) == 3
     assert sorted((r["query_id"], r["positive_id"]) for r in rows) == [("qa", "d0"), ("qa", "d1"), ("qb", "d3")]
+    positives = positives_by_query(dataset)  # what the trainer's collator masks for each row's query
     for row in rows:
         assert row["query"] == {"qa": "query a", "qb": "query b"}[row["query_id"]]
         expected = {"qa": ["d0", "d1"], "qb": ["d3"]}[row["query_id"]]
-        assert sorted(row["positive_ids"]) == expected
-        assert row["positive_id"] in row["positive_ids"]
+        assert sorted(positives[row["query_id"]]) == expected
+        assert row["positive_id"] in positives[row["query_id"]]
     assert all(r["positive_id"] not in ("d2", "d4", "d5") for r in rows)
-    assert all("d2" not in r["positive_ids"] for r in rows)
+    assert all("d2" not in docs for docs in positives.values())
 
 
 def test_build_pairs_dataset_min_relevance():
-    rows = build_pairs_dataset(_pairs_data(), min_relevance=2).to_list()
-    assert [(r["query_id"], r["positive_id"], r["positive_ids"]) for r in rows] == [("qa", "d1", ["d1"])]
+    dataset = build_pairs_dataset(_pairs_data(), min_relevance=2)
+    assert [(r["query_id"], r["positive_id"]) for r in dataset.to_list()] == [("qa", "d1")]
+    assert positives_by_query(dataset) == {"qa": ["d1"]}
 
 
 def test_build_pairs_dataset_no_relevant_pairs():
@@ -344,10 +347,12 @@ def test_build_pairs_dataset_no_relevant_pairs():
 
 def test_build_pairs_dataset_from_loaded_synthetic(beir_dir):
     data = load_beir(beir_dir, split="train")
-    rows = build_pairs_dataset(data).to_list()
+    dataset = build_pairs_dataset(data)
+    rows = dataset.to_list()
     assert len(rows) == sum(1 for docs in data.qrels.values() for s in docs.values() if s >= 1)
+    positives = positives_by_query(dataset)
     for row in rows:
-        assert sorted(row["positive_ids"]) == sorted(data.qrels[row["query_id"]])
+        assert sorted(positives[row["query_id"]]) == sorted(data.qrels[row["query_id"]])
 
 
 # ----------------------------------------------------------------------------- qrels I/O

@@ -192,3 +192,35 @@ def test_the_recipe_unmaps_the_precomputed_rows_once_they_are_joined(tiny_model_
 
     train_main(without_auto(argv))
     assert mapped and alive_at_bank == [False]
+
+
+def _one_query_with(positives: int):
+    from hf_qret.data import BeirData
+
+    corpus = {f"d{i}": {"text": f"document {i}"} for i in range(positives)}
+    return BeirData(corpus, {"q": "a query"}, {"q": {f"d{i}": 1 for i in range(positives)}}, split="train", path="mem")
+
+
+def test_training_pairs_grow_with_the_pairs_not_with_the_square_of_a_querys_positives():
+    from hf_qret.data import build_pairs_dataset
+
+    # a per-row list of every positive of the row's query holds positives^2 ids (NFCorpus train: 30.7M ids for
+    # 110,575 pairs, about 2 GB while built); 4x the pairs must cost about 4x the bytes, not 16x
+    small, large = (build_pairs_dataset(_one_query_with(n)).data.nbytes for n in (500, 2_000))
+    assert large < 6 * small, (small, large)
+
+
+def test_the_trainers_collator_masks_every_positive_of_a_rows_query(tiny_model, tmp_path):
+    from test_trainer import make_args
+
+    from hf_qret.data import build_pairs_dataset
+    from hf_qret.training.trainer import QRetTrainer
+
+    data = _one_query_with(40)
+    bank = TargetBank(np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32), data.doc_ids)
+    dataset = build_pairs_dataset(data)
+    trainer = QRetTrainer(tiny_model, make_args(tmp_path), train_dataset=dataset, bank=bank)
+    batch = trainer.data_collator([dataset[3], dataset[17]])
+    assert batch["positive_rows"].tolist() == [3, 17]
+    for row in batch["positive_sets"].tolist():
+        assert sorted(row) == list(range(40))  # the query's other 39 positives are never its negatives

@@ -30,7 +30,7 @@ from ..serving.encoder import (
 )
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import BANK_OPTIMIZER_NAME
-from .collator import QRetDataCollator, training_positive_rows
+from .collator import QRetDataCollator, positives_by_query, training_positive_rows
 from .distillation import CodebookDistillationCallback
 from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
 from .dropin import prepare_dropin
@@ -65,8 +65,8 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         model: A ``SentenceTransformer`` or a transformers encoder (``AutoModel``; ``args.pooling``: mean or cls).
         args: :class:`~hf_qret.config.QRetTrainingArguments`.
         train_dataset: Text pairs in sentence-transformers' convention (query, positive, hard negatives...) or
-            rows with ``query``, ``positive_id`` and optionally ``positive_ids`` (see
-            :func:`hf_qret.data.build_pairs_dataset`).
+            rows with ``query``, ``positive_id`` and optionally ``positive_ids`` or ``query_id`` (a query's rows
+            are its positives; see :func:`hf_qret.data.build_pairs_dataset`).
         bank: The :class:`~hf_qret.bank.core.TargetBank` over the corpus; built from ``corpus`` and the data's texts
             when omitted (see :mod:`hf_qret.training.dropin`).
         corpus: ``{doc_id: text}``, a ``datasets.Dataset`` with id/text columns or a BEIR folder.
@@ -165,7 +165,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         processing_class = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None:
             tokenizer = None if is_sentence_transformer(model) else processing_class
-            kwargs["data_collator"] = QRetDataCollator(make_tokenize_fn(model, tokenizer, role="query"), bank)
+            kwargs["data_collator"] = QRetDataCollator(
+                make_tokenize_fn(model, tokenizer, role="query"), bank, positives_of=positives_by_query(train_dataset)
+            )
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(cb, IndexRefreshCallback) for cb in callbacks):
             mode = self.loss.refresh_mode(args.refresh_mode)
