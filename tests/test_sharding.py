@@ -14,7 +14,7 @@ from hf_qret.bank.sharding import ShardedTargetBank
 from hf_qret.errors import ConfigError
 from hf_qret.index.core import QuantizedIndex
 from hf_qret.index.faiss_ops import train_sample
-from hf_qret.index.sharding import ShardedIndex, merge_topk, sample_rows
+from hf_qret.index.sharding import ShardedIndex, merge_shard_indexes, merge_topk, sample_rows
 from hf_qret.serving.artifact import is_artifact_file, load_retrieval_files
 from hf_qret.training.sharded import check_shard_checkpoint, shard_file
 
@@ -77,6 +77,39 @@ def test_a_single_shard_is_the_whole_index_and_assembles_to_it():
     assert np.array_equal(assembled.reconstruct_all(), whole.reconstruct_all())
     served = sharded.synced_copy(vectors, np.array([3]))
     assert isinstance(served, ShardedIndex) and served.shard is sharded.shard
+
+
+def test_ivf_shards_with_rows_reencoded_in_place_merge_into_the_whole_index():
+    """An IVF shard (the default factory from 50,000 rows) whose rows were re-encoded in place (an incremental
+    refresh, or a checkpoint's served copy) carries a direct map, which FAISS's merge_from refuses: the shards of a
+    sharded run at a million rows could not be assembled at the first checkpoint. They merge into the whole index."""
+    import faiss
+
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((600, 16)).astype("float32")
+    moved = vectors.copy()
+    moved[[3, 400]] = rng.standard_normal((2, 16)).astype("float32")
+    factory = "OPQ4,IVF8,PQ4"
+    whole = QuantizedIndex(16, factory)
+    whole.build(vectors)
+    bounds = [(0, 300), (300, 600)]
+    shards = []
+    for start, end in bounds:  # each shard: the whole index's codebooks, its own rows, one of them moved in place
+        local = faiss.clone_index(whole.index)
+        local.reset()
+        shard = QuantizedIndex.from_index(local, factory)
+        shard.add(vectors[start:end])
+        changed = np.array([row - start for row in (3, 400) if start <= row < end])
+        assert shard.refresh(moved[start:end], mode="incremental", rows=changed) == 1
+        shards.append(shard.index)
+    assert whole.refresh(moved, mode="incremental", rows=np.array([3, 400])) == 2
+    assert faiss.extract_index_ivf(shards[0]).direct_map.type != faiss.DirectMap.NoMap
+    merged = merge_shard_indexes(shards, [start for start, _ in bounds], factory)
+    assert merged.ntotal == 600
+    assert faiss.extract_index_ivf(merged).direct_map.type == faiss.extract_index_ivf(whole.index).direct_map.type
+    assert np.array_equal(merged.reconstruct_n(0, 600), whole.index.reconstruct_n(0, 600))
+    queries = moved[[3, 400, 10]]
+    assert np.array_equal(merged.search(queries, 20)[1], whole.index.search(queries, 20)[1])
 
 
 def test_a_sharded_bank_writes_the_whole_bank_and_reads_its_slice(tmp_path):
