@@ -141,6 +141,29 @@ def test_sharded_bank_gradients_go_to_the_owner_rows():
     assert bank.exchange_gradients() == 0 and bank.local_weight.grad is None
 
 
+def test_a_shard_whose_rows_did_not_move_still_sees_the_bank_changed(monkeypatch):
+    """Only positives move (bank_update='positives'): in a corpus plus precomputed rows, the shard holding only
+    precomputed rows gets no gradient. Its version must move with the others', or its index refresh callback finds
+    nothing stale and skips the refresh (a collective) the other process runs: a million-row sharded run hung at its
+    epoch-end refresh."""
+    from hf_qret.bank import sharding
+    from hf_qret.training.callbacks import IndexRefreshCallback
+
+    layout = ShardLayout(count=7, world=2, rank=1)  # rows 4..6; process 0's row 1 has the step's only gradient
+    bank = ShardedTargetBank(torch.zeros(3, 2), None, layout)
+    others = (torch.tensor([1]), torch.ones(1, 2))
+    monkeypatch.setattr(sharding, "all_gather_uneven", lambda *args: (others, None))
+    callback = IndexRefreshCallback(bank, index=None, on_epoch_end=True)
+    assert not callback._stale()
+    assert bank.exchange_gradients() == 0 and bank.local_weight.grad is None
+    assert callback._stale()
+    version = bank.version
+    monkeypatch.setattr(
+        sharding, "all_gather_uneven", lambda *args: ((torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)), None)
+    )
+    assert bank.exchange_gradients() == 0 and bank.version == version  # no row moved anywhere: nothing changed
+
+
 def test_a_sharded_bank_and_index_name_their_local_parts_and_refuse_the_whole_bank_names():
     # process 1 of 2 holds rows 4..6 of 7: len() is global, what it holds is local_*; the whole-bank names would
     # silently mean this shard only, so they raise and name the replacement
