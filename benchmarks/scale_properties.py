@@ -163,10 +163,27 @@ def compare_encoder(a: Path, b: Path) -> dict[str, Any]:
     }
 
 
+def read_index(folder: Path, name: str) -> Any:
+    """``folder/name``, or (a sharded run's checkpoint) its shards ``NAME-shard-R-of-N.faiss`` merged in rank order."""
+    import faiss
+
+    from hf_qret.index.sharding import merge_shard_indexes
+
+    if (folder / name).is_file():
+        return faiss.read_index(str(folder / name))
+    stem = name.removesuffix(".faiss")
+    files = sorted(
+        folder.glob(f"{stem}-shard-*-of-*.faiss"), key=lambda p: int(p.name.split("-shard-")[1].split("-")[0])
+    )
+    parts = [faiss.read_index(str(p)) for p in files]
+    starts = np.cumsum([0] + [part.ntotal for part in parts[:-1]]).tolist()
+    return merge_shard_indexes(parts, starts, name)
+
+
 def compare_index(a: Path, b: Path, name: str = "index.faiss") -> dict[str, Any]:
     import faiss
 
-    left, right = (faiss.read_index(str(p / name)) for p in (a, b))
+    left, right = (read_index(p, name) for p in (a, b))
     result: dict[str, Any] = {
         "ntotal": [int(left.ntotal), int(right.ntotal)],
         "serialized_bytes_equal": bool(np.array_equal(faiss.serialize_index(left), faiss.serialize_index(right))),
