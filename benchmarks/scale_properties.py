@@ -193,21 +193,29 @@ def compare_index(a: Path, b: Path, name: str = "index.faiss") -> dict[str, Any]
     except RuntimeError:  # not an IVF index (a smaller bank's factory): the serialized bytes say it all
         return result
     lists = [x.invlists for x in ivf]
-    ids_equal = codes_equal = True
-    codes_differ = 0
+    order_equal = members_equal = True
+    other_codes = other_lists = 0
     for number in range(ivf[0].nlist):
         sizes = [inv.list_size(number) for inv in lists]
-        if sizes[0] != sizes[1]:
-            ids_equal = codes_equal = False
-            continue
-        ids = [faiss.rev_swig_ptr(inv.get_ids(number), sizes[0]).copy() for inv in lists]
-        size = sizes[0] * lists[0].code_size
-        codes = [faiss.rev_swig_ptr(inv.get_codes(number), size).copy().reshape(sizes[0], -1) for inv in lists]
-        ids_equal &= bool(np.array_equal(*ids))
-        same = np.all(codes[0] == codes[1], axis=1)
-        codes_differ += int((~same).sum())
-        codes_equal &= bool(same.all())
-    result.update({"ivf_ids_equal": ids_equal, "ivf_codes_equal": codes_equal, "rows_with_other_codes": codes_differ})
+        ids = [faiss.rev_swig_ptr(inv.get_ids(number), n).copy() for inv, n in zip(lists, sizes)]
+        codes = [
+            faiss.rev_swig_ptr(inv.get_codes(number), n * inv.code_size).copy().reshape(n, -1)
+            for inv, n in zip(lists, sizes)
+        ]
+        order_equal &= sizes[0] == sizes[1] and bool(np.array_equal(*ids))
+        # by id, whatever the order inside the list: the same rows in this list, with the same codes?
+        common, left_at, right_at = np.intersect1d(ids[0], ids[1], assume_unique=True, return_indices=True)
+        other_lists += sizes[0] - len(common)
+        members_equal &= len(common) == sizes[0] == sizes[1]
+        other_codes += int(np.any(codes[0][left_at] != codes[1][right_at], axis=1).sum())
+    result.update(
+        {
+            "ivf_lists_in_the_same_order": order_equal,
+            "ivf_same_rows_in_each_list": members_equal,
+            "rows_in_another_list": other_lists,
+            "rows_with_other_codes": other_codes,
+        }
+    )
     if isinstance(left, faiss.IndexPreTransform):
         mats = [faiss.downcast_VectorTransform(x.chain.at(0)) for x in (left, right)]
         result["opq_rotation"] = array_diff(*(faiss.vector_to_array(m.A) for m in mats))
@@ -287,12 +295,12 @@ def record_consistent(check: dict[str, Any], steps: int, evaluated: dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------------------- parts
-def part_resume(args: argparse.Namespace) -> dict[str, Any]:
-    a, b = args.output_dir / "resume_A", args.output_dir / "resume_B"
+def run_resume(args: argparse.Namespace, a: Path, b: Path, checkpoint: str, steps: list[str]) -> tuple[dict, dict]:
+    """Run A straight; B resumed from A's checkpoint, copied into B's folder (with A's untrained snapshot) as soon
+    as A publishes it."""
     for folder in (a, b):
         shutil.rmtree(folder, ignore_errors=True)
     b.mkdir(parents=True)
-    checkpoint = f"checkpoint-{args.save_steps}"
     copied: dict[str, Any] = {}
 
     def copy_when_published() -> None:
@@ -305,7 +313,6 @@ def part_resume(args: argparse.Namespace) -> dict[str, Any]:
         copied["copy_s"] = round(time.perf_counter() - clock, 1)
         log(f"copied {checkpoint} and _untrained into {b} in {copied['copy_s']}s")
 
-    steps = ["--max_steps", str(args.max_steps), "--save_steps", str(args.save_steps)]
     log(f"run A: {args.max_steps} steps straight")
     runs = {"A": run_child(train_argv(args, a, *steps), args.output_dir / "resume_A.log", copy_when_published)}
     if not copied:
@@ -313,6 +320,17 @@ def part_resume(args: argparse.Namespace) -> dict[str, Any]:
     log(f"run B: resumed from {checkpoint}")
     resume = ["--resume_from_checkpoint", str(b / checkpoint)]
     runs["B"] = run_child(train_argv(args, b, *steps, *resume), args.output_dir / "resume_B.log")
+    return runs, copied
+
+
+def part_resume(args: argparse.Namespace) -> dict[str, Any]:
+    a, b = args.output_dir / "resume_A", args.output_dir / "resume_B"
+    checkpoint = f"checkpoint-{args.save_steps}"
+    steps = ["--max_steps", str(args.max_steps), "--save_steps", str(args.save_steps)]
+    if args.compare_only:  # the runs of an earlier call, compared again
+        runs, copied = args.previous["resume"]["runs"], args.previous["resume"]["checkpoint_copy"]
+    else:
+        runs, copied = run_resume(args, a, b, checkpoint, steps)
     log("comparing")
     result: dict[str, Any] = {
         "runs": runs,
@@ -348,8 +366,11 @@ def part_shard(args: argparse.Namespace) -> dict[str, Any]:
     runs, folders = {}, {}
     for kind in ("rows", "none"):  # the sharded run first: it needs about half the memory per process
         out = args.output_dir / f"shard_{kind}"
-        shutil.rmtree(out, ignore_errors=True)
         folders[kind] = out
+        if args.compare_only:  # the runs of an earlier call, compared again
+            runs[kind] = args.previous["shard"]["runs"][kind]
+            continue
+        shutil.rmtree(out, ignore_errors=True)
         log(f"two processes, --bank_sharding {kind}: {args.shard_steps} steps")
         argv = train_argv(args, out, *steps, "--bank_sharding", kind, processes=2)
         runs[kind] = run_child(argv, args.output_dir / f"shard_{kind}.log")
@@ -380,17 +401,18 @@ def _rows(where: str, c: dict[str, Any]) -> list[str]:
     bank, index, encoder = c["bank"][BANK_KEY], c["index"], c["query_encoder"]
     rows = [
         f"| {where}: bank ({bank['shape'][0]:,} rows) | {bank['bitwise_equal']} | {bank['max_abs_diff']:.3g} |",
-        f"| {where}: index.faiss (bytes; IVF ids, codes) | {index['serialized_bytes_equal']} "
-        f"({index.get('ivf_ids_equal')}, {index.get('ivf_codes_equal')}) | "
-        f"rows with other codes: {index.get('rows_with_other_codes')} |",
+        f"| {where}: index.faiss (bytes) | {index['serialized_bytes_equal']} "
+        f"(lists in the same order {index.get('ivf_lists_in_the_same_order')}) | rows in another list / with other "
+        f"codes: {index.get('rows_in_another_list')} / {index.get('rows_with_other_codes')} |",
         f"| {where}: query encoder ({encoder['tensors']} tensors) | {encoder['bitwise_equal']} | "
         f"{encoder['max_abs_diff']:.3g} |",
     ]
     if "mining_index" in c:
         m = c["mining_index"]
         rows.append(
-            f"| {where}: mining_index.faiss | {m['serialized_bytes_equal']} | rows with other codes: "
-            f"{m.get('rows_with_other_codes')} |"
+            f"| {where}: mining_index.faiss (bytes) | {m['serialized_bytes_equal']} (lists in the same order "
+            f"{m.get('ivf_lists_in_the_same_order')}) | rows in another list / with other codes: "
+            f"{m.get('rows_in_another_list')} / {m.get('rows_with_other_codes')} |"
         )
     for name in ("bank_optimizer.safetensors", "bank_anchors.safetensors"):
         if name in c:
@@ -459,6 +481,8 @@ def markdown(record: dict[str, Any]) -> str:
                 f"| --bank_sharding {kind} | {run['wall_s']} | {run['peak_rss_gb']} | {art['record']['verdict']} |"
             )
         lines.append("")
+    if record.get("notes"):
+        lines += ["## Notes", "", *(f"- {note}" for note in record["notes"]), ""]
     return "\n".join(lines)
 
 
@@ -479,12 +503,20 @@ def main() -> None:
     parser.add_argument("--shard_steps", type=int, default=6)
     parser.add_argument("--opq_niter", type=int, default=50)
     parser.add_argument("--json_out", type=Path)
+    parser.add_argument(
+        "--compare_only",
+        action="store_true",
+        help="compare the runs already in --output_dir (wall and RSS: --json_out's)",
+    )
     ARGS = args = parser.parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     rows = np.load(args.extra_rows_file, mmap_mode="r").shape[0] + np.load(args.bank_init_file, mmap_mode="r").shape[0]
     record: dict[str, Any] = {}
     if args.json_out and args.json_out.is_file():
         record = json.loads(args.json_out.read_text())
+    args.previous = dict(record)
+    record.pop("command", None)
+    command = " ".join(["python", *sys.argv])
     record.update({
         "rows": int(rows),
         "setup": (
@@ -493,11 +525,14 @@ def main() -> None:
             f"{args.save_steps}; shard: {args.shard_steps} steps on 2 gloo processes (1 OpenMP thread each). "
             "Wall times on a shared, busy 2-core AMD EPYC (AVX-512, no AMX) under nice: not benchmark figures."
         ),
-        "command": " ".join(["python", *sys.argv]),
     })  # fmt: skip
     for part in filter(None, args.parts.split(",")):  # --parts "": only the Markdown, from --json_out
         record[part] = {"resume": part_resume, "shard": part_shard}[part](args)
-        record[part]["command"] = record["command"]
+        if not args.compare_only:
+            record[part]["command"] = command
+        else:
+            record[part]["command"] = args.previous[part]["command"]
+            record[part]["compared_again"] = command
         if args.json_out:
             args.json_out.write_text(json.dumps(record, indent=1) + "\n")
     if args.json_out:
