@@ -14,7 +14,7 @@ from hf_qret.bank.sharding import ShardedTargetBank
 from hf_qret.errors import ConfigError
 from hf_qret.index.core import QuantizedIndex
 from hf_qret.index.faiss_ops import train_sample
-from hf_qret.index.sharding import ShardedIndex, merge_topk, sample_rows
+from hf_qret.index.sharding import ShardedIndex, merge_shard_indexes, merge_topk, sample_rows
 from hf_qret.serving.artifact import is_artifact_file, load_retrieval_files
 from hf_qret.training.sharded import check_shard_checkpoint, shard_file
 
@@ -79,6 +79,39 @@ def test_a_single_shard_is_the_whole_index_and_assembles_to_it():
     assert isinstance(served, ShardedIndex) and served.shard is sharded.shard
 
 
+def test_ivf_shards_with_rows_reencoded_in_place_merge_into_the_whole_index():
+    """An IVF shard (the default factory from 50,000 rows) whose rows were re-encoded in place (an incremental
+    refresh, or a checkpoint's served copy) carries a direct map, which FAISS's merge_from refuses: the shards of a
+    sharded run at a million rows could not be assembled at the first checkpoint. They merge into the whole index."""
+    import faiss
+
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((600, 16)).astype("float32")
+    moved = vectors.copy()
+    moved[[3, 400]] = rng.standard_normal((2, 16)).astype("float32")
+    factory = "OPQ4,IVF8,PQ4"
+    whole = QuantizedIndex(16, factory)
+    whole.build(vectors)
+    bounds = [(0, 300), (300, 600)]
+    shards = []
+    for start, end in bounds:  # each shard: the whole index's codebooks, its own rows, one of them moved in place
+        local = faiss.clone_index(whole.index)
+        local.reset()
+        shard = QuantizedIndex.from_index(local, factory)
+        shard.add(vectors[start:end])
+        changed = np.array([row - start for row in (3, 400) if start <= row < end])
+        assert shard.refresh(moved[start:end], mode="incremental", rows=changed) == 1
+        shards.append(shard.index)
+    assert whole.refresh(moved, mode="incremental", rows=np.array([3, 400])) == 2
+    assert faiss.extract_index_ivf(shards[0]).direct_map.type != faiss.DirectMap.NoMap
+    merged = merge_shard_indexes(shards, [start for start, _ in bounds], factory)
+    assert merged.ntotal == 600
+    assert faiss.extract_index_ivf(merged).direct_map.type == faiss.extract_index_ivf(whole.index).direct_map.type
+    assert np.array_equal(merged.reconstruct_n(0, 600), whole.index.reconstruct_n(0, 600))
+    queries = moved[[3, 400, 10]]
+    assert np.array_equal(merged.search(queries, 20)[1], whole.index.search(queries, 20)[1])
+
+
 def test_a_sharded_bank_writes_the_whole_bank_and_reads_its_slice(tmp_path):
     rows = torch.randn(7, 4)
     ids = [f"d{i}" for i in range(7)]
@@ -106,6 +139,29 @@ def test_sharded_bank_gradients_go_to_the_owner_rows():
     assert bank.exchange_gradients() == 2
     assert bank.local_weight.grad.to_dense().tolist() == [[3.0, 3.0], [0.0, 0.0], [1.0, 1.0]]
     assert bank.exchange_gradients() == 0 and bank.local_weight.grad is None
+
+
+def test_a_shard_whose_rows_did_not_move_still_sees_the_bank_changed(monkeypatch):
+    """Only positives move (bank_update='positives'): in a corpus plus precomputed rows, the shard holding only
+    precomputed rows gets no gradient. Its version must move with the others', or its index refresh callback finds
+    nothing stale and skips the refresh (a collective) the other process runs: a million-row sharded run hung at its
+    epoch-end refresh."""
+    from hf_qret.bank import sharding
+    from hf_qret.training.callbacks import IndexRefreshCallback
+
+    layout = ShardLayout(count=7, world=2, rank=1)  # rows 4..6; process 0's row 1 has the step's only gradient
+    bank = ShardedTargetBank(torch.zeros(3, 2), None, layout)
+    others = (torch.tensor([1]), torch.ones(1, 2))
+    monkeypatch.setattr(sharding, "all_gather_uneven", lambda *args: (others, None))
+    callback = IndexRefreshCallback(bank, index=None, on_epoch_end=True)
+    assert not callback._stale()
+    assert bank.exchange_gradients() == 0 and bank.local_weight.grad is None
+    assert callback._stale()
+    version = bank.version
+    monkeypatch.setattr(
+        sharding, "all_gather_uneven", lambda *args: ((torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)), None)
+    )
+    assert bank.exchange_gradients() == 0 and bank.version == version  # no row moved anywhere: nothing changed
 
 
 def test_a_sharded_bank_and_index_name_their_local_parts_and_refuse_the_whole_bank_names():

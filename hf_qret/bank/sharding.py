@@ -194,6 +194,9 @@ class ShardedTargetBank(TargetBank):
         of processes with ``average``, as the replicated bank averages them), and makes them this shard's sparse
         ``local_weight.grad``. A collective: every process calls it at the bank's step.
 
+        When rows of other shards only carry a gradient, :attr:`version` still moves (the bank changed), as the
+        optimizer step moves it on the shards whose rows carry one.
+
         Returns:
             How many of this shard's rows carry a gradient.
         """
@@ -213,6 +216,11 @@ class ShardedTargetBank(TargetBank):
         mine = (rows >= layout.start) & (rows < layout.end)
         if not bool(mine.any()):
             self.local_weight.grad = None
+            if rows.numel():
+                # other shards' rows move: the bank as a whole changes, so this shard's version moves with it and
+                # every process sees the index as stale together (its refreshes are collectives: a process that
+                # skipped one would leave the others waiting in it)
+                self.version += 1
             return 0
         grad = torch.sparse_coo_tensor(
             self.to_local(rows[mine]).unsqueeze(0), values[mine], tuple(self.local_weight.shape), check_invariants=False

@@ -10,6 +10,7 @@ the shards), and broadcast. A search asks every shard for its top-k of every pro
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,9 @@ import torch
 from ..bank.collectives import LocalOnly, ShardLayout, all_gather_uneven, broadcast_bytes, gather_bytes, gather_rows
 from ..errors import ArtifactError
 from .core import RENORM_DEPTH, QuantizedIndex, cosine_top
-from .faiss_ops import CHUNK_ROWS, MAX_TRAIN_ROWS, as_float32
+from .faiss_ops import CHUNK_ROWS, MAX_TRAIN_ROWS, as_float32, import_faiss
 
-__all__ = ["ShardedIndex", "local_ntotal_of", "merge_topk", "sample_rows"]
+__all__ = ["ShardedIndex", "local_ntotal_of", "merge_shard_indexes", "merge_topk", "sample_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,47 @@ def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int, *aligned: np.ndarra
     tie = np.where(missing, np.iinfo(np.int64).max, rows)
     order = np.lexsort((tie, key), axis=1)[:, :k]
     return tuple(np.take_along_axis(array, order, axis=1) for array in (scores, rows, *aligned))
+
+
+def merge_shard_indexes(parts: Iterable[Any], starts: Sequence[int], factory: str) -> Any:
+    """One FAISS index over the shards' rows, in row order: ``parts[1:]``'s codes merged into ``parts[0]``
+    (``merge_from``, one part at a time: ``parts`` may be a generator; an IVF's ids offset to each shard's first
+    global row, ``starts``).
+
+    An IVF shard whose rows were re-encoded in place (``update_vectors``: an incremental refresh, or a checkpoint's
+    served copy) carries a direct map, which FAISS refuses to merge; the maps are dropped before merging and the
+    merged index gets back the first shard's map type, rebuilt over every row.
+
+    Raises:
+        ArtifactError: FAISS cannot merge this index type.
+
+    Example:
+        >>> merge_shard_indexes([shard0, shard1], [0, 150], "OPQ16,IVF1024,PQ16").ntotal  # doctest: +SKIP
+        300
+    """
+    faiss = import_faiss()
+    parts = iter(parts)
+    full = next(parts)
+    ivf = faiss.try_extract_index_ivf(full)
+    map_type = ivf.direct_map.type if ivf is not None else None
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    for part, start in zip(parts, starts[1:]):
+        if ivf is not None:
+            faiss.extract_index_ivf(part).set_direct_map_type(faiss.DirectMap.NoMap)
+        try:
+            full.merge_from(part, start if ivf is not None else 0)
+        except RuntimeError:
+            if faiss.downcast_index(full).__class__.__name__.startswith("IndexFlat"):
+                full.add(part.reconstruct_n(0, part.ntotal))  # exact vectors: the same index
+                continue
+            raise ArtifactError(
+                f"FAISS cannot merge the shards of a {factory!r} index into one; train it with "
+                "bank_sharding='none' or a flat-code (RQ, PQ, SQ) or IVF factory."
+            ) from None
+    if ivf is not None and map_type != faiss.DirectMap.NoMap:
+        ivf.set_direct_map_type(map_type)  # rebuilt from the merged lists
+    return full
 
 
 class ShardedIndex(QuantizedIndex):
@@ -220,21 +262,8 @@ class ShardedIndex(QuantizedIndex):
         parts = gather_bytes(layout, self.faiss.serialize_index(self.index).tobytes(), dst)
         if parts is None:
             return None
-        faiss = self.faiss
-        full = faiss.deserialize_index(np.frombuffer(parts[0], dtype=np.uint8))
-        ivf = faiss.try_extract_index_ivf(full) is not None
-        for rank, blob in enumerate(parts[1:], start=1):
-            part = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-            try:
-                full.merge_from(part, layout.bounds(rank)[0] if ivf else 0)
-            except RuntimeError:
-                if faiss.downcast_index(full).__class__.__name__.startswith("IndexFlat"):
-                    full.add(part.reconstruct_n(0, part.ntotal))  # exact vectors: the same index
-                    continue
-                raise ArtifactError(
-                    f"FAISS cannot merge the shards of a {self.factory!r} index into one; train it with "
-                    "bank_sharding='none' or a flat-code (RQ, PQ, SQ) or IVF factory."
-                ) from None
+        read = (self.faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)) for blob in parts)
+        full = merge_shard_indexes(read, [layout.bounds(rank)[0] for rank in range(len(parts))], self.factory)
         assembled = QuantizedIndex.from_index(full, self.factory, self.search_params)
         assembled.opq_niter, assembled.rq_beam_size = self.opq_niter, self.rq_beam_size
         assembled._apply_search_params(assembled.index)
