@@ -5,7 +5,7 @@ For each corpus, all-MiniLM-L6-v2 is fine-tuned with sentence-transformers' ``Mu
 the training split left after the document-disjoint carve, see ``hf_qret.recipe.heldout_docs_data``), with the
 recipe's encoder settings (learning rate, weight decay, batch size, epochs or ``--max_steps``, seed). The whole
 corpus is then re-encoded with the fine-tuned model and served from the library's default 16-byte index for its size
-(``index_factory auto``: ``RQ16x8`` below 50,000 rows, scored by the decoded cosine as hf-qret serves a normalising
+(``index_factory auto``: ``RQ16x8`` below 45,000 rows, scored by the decoded cosine as hf-qret serves a normalising
 model), plus a flat index. Both are scored on the same evaluation queries as ``every_document.py``: nDCG@10 over all
 queries and over those whose relevant documents were (``seen``) or were not (``unseen``) training positives.
 

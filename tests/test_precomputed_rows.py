@@ -136,6 +136,22 @@ def test_resume_with_precomputed_rows_continues_exactly_and_ships_one_artifact(t
         assert len(json.loads((out / "doc_ids.json").read_text())) == 340
 
 
+def test_the_switch_point_is_below_the_measured_crossing_of_the_serving_goal():
+    """``AUTO_SWITCH_ROWS`` is the measured number: at most where ``RQ16x8`` (decoded cosine, k = 10) falls below the
+    serving goal on 1 thread and on all (benchmarks/switch_point.py), and not far below it (within 10 %)."""
+    import json
+    from pathlib import Path
+
+    from hf_qret.index.auto import SERVING_TARGET_QPS
+
+    record = json.loads((Path(__file__).parents[1] / "benchmarks/results/switch_point.json").read_text())
+    assert record["goal_qps"] == SERVING_TARGET_QPS
+    crossings = [record["RQ16x8_crossing"][threads]["rows_at_goal"] for threads in ("1thread", "all")]
+    assert all(crossings) and 0.9 * min(crossings) <= AUTO_SWITCH_ROWS <= min(crossings)
+    below = [r for r in record["sizes"] if r["factory"] == "RQ16x8" and r["rows"] < AUTO_SWITCH_ROWS]
+    assert below and all(r["qps_k10_1thread"] >= SERVING_TARGET_QPS for r in below)
+
+
 def test_large_auto_index_trains_searches_and_updates_in_place():
     """The large-corpus default (an OPQ rotation in front of IVF-PQ) goes through every path the trainer uses."""
     import faiss

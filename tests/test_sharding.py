@@ -80,7 +80,7 @@ def test_a_single_shard_is_the_whole_index_and_assembles_to_it():
 
 
 def test_ivf_shards_with_rows_reencoded_in_place_merge_into_the_whole_index():
-    """An IVF shard (the default factory from 50,000 rows) whose rows were re-encoded in place (an incremental
+    """An IVF shard (the default factory from 45,000 rows) whose rows were re-encoded in place (an incremental
     refresh, or a checkpoint's served copy) carries a direct map, which FAISS's merge_from refuses: the shards of a
     sharded run at a million rows could not be assembled at the first checkpoint. They merge into the whole index."""
     import faiss

@@ -3,9 +3,10 @@
 Below :data:`AUTO_SWITCH_ROWS` rows the measured-best 16-byte index for small corpora, ``RQ16x8`` (a residual
 quantizer: the best 16-byte nDCG@10 on SciFact and NFCorpus, ``benchmarks/results/ablation.md``). Its search decodes
 every code, so its queries/s fall as ``1 / rows``; from :data:`AUTO_SWITCH_ROWS` rows on, an inverted-file product
-quantizer, ``IVF<nlist>,PQ16`` searched with ``nprobe=16``, which visits 16 of the ``nlist`` lists instead. The switch
-point is the size where ``RQ16x8`` stops serving :data:`SERVING_TARGET_QPS` queries/s at k = 10 on the 2-core CPU the
-haystack benchmark ran on (``benchmarks/haystack.py``; docs/scale.md has the table it was read from).
+quantizer behind an OPQ rotation, ``OPQ16,IVF<nlist>,PQ16`` searched with ``nprobe=16``, which visits 16 of the
+``nlist`` lists instead. The switch point is below the size where ``RQ16x8`` (served with the decoded cosine) stops
+serving :data:`SERVING_TARGET_QPS` queries/s at k = 10 on a 2-core AMD EPYC (``benchmarks/switch_point.py``, real
+SciFact rows plus the haystack's distractors; ``benchmarks/results/switch_point.json``).
 
 The choice is resolved once, when the number of bank rows is known (the recipe, ``QRetTrainer``), logged once and
 recorded in ``qret_config.json`` (``index_choice``) and the model card. An explicit ``index_factory`` is always kept.
@@ -34,10 +35,11 @@ logger = logging.getLogger("hf_qret")
 AUTO = "auto"
 #: Serving speed the default index must keep at k = 10 on 2 CPU cores (the goal of the million-document haystack).
 SERVING_TARGET_QPS = 1000
-#: Bank rows from which ``auto`` serves ``IVF<nlist>,PQ16`` instead of ``RQ16x8``: where ``RQ16x8``'s measured
-#: serving speed on the haystack (2-core AMD EPYC, all threads, k = 10) crosses :data:`SERVING_TARGET_QPS`
-#: (docs/scale.md, "The default index").
-AUTO_SWITCH_ROWS = 50_000
+#: Bank rows from which ``auto`` serves ``OPQ16,IVF<nlist>,PQ16`` instead of ``RQ16x8``: below where ``RQ16x8``'s
+#: serving speed with the decoded cosine (k = 10, real SciFact rows plus haystack distractors, 2-core AMD EPYC)
+#: crosses :data:`SERVING_TARGET_QPS`: 46,860 rows on 1 thread, 48,388 on both
+#: (``benchmarks/results/switch_point.json``, docs/scale.md "The default index").
+AUTO_SWITCH_ROWS = 45_000
 #: The small-corpus and the large-corpus index.
 SMALL_FACTORY = "RQ16x8"
 LARGE_FACTORY = "OPQ16,IVF{nlist},PQ16"
