@@ -4,8 +4,8 @@ unchanged but for the class names: text-pair data, a corpus instead of a bank, s
 :func:`prepare_dropin` runs in the trainer's constructor, before anything else is built:
 
 1. **Training data** in sentence-transformers' column convention (first column the query, second the positive text,
-   further columns hard-negative texts; :func:`hf_qret.data.text_columns`) becomes hf-qret's id rows
-   (:func:`hf_qret.data.pairs_from_texts`); ``query`` / ``positive_id`` rows pass through.
+   further columns hard-negative texts; :func:`hf_qret.text_pairs.text_columns`) becomes hf-qret's id rows
+   (:func:`hf_qret.text_pairs.pairs_from_texts`); ``query`` / ``positive_id`` rows pass through.
 2. **The bank**, when ``bank=`` is omitted, is built from ``corpus`` plus every document text of the training (and
    eval) data plus the documents of the evaluators' corpora, deduplicated by text, encoded once and cached in the
    output folder (:mod:`hf_qret.training.corpus`). ``bank=`` wins when given; ``corpus`` then only maps texts to its ids.
@@ -25,9 +25,9 @@ from typing import Any
 from torch import nn
 
 from ..bank.core import TargetBank
-from ..data import pairs_from_texts, text_columns, texts_of
 from ..errors import ConfigError, DataError
 from ..serving.encoder import is_sentence_transformer
+from ..text_pairs import pairs_from_texts, text_columns, texts_of
 from .corpus import DocumentSet, document_encode, encode_bank, encoder_fingerprint, load_corpus
 from .st_evaluation import adapt_evaluator, bank_resolver, check_evaluator, evaluator_documents
 
