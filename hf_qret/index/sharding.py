@@ -18,8 +18,9 @@ import torch
 
 from ..bank.collectives import LocalOnly, ShardLayout, all_gather_uneven, broadcast_bytes, gather_bytes, gather_rows
 from ..errors import ArtifactError
-from .core import RENORM_DEPTH, QuantizedIndex, cosine_top
+from .core import QuantizedIndex
 from .faiss_ops import CHUNK_ROWS, MAX_TRAIN_ROWS, as_float32, import_faiss
+from .searching import RENORM_DEPTH, cosine_top
 
 __all__ = ["ShardedIndex", "local_ntotal_of", "merge_shard_indexes", "merge_topk", "sample_rows"]
 
