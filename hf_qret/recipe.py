@@ -399,7 +399,7 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
     clock = time.perf_counter()
     trainer.save_model(_internal_call=bool(training_args.push_to_hub))
     timings["save"] = time.perf_counter() - clock
-    results["timings_s"] = {name: round(seconds, 2) for name, seconds in timings.items()}
+    results["timings_s"] = {name: round(seconds, 3) for name, seconds in timings.items()}
     if evaluator is not None and trainer.is_world_process_zero():
         write_json(results, Path(training_args.output_dir) / "eval_results.json")
     for scratch in (scratch_init, extra_init):

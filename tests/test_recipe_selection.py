@@ -147,9 +147,9 @@ def test_train_on_eval_split_ships_a_model_trained_on_both_splits(tiny_model_dir
     timings = json.loads((out / "eval_results.json").read_text())["timings_s"]
     assert set(timings) == {"encode_bank", "train", "index", "train_on_eval_split_train",
                             "train_on_eval_split_index", "save"}  # fmt: skip
-    # every phase took time, and the phases are disjoint parts of the run (each rounded to 0.01 s)
+    # every phase took time, and the phases are disjoint parts of the run (each rounded to 1 ms)
     assert all(seconds > 0 for seconds in timings.values()), timings
-    assert sum(timings.values()) <= wall + 0.005 * len(timings), (timings, wall)
+    assert sum(timings.values()) <= wall + 0.0005 * len(timings), (timings, wall)
     # documents that are positives of dev queries only moved: the shipped bank learned from the dev split
     train_docs = {d for docs in load_beir(two_split_dir, split="train").qrels.values() for d in docs}
     dev_only = sorted({d for docs in dev.qrels.values() for d in docs} - train_docs)
