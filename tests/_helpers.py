@@ -3,6 +3,7 @@ stand-in for the ``Trainer``'s pushes, and a recorder of the index refresh modes
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -14,6 +15,14 @@ from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_WORKERS = REPO / "tests" / "dist_workers.py"
+
+
+def load_benchmark(name: str) -> Any:
+    """``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
-
-ABLATION = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+from _helpers import load_benchmark
 
 
 @pytest.fixture()
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_benchmark", ABLATION)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation")
 
 
 def _results(stage: str, value: float, unseen: float | None) -> dict:

@@ -3,21 +3,14 @@ training)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-END_TO_END = Path(__file__).resolve().parents[1] / "benchmarks" / "end_to_end.py"
+from _helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("end_to_end_benchmark", END_TO_END)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("end_to_end")
 
 
 def test_rounds_alternate_the_order(bench):

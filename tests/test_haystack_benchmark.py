@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import resource
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-HAYSTACK = Path(__file__).resolve().parents[1] / "benchmarks" / "haystack.py"
+from _helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def haystack():
-    spec = importlib.util.spec_from_file_location("haystack_benchmark", HAYSTACK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("haystack")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's ru_maxrss semantics")
