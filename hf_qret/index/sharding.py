@@ -22,7 +22,7 @@ from .core import QuantizedIndex
 from .faiss_ops import CHUNK_ROWS, MAX_TRAIN_ROWS, as_float32, import_faiss
 from .searching import RENORM_DEPTH, cosine_top
 
-__all__ = ["ShardedIndex", "local_ntotal_of", "merge_shard_indexes", "merge_topk", "sample_rows"]
+__all__ = ["ShardedIndex", "merge_shard_indexes", "merge_topk", "sample_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +37,6 @@ def sample_rows(count: int, max_rows: int | None, seed: int = 1234) -> np.ndarra
     if max_rows is None or count <= max_rows:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).choice(count, size=int(max_rows), replace=False))
-
-
-def local_ntotal_of(index: QuantizedIndex) -> int:
-    """Rows this process's ``index`` holds: a :class:`ShardedIndex`'s :attr:`~ShardedIndex.local_ntotal`, every row of
-    an unsharded :class:`~hf_qret.index.core.QuantizedIndex` (what code that takes either compares with the bank).
-
-    Example:
-        >>> index = ShardedIndex(8, "Flat", ShardLayout(count=16, world=2, rank=1))
-        >>> index.add(np.eye(8, dtype="float32")); local_ntotal_of(index), index.global_ntotal
-        (8, 16)
-    """
-    return index.local_ntotal
 
 
 def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int, *aligned: np.ndarray) -> tuple[np.ndarray, ...]:

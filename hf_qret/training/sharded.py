@@ -28,7 +28,7 @@ from ..bank.collectives import ShardLayout, check_every_process
 from ..bank.sharding import ShardedTargetBank
 from ..errors import ConfigError
 from ..index.core import QuantizedIndex
-from ..index.sharding import ShardedIndex, local_ntotal_of
+from ..index.sharding import ShardedIndex
 from ..serving.artifact import BANK_NAME, LOSS_OPTIMIZER_NAME, REFRESH_STATE_NAME, save_retrieval_files, write_json
 from .checkpoint import CHANGED_ROWS_KEY, _load_tensors, _save_tensors, _write_faiss, load_refresh_state
 
@@ -125,7 +125,7 @@ def shard_for_training(bank: TargetBank, index: QuantizedIndex, args: Any) -> tu
     )  # fmt: skip
     if isinstance(index, ShardedIndex):
         return bank, index
-    if local_ntotal_of(index):
+    if index.local_ntotal:
         raise ConfigError(
             "bank_sharding='rows' builds its own index over each process's rows; pass an empty index= (or none)."
         )

@@ -19,7 +19,6 @@ from ..config import QRetTrainingArguments
 from ..errors import TrainingDivergedError
 from ..index.core import QuantizedIndex, set_faiss_threads
 from ..index.mining import IndexMiner, MinedBatch
-from ..index.sharding import local_ntotal_of
 from ..serving.encoder import (
     configure_encoder,
     embed,
@@ -142,8 +141,8 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         decoded_norm = args.normalize_decoded
         index.normalize_decoded = normalizes_embeddings(model) if decoded_norm is None else bool(decoded_norm)
         bank, index = shard_for_training(bank, index, args)  # bank_sharding='rows': this process's rows only
-        if local_ntotal_of(index) not in (0, len(bank.local_weight)):  # this process's rows (all unsharded)
-            raise ValueError(f"the index holds {local_ntotal_of(index)} vectors but the bank has {len(bank)} rows.")
+        if index.local_ntotal not in (0, len(bank.local_weight)):  # this process's rows (all unsharded)
+            raise ValueError(f"the index holds {index.local_ntotal} vectors but the bank has {len(bank)} rows.")
         self.bank = bank
         #: The index training mines from (built over the bank on first use, unless a checkpoint provides it).
         self.index = index
@@ -221,7 +220,7 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
     def ensure_index(self) -> None:
         """Builds the index over the bank now, if nothing built or loaded it yet (``train()`` does it first, unless
         it resumes from a checkpoint, whose index it loads instead; evaluation and saving do it too)."""
-        if local_ntotal_of(self.index) == 0:
+        if self.index.local_ntotal == 0:
             start = time.perf_counter()
             self.index.build(self.bank.local_float32_rows())
             self.refresh_callback.total_index_seconds += time.perf_counter() - start
