@@ -425,9 +425,21 @@ def _losses(name: str, losses: dict[str, Any]) -> str:
     return f"| losses of steps {losses['steps']} ({name}) | {losses['equal']} | {losses['max_abs_diff']:.3g} |"
 
 
+def _compared(c: dict[str, Any], losses_row: str) -> list[str]:
+    """The comparison table of two runs: artifact and last checkpoint, losses, doc ids, evaluation."""
+    return [
+        "| compared | bitwise equal | max abs diff |",
+        "|---|---|---:|",
+        *_rows("artifact", c),
+        *_rows("last checkpoint", c["final_checkpoint"]),
+        losses_row,
+        f"| doc ids | {c['doc_ids_equal']} | |",
+        f"| eval_results.json (every metric) | {c['eval_results_equal']} | |",
+    ]
+
+
 def markdown(record: dict[str, Any]) -> str:
     lines = [f"# Training properties at {record.get('rows', 0):,} rows", "", record["setup"], ""]
-    header = ["| compared | bitwise equal | max abs diff |", "|---|---|---:|"]
     if "resume" in record:
         r = record["resume"]
         lines += [
@@ -437,12 +449,7 @@ def markdown(record: dict[str, Any]) -> str:
             "",
             "A: straight; B: resumed from A's checkpoint. Compared, A vs B:",
             "",
-            *header,
-            *_rows("artifact", r),
-            *_rows("last checkpoint", r["final_checkpoint"]),
-            _losses("after the checkpoint", r["losses_after_checkpoint"]),
-            f"| doc ids | {r['doc_ids_equal']} | |",
-            f"| eval_results.json (every metric) | {r['eval_results_equal']} | |",
+            *_compared(r, _losses("after the checkpoint", r["losses_after_checkpoint"])),
             "",
             "| run | wall s (shared CPU) | peak RSS GB | shipped | global_step | record's dev nDCG@10 / hf-qret evaluate |",
             "|---|---:|---:|---|---:|---|",
@@ -465,12 +472,7 @@ def markdown(record: dict[str, Any]) -> str:
             "",
             "Compared, --bank_sharding none vs rows (both 2 processes):",
             "",
-            *header,
-            *_rows("artifact", s),
-            *_rows("last checkpoint", s["final_checkpoint"]),
-            _losses("every step", s["losses"]),
-            f"| doc ids | {s['doc_ids_equal']} | |",
-            f"| eval_results.json (every metric) | {s['eval_results_equal']} | |",
+            *_compared(s, _losses("every step", s["losses"])),
             "",
             "| run | wall s (shared CPU) | peak RSS GB (largest process) | shipped |",
             "|---|---:|---:|---|",
