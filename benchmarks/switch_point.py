@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,16 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from end_to_end import cpu_flags, machine  # noqa: E402
 from haystack import load_model, score, search_qps  # noqa: E402
 
 GOAL_QPS = 1000
-
-
-def cpu_kind() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
-    have = [f for f in ("amx_bf16", "avx512f", "avx2") if f" {f}" in flags]
-    return f"{name} ({', '.join(have)}; {os.cpu_count()} cores)"
 
 
 def crossing_rows(sizes: list[dict], factory: str, key: str, goal: float = GOAL_QPS) -> dict:
@@ -108,7 +101,7 @@ def main() -> None:
             del index
 
     crossing = {threads: crossing_rows(sizes, SMALL_FACTORY, f"qps_k10_{threads}") for threads in ("1thread", "all")}
-    record = {"cpu": cpu_kind(), "queries": len(queries), "goal_qps": GOAL_QPS, "sizes": sizes,
+    record = {"machine": machine(), "cpu_flags": cpu_flags(), "queries": len(queries), "goal_qps": GOAL_QPS, "sizes": sizes,
               f"{SMALL_FACTORY}_crossing": crossing}  # fmt: skip
     print(json.dumps(record))
     if args.out:
