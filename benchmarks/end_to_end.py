@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "recipes" / "scifact.yaml"
@@ -231,49 +232,67 @@ def _child_setup(opts: argparse.Namespace):
     return train, resolve_model_path(opts.settings["model_name_or_path"])
 
 
+def mnrl_trainer(
+    model: Any,
+    train: Any,
+    settings: dict,
+    output_dir: Path,
+    seed: int,
+    max_steps: int,
+    logging_steps: int,
+    use_cpu: bool,
+) -> Any:
+    """The alternative's trainer: sentence-transformers ``MultipleNegativesRankingLoss`` (no-duplicates batches) on
+    ``train``'s (query, positive text) pairs with the recipe's ``settings`` (epochs, batch, rate, decay); also the
+    peer of ``benchmarks/st_peer.py``."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from hf_qret.data import build_pairs_dataset, doc_text
+
+    pairs = build_pairs_dataset(train)
+    dataset = Dataset.from_dict(
+        {"anchor": pairs["query"], "positive": [doc_text(train.corpus[d]) for d in pairs["positive_id"]]}
+    )
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=settings["num_train_epochs"],
+        max_steps=max_steps,
+        per_device_train_batch_size=settings["per_device_train_batch_size"],
+        learning_rate=settings["learning_rate"],
+        weight_decay=settings.get("weight_decay", 0.0),
+        seed=seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=logging_steps,
+        use_cpu=use_cpu,
+    )
+    return SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
+    )
+
+
 def st_child(opts: argparse.Namespace, out: Path) -> None:
     """The alternative's pipeline; writes ``OUT/st_result.json`` (``done_at``: when its artifact was saved)."""
     phases: dict[str, float] = {}
     clock = time.perf_counter()
     import torch
-    from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from sentence_transformers.base.training_args import BatchSamplers
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers import SentenceTransformer
 
     from hf_qret.config import QRetTrainingArguments
-    from hf_qret.data import build_pairs_dataset, doc_text
     from hf_qret.index.core import QuantizedIndex
 
     settings = opts.settings
     train, model_path = _child_setup(opts)
-    pairs = build_pairs_dataset(train)
     model = SentenceTransformer(model_path, device=opts.device)
     model.max_seq_length = opts.max_seq_length
-    dataset = Dataset.from_dict(
-        {"anchor": pairs["query"], "positive": [doc_text(train.corpus[d]) for d in pairs["positive_id"]]}
-    )
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "st_trainer"),
-        num_train_epochs=settings["num_train_epochs"],
-        max_steps=opts.max_steps or -1,
-        per_device_train_batch_size=settings["per_device_train_batch_size"],
-        learning_rate=settings["learning_rate"],
-        weight_decay=settings.get("weight_decay", 0.0),
-        seed=opts.seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=settings.get("logging_steps", 10),
-        use_cpu=opts.device == "cpu",
-    )
-    trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
-    )
+    trainer = mnrl_trainer(
+        model, train, settings, out / "st_trainer", opts.seed, opts.max_steps or -1,
+        logging_steps=settings.get("logging_steps", 10), use_cpu=opts.device == "cpu",
+    )  # fmt: skip
     phases["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     trainer.train()
@@ -319,7 +338,7 @@ def st_child(opts: argparse.Namespace, out: Path) -> None:
         "torch_threads": torch.get_num_threads(),
         "max_seq_length": model.max_seq_length,
         "index_factory": index.factory,
-        "pairs": len(dataset),
+        "pairs": len(trainer.train_dataset),
     }
     (out / "st_result.json").write_text(json.dumps(result))
 

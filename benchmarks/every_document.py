@@ -69,18 +69,27 @@ def run_one(out: Path, corpus: str, data_dir: str, bank: str | None, variant: st
     return json.loads(results_file.read_text())
 
 
-def eval_data_of(corpus: str, data_dir: str):
-    """The evaluation queries of ``corpus``'s runs and the documents their training saw (as the recipe carves them)."""
+def corpus_splits(corpus: str, data_dir: str):
+    """``corpus``'s training and evaluation data, as its runs' recipe carves them."""
     from hf_qret.data import load_beir
     from hf_qret.recipe import heldout_docs_data
 
     train = load_beir(data_dir, split="train")
     options = CORPORA[corpus]
     if "--heldout_docs_fraction" in options:
-        train, held = heldout_docs_data(train, float(options[options.index("--heldout_docs_fraction") + 1]))
-    else:
-        held = load_beir(data_dir, split=options[options.index("--eval_split") + 1])
-    return held, {d for docs in train.qrels.values() for d, s in docs.items() if s > 0}
+        return heldout_docs_data(train, float(options[options.index("--heldout_docs_fraction") + 1]))
+    return train, load_beir(data_dir, split=options[options.index("--eval_split") + 1])
+
+
+def eval_data_of(corpus: str, data_dir: str):
+    """The evaluation queries of ``corpus``'s runs and the documents their training saw (as the recipe carves them)."""
+    train, held = corpus_splits(corpus, data_dir)
+    return held, seen_docs_of(train)
+
+
+def seen_docs_of(train) -> set[str]:
+    """The documents ``train`` has as positives: an evaluation query with one of them as relevant is "seen"."""
+    return {d for docs in train.qrels.values() for d, s in docs.items() if s > 0}
 
 
 def serving_cells(folder: Path, held, seen_docs: set[str]) -> dict[str, float]:

@@ -29,7 +29,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from every_document import CORPORA, RECIPE, eval_data_of  # noqa: E402
+from end_to_end import mnrl_trainer  # noqa: E402
+from every_document import CORPORA, RECIPE, corpus_splits, seen_docs_of  # noqa: E402
 
 
 def recipe_settings() -> dict:
@@ -48,22 +49,13 @@ def run(
 ) -> dict:
     import numpy as np
     import torch
-    from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from sentence_transformers.base.training_args import BatchSamplers
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers import SentenceTransformer
 
     from hf_qret.config import QRetTrainingArguments, resolve_model_path
-    from hf_qret.data import build_pairs_dataset, doc_text, load_beir
     from hf_qret.evaluation.evaluator import RetrievalEvaluator, search_run
     from hf_qret.index.auto import resolve_auto_index
     from hf_qret.index.core import QuantizedIndex
     from hf_qret.index.exact import ExactSearch
-    from hf_qret.recipe import heldout_docs_data
 
     settings = recipe_settings()
     options = CORPORA[corpus]
@@ -72,34 +64,12 @@ def run(
         max_steps = max_steps_override
     phases: dict[str, float] = {}
 
-    train = load_beir(data_dir, split="train")
-    if "--heldout_docs_fraction" in options:
-        train, _ = heldout_docs_data(train, float(options[options.index("--heldout_docs_fraction") + 1]))
-    held, seen_docs = eval_data_of(corpus, data_dir)
-    pairs = build_pairs_dataset(train)
-    dataset = Dataset.from_dict(
-        {"anchor": pairs["query"], "positive": [doc_text(train.corpus[d]) for d in pairs["positive_id"]]}
-    )
-
+    train, held = corpus_splits(corpus, data_dir)
+    seen_docs = seen_docs_of(train)
     model = SentenceTransformer(resolve_model_path(settings["model_name_or_path"]), device="cpu")
     model.max_seq_length = max_seq_length
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / corpus / f"seed{seed}" / "st_trainer"),
-        num_train_epochs=settings["num_train_epochs"],
-        max_steps=max_steps,
-        per_device_train_batch_size=settings["per_device_train_batch_size"],
-        learning_rate=settings["learning_rate"],
-        weight_decay=settings.get("weight_decay", 0.0),
-        seed=seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=50,
-        use_cpu=True,
-    )
-    trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
-    )
+    output_dir = out / corpus / f"seed{seed}" / "st_trainer"
+    trainer = mnrl_trainer(model, train, settings, output_dir, seed, max_steps, logging_steps=50, use_cpu=True)
     clock = time.perf_counter()
     trainer.train()
     phases["train"] = time.perf_counter() - clock
@@ -128,7 +98,7 @@ def run(
         "flat": search_run(queries, evaluator.query_ids, flat, train.doc_ids, evaluator.k),
     }
     metrics = evaluator.score(runs)
-    result = {"corpus": corpus, "seed": seed, "pairs": len(dataset), "steps": trainer.state.global_step,
+    result = {"corpus": corpus, "seed": seed, "pairs": len(trainer.train_dataset), "steps": trainer.state.global_step,
               "index_factory": index.factory, "auto_choice": choice.reason if choice else None,
               "threads": torch.get_num_threads(), "max_seq_length": model.max_seq_length,
               "phases_s": {k: round(v, 1) for k, v in phases.items()}}  # fmt: skip
