@@ -47,6 +47,8 @@ CORPORA = {
 VARIANTS = {
     "default": [],
     "raw-scores": ["--normalize_decoded", "false"],
+    "adapter64": ["--doc_adapter_rank", "64"],
+    "adapter256": ["--doc_adapter_rank", "256"],
 }
 
 METRICS = ("quantized_ndcg@10", "flat_ndcg@10")

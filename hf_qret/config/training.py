@@ -199,6 +199,18 @@ class QRetTrainingArguments(TrainingArguments):
             "0.403 nDCG@10 (flat 0.420)."
         },
     )
+    doc_adapter_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Width of the document adapter (0: none): a residual MLP shared by every bank row, trained with "
+            "the query encoder through the same loss and baked into the bank at each index refresh, so documents no "
+            "training query touches move too, without re-encoding the corpus (hf_qret.training.adapter)."
+        },
+    )
+    doc_adapter_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "AdamW's learning rate of the document adapter (it follows the encoder's schedule)."},
+    )
     distill_doc_queries: int = field(
         default=10_000,
         metadata={"help": "Bank rows used as queries by the codebook distillation (a fixed random sample)."},
@@ -290,7 +302,7 @@ class QRetTrainingArguments(TrainingArguments):
         check_index_options(self.opq_niter, self.mining_nlist, self.mining_nprobe, self.rq_beam_size)
         if self.num_negatives < 1:
             raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}.")
-        for name in ("distill_codebooks", "distill_doc_queries"):
+        for name in ("distill_codebooks", "distill_doc_queries", "doc_adapter_rank"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}.")
         for name in ("refresh_mode", "final_refresh_mode"):
@@ -313,6 +325,11 @@ class QRetTrainingArguments(TrainingArguments):
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}.")
         if self.bank_learning_rate is None:  # after the bank_optimizer check: its own scale
             self.bank_learning_rate = BANK_LEARNING_RATES[self.bank_optimizer]
+        if self.doc_adapter_learning_rate <= 0:
+            raise ConfigError(
+                f"doc_adapter_learning_rate must be > 0, got {self.doc_adapter_learning_rate} (turn the adapter off "
+                "with doc_adapter_rank 0 instead)."
+            )
         if self.bank_learning_rate < 0:
             raise ConfigError(f"bank_learning_rate must be >= 0, got {self.bank_learning_rate}.")
         self._check_scale_options()

@@ -46,6 +46,8 @@ class IndexRefreshCallback(TrainerCallback):
         on_epoch_end: Also refresh at the end of every epoch.
         mode: ``"reencode"``, ``"retrain"`` or ``"incremental"``.
         final_mode: The mode of the last refresh of the run; ``None``: ``mode``.
+        loss: The trainer's loss: a document adapter it trains (``QRetLoss.bake_adapter``) is baked into the bank
+            before each refresh, and counts as a change of the bank.
 
     Example:
         >>> callback = IndexRefreshCallback(bank, index, every_n_steps=50, mode="reencode")  # doctest: +SKIP
@@ -60,12 +62,14 @@ class IndexRefreshCallback(TrainerCallback):
         on_epoch_end: bool = True,
         mode: str = "reencode",
         final_mode: str | None = None,
+        loss: Any = None,
     ) -> None:
         for name, value in (("refresh mode", mode), ("final refresh mode", final_mode or mode)):
             if value not in REFRESH_MODES:
                 raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(REFRESH_MODES)}.")
         self.bank = bank
         self.index = index
+        self.loss = loss
         self.every_n_steps = int(every_n_steps)
         self.refresh_at_epoch_end = on_epoch_end
         self.mode = mode
@@ -88,6 +92,8 @@ class IndexRefreshCallback(TrainerCallback):
         start = time.perf_counter()
         bank = self.bank
         mode = self.final_mode if final else self.mode
+        if self.loss is not None and self.loss.bake_adapter():
+            logger.info("baked the document adapter into the bank's %d rows at step %d", len(bank.local_weight), step)
         vectors = bank.local_float32_rows()  # a sharded bank: this shard's rows, what its index shard holds
         rows = bank.local_changed_rows() if mode == "incremental" and hasattr(bank, "local_changed_rows") else None
         encoded = self.index.refresh(vectors, mode=mode, rows=rows)
@@ -106,6 +112,8 @@ class IndexRefreshCallback(TrainerCallback):
         )  # fmt: skip
 
     def _stale(self) -> bool:
+        if self.loss is not None and self.loss.adapter_pending():
+            return True
         return getattr(self.bank, "version", 0) != self.bank_version_at_refresh
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,6 +13,8 @@ Any subclass of :class:`QRetLoss` can be passed to :class:`~hf_qret.training.tra
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,11 +27,13 @@ if TYPE_CHECKING:
     from ..config import QRetTrainingArguments
     from ..index.core import QuantizedIndex
     from ..index.mining import MinedBatch
+    from .adapter import AdapterOptimizer, DocumentAdapter
 
 __all__ = [
     "CandidateCrossEntropyLoss",
     "MinedNegativesLoss",
     "QRetLoss",
+    "attach_adapter",
     "build_loss",
     "resolve_loss",
 ]
@@ -119,6 +123,19 @@ class QRetLoss(nn.Module):
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restores :meth:`optimizer_state` output from a checkpoint."""
 
+    def bake_adapter(self) -> int:
+        """Writes a transform of the bank rows the loss trains into the bank before an index refresh; returns the
+        rows written (default: none)."""
+        return 0
+
+    def adapter_pending(self) -> bool:
+        """Whether the loss holds a transform of the bank not yet baked into it (default: no)."""
+        return False
+
+    def adapted_rows(self) -> Any:
+        """Every local bank row as the loss scores it now, float32 (default: ``None``, the bank rows themselves)."""
+        return None
+
 
 class MinedNegativesLoss(QRetLoss):
     """The method's loss: each query against the bank rows of its batch's mined candidates.
@@ -140,6 +157,10 @@ class MinedNegativesLoss(QRetLoss):
             trainer; yes outside one).
         trainable_rows: ``(num_docs,)`` mask of the rows that may move (``None``: the trainer's ``bank_update``;
             all of them outside a trainer).
+        adapter: A :class:`~hf_qret.training.adapter.DocumentAdapter` applied to every candidate row before scoring
+            (``None``: the trainer's ``doc_adapter_rank``; none outside a trainer), stepped by ``adapter_optimizer``
+            in :meth:`after_optimizer_step`.
+        adapter_optimizer: The adapter's :class:`~hf_qret.training.adapter.AdapterOptimizer`.
 
     Example:
         >>> import torch
@@ -158,6 +179,8 @@ class MinedNegativesLoss(QRetLoss):
         scale: float | None = None,
         train_bank: bool | None = None,
         trainable_rows: torch.Tensor | None = None,
+        adapter: DocumentAdapter | None = None,
+        adapter_optimizer: AdapterOptimizer | None = None,
     ) -> None:
         super().__init__()
         self.bank = bank
@@ -170,6 +193,9 @@ class MinedNegativesLoss(QRetLoss):
         self.cross_entropy = CandidateCrossEntropyLoss(20.0 if scale is None else scale)
         self.train_bank = True if train_bank is None else bool(train_bank)
         self.trainable_rows = trainable_rows
+        #: The shared document adapter (every candidate row goes through it), or ``None``.
+        self.adapter = adapter
+        self.adapter_optimizer = adapter_optimizer
 
     @property
     def scale(self) -> float:
@@ -191,23 +217,73 @@ class MinedNegativesLoss(QRetLoss):
         return candidates.index_copy(0, moving.to(candidates.device), moving_rows)
 
     def scored_targets(self, mined: MinedBatch, rows: torch.Tensor) -> torch.Tensor:
-        """What the queries are scored against for candidate ``rows`` (the bank rows themselves here); subclasses
-        override it to change the scoring."""
-        return rows
+        """What the queries are scored against for candidate ``rows``: the rows through the document adapter when
+        there is one, else the bank rows themselves; subclasses override it to change the scoring."""
+        return rows if self.adapter is None else self.adapter(rows)
+
+    def after_optimizer_step(self, lr_ratio: float, world_size: int = 1) -> None:
+        """Steps the document adapter (if any) at the encoder schedule's ratio."""
+        if self.adapter_optimizer is not None:
+            self.adapter_optimizer.step(lr_ratio, world_size)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The document adapter's parameters and moments (none without an adapter)."""
+        return {} if self.adapter_optimizer is None else self.adapter_optimizer.state_tensors()
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores the document adapter from :meth:`optimizer_state` output."""
+        if self.adapter_optimizer is not None and state:
+            self.adapter_optimizer.load_state_tensors(state)
+
+    def bake_adapter(self) -> int:
+        """Bakes the document adapter into the bank (every row adapted; the adapter back to the identity, its moments
+        forgotten) before an index refresh; returns the rows written (0: no adapter, or nothing learned)."""
+        if self.adapter is None:
+            return 0
+        written = self.adapter.bake(self.bank)
+        if written and self.adapter_optimizer is not None:
+            self.adapter_optimizer.reset_state()
+        return written
+
+    def adapter_pending(self) -> bool:
+        """Whether the adapter learned something not yet baked into the bank."""
+        return self.adapter is not None and not self.adapter.is_identity()
+
+    def adapted_rows(self) -> Any:
+        """Every local bank row through the adapter (float32 array), or ``None`` when nothing is pending."""
+        if not self.adapter_pending():
+            return None
+        return self.adapter.adapted_numpy(self.bank)
 
     def forward(self, query_embeddings: torch.Tensor, mined: MinedBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Returns the loss of the batch and its statistics (mean positive rank, candidate count)."""
-        targets = self.scored_targets(mined, self.candidate_rows(mined))
+        rows = self.candidate_rows(mined)
         if self.training and self.train_bank and mined.bank_queries is not None:
-            # bank_queries='initial': the encoder follows the bank it will be served with, the bank rows learn
-            # against the frozen pretrained queries.
-            loss, stats = self.cross_entropy(
-                query_embeddings, targets.detach(), mined.targets, mined.mask, mined.weights
-            )
+            # bank_queries='initial': the encoder (and the document adapter, if any) follow the bank they will be
+            # served with, the bank rows learn against the frozen pretrained queries.
+            served = self.scored_targets(mined, rows.detach())
+            with self._frozen_adapter():
+                targets = self.scored_targets(mined, rows)
+            loss, stats = self.cross_entropy(query_embeddings, served, mined.targets, mined.mask, mined.weights)
             bank_queries = mined.bank_queries.detach().to(query_embeddings.device, query_embeddings.dtype)
             bank_loss, _ = self.cross_entropy(bank_queries, targets, mined.targets, mined.mask, mined.weights)
             return loss + bank_loss, stats
+        targets = self.scored_targets(mined, rows)
         return self.cross_entropy(query_embeddings, targets, mined.targets, mined.mask, mined.weights)
+
+    @contextlib.contextmanager
+    def _frozen_adapter(self) -> Iterator[None]:
+        """The document adapter's parameters take no gradient inside (the bank rows' term)."""
+        if self.adapter is None:
+            yield
+            return
+        flags = [p.requires_grad for p in self.adapter.parameters()]
+        self.adapter.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for param, flag in zip(self.adapter.parameters(), flags):
+                param.requires_grad_(flag)
 
 
 def build_loss(
@@ -226,7 +302,28 @@ def build_loss(
         >>> loss = build_loss(args, bank, index, scale=20.0)  # doctest: +SKIP
     """
     scale = args.scale if scale is None else scale
-    return MinedNegativesLoss(bank, 20.0 if scale is None else scale, args.bank_learning_rate > 0, trainable_rows)
+    loss = MinedNegativesLoss(bank, 20.0 if scale is None else scale, args.bank_learning_rate > 0, trainable_rows)
+    attach_adapter(loss, args)
+    return loss
+
+
+def attach_adapter(loss: MinedNegativesLoss, args: QRetTrainingArguments) -> None:
+    """Gives ``loss`` the document adapter ``args.doc_adapter_rank`` asks for (none at 0, or if it has one), on the
+    device the candidate rows are scored on.
+
+    Example:
+        >>> attach_adapter(loss, args)  # doctest: +SKIP
+        >>> loss.adapter  # doctest: +SKIP
+        DocumentAdapter(...)
+    """
+    rank = int(getattr(args, "doc_adapter_rank", 0) or 0)
+    if rank <= 0 or loss.adapter is not None:
+        return
+    from .adapter import AdapterOptimizer, DocumentAdapter
+
+    device = loss.bank.compute_device or loss.bank.local_weight.device
+    loss.adapter = DocumentAdapter(loss.bank.dim, rank, seed=args.seed).to(device)
+    loss.adapter_optimizer = AdapterOptimizer(loss.adapter, args.doc_adapter_learning_rate)
 
 
 def _conflict(what: str, loss_value: Any, arg: str, arg_value: Any, fix: str) -> ConfigError:
@@ -279,7 +376,9 @@ def resolve_loss(
         raise _conflict("scale", given_scale, "scale", args.scale, "set one of them only (or the same value in both).")
     if isinstance(loss, CandidateCrossEntropyLoss):  # the scoring primitive: use it inside the default loss
         resolve_scale(model, given_scale)  # the model's similarity function must allow training at all
-        return MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, trainable_rows)
+        default = MinedNegativesLoss(bank, loss.scale, args.bank_learning_rate > 0, trainable_rows)
+        attach_adapter(default, args)
+        return default
     if isinstance(loss, MinedNegativesLoss):
         _honour_arguments(loss, args, model, bank, trainable_rows)
     return loss
@@ -322,3 +421,4 @@ def _honour_arguments(
             )
     else:
         loss.trainable_rows = trainable_rows
+    attach_adapter(loss, args)

@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer
@@ -27,6 +28,7 @@ from ..serving.encoder import (
     make_tokenize_fn,
     normalizes_embeddings,
 )
+from .adapter import AdaptedBankView
 from .callbacks import BankStepCallback, IndexRefreshCallback
 from .checkpoint import BANK_OPTIMIZER_NAME
 from .collator import QRetDataCollator, positives_by_query, training_positive_rows
@@ -173,7 +175,13 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
             final_mode = self.loss.refresh_mode(args.final_refresh_mode or args.refresh_mode)
             callbacks.append(
                 IndexRefreshCallback(
-                    bank, index, args.refresh_steps, args.refresh_on_epoch_end, mode=mode, final_mode=final_mode
+                    bank,
+                    index,
+                    args.refresh_steps,
+                    args.refresh_on_epoch_end,
+                    mode=mode,
+                    final_mode=final_mode,
+                    loss=self.loss,
                 )
             )
         self.refresh_callback = next(cb for cb in callbacks if isinstance(cb, IndexRefreshCallback))
@@ -244,6 +252,12 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         has it (stale between refreshes), so evaluating or saving never changes what the run mines next.
         """
         self.ensure_index()
+        if self.loss.adapter_pending():  # a document adapter not yet baked: every row is served adapted
+            key = ("adapted", self.bank.version, self.index.version, self.state.global_step)
+            if self._served is None or self._served[0] != key:
+                rows = self.loss.adapted_rows()
+                self._served = (key, self.index.synced_copy(rows, np.arange(len(rows))))
+            return self._served[1]
         changed = self.bank.local_changed_rows()
         if changed.size == 0:
             return self.index
@@ -364,7 +378,9 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         if self.evaluator is None:
             return {}
         tokenizer = None if is_sentence_transformer(self.model) else self.processing_class
-        scores = self.evaluator(self.model, self.bank, self.served_index(), tokenizer=tokenizer)
+        adapted = self.loss.adapted_rows()  # a document adapter not yet baked: the flat figure scores its rows too
+        bank = self.bank if adapted is None else AdaptedBankView(self.bank, adapted)
+        scores = self.evaluator(self.model, bank, self.served_index(), tokenizer=tokenizer)
         return {f"{metric_key_prefix}_{key}": value for key, value in scores.items()}
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:

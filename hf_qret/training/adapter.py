@@ -1,0 +1,197 @@
+"""The document adapter: a shared transform of every bank row, so that documents no query touched move too.
+
+The bank's row optimizer moves only the rows training reaches (a few percent of a real corpus: InsuranceQA's
+training positives are 3 % of its answers). :class:`DocumentAdapter` is a small residual MLP applied to *every*
+candidate row in the loss, ``x -> (x + W_up gelu(W_down x)) * |x| / |...|`` (the row keeps its norm), trained with the
+query encoder through the same loss. Because it is shared, what it learns from the rows training reaches carries over
+to the rows it never reaches, the way a fine-tuned document encoder moves the whole corpus, without re-encoding a
+single document: at each index refresh it is *baked* into the bank (every row replaced by its adapted row, one
+small matmul per row, chunked) and restarts from the identity, so the bank always holds what the index serves and
+the artifact, its rescoring copy and the codebook distillation need nothing new.
+
+:class:`AdapterOptimizer` steps it with AdamW after the encoder's optimizer step (the loss's
+``after_optimizer_step`` hook), averages its gradients across processes, and is saved with checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..bank.core import TargetBank
+
+__all__ = ["AdaptedBankView", "AdapterOptimizer", "DocumentAdapter"]
+
+#: Rows adapted at a time when the adapter is baked into the bank (bounded memory at a million rows).
+BAKE_CHUNK_ROWS = 65_536
+
+
+class DocumentAdapter(nn.Module):
+    """A residual MLP shared by every bank row, identity at start (its up-projection is zero).
+
+    Args:
+        dim: The embedding dimension.
+        rank: Width of the hidden layer.
+        seed: Seed of the down-projection's initialisation (its own generator: the global RNG is left alone, and
+            every process of a distributed run builds the same adapter).
+
+    Example:
+        >>> import torch
+        >>> adapter = DocumentAdapter(8, rank=4)
+        >>> rows = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+        >>> torch.equal(adapter(rows), rows), adapter.is_identity()
+        (True, True)
+    """
+
+    def __init__(self, dim: int, rank: int, seed: int = 0) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        generator = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            bound = dim**-0.5
+            self.down.weight.copy_(torch.empty(rank, dim).uniform_(-bound, bound, generator=generator))
+            self.down.bias.zero_()
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the identity (after it was baked into the bank)."""
+        self.up.weight.zero_()
+        self.up.bias.zero_()
+
+    def is_identity(self) -> bool:
+        """Whether the adapter leaves every row as it is (nothing learned since the last :meth:`reset`)."""
+        return not (bool(self.up.weight.detach().any()) or bool(self.up.bias.detach().any()))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """The adapted rows, each at its input's norm (``rows`` themselves for the identity outside autograd)."""
+        if not torch.is_grad_enabled() and self.is_identity():
+            return rows
+        moved = rows + self.up(nn.functional.gelu(self.down(rows)))
+        return moved * (rows.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def adapted_numpy(self, bank: TargetBank, chunk_rows: int = BAKE_CHUNK_ROWS) -> np.ndarray:
+        """Every row of ``bank`` (this process's) through the adapter, as a new float32 array; the bank is unchanged."""
+        weight = bank.local_weight
+        out = np.empty((weight.shape[0], weight.shape[1]), dtype=np.float32)
+        for start in range(0, weight.shape[0], chunk_rows):
+            rows = weight[start : start + chunk_rows].detach().to(self.up.weight.device, torch.float32)
+            out[start : start + rows.shape[0]] = self(rows).cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def bake(self, bank: TargetBank, chunk_rows: int = BAKE_CHUNK_ROWS) -> int:
+        """Replaces every row of ``bank`` (this process's rows in a sharded bank) by its adapted row, then resets to
+        the identity. Returns the number of rows written (0 when the adapter is the identity).
+
+        Example:
+            >>> from hf_qret.bank.core import TargetBank
+            >>> bank = TargetBank(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1), list("abcd"))
+            >>> adapter = DocumentAdapter(8, rank=4)
+            >>> _ = adapter.up.bias.data.fill_(0.1)
+            >>> adapter.bake(bank), adapter.is_identity(), bank.num_changed
+            (4, True, 4)
+        """
+        if self.is_identity():
+            return 0
+        weight = bank.local_weight
+        device = self.up.weight.device
+        for start in range(0, weight.shape[0], chunk_rows):
+            rows = weight[start : start + chunk_rows].detach().to(device, torch.float32)
+            bank.write_rows(start, self(rows).to(weight.dtype))
+        bank.version += 1
+        self.reset()
+        return int(weight.shape[0])
+
+
+class AdapterOptimizer:
+    """AdamW over a :class:`DocumentAdapter`, stepped once per optimizer step at the encoder schedule's ratio.
+
+    Args:
+        adapter: The adapter.
+        lr: Base learning rate (multiplied by the schedule's ratio at each step).
+        weight_decay: AdamW's decoupled decay.
+
+    Example:
+        >>> adapter = DocumentAdapter(8, rank=4)
+        >>> optimizer = AdapterOptimizer(adapter, lr=1e-2)
+        >>> rows = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+        >>> (adapter(rows) @ torch.randn(8)).sum().backward()
+        >>> optimizer.step(1.0); adapter.is_identity()  # it moved away from the identity
+        False
+    """
+
+    def __init__(self, adapter: DocumentAdapter, lr: float, weight_decay: float = 0.0) -> None:
+        self.adapter = adapter
+        self.lr = float(lr)
+        self.optimizer = torch.optim.AdamW(adapter.parameters(), lr=self.lr, weight_decay=weight_decay)
+
+    def step(self, lr_ratio: float = 1.0, world_size: int = 1) -> None:
+        """One AdamW step on the accumulated gradients (averaged over ``world_size`` processes), then zeroes them."""
+        params = [p for p in self.adapter.parameters() if p.grad is not None]
+        if world_size > 1 and params:
+            import torch.distributed as dist
+
+            for param in params:
+                dist.all_reduce(param.grad)
+                param.grad.div_(world_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * float(lr_ratio)
+        if params:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_state(self) -> None:
+        """Forgets the moments (the adapter was baked into the bank and restarts from the identity)."""
+        self.optimizer.state.clear()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's parameters and AdamW's moments, flat, for a checkpoint (``safetensors``)."""
+        out = {f"adapter.{name}": p.detach().clone() for name, p in self.adapter.named_parameters()}
+        for name, param in self.adapter.named_parameters():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                out[f"adapter_adamw.{name}.{key}"] = torch.as_tensor(value).detach().clone()
+        return out
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores :meth:`state_tensors` output."""
+        with torch.no_grad():
+            for name, param in self.adapter.named_parameters():
+                if f"adapter.{name}" in state:
+                    param.copy_(state[f"adapter.{name}"])
+        self.optimizer.state.clear()
+        for name, param in self.adapter.named_parameters():
+            prefix = f"adapter_adamw.{name}."
+            entries = {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+            if entries:
+                self.optimizer.state[param] = entries
+
+
+class AdaptedBankView:
+    """A bank whose rows read as ``rows`` (the adapted rows of a pending adapter); everything else is ``bank``'s.
+    What a mid-training evaluation scores as the flat index, so that it sees what the quantized one serves.
+
+    Example:
+        >>> from hf_qret.bank.core import TargetBank
+        >>> bank = TargetBank(torch.eye(2), ["a", "b"])
+        >>> view = AdaptedBankView(bank, np.zeros((2, 2), dtype="float32"))
+        >>> view.local_float32_rows().sum(), view.doc_ids
+        (np.float32(0.0), ['a', 'b'])
+    """
+
+    def __init__(self, bank: TargetBank, rows: np.ndarray) -> None:
+        self._bank = bank
+        self._rows = rows
+
+    def local_float32_rows(self) -> np.ndarray:
+        """The adapted rows."""
+        return self._rows
+
+    def __getattr__(self, name: str):
+        return getattr(self._bank, name)
