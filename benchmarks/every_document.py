@@ -48,7 +48,7 @@ VARIANTS = {
     "default": [],
     "raw-scores": ["--normalize_decoded", "false"],
     "adapter64": ["--doc_adapter_rank", "64"],
-    "adapter256": ["--doc_adapter_rank", "256"],
+    "adapter64-alldocs": ["--doc_adapter_rank", "64", "--distill_doc_queries", "50000"],
 }
 
 METRICS = ("quantized_ndcg@10", "flat_ndcg@10")
