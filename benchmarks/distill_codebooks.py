@@ -4,7 +4,10 @@
 ``--doc_queries`` bank rows (the same seeded sample), ``--epochs`` epochs, the artifact's ``normalize_decoded``.
 
     python benchmarks/distill_codebooks.py --run NAME=ARTIFACT_DIR:DATA_DIR[:HELDOUT_FRACTION] ... \\
-        [--split dev] [--epochs 4] [--doc_queries 10000] [--json_out benchmarks/results/distill_codebooks.json]
+        [--split dev] [--epochs 4] [--doc_queries 10000] [--rebuild] [--json_out benchmarks/results/distill_codebooks.json]
+
+``--rebuild``: the artifact's index is first retrained on its saved bank (for artifacts whose codebooks were already
+distilled at train end), so that settings of the distillation can be compared on the same trained bank.
 
 ``HELDOUT_FRACTION``: the artifact was trained with ``--heldout_docs_fraction`` (its training and evaluation split
 are carved from ``train`` as the recipe carves them). "seen": evaluation queries with a relevant document that is a
@@ -69,6 +72,12 @@ def measure(name: str, artifact: str, data_dir: str, fraction: float | None, arg
     rows = np.sort(np.random.default_rng(args.seed).choice(len(bank), sample, replace=False))
     distill_queries = np.concatenate([train_queries, bank[rows]])
     index = files.index
+    if args.rebuild:  # codebooks retrained on the saved bank, as the run's final refresh trains them before distilling
+        from hf_qret.index.core import QuantizedIndex
+
+        rebuilt = QuantizedIndex(bank.shape[1], index.factory, normalize_decoded=index.normalize_decoded)
+        rebuilt.build(bank)
+        index = rebuilt
     before = ndcg(index, queries, evaluation, files.doc_ids, slices)
     flat = ndcg(_flat(index, bank), queries, evaluation, files.doc_ids, slices)
     clock = time.perf_counter()
@@ -109,6 +118,11 @@ def main() -> None:
     parser.add_argument("--split", default="dev")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--doc_queries", type=int, default=10_000)
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="retrain the index on the saved bank first (an artifact already distilled)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--candidates", type=int, default=100)
@@ -120,6 +134,7 @@ def main() -> None:
         parts = rest.split(":")
         rows.append(measure(name, parts[0], parts[1], float(parts[2]) if len(parts) > 2 else None, args))
     result = {
+        "rebuild": args.rebuild,
         "epochs": args.epochs,
         "doc_queries": args.doc_queries,
         "seed": args.seed,

@@ -8,7 +8,8 @@ Corpora (``--corpus NAME=DIR``, BEIR folders; the regime each measures):
 - ``scifact-heldout`` / ``nfcorpus-heldout``: a document-disjoint split carved from ``train``
   (``--heldout_docs_fraction``: the evaluation queries' relevant documents are never a training positive; every
   query is "unseen"), SciFact for the recipe's 4 epochs, NFCorpus for 600 steps;
-- ``scifact``: the recipe's own ``dev`` split (recipes/data/scifact: 92 seen and 70 unseen claims).
+- ``scifact``: the recipe's own ``dev`` split (recipes/data/scifact: 92 seen and 70 unseen claims);
+- ``nfcorpus``: its own ``dev`` split (324 queries, 600 steps).
 
 Variants (``--variants``): ``default`` (the library's defaults) and one per candidate change, each a list of recipe
 options (:data:`VARIANTS`). Every run is ``recipes/train.py recipes/scifact.yaml`` with the corpus's options, the
@@ -41,12 +42,14 @@ CORPORA = {
     "scifact-heldout": ["--heldout_docs_fraction", "0.2"],
     "nfcorpus-heldout": ["--heldout_docs_fraction", "0.2", "--max_steps", "600"],
     "scifact": ["--eval_split", "dev"],
+    "nfcorpus": ["--eval_split", "dev", "--max_steps", "600"],
 }
 
 #: Candidate changes, each as recipe options added to the defaults.
 VARIANTS = {
     "default": [],
     "raw-scores": ["--normalize_decoded", "false"],
+    "previous-default": ["--doc_adapter_rank", "0", "--distill_doc_queries", "10000"],
     "adapter64": ["--doc_adapter_rank", "64"],
     "adapter64-alldocs": ["--doc_adapter_rank", "64", "--distill_doc_queries", "50000"],
 }

@@ -40,8 +40,7 @@ def test_adapter_moves_rows_no_candidate_ever_reached():
     assert not loss_fn.adapter_pending() and bank.num_changed == 8 and bank.version == 1
 
 
-def test_rank_zero_builds_no_adapter_and_bad_rate_is_refused(tmp_path):
-    assert make_args(tmp_path).doc_adapter_rank == 0
+def test_bad_adapter_rate_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="doc_adapter_learning_rate"):
         make_args(tmp_path, doc_adapter_rank=8, doc_adapter_learning_rate=0.0)
 
@@ -79,3 +78,63 @@ def test_adapter_resumes_exactly(tiny_model_dir, beir_dir, tmp_path):
     resumed = run(tmp_path / "c", resume=str(tmp_path / "b" / "out" / "checkpoint-4"))
     torch.testing.assert_close(resumed.bank.weight, unbroken.bank.weight, rtol=1e-4, atol=1e-5)
     assert not torch.equal(unbroken.bank.weight, run(tmp_path / "d", doc_adapter_rank=0).bank.weight)
+
+
+def test_frozen_bank_gets_no_adapter(tiny_model, beir_dir, tmp_path):
+    """``bank_learning_rate`` 0 freezes the documents: no adapter moves them either."""
+    trainer, _ = make_trainer(tiny_model, beir_dir, tmp_path, bank_learning_rate=0.0)
+    assert trainer.loss.adapter is None
+    assert make_trainer(tiny_model, beir_dir, tmp_path / "b")[0].loss.adapter is not None  # the default has one
+
+
+def test_artifact_ships_the_layers_and_new_documents_go_through_them(tiny_model_dir, beir_dir, tmp_path):
+    """The saved bank is the pretrained embeddings through the baked layers, and a document added to the artifact
+    gets the row a bank document with the same text has (without the layers it would get the pretrained one)."""
+    from sentence_transformers import SentenceTransformer
+
+    from hf_qret.serving.artifact import save_document_encoder
+    from hf_qret.serving.document_adapter import adapt_rows, load_document_adapters
+    from hf_qret.serving.retriever import QuantizedRetriever
+
+    model = SentenceTransformer(tiny_model_dir, device="cpu")
+    trainer, data = make_trainer(model, beir_dir, tmp_path, doc_adapter_rank=8, doc_adapter_learning_rate=1e-2)
+    out = tmp_path / "out"
+    save_document_encoder(out, model)
+    initial = trainer.bank.local_numpy().copy()  # local_numpy may share the live rows
+    trainer.train()
+    trainer.save_model()
+    layers = load_document_adapters(out)
+    assert len(layers) == 1  # one bake: the train-end refresh
+    never_positive = (~trainer.trainable_rows).nonzero().squeeze(1).numpy()
+    retriever = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
+    saved = retriever.files.bank.local_numpy()
+    np.testing.assert_allclose(saved[never_positive], adapt_rows(initial[never_positive], layers), atol=1e-5)
+    doc = int(never_positive[0])
+    retriever.add_documents([data.doc_texts()[doc]], ["added"])
+    added = retriever.files.bank.local_numpy()[-1]
+    np.testing.assert_allclose(added, saved[doc], atol=1e-4)
+    assert np.abs(added - initial[doc]).max() > 1e-4
+
+
+def test_mid_training_checkpoint_serves_the_adapted_rows(tiny_model_dir, beir_dir, tmp_path):
+    """A checkpoint written while the adapter is not yet baked is a consistent artifact (its bank holds the adapted
+    rows, its layer file the pending layer), and still resumes from the rows before the adapter."""
+    from sentence_transformers import SentenceTransformer
+
+    from hf_qret.serving.artifact import load_retrieval_files
+    from hf_qret.serving.document_adapter import adapt_rows, load_document_adapters
+    from hf_qret.serving.manifest import RAW_BANK_NAME
+
+    model = SentenceTransformer(tiny_model_dir, device="cpu")
+    trainer, _ = make_trainer(
+        model, beir_dir, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, doc_adapter_rank=8,
+        doc_adapter_learning_rate=1e-2,
+    )  # fmt: skip
+    initial = trainer.bank.local_numpy().copy()  # local_numpy may share the live rows
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    layers = load_document_adapters(checkpoint)
+    assert len(layers) == 1 and (checkpoint / RAW_BANK_NAME).is_file()
+    rows = load_retrieval_files(checkpoint, load_bank=True).bank.local_numpy()
+    never_positive = (~trainer.trainable_rows).nonzero().squeeze(1).numpy()
+    np.testing.assert_allclose(rows[never_positive], adapt_rows(initial[never_positive], layers), atol=1e-5)

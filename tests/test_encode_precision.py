@@ -105,12 +105,17 @@ def test_add_documents_of_a_bf16_bank_falls_back_to_float32_without_native_bf16(
         assert used[-1] == expected
         noted = any("encoded in float32" in r.getMessage() for r in caplog.records)
         assert noted == (not native)
-    # the fallback's row is the float32 encoding of the document encoder
+    # the fallback's row is the float32 encoding of the document encoder, through the document adapter's layers
+    from hf_qret.serving.document_adapter import adapt_rows, load_document_adapters
+
     retriever = QuantizedRetriever.from_pretrained(tmp_path / "out", "cpu", load_bank=True)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     retriever.add_documents([text], ["new"])
     np.testing.assert_allclose(
         retriever.files.bank.float32_rows()[[len(retriever.doc_ids) - 1]][0],
-        encode_texts(retriever.document_encoder, [text], role="document", precision="fp32")[0],
+        adapt_rows(
+            encode_texts(retriever.document_encoder, [text], role="document", precision="fp32"),
+            load_document_adapters(tmp_path / "out"),
+        )[0],
         atol=1e-6,
     )

@@ -42,6 +42,7 @@ ARTIFACT_FILES = {
     "index.faiss",
     "doc_ids.json",
     "bank.safetensors",
+    "document_adapter.safetensors",
     "qret_config.json",
     "README.md",
 }

@@ -55,7 +55,12 @@ def test_recipe_trains_over_precomputed_rows_and_evaluate_scores_them_as_non_rel
     from safetensors.numpy import load_file
 
     bank = load_file(str(out / "bank.safetensors"))["embeddings"]
-    np.testing.assert_allclose(bank[300:], rows, atol=1e-6)  # no training query touches them: kept as given
+    # no training query touches them: as given, through the document adapter's layers every row went through
+    from hf_qret.serving.document_adapter import adapt_rows, load_document_adapters
+
+    layers = load_document_adapters(out)
+    assert config["document_adapter"] == {"file": "document_adapter.safetensors", "layers": len(layers)} and layers
+    np.testing.assert_allclose(bank[300:], adapt_rows(np.asarray(rows, dtype=np.float32), layers), atol=1e-5)
     result = evaluate_main([str(out), "--data", str(two_split_dir), "--split", "dev"])
     assert result["precomputed_rows"] == 50 and 0 <= result["quantized"]["ndcg@10"] <= 1
 

@@ -15,6 +15,7 @@ from test_st_dropin import ir_evaluator, st_args, st_data  # noqa: F401  (st_dat
 from hf_qret import QRetTrainer, QuantizedRetriever
 from hf_qret.errors import ConfigError
 from hf_qret.serving.artifact import save_document_encoder
+from hf_qret.serving.document_adapter import adapt_rows, load_document_adapters
 from hf_qret.serving.encoder import configure_encoder, embed, encode_texts
 
 QUERIES = ["insulin resistance in mice", "a vaccine trial", "sleep and memory"]
@@ -113,7 +114,9 @@ def test_prompted_documents_are_the_same_vectors_in_the_bank_and_add_documents(p
     retriever = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
     retriever.add_documents(texts, [f"again-{i}" for i in range(5)])
     added = retriever.files.bank.float32_rows()[-5:]
-    np.testing.assert_allclose(added, initial_bank[:5], rtol=1e-5, atol=1e-6)
+    # as the bank's rows: the same encoding, through the same document adapter layers
+    layers = load_document_adapters(out)
+    np.testing.assert_allclose(added, adapt_rows(initial_bank[:5], layers), rtol=1e-5, atol=1e-6)
 
 
 def test_the_default_bf16_bank_and_add_documents_agree(tiny_model_dir, st_data, tmp_path, monkeypatch):  # noqa: F811
@@ -146,13 +149,16 @@ def test_the_default_bf16_bank_and_add_documents_agree(tiny_model_dir, st_data, 
     retriever = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
     retriever.add_documents(texts, [f"again-{i}" for i in range(8)])
     added = retriever.files.bank.float32_rows()[-8:]
-    np.testing.assert_allclose(added, bank_rows, rtol=0, atol=1e-6)  # in bf16 too: float32 would be off by more
-    assert cosine(added, reference).min() >= 0.999
+    layers = load_document_adapters(out)  # new documents go through the layers the bank's rows went through
+    np.testing.assert_allclose(added, adapt_rows(bank_rows, layers), rtol=0, atol=1e-6)  # float32 would be off more
+    assert cosine(added, adapt_rows(reference, layers)).min() >= 0.999
     # no native bf16: add_documents encodes in float32, sentence-transformers' own encoding
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     retriever = QuantizedRetriever.from_pretrained(out, "cpu", load_bank=True)
     retriever.add_documents(texts, [f"again-{i}" for i in range(8)])
-    np.testing.assert_allclose(retriever.files.bank.float32_rows()[-8:], reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        retriever.files.bank.float32_rows()[-8:], adapt_rows(reference, layers), rtol=0, atol=1e-6
+    )
 
 
 def test_an_evaluator_prompt_other_than_the_trained_one_is_refused(tiny_model_dir, st_data, tmp_path):  # noqa: F811

@@ -34,6 +34,7 @@ from ..index.core import QuantizedIndex
 
 __all__ = [
     "ARTIFACT_IGNORE_PATTERNS",
+    "RAW_BANK_NAME",
     "TRAINING_STATE_NAMES",
     "is_artifact_file",
     "artifact_files",
@@ -78,6 +79,7 @@ from .manifest import (  # noqa: F401  the file names and the manifest, re-expor
     MMAP_BANK_NAME,
     PICKLE_PATTERNS,
     PRECOMPUTED_INIT_NAME,
+    RAW_BANK_NAME,
     REFRESH_STATE_NAME,
     SHORTLIST_NAME,
     TRAINER_STATE_PATTERNS,

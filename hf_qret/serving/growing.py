@@ -111,7 +111,7 @@ class GrowingMixin:
             seen: set[str] = set()
             repeated = next(i for i in ids if i in seen or seen.add(i))
             raise DataError(f"the id {repeated!r} is given twice; document ids must be unique.")
-        embeddings = self._encode(self.document_encoder, texts, "document", batch_size)
+        embeddings = self._adapted(self._encode(self.document_encoder, texts, "document", batch_size))
         self._load_shipped_corpus()  # before the doc ids grow: the file lists only the old ones
         self.index.add(embeddings)
         self.files.doc_ids.extend(ids)
@@ -124,6 +124,23 @@ class GrowingMixin:
         self._added_rows.append(embeddings)
         if self._corpus is not None:
             self._corpus.update(zip(ids, texts))
+
+    def _adapted(self, embeddings: np.ndarray) -> np.ndarray:
+        """New documents' embeddings through the document adapter's layers the bank's rows went through in training
+        (``qret_config.json``'s ``document_adapter``; :mod:`hf_qret.serving.document_adapter`)."""
+        recorded = self.config.get("document_adapter")
+        if not recorded:
+            return embeddings
+        from .document_adapter import DOCUMENT_ADAPTER_NAME, adapt_rows, load_document_adapters
+
+        layers = load_document_adapters(self._folder_path())
+        if len(layers) != int(recorded.get("layers", 0)):
+            raise ArtifactError(
+                f"{CONFIG_NAME} records {recorded.get('layers')} document adapter layers but {DOCUMENT_ADAPTER_NAME} "
+                f"in {self._folder_path()} holds {len(layers)}: new documents cannot be encoded like the bank's rows; "
+                "copy the artifact's document_adapter.safetensors back."
+            )
+        return adapt_rows(embeddings, layers)
 
     def retrain_index(self) -> None:
         """Trains the index's codebooks again on every row it serves (the artifact's trained bank plus the documents

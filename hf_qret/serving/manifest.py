@@ -23,6 +23,7 @@ __all__ = [
     "MINING_INDEX_NAME",
     "SHORTLIST_NAME",
     "REFRESH_STATE_NAME",
+    "RAW_BANK_NAME",
     "TRAINING_STATE_NAMES",
     "TRAINER_STATE_PATTERNS",
     "PICKLE_PATTERNS",
@@ -62,8 +63,11 @@ ANCHORS_NAME = "bank_anchors.safetensors"
 MINING_INDEX_NAME = "mining_index.faiss"
 SHORTLIST_NAME = "mining_shortlist.faiss"
 REFRESH_STATE_NAME = "index_refresh_state.json"
+#: The bank's rows before a pending document adapter (the artifact's ``bank.safetensors`` holds the adapted rows).
+RAW_BANK_NAME = "bank_before_adapter.safetensors"
 TRAINING_STATE_NAMES: tuple[str, ...] = (
     BANK_OPTIMIZER_NAME,
+    RAW_BANK_NAME,
     LOSS_OPTIMIZER_NAME,
     ANCHORS_NAME,
     "values." + ANCHORS_NAME,

@@ -7,7 +7,8 @@ query encoder through the same loss. Because it is shared, what it learns from t
 to the rows it never reaches, the way a fine-tuned document encoder moves the whole corpus, without re-encoding a
 single document: at each index refresh it is *baked* into the bank (every row replaced by its adapted row, one
 small matmul per row, chunked) and restarts from the identity, so the bank always holds what the index serves and
-the artifact, its rescoring copy and the codebook distillation need nothing new.
+the artifact, its rescoring copy and the codebook distillation need nothing new. The baked layers are saved with the
+artifact (:mod:`hf_qret.serving.document_adapter`) so that documents added to it later are encoded like the bank's.
 
 :class:`AdapterOptimizer` steps it with AdamW after the encoder's optimizer step (the loss's
 ``after_optimizer_step`` hook), averages its gradients across processes, and is saved with checkpoints.
@@ -15,16 +16,20 @@ the artifact, its rescoring copy and the codebook distillation need nothing new.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..serving.document_adapter import adapter_step
+
 if TYPE_CHECKING:
     from ..bank.core import TargetBank
 
-__all__ = ["AdaptedBankView", "AdapterOptimizer", "DocumentAdapter"]
+__all__ = ["AdaptedBankView", "AdapterLossMixin", "AdapterOptimizer", "DocumentAdapter", "attach_adapter"]
 
 #: Rows adapted at a time when the adapter is baked into the bank (bounded memory at a million rows).
 BAKE_CHUNK_ROWS = 65_536
@@ -72,8 +77,14 @@ class DocumentAdapter(nn.Module):
         """The adapted rows, each at its input's norm (``rows`` themselves for the identity outside autograd)."""
         if not torch.is_grad_enabled() and self.is_identity():
             return rows
-        moved = rows + self.up(nn.functional.gelu(self.down(rows)))
-        return moved * (rows.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return adapter_step(rows, self.layer(detach=False))
+
+    def layer(self, detach: bool = True) -> dict[str, torch.Tensor]:
+        """The parameters as one layer of :func:`~hf_qret.serving.document_adapter.adapter_step` (CPU copies when
+        ``detach``: what an artifact saves)."""
+        params = {"down.weight": self.down.weight, "down.bias": self.down.bias, "up.weight": self.up.weight,
+                  "up.bias": self.up.bias}  # fmt: skip
+        return {k: v.detach().cpu().clone() for k, v in params.items()} if detach else params
 
     @torch.no_grad()
     def adapted_numpy(self, bank: TargetBank, chunk_rows: int = BAKE_CHUNK_ROWS) -> np.ndarray:
@@ -86,9 +97,12 @@ class DocumentAdapter(nn.Module):
         return out
 
     @torch.no_grad()
-    def bake(self, bank: TargetBank, chunk_rows: int = BAKE_CHUNK_ROWS) -> int:
+    def bake(self, bank: TargetBank, chunk_rows: int = BAKE_CHUNK_ROWS, write: bool = True) -> int:
         """Replaces every row of ``bank`` (this process's rows in a sharded bank) by its adapted row, then resets to
-        the identity. Returns the number of rows written (0 when the adapter is the identity).
+        the identity. Returns the number of rows adapted (0 when the adapter is the identity).
+
+        With ``write=False`` (a process that maps a bank file another process writes) the rows are left to that
+        process; the bank still counts every row as changed.
 
         Example:
             >>> from hf_qret.bank.core import TargetBank
@@ -102,9 +116,10 @@ class DocumentAdapter(nn.Module):
             return 0
         weight = bank.local_weight
         device = self.up.weight.device
-        for start in range(0, weight.shape[0], chunk_rows):
+        for start in range(0, weight.shape[0] if write else 0, chunk_rows):
             rows = weight[start : start + chunk_rows].detach().to(device, torch.float32)
             bank.write_rows(start, self(rows).to(weight.dtype))
+        bank.mark_all_changed()
         bank.version += 1
         self.reset()
         return int(weight.shape[0])
@@ -195,3 +210,122 @@ class AdaptedBankView:
 
     def __getattr__(self, name: str):
         return getattr(self._bank, name)
+
+
+class AdapterLossMixin:
+    """The document adapter's part of :class:`~hf_qret.training.loss.MinedNegativesLoss`: its optimizer step, its
+    checkpoint state, baking it into the bank, and the layers an artifact ships (the loss's hooks the trainer and the
+    refresh callback call).
+
+    Example:
+        >>> from hf_qret.training.loss import MinedNegativesLoss
+        >>> issubclass(MinedNegativesLoss, AdapterLossMixin)
+        True
+    """
+
+    adapter: DocumentAdapter | None
+    adapter_optimizer: AdapterOptimizer | None
+    bank: TargetBank
+
+    def _init_adapter(self, adapter: DocumentAdapter | None, adapter_optimizer: AdapterOptimizer | None) -> None:
+        #: The shared document adapter (every candidate row goes through it), or ``None``.
+        self.adapter = adapter
+        self.adapter_optimizer = adapter_optimizer
+        #: Whether this process writes the baked rows (``False`` on the processes that map a bank file another one
+        #: writes), and what waits for that write (a barrier), set by the trainer.
+        self.adapter_writes_rows = True
+        self.adapter_sync: Any = None
+        #: The layers baked into the bank so far, in order (what an artifact's new documents go through).
+        self.baked_layers: list[dict[str, torch.Tensor]] = []
+
+    def after_optimizer_step(self, lr_ratio: float, world_size: int = 1) -> None:
+        """Steps the document adapter (if any) at the encoder schedule's ratio."""
+        if self.adapter_optimizer is not None:
+            self.adapter_optimizer.step(lr_ratio, world_size)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The document adapter's parameters and moments, and the layers baked so far (none without an adapter)."""
+        if self.adapter_optimizer is None:
+            return {}
+        state = self.adapter_optimizer.state_tensors()
+        for i, layer in enumerate(self.baked_layers):
+            state.update({f"baked.{i}.{name}": value for name, value in layer.items()})
+        return state
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores the document adapter from :meth:`optimizer_state` output."""
+        if self.adapter_optimizer is not None and state:
+            self.adapter_optimizer.load_state_tensors(state)
+            count = len({key.split(".")[1] for key in state if key.startswith("baked.")})
+            prefixes = [f"baked.{i}." for i in range(count)]
+            self.baked_layers = [{k[len(p) :]: v for k, v in state.items() if k.startswith(p)} for p in prefixes]
+
+    def adapter_layers(self) -> list[dict[str, torch.Tensor]]:
+        """Every layer the bank's rows go through as served now: the baked ones, and a pending one."""
+        pending = [self.adapter.layer()] if self.adapter_pending() else []
+        return [*self.baked_layers, *pending]
+
+    def set_adapter_layers(self, layers: list[dict[str, torch.Tensor]]) -> None:
+        """The model was restored from a saved folder whose bank went through ``layers``: they become the baked
+        layers and the adapter restarts from the identity."""
+        self.baked_layers = list(layers)
+        if self.adapter is not None:
+            self.adapter.reset()
+        if self.adapter_optimizer is not None:
+            self.adapter_optimizer.reset_state()
+
+    def bake_adapter(self) -> int:
+        """Bakes the document adapter into the bank (every row adapted; the adapter back to the identity, its moments
+        forgotten) before an index refresh; returns the rows written (0: no adapter, or nothing learned)."""
+        if self.adapter is None:
+            return 0
+        layer = self.adapter.layer() if self.adapter_pending() else None
+        written = self.adapter.bake(self.bank, write=self.adapter_writes_rows)
+        if written and layer is not None:
+            self.baked_layers.append(layer)
+        if written and self.adapter_optimizer is not None:
+            self.adapter_optimizer.reset_state()
+        if written and self.adapter_sync is not None:
+            self.adapter_sync()  # the writing process has written every row before any process reads them
+        return written
+
+    def adapter_pending(self) -> bool:
+        """Whether the adapter learned something not yet baked into the bank."""
+        return self.adapter is not None and not self.adapter.is_identity()
+
+    def adapted_rows(self) -> Any:
+        """Every local bank row through the adapter (float32 array), or ``None`` when nothing is pending."""
+        if not self.adapter_pending():
+            return None
+        return self.adapter.adapted_numpy(self.bank)
+
+    @contextlib.contextmanager
+    def _frozen_adapter(self) -> Iterator[None]:
+        """The document adapter's parameters take no gradient inside (the bank rows' term)."""
+        if self.adapter is None:
+            yield
+            return
+        flags = [p.requires_grad for p in self.adapter.parameters()]
+        self.adapter.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for param, flag in zip(self.adapter.parameters(), flags):
+                param.requires_grad_(flag)
+
+
+def attach_adapter(loss: AdapterLossMixin, args: Any) -> None:
+    """Gives ``loss`` the document adapter ``args.doc_adapter_rank`` asks for (none at 0, with a frozen bank
+    (``bank_learning_rate`` 0), or if it has one), on the device the candidate rows are scored on.
+
+    Example:
+        >>> attach_adapter(loss, args)  # doctest: +SKIP
+        >>> loss.adapter  # doctest: +SKIP
+        DocumentAdapter(...)
+    """
+    rank = int(getattr(args, "doc_adapter_rank", 0) or 0)
+    if rank <= 0 or loss.adapter is not None or args.bank_learning_rate <= 0:  # bank_learning_rate 0: a frozen bank
+        return
+    device = loss.bank.compute_device or loss.bank.local_weight.device
+    loss.adapter = DocumentAdapter(loss.bank.dim, rank, seed=args.seed).to(device)
+    loss.adapter_optimizer = AdapterOptimizer(loss.adapter, args.doc_adapter_learning_rate)

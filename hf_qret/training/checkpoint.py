@@ -39,6 +39,7 @@ from ..serving.artifact import (
     BANK_OPTIMIZER_NAME,
     LOSS_OPTIMIZER_NAME,
     MINING_INDEX_NAME,
+    RAW_BANK_NAME,
     REFRESH_STATE_NAME,
     SHORTLIST_NAME,
     TRAINING_STATE_NAMES,
@@ -64,6 +65,7 @@ __all__ = [
     "load_bank_rows",
     "load_mining_index",
     "load_optimizer_states",
+    "load_raw_bank_rows",
     "load_refresh_state",
     "publish_checkpoint",
     "save_training_state",
@@ -108,8 +110,12 @@ def save_training_state(
     mining_index: QuantizedIndex,
     served_index: QuantizedIndex,
     refresh_state: dict[str, Any] | None = None,
+    raw_rows: torch.Tensor | None = None,
 ) -> None:
     """Writes the training-state files of a checkpoint into ``folder`` (see the module docstring).
+
+    ``raw_rows``: the bank's rows before a pending document adapter, when the artifact's ``bank.safetensors`` holds
+    the adapted ones (:func:`load_raw_bank_rows` puts them back on resume).
 
     ``refresh_state`` is :meth:`IndexRefreshCallback.state_dict() <hf_qret.training.callbacks.IndexRefreshCallback.state_dict>`.
 
@@ -129,6 +135,8 @@ def save_training_state(
         _save_tensors(folder / LOSS_OPTIMIZER_NAME, loss_state)
     if bank_optimizer.keep_norms is not None:
         _save_tensors(folder / ANCHORS_NAME, {"norms": bank_optimizer.keep_norms})
+    if raw_rows is not None:
+        _save_tensors(folder / RAW_BANK_NAME, {"rows": raw_rows})
     if mining_index is not served_index:
         _write_faiss(mining_index.faiss, mining_index.index, folder / MINING_INDEX_NAME)
     if mining_index.shortlist is not None:
@@ -286,3 +294,22 @@ def load_bank_rows(folder: str | os.PathLike, bank: TargetBank) -> Any:
         raise ValueError(f"{folder}: its bank belongs to another corpus; resume with the same data.")
     bank.load_rows_from_file(os.path.join(folder, files.config["bank_file"]))
     return files
+
+
+def load_raw_bank_rows(folder: str | os.PathLike, bank: TargetBank) -> bool:
+    """Puts back the bank's rows from before a pending document adapter, when the checkpoint has them (its
+    ``bank.safetensors`` then holds the adapted rows it serves); returns whether it did.
+
+    Example:
+        >>> load_raw_bank_rows("out/checkpoint-10", bank)  # doctest: +SKIP
+        True
+    """
+    path = Path(folder) / RAW_BANK_NAME
+    if not path.is_file():
+        return False
+    rows = _load_tensors(path)["rows"]
+    if tuple(rows.shape) != tuple(bank.local_weight.shape):
+        raise ArtifactError(f"{path} holds {tuple(rows.shape)} rows, the bank {tuple(bank.local_weight.shape)}.")
+    with torch.no_grad():
+        bank.local_weight.copy_(rows.to(bank.local_weight.device, bank.local_weight.dtype))
+    return True

@@ -13,14 +13,13 @@ Any subclass of :class:`QRetLoss` can be passed to :class:`~hf_qret.training.tra
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .adapter import AdapterLossMixin, attach_adapter
 
 if TYPE_CHECKING:
     from ..bank.core import TargetBank
@@ -136,12 +135,19 @@ class QRetLoss(nn.Module):
         """Every local bank row as the loss scores it now, float32 (default: ``None``, the bank rows themselves)."""
         return None
 
+    def adapter_layers(self) -> list[dict[str, torch.Tensor]]:
+        """The layers of a document transform the bank's rows went through, saved with the artifact (default: none)."""
+        return []
 
-class MinedNegativesLoss(QRetLoss):
+    def set_adapter_layers(self, layers: list[dict[str, torch.Tensor]]) -> None:
+        """The model was restored from a folder whose bank went through ``layers`` (default: nothing to do)."""
+
+
+class MinedNegativesLoss(AdapterLossMixin, QRetLoss):
     """The method's loss: each query against the bank rows of its batch's mined candidates.
 
     Candidate rows are gathered from the bank with a sparse gradient when the bank trains; with ``trainable_rows``
-    only those rows get a gradient (the others are scored, but keep their pretrained embedding). When the batch
+    only those rows get a gradient (the others are scored, but take no row step). When the batch
     carries ``mined.bank_queries`` (the frozen pretrained encoder's queries, ``bank_queries='initial'``), the query
     encoder learns against the (detached) bank rows it will be served with while the bank rows learn against those
     fixed queries: the loss is the sum of both terms. Otherwise one loss trains both sides against each other.
@@ -193,9 +199,7 @@ class MinedNegativesLoss(QRetLoss):
         self.cross_entropy = CandidateCrossEntropyLoss(20.0 if scale is None else scale)
         self.train_bank = True if train_bank is None else bool(train_bank)
         self.trainable_rows = trainable_rows
-        #: The shared document adapter (every candidate row goes through it), or ``None``.
-        self.adapter = adapter
-        self.adapter_optimizer = adapter_optimizer
+        self._init_adapter(adapter, adapter_optimizer)
 
     @property
     def scale(self) -> float:
@@ -209,7 +213,7 @@ class MinedNegativesLoss(QRetLoss):
         if self.trainable_rows is None:
             return self.bank.gather(mined.candidates)
         # Positives-only: documents that are never a training positive are scored but get no gradient at all
-        # (the row optimizer neither steps them nor decays their moments): they keep their pretrained embedding.
+        # (the row optimizer neither steps them nor decays their moments); only the document adapter moves them.
         with torch.no_grad():
             candidates = self.bank.gather(mined.candidates)
         moving = self.trainable_rows[mined.candidates].nonzero().squeeze(1)
@@ -220,40 +224,6 @@ class MinedNegativesLoss(QRetLoss):
         """What the queries are scored against for candidate ``rows``: the rows through the document adapter when
         there is one, else the bank rows themselves; subclasses override it to change the scoring."""
         return rows if self.adapter is None else self.adapter(rows)
-
-    def after_optimizer_step(self, lr_ratio: float, world_size: int = 1) -> None:
-        """Steps the document adapter (if any) at the encoder schedule's ratio."""
-        if self.adapter_optimizer is not None:
-            self.adapter_optimizer.step(lr_ratio, world_size)
-
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """The document adapter's parameters and moments (none without an adapter)."""
-        return {} if self.adapter_optimizer is None else self.adapter_optimizer.state_tensors()
-
-    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restores the document adapter from :meth:`optimizer_state` output."""
-        if self.adapter_optimizer is not None and state:
-            self.adapter_optimizer.load_state_tensors(state)
-
-    def bake_adapter(self) -> int:
-        """Bakes the document adapter into the bank (every row adapted; the adapter back to the identity, its moments
-        forgotten) before an index refresh; returns the rows written (0: no adapter, or nothing learned)."""
-        if self.adapter is None:
-            return 0
-        written = self.adapter.bake(self.bank)
-        if written and self.adapter_optimizer is not None:
-            self.adapter_optimizer.reset_state()
-        return written
-
-    def adapter_pending(self) -> bool:
-        """Whether the adapter learned something not yet baked into the bank."""
-        return self.adapter is not None and not self.adapter.is_identity()
-
-    def adapted_rows(self) -> Any:
-        """Every local bank row through the adapter (float32 array), or ``None`` when nothing is pending."""
-        if not self.adapter_pending():
-            return None
-        return self.adapter.adapted_numpy(self.bank)
 
     def forward(self, query_embeddings: torch.Tensor, mined: MinedBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Returns the loss of the batch and its statistics (mean positive rank, candidate count)."""
@@ -270,20 +240,6 @@ class MinedNegativesLoss(QRetLoss):
             return loss + bank_loss, stats
         targets = self.scored_targets(mined, rows)
         return self.cross_entropy(query_embeddings, targets, mined.targets, mined.mask, mined.weights)
-
-    @contextlib.contextmanager
-    def _frozen_adapter(self) -> Iterator[None]:
-        """The document adapter's parameters take no gradient inside (the bank rows' term)."""
-        if self.adapter is None:
-            yield
-            return
-        flags = [p.requires_grad for p in self.adapter.parameters()]
-        self.adapter.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for param, flag in zip(self.adapter.parameters(), flags):
-                param.requires_grad_(flag)
 
 
 def build_loss(
@@ -305,25 +261,6 @@ def build_loss(
     loss = MinedNegativesLoss(bank, 20.0 if scale is None else scale, args.bank_learning_rate > 0, trainable_rows)
     attach_adapter(loss, args)
     return loss
-
-
-def attach_adapter(loss: MinedNegativesLoss, args: QRetTrainingArguments) -> None:
-    """Gives ``loss`` the document adapter ``args.doc_adapter_rank`` asks for (none at 0, or if it has one), on the
-    device the candidate rows are scored on.
-
-    Example:
-        >>> attach_adapter(loss, args)  # doctest: +SKIP
-        >>> loss.adapter  # doctest: +SKIP
-        DocumentAdapter(...)
-    """
-    rank = int(getattr(args, "doc_adapter_rank", 0) or 0)
-    if rank <= 0 or loss.adapter is not None:
-        return
-    from .adapter import AdapterOptimizer, DocumentAdapter
-
-    device = loss.bank.compute_device or loss.bank.local_weight.device
-    loss.adapter = DocumentAdapter(loss.bank.dim, rank, seed=args.seed).to(device)
-    loss.adapter_optimizer = AdapterOptimizer(loss.adapter, args.doc_adapter_learning_rate)
 
 
 def _conflict(what: str, loss_value: Any, arg: str, arg_value: Any, fix: str) -> ConfigError:

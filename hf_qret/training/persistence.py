@@ -5,11 +5,16 @@ back its encoder, bank, index and schedules. What a checkpoint holds is :mod:`hf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..serving.artifact import save_document_encoder, save_retrieval_files, write_json
+from ..serving.document_adapter import DOCUMENT_ADAPTER_NAME, load_document_adapters, save_document_adapters
 from ..serving.encoder import is_sentence_transformer
 from ..serving.peft_utils import has_adapter
 from .checkpoint import (
@@ -17,6 +22,7 @@ from .checkpoint import (
     load_bank_rows,
     load_mining_index,
     load_optimizer_states,
+    load_raw_bank_rows,
     load_refresh_state,
     publish_checkpoint,
     save_training_state,
@@ -81,8 +87,13 @@ class CheckpointMixin:
     """
 
     def artifact_config(self) -> dict[str, Any]:
-        """What ``qret_config.json`` records about the training run (:func:`hf_qret.training.record.training_record`)."""
-        return training_record(self)
+        """What ``qret_config.json`` records about the training run (:func:`hf_qret.training.record.training_record`),
+        and the document adapter's layers the artifact ships (``document_adapter``)."""
+        config = training_record(self)
+        layers = self.loss.adapter_layers()
+        if layers:
+            config["document_adapter"] = {"file": DOCUMENT_ADAPTER_NAME, "layers": len(layers)}
+        return config
 
     def index_record(self) -> dict[str, Any]:
         """How the saved / evaluated index was built (``qret_config.json``'s ``"index_state"``): the configured modes
@@ -98,6 +109,36 @@ class CheckpointMixin:
             # the flat ranking distilled into the codebooks at train end (hf_qret.training.distillation)
             "codebook_distillation": self.distillation.record() if hasattr(self, "distillation") else None,
         }
+
+    def _serving_bank(self) -> Any:
+        """The bank an artifact saved now serves: the bank, or a copy holding a pending document adapter's rows."""
+        adapted = self.loss.adapted_rows()
+        if adapted is None:
+            return self.bank
+        from ..bank.core import TargetBank
+
+        copy = TargetBank(adapted, self.bank.doc_ids, dtype=self.bank.local_weight.dtype)
+        copy.encode_precision = self.bank.encode_precision
+        return copy
+
+    @contextlib.contextmanager
+    def _serving_rows_in_bank(self) -> Iterator[None]:
+        """A sharded bank holds a pending document adapter's rows while the artifact is assembled from the shards
+        (every process swaps its own rows in, and back after)."""
+        adapted = self.loss.adapted_rows()
+        if adapted is None:
+            yield
+            return
+        self.served_index()  # the served index is built from the rows before the swap (and cached)
+        weight = self.bank.local_weight
+        raw = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(torch.from_numpy(adapted).to(weight.device, weight.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                weight.copy_(raw)
 
     def _save_document_encoder(self) -> None:
         """When the trainer encoded the bank (``corpus=`` / text pairs), saves the untrained model as the artifact's
@@ -130,12 +171,15 @@ class CheckpointMixin:
             link_document_encoder(self.args.output_dir, output_dir)  # a checkpoint is a whole artifact too
             if self.corpus_texts is not None:  # documents come back from QuantizedRetriever.search(return_text=True)
                 write_corpus_texts(output_dir, self.corpus_texts)
+        if self.args.should_save:
+            save_document_adapters(output_dir, self.loss.adapter_layers())
         if sharded:
-            save_sharded_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
+            with self._serving_rows_in_bank():
+                save_sharded_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
             if not self.args.should_save:
                 return
         else:
-            save_retrieval_files(output_dir, self.bank, self.served_index(), self.artifact_config())
+            save_retrieval_files(output_dir, self._serving_bank(), self.served_index(), self.artifact_config())
         verdict = self.safety_net.verdict if self.safety_net is not None else None
         if verdict is not None and os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
             from ..hub.model_card import EVAL_RESULTS_NAME
@@ -189,6 +233,8 @@ class CheckpointMixin:
                 mining_index=self.index,
                 served_index=self.served_index(),
                 refresh_state=self.refresh_callback.state_dict(),
+                # the artifact's bank.safetensors holds a pending adapter's rows: the rows to resume from
+                raw_rows=self.bank.local_weight if self.loss.adapter_pending() else None,
             )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -236,6 +282,7 @@ class CheckpointMixin:
         check_shard_checkpoint(resume_from_checkpoint, None)
         self._load_encoder(resume_from_checkpoint, model)
         files = self._load_bank(resume_from_checkpoint)
+        load_raw_bank_rows(resume_from_checkpoint, self.bank)  # the rows before a pending document adapter
         load_refresh_state(resume_from_checkpoint, self.refresh_callback)
         load_mining_index(resume_from_checkpoint, self.index, files.index.index)
         load_anchors(resume_from_checkpoint, bank_optimizer=self.bank_optimizer)
@@ -265,6 +312,7 @@ class CheckpointMixin:
         the index (``global_step``, ``index_state``) is then that folder's: the record of the model shipped."""
         self._load_encoder(folder)
         files = self._load_bank(folder)
+        self.loss.set_adapter_layers(load_document_adapters(folder))  # the folder's rows went through its layers
         #: ``global_step`` / ``index_state`` of the restored folder (``None``: the model is the one training left).
         self.restored_record = {key: files.config.get(key) for key in ("global_step", "index_state")}
         if is_sharded(self.bank):  # this shard's rows, encoded with the folder's codebooks: its part of that index

@@ -36,7 +36,7 @@ from .distillation import CodebookDistillationCallback
 from .distributed import all_gather_rows, all_reduce_row_grad, barrier, is_row_writer
 from .dropin import prepare_dropin
 from .hub_mixin import HubMixin
-from .loss import CandidateCrossEntropyLoss, QRetLoss, resolve_loss
+from .loss import CandidateCrossEntropyLoss, MinedNegativesLoss, QRetLoss, resolve_loss
 from .optim import FollowScheduler, RowAdam, RowSGD
 from .persistence import CheckpointMixin
 from .safety_net import SafetyNetCallback
@@ -223,6 +223,8 @@ class QRetTrainer(CheckpointMixin, HubMixin, Trainer):
         self._shared_bank = bank.is_mmap and self.accelerator.num_processes > 1
         if self._shared_bank:
             self.bank_optimizer.write_rows = is_row_writer(bank.mmap_path)
+            if isinstance(self.loss, MinedNegativesLoss):  # the document adapter's bake writes rows too
+                self.loss.adapter_writes_rows, self.loss.adapter_sync = self.bank_optimizer.write_rows, barrier
 
     # ------------------------------------------------------------------ index
     def ensure_index(self) -> None:
