@@ -91,10 +91,15 @@ class DocumentAdapter(nn.Module):
         """Every row of ``bank`` (this process's) through the adapter, as a new float32 array; the bank is unchanged."""
         weight = bank.local_weight
         out = np.empty((weight.shape[0], weight.shape[1]), dtype=np.float32)
-        for start in range(0, weight.shape[0], chunk_rows):
-            rows = weight[start : start + chunk_rows].detach().to(self.up.weight.device, torch.float32)
-            out[start : start + rows.shape[0]] = self(rows).cpu().numpy()
+        for start, adapted in self._adapted_chunks(bank, chunk_rows):
+            out[start : start + adapted.shape[0]] = adapted.cpu().numpy()
         return out
+
+    def _adapted_chunks(self, bank: TargetBank, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start row, float32 adapted rows)`` over this process's rows of ``bank``, ``chunk_rows`` at a time."""
+        weight = bank.local_weight
+        for start in range(0, weight.shape[0], chunk_rows):
+            yield start, self(weight[start : start + chunk_rows].detach().to(self.up.weight.device, torch.float32))
 
     @torch.no_grad()
     def bake(self, bank: TargetBank, chunk_rows: int = BAKE_CHUNK_ROWS, write: bool = True) -> int:
@@ -114,15 +119,13 @@ class DocumentAdapter(nn.Module):
         """
         if self.is_identity():
             return 0
-        weight = bank.local_weight
-        device = self.up.weight.device
-        for start in range(0, weight.shape[0] if write else 0, chunk_rows):
-            rows = weight[start : start + chunk_rows].detach().to(device, torch.float32)
-            bank.write_rows(start, self(rows).to(weight.dtype))
+        if write:
+            for start, adapted in self._adapted_chunks(bank, chunk_rows):
+                bank.write_rows(start, adapted.to(bank.local_weight.dtype))
         bank.mark_all_changed()
         bank.version += 1
         self.reset()
-        return int(weight.shape[0])
+        return int(bank.local_weight.shape[0])
 
 
 class AdapterOptimizer:
